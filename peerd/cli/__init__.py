@@ -1,0 +1,52 @@
+"""The `peerd` command line.
+
+Each command group lives in its own module with a `register(subparsers)` function that adds its
+subcommands and sets `func` (a callable taking the parsed arguments and returning an exit
+code). `main` turns every `PeerdError` into one line on stderr (the traceback only with
+`--debug`) and maps it to an exit code scripts can rely on (see `peerd.cli.common.EXIT_CODES`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from peerd import __version__
+from peerd.cli import common
+from peerd.errors import PeerdError
+
+# Command-group modules; each has register(subparsers). Order is the order of `peerd --help`.
+_GROUPS: list[str] = []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="peerd",
+        description="Exchange AI model files securely, end to end encrypted through MQTT.",
+    )
+    parser.add_argument("--version", action="version", version=f"peerd {__version__}")
+    common.add_global_options(parser)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _GROUPS:
+        module = __import__(f"peerd.cli.{name}", fromlist=["register"])
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return common.EXIT_USAGE
+    try:
+        code: int = args.func(args)
+        return code
+    except PeerdError as exc:
+        if args.debug:
+            raise
+        print(f"peerd: {exc.one_line()}", file=sys.stderr)
+        return common.exit_code_for(exc)
+    except KeyboardInterrupt:
+        return 130

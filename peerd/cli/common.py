@@ -1,0 +1,86 @@
+"""Options, exit codes and output helpers shared by every command group."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from peerd.errors import ConfigError, PeerdError, UsageError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # the operation failed (the message says why)
+EXIT_USAGE = 2  # bad command line or arguments
+EXIT_CONFIG = 3  # configuration missing or invalid
+EXIT_NOT_RUNNING = 4  # the daemon is not running / the control socket is unreachable
+EXIT_DENIED = 5  # refused: not trusted, not allowed, revoked
+EXIT_TIMEOUT = 6  # a --timeout or --wait deadline passed
+
+# Error class name -> exit code, so modules can add codes without importing each other.
+EXIT_CODES: dict[str, int] = {
+    "UsageError": EXIT_USAGE,
+    "ConfigError": EXIT_CONFIG,
+    "DaemonNotRunning": EXIT_NOT_RUNNING,
+    "AccessDenied": EXIT_DENIED,
+    "TrustError": EXIT_DENIED,
+    "Timeout": EXIT_TIMEOUT,
+}
+
+DEFAULT_CONFIG = "/etc/peerd/peerd.toml"
+
+
+def exit_code_for(exc: PeerdError) -> int:
+    for cls in type(exc).__mro__:
+        if cls.__name__ in EXIT_CODES:
+            return EXIT_CODES[cls.__name__]
+    return EXIT_FAILURE
+
+
+def add_global_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help=f"configuration file (default: $PEERD_CONFIG, else {DEFAULT_CONFIG})",
+    )
+
+
+def config_path(args: argparse.Namespace) -> str:
+    path: str = args.config or os.environ.get("PEERD_CONFIG") or DEFAULT_CONFIG
+    return path
+
+
+def add_json_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
+
+
+def print_json(value: Any) -> None:
+    json.dump(value, sys.stdout, indent=2, sort_keys=True, default=str)
+    sys.stdout.write("\n")
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """A plain, aligned table; an empty table prints only its headers."""
+    cells = [[str(h).upper() for h in headers]] + [
+        ["" if c is None else str(c) for c in r] for r in rows
+    ]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+__all__ = [
+    "EXIT_CODES",
+    "ConfigError",
+    "UsageError",
+    "add_global_options",
+    "add_json_option",
+    "config_path",
+    "exit_code_for",
+    "print_json",
+    "print_table",
+]

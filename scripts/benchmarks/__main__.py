@@ -1,0 +1,39 @@
+"""`scripts/bench NAME`: run one benchmark (or `all`) and print its table."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import sys
+from datetime import UTC, datetime
+
+# name -> (module under scripts.benchmarks, one-line description)
+BENCHMARKS = {
+    "noise": ("noise", "in-memory XX handshake: ours vs the noiseprotocol package"),
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
+    parser.add_argument("name", choices=[*BENCHMARKS, "all"], help="which benchmark")
+    parser.add_argument("--quick", action="store_true", help="fewer iterations (smoke test)")
+    args = parser.parse_args()
+    names = list(BENCHMARKS) if args.name == "all" else [args.name]
+    print(f"# peerd benchmarks, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
+    print(
+        f"# {platform.node()}: {platform.processor() or platform.machine()}, Python "
+        f"{platform.python_version()}\n"
+    )
+    failed = 0
+    for name in names:
+        module = importlib.import_module(f"scripts.benchmarks.{BENCHMARKS[name][0]}")
+        print(f"## {name}: {BENCHMARKS[name][1]}\n")
+        ok: bool = module.run(quick=args.quick)
+        failed += not ok
+        print()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

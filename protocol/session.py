@@ -1,0 +1,825 @@
+"""Authenticated sessions between peers, sans-IO (SPEC.md sections 3-5).
+
+`SessionManager` holds every session and handshake of one node. The shell feeds it frames from
+the node's inbox (`receive`), asks it to open sessions (`connect`, `join`) and to send
+(`send`), and calls `on_timer` at `next_deadline()`. Every call returns a list of outputs:
+frames to publish to a peer's inbox and events. Trust decisions are delegated to a
+`TrustPolicy` the shell provides (the trust store's in-memory view): the manager calls it
+synchronously in the middle of a handshake, so the initiator can abort before its third message
+when the responder is not who it meant.
+
+Sessions are `Noise_XX_25519_ChaChaPoly_BLAKE2b` (`XXpsk0` with a network PSK; `XXpsk3` with
+an invite's PSK when pairing). Transport frames carry an explicit 64-bit counter checked against a
+sliding replay window, because MQTT may duplicate and reorder across reconnects. A session is
+replaced by a fresh handshake (rekey) after a time or message budget; superseded sessions keep
+receiving for a grace period so frames in flight are not lost, then their keys are dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import nacl.utils
+
+from protocol import frames
+from protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from protocol.noise import CipherState, HandshakeState, KeyPair
+
+PROTOCOL_VERSION = 1
+NOISE_XX = "Noise_XX_25519_ChaChaPoly_BLAKE2b"
+NOISE_XXPSK3 = "Noise_XXpsk3_25519_ChaChaPoly_BLAKE2b"
+# With a network PSK the PSK goes first: a HELLO made without it fails to decrypt before the
+# responder does any DH, so the PSK doubles as a cheap filter against strangers' floods.
+NOISE_XXPSK0 = "Noise_XXpsk0_25519_ChaChaPoly_BLAKE2b"
+MAX_NETWORK_LEN = 64
+# A transport plaintext is one kind byte and a body; a Noise message is at most 65535 bytes.
+MAX_PAYLOAD = 65535 - 16 - 1
+MAX_HELLO_PAYLOAD = 256
+
+# Kinds of transport plaintext (the first byte).
+KIND_CLOSE = 0x00
+KIND_PING = 0x01
+KIND_PONG = 0x02
+KIND_CONFIRM = 0x03  # the responder's first message: the initiator's key confirmation
+KIND_APP = 0x10
+
+
+def prologue(network: str, protocol_name: str) -> bytes:
+    """SPEC.md 1.1: binds protocol version, network and suite into every handshake."""
+    net = network.encode("utf-8")
+    name = protocol_name.encode("ascii")
+    if not 0 < len(net) <= MAX_NETWORK_LEN:
+        raise LocalProtocolError(f"a network name has 1..{MAX_NETWORK_LEN} UTF-8 bytes")
+    return b"peerd\x00" + bytes([PROTOCOL_VERSION, len(net)]) + net + bytes([len(name)]) + name
+
+
+def combine_psk(network_psk: bytes | None, invite_psk: bytes) -> bytes:
+    """The PSK of an invite handshake: the invite's own, keyed by the network PSK if any."""
+    if network_psk is None:
+        return invite_psk
+    return hashlib.blake2b(
+        b"peerd/v1/invite-psk\x00" + invite_psk, key=network_psk, digest_size=32
+    ).digest()
+
+
+# -- the trust policy the shell provides ---------------------------------------------------------
+
+
+class Authenticated(Protocol):
+    """What a successful authentication yields; the trust module's result type satisfies it."""
+
+    @property
+    def peer_id(self) -> str: ...
+
+
+class TrustPolicy(Protocol):
+    def authenticate(
+        self,
+        credentials: bytes,
+        remote_static: bytes,
+        now: float,
+        *,
+        expected_peer: str | None = None,
+        allow_unknown: bool = False,
+    ) -> Authenticated:
+        """Check the peer's credentials; raise RemoteProtocolError (with a reason) to refuse."""
+        ...
+
+    def accepts_hello_from(self, peer_id: str) -> bool:
+        """Cheap pre-check before any cryptography: could this peer ever be accepted?"""
+        ...
+
+    def invite_psk(self, invite_id: bytes, now: float) -> bytes | None:
+        """The PSK of an open, unexpired, unused invite, else None."""
+        ...
+
+
+# -- limits ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    """Every timer and bound of the session layer (SPEC.md 5 gives the reasons)."""
+
+    handshake_timeout: float = 1.0  # first retry; doubles each attempt
+    handshake_attempts: int = 5
+    max_half_open: int = 1024  # responder handshakes awaiting message 3, all peers
+    max_half_open_per_peer: int = 4
+    hello_rate: float = 2000.0  # HELLOs processed per second, all peers (token bucket)
+    hello_burst: float = 4000.0
+    hello_rate_per_peer: float = 20.0
+    hello_burst_per_peer: float = 40.0
+    max_tracked_peers: int = 4096  # per-peer buckets kept (LRU)
+    rekey_after_time: float = 600.0
+    rekey_after_messages: int = 2**32
+    reject_after_time: float = 900.0
+    reject_after_messages: int = 2**60
+    half_open_timeout: float = 10.0  # a responder forgets a handshake without message 3
+    stale_after: float = 5.0  # sent, nothing heard: PING; twice as long: new handshake
+    previous_grace: float = 60.0  # superseded sessions keep receiving this long
+    max_sessions_per_peer: int = 3
+    replay_window: int = 8192
+
+
+# -- outputs ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendFrame:
+    """Publish `frame` to `peer_id`'s inbox."""
+
+    peer_id: str
+    frame: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SessionUp:
+    peer_id: str
+    auth: Authenticated
+    initiator: bool
+    started_at: float  # initiator: first HELLO of the attempt; responder: HELLO received
+    completed_at: float
+    session_id: tuple[int, int]  # (initiator's index, responder's index): same on both sides
+    invite_id: bytes | None  # set when the session paired two nodes by invite
+    rekey: bool  # another session with this peer was already up
+
+
+@dataclass(frozen=True, slots=True)
+class SessionDown:
+    peer_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    peer_id: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """Something received was refused; counted in `SessionManager.rejections`."""
+
+    reason: str
+    peer_id: str | None
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeFailed:
+    """A handshake this node started gave up (after retries) or was refused."""
+
+    peer_id: str
+    reason: str
+
+
+Output = SendFrame | SessionUp | SessionDown | Message | Rejected | HandshakeFailed
+
+
+# -- replay window -------------------------------------------------------------------------------
+
+
+class ReplayWindow:
+    """RFC 6479-style sliding window over explicit 64-bit counters.
+
+    `check` before decrypting, `update` only after the frame authenticated: an attacker cannot
+    move the window with forged counters.
+    """
+
+    __slots__ = ("_bits", "_mask", "_size", "top")
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._mask = (1 << size) - 1
+        self._bits = 0
+        self.top = -1
+
+    def check(self, counter: int) -> None:
+        if counter > self.top:
+            return
+        behind = self.top - counter
+        if behind >= self._size:
+            raise RemoteProtocolError("counter below the replay window", reason="too-old")
+        if self._bits >> behind & 1:
+            raise RemoteProtocolError("counter already received", reason="replay")
+
+    def update(self, counter: int) -> None:
+        if counter > self.top:
+            shift = counter - self.top
+            self._bits = ((self._bits << shift) | 1) & self._mask if shift < self._size else 1
+            self.top = counter
+        else:
+            self._bits |= 1 << (self.top - counter)
+
+
+class _Bucket:
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate, self.burst, self.tokens, self.stamp = rate, burst, burst, now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
+# -- sessions and handshakes -------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Handshake:
+    local_index: int
+    peer_id: str  # initiator: the peer meant; responder: the peer the HELLO claims to be
+    initiator: bool
+    state: HandshakeState
+    started_at: float
+    deadline: float
+    attempt: int = 1
+    invite_id: bytes | None = None
+    psk: bytes | None = None
+    remote_index: int = 0  # responder: the initiator's index, to address REPLY and DATA
+    # Initiator: the session after message 3, unusable until the responder's first transport
+    # message confirms that it accepted message 3 (it may have refused us, silently).
+    session: Session | None = None
+
+
+@dataclass(slots=True)
+class Session:
+    local_index: int
+    remote_index: int
+    peer_id: str
+    auth: Authenticated
+    initiator: bool
+    sender: CipherState
+    receiver: CipherState
+    window: ReplayWindow
+    established_at: float
+    seq: int  # establishment order on this node: newer sessions win for sending
+    send_counter: int = 0
+    last_received: float = 0.0
+    awaiting_since: float | None = None  # first send not yet answered by anything
+    pinged: bool = False
+    superseded_at: float | None = None
+    confirmed: bool = True
+    invite_id: bytes | None = None
+    started_at: float = 0.0
+
+    def wipe(self) -> None:
+        self.sender.clear()
+        self.receiver.clear()
+
+
+@dataclass(slots=True)
+class _Peer:
+    sessions: list[Session] = field(default_factory=list)  # newest last
+    handshake: _Handshake | None = None  # the one this node initiated, if any
+
+    def current(self) -> Session | None:
+        return self.sessions[-1] if self.sessions else None
+
+
+_INDEX = struct.Struct(">I")
+
+
+class SessionManager:
+    def __init__(
+        self,
+        *,
+        peer_id: str,
+        network: str,
+        static: KeyPair,
+        credentials: bytes,
+        trust: TrustPolicy,
+        network_psk: bytes | None = None,
+        limits: SessionLimits | None = None,
+        random: Callable[[int], bytes] = nacl.utils.random,
+    ) -> None:
+        self.peer_id = peer_id
+        self.network = network
+        self.static = static
+        self.credentials = credentials
+        self.trust = trust
+        self.network_psk = network_psk
+        self.limits = limits or SessionLimits()
+        self._random = random
+        self._protocol = NOISE_XXPSK0 if network_psk else NOISE_XX
+        self._prologue = prologue(network, self._protocol)
+        self._psk_prologue = prologue(network, NOISE_XXPSK3)
+        self._peers: dict[str, _Peer] = {}
+        self._by_index: dict[int, Session] = {}
+        self._half_open: OrderedDict[int, _Handshake] = OrderedDict()  # responder, LRU
+        self._initiating: dict[int, _Handshake] = {}
+        self._hello_bucket = _Bucket(self.limits.hello_rate, self.limits.hello_burst, 0.0)
+        self._peer_buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        self._seq = 0
+        self.rejections: Counter[str] = Counter()
+
+    # -- identity ---------------------------------------------------------------------------
+
+    def set_identity(self, static: KeyPair, credentials: bytes) -> None:
+        """After a key rotation: new handshakes use the new key; sessions keep theirs."""
+        self.static = static
+        self.credentials = credentials
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def has_session(self, peer_id: str) -> bool:
+        peer = self._peers.get(peer_id)
+        return peer is not None and peer.current() is not None
+
+    def is_connecting(self, peer_id: str) -> bool:
+        peer = self._peers.get(peer_id)
+        return peer is not None and peer.handshake is not None
+
+    def connected_peers(self) -> list[str]:
+        return [p for p, peer in self._peers.items() if peer.current() is not None]
+
+    def session(self, peer_id: str) -> Session | None:
+        peer = self._peers.get(peer_id)
+        return peer.current() if peer else None
+
+    @property
+    def half_open_count(self) -> int:
+        return len(self._half_open)
+
+    # -- starting handshakes -----------------------------------------------------------------
+
+    def connect(self, peer_id: str, now: float) -> list[Output]:
+        """Start a handshake with `peer_id` unless one is already under way."""
+        if peer_id == self.peer_id:
+            raise LocalProtocolError("a node cannot open a session with itself")
+        peer = self._peers.setdefault(peer_id, _Peer())
+        if peer.handshake is not None:
+            return []
+        return self._start(peer_id, peer, now, invite_id=None, psk=None)
+
+    def join(self, inviter: str, invite_id: bytes, invite_psk: bytes, now: float) -> list[Output]:
+        """Pair with the node that issued an invite: XXpsk3 with the invite's PSK."""
+        if len(invite_id) != frames.INVITE_ID_LEN:
+            raise LocalProtocolError("an invite id has 16 bytes")
+        peer = self._peers.setdefault(inviter, _Peer())
+        if peer.handshake is not None:
+            self._drop_handshake(peer.handshake)
+            peer.handshake = None
+        psk = combine_psk(self.network_psk, invite_psk)
+        return self._start(inviter, peer, now, invite_id=invite_id, psk=psk)
+
+    def _new_index(self) -> int:
+        while True:
+            index: int = _INDEX.unpack(self._random(4))[0]
+            if (
+                index
+                and index not in self._by_index
+                and index not in self._initiating
+                and (index not in self._half_open)
+            ):
+                return index
+
+    def _start(
+        self,
+        peer_id: str,
+        peer: _Peer,
+        now: float,
+        *,
+        invite_id: bytes | None,
+        psk: bytes | None,
+        attempt: int = 1,
+        started_at: float | None = None,
+    ) -> list[Output]:
+        if psk is None:
+            state = HandshakeState(
+                self._protocol,
+                True,
+                self._prologue,
+                s=self.static,
+                psks=[self.network_psk] if self.network_psk else [],
+            )
+        else:
+            state = HandshakeState(
+                NOISE_XXPSK3, True, self._psk_prologue, s=self.static, psks=[psk]
+            )
+        index = self._new_index()
+        hs = _Handshake(
+            local_index=index,
+            peer_id=peer_id,
+            initiator=True,
+            state=state,
+            started_at=now if started_at is None else started_at,
+            deadline=now + self.limits.handshake_timeout * 2 ** (attempt - 1),
+            attempt=attempt,
+            invite_id=invite_id,
+            psk=psk,
+        )
+        peer.handshake = hs
+        self._initiating[index] = hs
+        frame = frames.encode_hello(index, self.peer_id, state.write_message(b""), invite_id)
+        return [SendFrame(peer_id, frame)]
+
+    def _drop_handshake(self, hs: _Handshake) -> None:
+        self._initiating.pop(hs.local_index, None)
+        self._half_open.pop(hs.local_index, None)
+        if hs.session is not None:
+            self._forget(hs.session)
+            hs.session = None
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def receive(self, data: bytes, now: float) -> list[Output]:
+        """One frame from this node's inbox. Never raises for bad input: it is counted."""
+        try:
+            frame = frames.decode(data)
+            if isinstance(frame, frames.Data):
+                return self._on_data(frame, now)
+            if isinstance(frame, frames.Hello):
+                return self._on_hello(frame, now)
+            if isinstance(frame, frames.Reply):
+                return self._on_reply(frame, now)
+            return self._on_finish(frame, now)
+        except RemoteProtocolError as exc:
+            return [self._reject(exc.reason, None, str(exc))]
+
+    def _reject(self, reason: str, peer_id: str | None, detail: str) -> Rejected:
+        self.rejections[reason] += 1
+        return Rejected(reason, peer_id, detail)
+
+    def _on_hello(self, hello: frames.Hello, now: float) -> list[Output]:
+        claimed = hello.reply_to
+        if claimed == self.peer_id:
+            return [self._reject("self", claimed, "a HELLO claiming to come from this node")]
+        psk: bytes | None = None
+        if hello.invite_id is not None:
+            invite_psk = self.trust.invite_psk(hello.invite_id, now)
+            if invite_psk is None:
+                return [self._reject("unknown-invite", claimed, "no open invite with that id")]
+            psk = combine_psk(self.network_psk, invite_psk)
+        elif not self.trust.accepts_hello_from(claimed):
+            return [self._reject("unknown-peer", claimed, "HELLO from a peer never accepted")]
+        if not self._hello_bucket.take(now) or not self._peer_bucket(claimed, now).take(now):
+            return [self._reject("rate-limited", claimed, "too many handshakes")]
+        if psk is None:
+            psks = [self.network_psk] if self.network_psk else []
+            state = HandshakeState(self._protocol, False, self._prologue, s=self.static, psks=psks)
+        else:
+            state = HandshakeState(
+                NOISE_XXPSK3, False, self._psk_prologue, s=self.static, psks=[psk]
+            )
+        try:
+            payload = state.read_message(hello.noise)
+            if len(payload) > MAX_HELLO_PAYLOAD:
+                raise RemoteProtocolError("HELLO payload too large", reason="oversize")
+            index = self._new_index()
+            reply = state.write_message(self.credentials)
+        except RemoteProtocolError as exc:
+            return [self._reject(exc.reason, claimed, str(exc))]
+        self._admit_half_open(claimed)
+        self._half_open[index] = _Handshake(
+            local_index=index,
+            peer_id=claimed,
+            initiator=False,
+            state=state,
+            started_at=now,
+            deadline=now + self.limits.half_open_timeout,
+            invite_id=hello.invite_id,
+            remote_index=hello.sender_index,
+        )
+        return [SendFrame(claimed, frames.encode_reply(hello.sender_index, index, reply))]
+
+    def _peer_bucket(self, peer_id: str, now: float) -> _Bucket:
+        bucket = self._peer_buckets.get(peer_id)
+        if bucket is None:
+            bucket = _Bucket(self.limits.hello_rate_per_peer, self.limits.hello_burst_per_peer, now)
+            self._peer_buckets[peer_id] = bucket
+            if len(self._peer_buckets) > self.limits.max_tracked_peers:
+                self._peer_buckets.popitem(last=False)
+        else:
+            self._peer_buckets.move_to_end(peer_id)
+        return bucket
+
+    def _admit_half_open(self, claimed: str) -> None:
+        """Make room: evict the oldest half-open handshakes (of this peer, then of all).
+
+        Eviction instead of refusal means a flood shortens how long a bogus handshake may
+        stay half-open, but never locks a legitimate peer out: a real handshake completes in
+        about one broker round trip."""
+        mine = [i for i, h in self._half_open.items() if h.peer_id == claimed]
+        while len(mine) >= self.limits.max_half_open_per_peer:
+            self._half_open.pop(mine.pop(0))
+            self.rejections["evicted"] += 1
+        while len(self._half_open) >= self.limits.max_half_open:
+            self._half_open.popitem(last=False)
+            self.rejections["evicted"] += 1
+
+    def _on_reply(self, reply: frames.Reply, now: float) -> list[Output]:
+        hs = self._initiating.get(reply.receiver_index)
+        if hs is None or hs.session is not None:
+            return [self._reject("unknown-session", None, "REPLY for no handshake of ours")]
+        peer = self._peers[hs.peer_id]
+        try:
+            creds = hs.state.read_message(reply.noise)
+            assert hs.state.rs is not None
+            auth = self.trust.authenticate(
+                creds,
+                hs.state.rs,
+                now,
+                expected_peer=hs.peer_id,
+                allow_unknown=hs.invite_id is not None,
+            )
+            if auth.peer_id != hs.peer_id:
+                raise RemoteProtocolError(
+                    f"the responder is {auth.peer_id}, not {hs.peer_id}", reason="wrong-peer"
+                )
+            finish = hs.state.write_message(self.credentials)
+        except ProtocolError as exc:
+            # Abort before message 3: nothing about this node is revealed to the responder.
+            self._drop_handshake(hs)
+            peer.handshake = None
+            reason = exc.reason if isinstance(exc, RemoteProtocolError) else "local-error"
+            return [
+                self._reject(reason, hs.peer_id, str(exc)),
+                HandshakeFailed(hs.peer_id, reason),
+            ]
+        hs.session = self._new_session(hs, reply.sender_index, auth, now, confirmed=False)
+        return [SendFrame(hs.peer_id, frames.encode_finish(reply.sender_index, finish))]
+
+    def _on_finish(self, finish: frames.Finish, now: float) -> list[Output]:
+        hs = self._half_open.pop(finish.receiver_index, None)
+        if hs is None:
+            return [self._reject("unknown-session", None, "FINISH for no handshake of ours")]
+        try:
+            creds = hs.state.read_message(finish.noise)
+            assert hs.state.rs is not None
+            auth = self.trust.authenticate(
+                creds,
+                hs.state.rs,
+                now,
+                expected_peer=hs.peer_id,
+                allow_unknown=hs.invite_id is not None,
+            )
+            if auth.peer_id != hs.peer_id:
+                # Misbinding: the HELLO claimed one inbox, the credentials prove another.
+                raise RemoteProtocolError(
+                    f"HELLO claimed {hs.peer_id} but credentials are {auth.peer_id}",
+                    reason="wrong-peer",
+                )
+        except RemoteProtocolError as exc:
+            return [self._reject(exc.reason, hs.peer_id, str(exc))]
+        session = self._new_session(hs, hs.remote_index, auth, now, confirmed=True)
+        out = self._activate(session, now)
+        out.extend(self._send_on(session, bytes([KIND_CONFIRM])))
+        return out
+
+    def _new_session(
+        self,
+        hs: _Handshake,
+        remote_index: int,
+        auth: Authenticated,
+        now: float,
+        *,
+        confirmed: bool,
+    ) -> Session:
+        c1, c2 = hs.state.split()
+        sender, receiver = (c1, c2) if hs.initiator else (c2, c1)
+        session = Session(
+            local_index=hs.local_index,
+            remote_index=remote_index,
+            peer_id=hs.peer_id,
+            auth=auth,
+            initiator=hs.initiator,
+            sender=sender,
+            receiver=receiver,
+            window=ReplayWindow(self.limits.replay_window),
+            established_at=now,
+            seq=0,
+            last_received=now,
+            confirmed=confirmed,
+            invite_id=hs.invite_id,
+            started_at=hs.started_at,
+        )
+        self._by_index[session.local_index] = session
+        return session
+
+    def _activate(self, session: Session, now: float) -> list[Output]:
+        """A confirmed session becomes the peer's newest, superseding older ones."""
+        self._seq += 1
+        session.seq = self._seq
+        session.established_at = now
+        peer = self._peers.setdefault(session.peer_id, _Peer())
+        rekey = bool(peer.sessions)
+        for old in peer.sessions:
+            if old.superseded_at is None:
+                old.superseded_at = now
+        peer.sessions.append(session)
+        while len(peer.sessions) > self.limits.max_sessions_per_peer:
+            self._forget(peer.sessions.pop(0))
+        local, remote = session.local_index, session.remote_index
+        return [
+            SessionUp(
+                session.peer_id,
+                session.auth,
+                session.initiator,
+                session.started_at,
+                now,
+                (local, remote) if session.initiator else (remote, local),
+                session.invite_id,
+                rekey,
+            )
+        ]
+
+    def _forget(self, session: Session) -> None:
+        self._by_index.pop(session.local_index, None)
+        session.wipe()
+
+    # -- transport -------------------------------------------------------------------------
+
+    def _on_data(self, data: frames.Data, now: float) -> list[Output]:
+        session = self._by_index.get(data.receiver_index)
+        if session is None:
+            return [self._reject("unknown-session", None, "DATA for no session of ours")]
+        try:
+            session.window.check(data.counter)
+            plaintext = session.receiver.decrypt_with_nonce(
+                data.counter, data.header, data.ciphertext
+            )
+        except RemoteProtocolError as exc:
+            return [self._reject(exc.reason, session.peer_id, str(exc))]
+        session.window.update(data.counter)
+        session.last_received = now
+        session.awaiting_since = None
+        session.pinged = False
+        out: list[Output] = []
+        if not session.confirmed:
+            session.confirmed = True
+            peer = self._peers.get(session.peer_id)
+            if peer is not None and peer.handshake is not None:
+                self._initiating.pop(peer.handshake.local_index, None)
+                peer.handshake = None
+            out = self._activate(session, now)
+        if not plaintext:
+            return [*out, self._reject("malformed", session.peer_id, "empty transport message")]
+        kind = plaintext[0]
+        if kind == KIND_APP:
+            out.append(Message(session.peer_id, plaintext[1:]))
+            return out
+        if kind == KIND_PING:
+            return out + self._send_on(session, bytes([KIND_PONG]))
+        if kind in (KIND_PONG, KIND_CONFIRM):
+            return out
+        if kind == KIND_CLOSE:
+            reason = plaintext[1:200].decode("utf-8", "replace") or "closed by peer"
+            return out + self._close_session(session, f"peer closed: {reason}")
+        return [*out, self._reject("malformed", session.peer_id, f"unknown transport kind {kind}")]
+
+    def send(self, peer_id: str, payload: bytes, now: float) -> list[Output]:
+        """Encrypt `payload` for `peer_id` on its newest session.
+
+        Raises LocalProtocolError when there is no usable session: the shell queues the
+        payload (bounded) and calls `connect`.
+        """
+        if len(payload) > MAX_PAYLOAD:
+            raise LocalProtocolError(f"a session message is at most {MAX_PAYLOAD} bytes")
+        peer = self._peers.get(peer_id)
+        session = peer.current() if peer else None
+        if session is None or not self._usable(session, now):
+            raise LocalProtocolError(f"no session with {peer_id}")
+        out = self._send_on(session, bytes([KIND_APP]) + payload)
+        if session.awaiting_since is None:
+            session.awaiting_since = now
+        if self._wants_rekey(session, now):
+            out.extend(self.connect(peer_id, now))
+        return out
+
+    def _usable(self, session: Session, now: float) -> bool:
+        return (
+            now - session.established_at < self.limits.reject_after_time
+            and session.send_counter < self.limits.reject_after_messages
+        )
+
+    def _wants_rekey(self, session: Session, now: float) -> bool:
+        """The session's initiator rekeys on time; the responder too if the initiator has not
+        done so a grace period later (it may be gone); either side on the message budget."""
+        age = now - session.established_at
+        due = self.limits.rekey_after_time + (0.0 if session.initiator else 30.0)
+        return session.send_counter >= self.limits.rekey_after_messages or age >= due
+
+    def _send_on(self, session: Session, plaintext: bytes) -> list[Output]:
+        counter = session.send_counter
+        session.send_counter = counter + 1
+        header = frames.data_header(session.remote_index, counter)
+        ciphertext = session.sender.encrypt_with_nonce(counter, header, plaintext)
+        return [SendFrame(session.peer_id, header + ciphertext)]
+
+    # -- closing -----------------------------------------------------------------------------
+
+    def close(self, peer_id: str, reason: str, now: float, *, notify: bool = True) -> list[Output]:
+        """Close every session and handshake with `peer_id` (revoked, blocked, shutting down)."""
+        peer = self._peers.pop(peer_id, None)
+        if peer is None:
+            return []
+        out: list[Output] = []
+        if peer.handshake is not None:
+            self._drop_handshake(peer.handshake)
+        for index in [i for i, h in self._half_open.items() if h.peer_id == peer_id]:
+            del self._half_open[index]
+        note = bytes([KIND_CLOSE]) + reason.encode("utf-8")[:180]
+        for session in peer.sessions:
+            if notify and self._usable(session, now):
+                out.extend(self._send_on(session, note))
+            self._forget(session)
+        if peer.sessions:
+            out.append(SessionDown(peer_id, reason))
+        return out
+
+    def _close_session(self, session: Session, reason: str) -> list[Output]:
+        peer = self._peers.get(session.peer_id)
+        self._forget(session)
+        if peer is None:
+            return []
+        if session in peer.sessions:
+            peer.sessions.remove(session)
+        if not peer.sessions:
+            return [SessionDown(session.peer_id, reason)]
+        return []
+
+    # -- timers -----------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        deadlines: list[float] = [h.deadline for h in self._initiating.values()]
+        if self._half_open:
+            deadlines.append(next(iter(self._half_open.values())).deadline)
+        limits = self.limits
+        for peer in self._peers.values():
+            for s in peer.sessions:
+                if s.superseded_at is not None:
+                    deadlines.append(s.superseded_at + limits.previous_grace)
+                deadlines.append(s.established_at + limits.reject_after_time)
+                if s is peer.sessions[-1] and peer.handshake is None:
+                    due = limits.rekey_after_time + (0.0 if s.initiator else 30.0)
+                    deadlines.append(s.established_at + due)
+                if s.awaiting_since is not None:
+                    deadlines.append(s.awaiting_since + limits.stale_after * (2 if s.pinged else 1))
+        return min(deadlines) if deadlines else None
+
+    def on_timer(self, now: float) -> list[Output]:
+        out: list[Output] = []
+        limits = self.limits
+        for hs in [h for h in self._initiating.values() if h.deadline <= now]:
+            peer = self._peers.get(hs.peer_id)
+            self._drop_handshake(hs)
+            if peer is None:
+                continue
+            peer.handshake = None
+            if hs.attempt >= limits.handshake_attempts:
+                self.rejections["handshake-timeout"] += 1
+                out.append(HandshakeFailed(hs.peer_id, "timeout"))
+                continue
+            out.extend(
+                self._start(
+                    hs.peer_id,
+                    peer,
+                    now,
+                    invite_id=hs.invite_id,
+                    psk=hs.psk,
+                    attempt=hs.attempt + 1,
+                    started_at=hs.started_at,
+                )
+            )
+        while self._half_open:
+            index, hs = next(iter(self._half_open.items()))
+            if hs.deadline > now:
+                break
+            del self._half_open[index]
+            self.rejections["handshake-timeout"] += 1
+        for peer_id, peer in list(self._peers.items()):
+            for s in list(peer.sessions):
+                expired = now - s.established_at >= limits.reject_after_time
+                stale_prev = s.superseded_at is not None and (
+                    now - s.superseded_at >= limits.previous_grace
+                )
+                if expired or stale_prev:
+                    out.extend(self._close_session(s, "expired" if expired else "superseded"))
+            current = peer.current()
+            if current is None:
+                if peer.handshake is None and not peer.sessions:
+                    self._peers.pop(peer_id, None)
+                continue
+            if current.awaiting_since is not None:
+                waited = now - current.awaiting_since
+                if waited >= 2 * limits.stale_after:
+                    current.awaiting_since = None
+                    current.pinged = False
+                    out.extend(self.connect(peer_id, now))
+                elif waited >= limits.stale_after and not current.pinged:
+                    current.pinged = True
+                    out.extend(self._send_on(current, bytes([KIND_PING])))
+            if self._wants_rekey(current, now):
+                out.extend(self.connect(peer_id, now))
+        return out

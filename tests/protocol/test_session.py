@@ -1,0 +1,502 @@
+"""The session layer: handshakes over frames, trust checks, transport, replay, rekey, floods."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol import frames
+from protocol.errors import LocalProtocolError, RemoteProtocolError
+from protocol.noise import HandshakeState, KeyPair
+from protocol.session import (
+    MAX_PAYLOAD,
+    NOISE_XX,
+    HandshakeFailed,
+    Message,
+    Rejected,
+    ReplayWindow,
+    SendFrame,
+    SessionDown,
+    SessionLimits,
+    SessionUp,
+    combine_psk,
+    prologue,
+)
+from tests.protocol.sessionkit import Directory, Network, make_node, trusted_pair
+
+
+def _connect(net: Network, a: str, b: str) -> None:
+    net.deliver(a, net.nodes[a].connect(b, net.now))
+
+
+def test_handshake_establishes_one_session_on_both_sides() -> None:
+    a, b, net = trusted_pair()
+    _connect(net, "alice", "bob")
+    (up_a,) = net.of("alice", SessionUp)
+    (up_b,) = net.of("bob", SessionUp)
+    assert up_a.peer_id == "bob"
+    assert up_b.peer_id == "alice"
+    assert up_a.initiator
+    assert not up_b.initiator
+    assert up_a.session_id == up_b.session_id
+    assert [len(f) for _, f in net.wire][:1] == [2 + 4 + 1 + len("alice") + 32]
+    assert a.has_session("bob")
+    assert b.has_session("alice")
+
+
+def test_messages_flow_both_ways_in_order() -> None:
+    a, b, net = trusted_pair()
+    _connect(net, "alice", "bob")
+    for i in range(5):
+        net.deliver("alice", a.send("bob", f"a{i}".encode(), net.now))
+        net.deliver("bob", b.send("alice", f"b{i}".encode(), net.now))
+    assert [m.payload for m in net.of("bob", Message)] == [f"a{i}".encode() for i in range(5)]
+    assert [m.payload for m in net.of("alice", Message)] == [f"b{i}".encode() for i in range(5)]
+
+
+def test_send_without_session_is_local_error_and_size_is_bounded() -> None:
+    a, _, net = trusted_pair()
+    with pytest.raises(LocalProtocolError):
+        a.send("bob", b"x", net.now)
+    _connect(net, "alice", "bob")
+    with pytest.raises(LocalProtocolError):
+        a.send("bob", b"x" * (MAX_PAYLOAD + 1), net.now)
+    net.deliver("alice", a.send("bob", b"x" * MAX_PAYLOAD, net.now))
+    assert net.of("bob", Message)[0].payload == b"x" * MAX_PAYLOAD
+
+
+def test_initiator_aborts_before_message_3_when_responder_is_unknown() -> None:
+    directory = Directory()
+    a = make_node("alice", directory)
+    b = make_node("bob", directory)
+    directory.trusts["alice"] = set()  # alice does not trust bob
+    directory.trusts["bob"] = {"alice"}
+    net = Network(a, b)
+    _connect(net, "alice", "bob")
+    kinds = [f[1] for _, f in net.wire]
+    assert kinds == [frames.FrameType.HELLO, frames.FrameType.REPLY]  # no FINISH ever sent
+    (failed,) = net.of("alice", HandshakeFailed)
+    assert failed.reason == "unknown-peer"
+    assert not a.has_session("bob")
+    assert not b.has_session("alice")
+    assert a.rejections["unknown-peer"] == 1
+
+
+def test_initiator_aborts_when_another_node_answers() -> None:
+    """alice means bob, but the broker routes her HELLO to carol (trusted too): abort."""
+    directory = Directory()
+    a, c = make_node("alice", directory), make_node("carol", directory)
+    make_node("bob", directory)
+    directory.trusts["alice"] = {"bob", "carol"}
+    directory.trusts["carol"] = {"alice"}
+    net = Network(a, c)
+    hello = a.connect("bob", net.now)
+    assert isinstance(hello[0], SendFrame)
+    net.deliver("alice", [SendFrame("carol", hello[0].frame)])
+    (failed,) = net.of("alice", HandshakeFailed)
+    assert failed.reason == "wrong-peer"
+    assert not a.has_session("carol")
+    assert [f[1] for _, f in net.wire] == [frames.FrameType.HELLO, frames.FrameType.REPLY]
+
+
+def test_responder_refuses_a_hello_whose_claim_the_credentials_contradict() -> None:
+    """Misbinding: mallory sends a HELLO claiming to be alice; bob replies to alice's inbox,
+    mallory (reading it, as a hostile broker could) finishes with her own credentials."""
+    directory = Directory()
+    b = make_node("bob", directory)
+    make_node("alice", directory)
+    m_static = KeyPair.generate()
+    directory.keys["mallory"] = m_static.public
+    directory.trusts["bob"] = {"alice", "mallory"}
+    hs = HandshakeState(NOISE_XX, True, prologue("testnet", NOISE_XX), s=m_static)
+    out = b.receive(frames.encode_hello(7, "alice", hs.write_message(), None), 0.0)
+    (reply,) = out
+    assert isinstance(reply, SendFrame)
+    assert reply.peer_id == "alice"
+    parsed = frames.decode(reply.frame)
+    assert isinstance(parsed, frames.Reply)
+    hs.read_message(parsed.noise)
+    finish = frames.encode_finish(parsed.sender_index, hs.write_message(b"mallory"))
+    (rejected,) = b.receive(finish, 0.0)
+    assert isinstance(rejected, Rejected)
+    assert rejected.reason == "wrong-peer"
+    assert not b.has_session("alice")
+    assert not b.has_session("mallory")
+
+
+def test_unknown_claims_are_refused_before_any_cryptography() -> None:
+    _a, b, net = trusted_pair()
+    forged = frames.encode_hello(1, "stranger", b"\x01" * 32, None)
+    (rej,) = b.receive(forged, net.now)
+    assert isinstance(rej, Rejected)
+    assert rej.reason == "unknown-peer"
+    assert b.half_open_count == 0
+
+
+def test_wrong_network_or_network_psk_never_completes() -> None:
+    directory = Directory()
+    a = make_node("alice", directory, network="one")
+    b = make_node("bob", directory, network="two")
+    directory.trusts.update(alice={"bob"}, bob={"alice"})
+    net = Network(a, b)
+    _connect(net, "alice", "bob")
+    assert not a.has_session("bob")
+    assert a.rejections["decrypt"] == 1
+
+    directory = Directory()
+    a = make_node("alice", directory, network_psk=b"1" * 32)
+    b = make_node("bob", directory, network_psk=b"2" * 32)
+    directory.trusts.update(alice={"bob"}, bob={"alice"})
+    net = Network(a, b)
+    _connect(net, "alice", "bob")
+    assert [f[1] for _, f in net.wire] == [frames.FrameType.HELLO]  # refused at once
+    assert b.rejections["decrypt"] == 1
+    assert not a.has_session("bob")
+    assert not b.has_session("alice")
+
+
+def test_network_psk_sessions_work() -> None:
+    a, _b, net = trusted_pair(network_psk=b"k" * 32)
+    _connect(net, "alice", "bob")
+    net.deliver("alice", a.send("bob", b"hi", net.now))
+    assert net.of("bob", Message)[0].payload == b"hi"
+
+
+def test_join_by_invite_pairs_unknown_nodes() -> None:
+    directory = Directory()
+    inviter = make_node("alice", directory)
+    joiner = make_node("bob", directory)
+    directory.invites["alice"] = {b"i" * 16: b"p" * 32}
+    net = Network(inviter, joiner)
+    net.deliver("bob", joiner.join("alice", b"i" * 16, b"p" * 32, net.now))
+    (up_a,) = net.of("alice", SessionUp)
+    (up_b,) = net.of("bob", SessionUp)
+    assert up_a.invite_id == b"i" * 16
+    assert up_b.invite_id == b"i" * 16
+    assert up_a.peer_id == "bob"
+
+
+def test_join_with_a_wrong_psk_fails() -> None:
+    directory = Directory()
+    inviter = make_node("alice", directory)
+    joiner = make_node("bob", directory)
+    directory.invites["alice"] = {b"i" * 16: b"p" * 32}
+    net = Network(inviter, joiner)
+    net.deliver("bob", joiner.join("alice", b"i" * 16, b"q" * 32, net.now))
+    assert not net.of("alice", SessionUp)
+    assert not net.of("bob", SessionUp)
+    assert inviter.rejections["decrypt"] == 1
+    net.deliver("bob", joiner.join("alice", b"x" * 16, b"p" * 32, net.now))
+    assert inviter.rejections["unknown-invite"] == 1
+
+
+def test_combine_psk_depends_on_both_keys() -> None:
+    base = combine_psk(None, b"p" * 32)
+    assert base == b"p" * 32
+    assert combine_psk(b"n" * 32, b"p" * 32) != combine_psk(b"m" * 32, b"p" * 32)
+
+
+# -- transport attacks ---------------------------------------------------------------------
+
+
+def _established() -> tuple[Network, list[bytes]]:
+    """alice -> bob session and three DATA frames alice sent (not yet delivered)."""
+    a, _, net = trusted_pair()
+    _connect(net, "alice", "bob")
+    data = []
+    for i in range(3):
+        (out,) = a.send("bob", f"m{i}".encode(), net.now)
+        assert isinstance(out, SendFrame)
+        data.append(out.frame)
+    return net, data
+
+
+def test_replayed_data_is_rejected() -> None:
+    net, data = _established()
+    bob = net.nodes["bob"]
+    assert isinstance(bob.receive(data[0], net.now)[0], Message)
+    (rej,) = bob.receive(data[0], net.now)
+    assert isinstance(rej, Rejected)
+    assert rej.reason == "replay"
+
+
+def test_reordered_data_within_the_window_is_accepted_once() -> None:
+    net, data = _established()
+    bob = net.nodes["bob"]
+    got = [bob.receive(f, net.now)[0] for f in (data[2], data[0], data[1], data[0])]
+    assert [g.payload for g in got[:3] if isinstance(g, Message)] == [b"m2", b"m0", b"m1"]
+    assert isinstance(got[3], Rejected)
+
+
+@pytest.mark.parametrize("position", [0, 1, 3, 7, 13, 20, -1])
+def test_tampered_data_is_rejected_and_does_not_move_the_window(position: int) -> None:
+    net, data = _established()
+    bob = net.nodes["bob"]
+    bad = bytearray(data[0])
+    bad[position] ^= 0x40
+    (rej,) = bob.receive(bytes(bad), net.now)
+    assert isinstance(rej, Rejected)
+    assert isinstance(bob.receive(data[0], net.now)[0], Message)
+
+
+def test_forged_counter_far_ahead_cannot_shift_the_window() -> None:
+    net, data = _established()
+    bob = net.nodes["bob"]
+    parsed = frames.decode(data[0])
+    assert isinstance(parsed, frames.Data)
+    header = frames.data_header(parsed.receiver_index, 2**40)
+    (rej,) = bob.receive(header + parsed.ciphertext, net.now)
+    assert isinstance(rej, Rejected)
+    assert rej.reason == "decrypt"
+    assert [isinstance(bob.receive(f, net.now)[0], Message) for f in data] == [True] * 3
+
+
+def test_replayed_handshake_frames_do_nothing() -> None:
+    a, b, net = trusted_pair()
+    _connect(net, "alice", "bob")
+    hello, reply, finish = (f for _, f in net.wire[:3])
+    before = b.rejections.copy()
+    out = b.receive(hello, net.now)  # costs bob a reply, which alice then drops
+    net.deliver("bob", out)
+    assert a.rejections["unknown-session"] == 1
+    (rej,) = b.receive(finish, net.now)
+    assert isinstance(rej, Rejected)
+    assert rej.reason == "unknown-session"
+    (rej,) = a.receive(reply, net.now)
+    assert isinstance(rej, Rejected)
+    assert b.rejections["unknown-session"] == before["unknown-session"] + 1
+    assert len(net.of("bob", SessionUp)) == 1
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [b"", b"\x01", b"\x02\x05" + b"\0" * 40, b"\x01\x09" + b"\0" * 40, b"\x01\x05" + b"\0" * 10],
+)
+def test_garbage_frames_are_counted_never_raised(frame: bytes) -> None:
+    _, b, net = trusted_pair()
+    (rej,) = b.receive(frame, net.now)
+    assert isinstance(rej, Rejected)
+    assert sum(b.rejections.values()) == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_fuzzed_frames_only_produce_rejections(frame: bytes) -> None:
+    _, b, _ = trusted_pair()
+    for out in b.receive(frame, 0.0):
+        assert isinstance(out, Rejected)
+
+
+# -- closing, liveness, rekey -----------------------------------------------------------------
+
+
+def test_close_notifies_the_peer() -> None:
+    a, b, net = trusted_pair()
+    _connect(net, "alice", "bob")
+    net.deliver("alice", a.close("bob", "revoked", net.now))
+    assert net.of("alice", SessionDown)[0].reason == "revoked"
+    assert "revoked" in net.of("bob", SessionDown)[0].reason
+    assert not b.has_session("alice")
+
+
+def test_unanswered_traffic_pings_then_rehandshakes() -> None:
+    a, b, net = trusted_pair()
+    _connect(net, "alice", "bob")
+    net.nodes = {"alice": a}  # bob goes away silently
+    net.deliver("alice", a.send("bob", b"anyone?", net.now))
+    sent = len(net.wire)
+    net.tick(5.0)
+    assert len(net.wire) == sent + 1  # a PING
+    net.tick(5.0)
+    assert frames.decode(net.wire[-1][1]).__class__ is frames.Hello
+    net.nodes = {"alice": a, "bob": b}
+    net.tick(1.0)  # retry of the HELLO reaches bob now
+    assert len(net.of("alice", SessionUp)) == 2
+
+
+def test_rekey_by_time_replaces_the_session_and_drops_old_keys_after_grace() -> None:
+    limits = SessionLimits(rekey_after_time=100, reject_after_time=150, previous_grace=10)
+    a, b, net = trusted_pair(limits=limits)
+    _connect(net, "alice", "bob")
+    (old_frame,) = a.send("bob", b"old", net.now)
+    assert isinstance(old_frame, SendFrame)
+    net.tick(100)
+    ups = net.of("bob", SessionUp)
+    assert len(ups) == 2
+    assert ups[1].rekey
+    assert ups[0].session_id != ups[1].session_id
+    # A frame sent on the old session and delayed still arrives within the grace period ...
+    assert isinstance(b.receive(old_frame.frame, net.now)[0], Message)
+    # ... new traffic uses the new session, and after the grace the old keys are gone.
+    net.deliver("alice", a.send("bob", b"new", net.now))
+    net.tick(11)
+    (rej,) = b.receive(old_frame.frame, net.now)
+    assert isinstance(rej, Rejected)
+    assert rej.reason == "unknown-session"
+    assert b.has_session("alice")
+
+
+def test_rekey_by_message_budget() -> None:
+    a, _b, net = trusted_pair(limits=SessionLimits(rekey_after_messages=10))
+    _connect(net, "alice", "bob")
+    for i in range(12):
+        net.deliver("alice", a.send("bob", b"%d" % i, net.now))
+    assert len(net.of("bob", SessionUp)) == 2
+    assert [m.payload for m in net.of("bob", Message)] == [b"%d" % i for i in range(12)]
+
+
+def test_sessions_expire_without_rekey_when_peer_is_gone() -> None:
+    limits = SessionLimits(rekey_after_time=100, reject_after_time=150, handshake_attempts=1)
+    a, _b, net = trusted_pair(limits=limits)
+    _connect(net, "alice", "bob")
+    net.fault = lambda _dst, _frame: []  # bob is gone: nothing gets through any more
+    for _ in range(20):
+        net.tick(10)
+    assert net.of("alice", SessionDown)[0].reason == "expired"
+    assert not a.has_session("bob")
+    with pytest.raises(LocalProtocolError):
+        a.send("bob", b"late", net.now)
+
+
+def test_simultaneous_connects_converge() -> None:
+    a, b, net = trusted_pair()
+    hello_a = a.connect("bob", net.now)
+    hello_b = b.connect("alice", net.now)
+    net.deliver("alice", hello_a)
+    net.deliver("bob", hello_b)
+    for i in range(3):
+        net.deliver("alice", a.send("bob", b"a%d" % i, net.now))
+        net.deliver("bob", b.send("alice", b"b%d" % i, net.now))
+    net.tick(70)  # past the grace period of whichever sessions were superseded
+    net.deliver("alice", a.send("bob", b"after", net.now))
+    net.deliver("bob", b.send("alice", b"after", net.now))
+    assert net.of("bob", Message)[-1].payload == b"after"
+    assert net.of("alice", Message)[-1].payload == b"after"
+
+
+def test_handshake_retries_then_gives_up() -> None:
+    a, _, net = trusted_pair(limits=SessionLimits(handshake_timeout=1, handshake_attempts=3))
+    net.nodes = {"alice": a}
+    _connect(net, "alice", "bob")
+    for _ in range(10):
+        net.tick(1)
+    hellos = [f for _, f in net.wire if f[1] == frames.FrameType.HELLO]
+    assert len(hellos) == 3
+    assert len({frames.decode(h).noise[:32] for h in hellos}) == 3  # fresh ephemeral each time
+    assert net.of("alice", HandshakeFailed)[0].reason == "timeout"
+
+
+# -- floods -----------------------------------------------------------------------------------
+
+
+def test_a_flood_of_bogus_hellos_cannot_starve_a_legitimate_peer() -> None:
+    limits = SessionLimits(max_half_open=64, max_half_open_per_peer=4)
+    directory = Directory()
+    a, b = make_node("alice", directory, limits=limits), make_node("bob", directory, limits=limits)
+    directory.trusts.update(alice={"bob"}, bob={"alice"} | {f"p{i}" for i in range(500)})
+    net = Network(a, b)
+    rng = random.Random(1)
+    for round_ in range(20):
+        for _ in range(100):  # bogus HELLOs claiming known peers, never finished
+            claim = f"p{rng.randrange(500)}"
+            e = KeyPair.generate().public
+            b.receive(frames.encode_hello(rng.randrange(1, 2**32), claim, e, None), net.now)
+        assert b.half_open_count <= 64
+        net.deliver("alice", a.connect("bob", net.now))
+        assert len(net.of("alice", SessionUp)) == round_ + 1
+        net.now += 0.01
+    assert b.rejections["evicted"] > 0
+
+
+def test_hello_rate_limits_per_claimed_peer() -> None:
+    limits = SessionLimits(hello_rate_per_peer=1.0, hello_burst_per_peer=3.0)
+    _, b, net = trusted_pair(limits=limits)
+    outs = [
+        b.receive(frames.encode_hello(i + 1, "alice", KeyPair.generate().public, None), net.now)
+        for i in range(10)
+    ]
+    replies = [o for o in outs if isinstance(o[0], SendFrame)]
+    assert len(replies) == 3
+    assert b.rejections["rate-limited"] == 7
+
+
+# -- the replay window against a model ----------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 300), max_size=200), st.sampled_from([8, 64, 128]))
+def test_replay_window_matches_a_model(counters: list[int], size: int) -> None:
+    window = ReplayWindow(size)
+    seen: set[int] = set()
+    top = -1
+    for c in counters:
+        model_ok = c not in seen and (c > top or top - c < size)
+        try:
+            window.check(c)
+            ok = True
+        except RemoteProtocolError:
+            ok = False
+        assert ok == model_ok
+        if ok:
+            window.update(c)
+            seen.add(c)
+            top = max(top, c)
+
+
+# -- random loss, duplication, reordering ---------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.randoms(use_true_random=False), st.floats(0, 0.3), st.floats(0, 0.3))
+def test_lossy_network_never_delivers_wrong_or_duplicate_messages(
+    rng: random.Random, drop: float, dup: float
+) -> None:
+    held: list[bytes] = []
+
+    def fault(_dst: str, frame: bytes) -> list[bytes]:
+        out = []
+        if rng.random() >= drop:
+            out.append(frame)
+        if rng.random() < dup:
+            held.append(frame)
+        if held and rng.random() < 0.3:
+            out.append(held.pop(rng.randrange(len(held))))
+        return out
+
+    a, _b, net = trusted_pair()
+    net.fault = fault
+    sent = []
+    for i in range(30):
+        if not a.has_session("bob"):
+            net.deliver("alice", a.connect("bob", net.now))
+            net.tick(0.5)
+            continue
+        payload = b"msg%d" % i
+        sent.append(payload)
+        net.deliver("alice", a.send("bob", payload, net.now))
+    got = [m.payload for m in net.of("bob", Message)]
+    assert len(got) == len(set(got))
+    assert set(got) <= set(sent)
+
+
+def test_initiator_gets_no_session_when_the_responder_refuses_message_3() -> None:
+    """bob trusts alice but alice is blocked at bob: alice must not believe in a session."""
+    directory = Directory()
+    a = make_node("alice", directory, limits=SessionLimits(handshake_attempts=2))
+    b = make_node("bob", directory)
+    directory.trusts.update(alice={"bob"}, bob={"alice"})
+    net = Network(a, b)
+    directory.trusts["bob"] = set()  # bob revokes alice after accepting HELLOs from her ...
+    b.trust.accepts_hello_from = lambda _peer: True  # type: ignore[method-assign]
+    _connect(net, "alice", "bob")
+    assert b.rejections["unknown-peer"] == 1
+    assert not net.of("alice", SessionUp)
+    with pytest.raises(LocalProtocolError):
+        a.send("bob", b"x", net.now)
+    net.tick(1)
+    net.tick(2)
+    assert net.of("alice", HandshakeFailed)[0].reason == "timeout"
+    assert not a.has_session("bob")

@@ -1,0 +1,815 @@
+"""The Python API of a running peerd daemon: `Client` (asyncio) and `SyncClient` (blocking).
+
+Both talk JSON-RPC 2.0 over the daemon's control socket (see `peerd.control`)::
+
+    async with await Client.connect() as client:
+        status = await client.call("v1.status")
+        async with client.subscribe(["session.up", "session.down"]) as events:
+            async for event in events:
+                print(event.name, event.data)
+
+    with SyncClient() as client:              # scripts and notebooks
+        print(client.call("v1.status"))
+
+Errors the daemon raises come back as the same `PeerdError` subclass when this process knows
+the class (else as a `RemoteCallError` subclass of the same name), with the daemon's message
+and hint. A daemon that is not running is `DaemonNotRunning`; a refused caller
+`AccessDenied`; a call that takes longer than its timeout `Timeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import threading
+import tomllib
+from collections import deque
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final, TypeVar
+
+from peerd import control
+from peerd.control import (
+    DROPPED_METHOD,
+    EVENT_METHOD,
+    INVALID_PARAMS,
+    METHOD_NOT_FOUND,
+    AccessDenied,
+    ControlError,
+    InvalidParams,
+    MethodNotFound,
+    Overloaded,
+    SubscriberDropped,
+    decode_line,
+    encode_line,
+)
+from peerd.errors import (
+    ConfigError,
+    LocalProtocolError,
+    PeerdError,
+    ProtocolError,
+    RemoteProtocolError,
+    UsageError,
+)
+
+log = logging.getLogger("peerd.client")
+
+# Until peerd.config lands, the client reads the socket path from the config file itself.
+DEFAULT_CONFIG: Final = "/etc/peerd/peerd.toml"
+DEFAULT_TIMEOUT: Final = 60.0  # seconds a call may take unless told otherwise
+MAX_PENDING_EVENTS: Final = 4096  # per subscription, waiting for the application to read
+_READ_LIMIT: Final = control.MAX_REPLY + 1024
+
+T = TypeVar("T")
+
+
+class DaemonNotRunning(PeerdError):
+    """The daemon's control socket is missing or nothing answers on it."""
+
+    hint = "start it with `systemctl start peerd` or `peerd run`"
+
+
+class ConnectionLost(DaemonNotRunning):
+    """The daemon closed the connection (it stopped, or restarted) while it was in use."""
+
+    hint = "check that the daemon is running (`systemctl status peerd`) and retry"
+
+
+class Timeout(PeerdError):
+    """The daemon did not answer within the call's timeout."""
+
+    hint = "the daemon may be busy or stuck: retry with a longer timeout, or check its log"
+
+
+class RemoteCallError(PeerdError):
+    """The daemon answered with an error this process has no class for.
+
+    Unknown error types become a subclass of this one named like the daemon's class (so the
+    CLI's exit codes, keyed by class name, still apply) and derived from the nearest ancestor
+    this process knows.
+    """
+
+    code: int = control.APPLICATION_ERROR
+    data: Any = None
+
+    def __init__(
+        self, message: str, *, code: int | None = None, data: Any = None, hint: str | None = None
+    ) -> None:
+        super().__init__(message, hint=hint)
+        if code is not None:
+            self.code = code
+        self.data = data
+
+
+# --- errors from the wire -----------------------------------------------------------------------
+
+_REGISTERED: dict[str, type[PeerdError]] = {}
+_STAND_INS: dict[tuple[str, type[PeerdError] | None], type[PeerdError]] = {}
+
+
+def register_error(cls: type[PeerdError]) -> type[PeerdError]:
+    """Make `cls` the class re-raised for daemon errors of its name (also a decorator).
+
+    Classes that are imported are found without this; registering settles name clashes.
+    """
+    _REGISTERED[cls.__name__] = cls
+    return cls
+
+
+for _cls in (
+    AccessDenied,
+    ConfigError,
+    ConnectionLost,
+    ControlError,
+    DaemonNotRunning,
+    InvalidParams,
+    LocalProtocolError,
+    MethodNotFound,
+    Overloaded,
+    PeerdError,
+    ProtocolError,
+    RemoteCallError,
+    RemoteProtocolError,
+    SubscriberDropped,
+    Timeout,
+    UsageError,
+):
+    register_error(_cls)
+
+
+def _known_class(name: str) -> type[PeerdError] | None:
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    found: list[type[PeerdError]] = []
+    todo: list[type[PeerdError]] = [PeerdError]
+    seen: set[type[PeerdError]] = set()
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        if cls.__name__ == name and cls not in _STAND_INS.values():
+            found.append(cls)
+        todo.extend(cls.__subclasses__())
+    return found[0] if len(found) == 1 else None
+
+
+def _error_class(name: str, bases: Iterable[Any]) -> type[PeerdError]:
+    known = _known_class(name)
+    if known is not None:
+        return known
+    ancestor = next(
+        (c for c in (_known_class(b) for b in bases if isinstance(b, str)) if c is not None),
+        None,
+    )
+    if ancestor is PeerdError:
+        ancestor = None
+    key = (name, ancestor)
+    if key not in _STAND_INS:
+        parents: tuple[type[PeerdError], ...] = (RemoteCallError,)
+        if ancestor is not None and not issubclass(RemoteCallError, ancestor):
+            parents += (ancestor,)
+        _STAND_INS[key] = type(name, parents, {"__module__": __name__})
+    return _STAND_INS[key]
+
+
+def error_from_wire(error: Any) -> PeerdError:
+    """The exception for a JSON-RPC error object sent by the daemon."""
+    if not isinstance(error, dict):
+        return RemoteCallError(f"the daemon sent a malformed error: {error!r:.200}")
+    code = error.get("code")
+    code = code if isinstance(code, int) and not isinstance(code, bool) else None
+    message = error.get("message")
+    message = message if isinstance(message, str) else "error"
+    data = error.get("data")
+    if not isinstance(data, dict):
+        data = {}
+    name = data.get("type")
+    if isinstance(name, str) and name.isidentifier() and len(name) <= 64:
+        bases = data.get("bases")
+        cls = _error_class(name, bases if isinstance(bases, list) else [])
+    elif code == METHOD_NOT_FOUND:
+        cls = MethodNotFound
+    elif code == INVALID_PARAMS:
+        cls = InvalidParams
+    else:
+        return RemoteCallError(
+            message,
+            code=code,
+            data=data or None,
+            hint="the daemon's log may say more" if code == control.INTERNAL_ERROR else None,
+        )
+    # Built without calling the class's __init__, whose signature is the class's own business:
+    # what crosses the socket is a message, a hint and a reason.
+    exc = cls.__new__(cls, message)
+    Exception.__init__(exc, message)
+    hint = data.get("hint")
+    if isinstance(hint, str) and hint:
+        exc.hint = hint
+    reason = data.get("reason")
+    if isinstance(reason, str):
+        exc.reason = reason  # type: ignore[attr-defined]
+    exc.code = code  # type: ignore[attr-defined]
+    exc.data = data  # type: ignore[attr-defined]
+    return exc
+
+
+# --- where the socket is ------------------------------------------------------------------------
+
+
+def socket_path_from_config(config_path: str | os.PathLike[str] | None = None) -> str:
+    """The control socket named by the config file: `[node] socket`, else `[node] runtime_dir`
+    + "/control.sock", else the default. The file is `config_path`, else $PEERD_CONFIG, else
+    /etc/peerd/peerd.toml; only a file named explicitly must exist and be readable."""
+    explicit = config_path is not None or bool(os.environ.get("PEERD_CONFIG"))
+    path = os.fspath(config_path or os.environ.get("PEERD_CONFIG") or DEFAULT_CONFIG)
+    try:
+        with open(path, "rb") as f:
+            config = tomllib.load(f)
+    except (FileNotFoundError, PermissionError) as exc:
+        if explicit:
+            raise ConfigError(f"cannot read the configuration {path}: {exc.strerror}") from exc
+        return control.DEFAULT_SOCKET_PATH
+    except OSError as exc:
+        raise ConfigError(f"cannot read the configuration {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    node = config.get("node", {})
+    if not isinstance(node, dict):
+        raise ConfigError(f"{path}: [node] must be a table")
+    socket_path = node.get("socket")
+    if socket_path is not None:
+        if not isinstance(socket_path, str) or not socket_path:
+            raise ConfigError(f"{path}: node.socket must be a path")
+        return socket_path
+    runtime_dir = node.get("runtime_dir")
+    if runtime_dir is not None:
+        if not isinstance(runtime_dir, str) or not runtime_dir:
+            raise ConfigError(f"{path}: node.runtime_dir must be a path")
+        return os.path.join(runtime_dir, control.SOCKET_NAME)
+    return control.DEFAULT_SOCKET_PATH
+
+
+# --- the async client ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event from a subscription: its name (e.g. "session.up") and its payload."""
+
+    name: str
+    data: Any
+    subscription: int
+
+
+class _UseDefault:
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+DEFAULT: Final = _UseDefault()  # "the client's timeout", for `request(timeout=...)`
+
+
+class EventStream:
+    """A subscription: `async with client.subscribe(...) as stream: async for event in stream`.
+
+    Iteration ends with an exception, never silently: `ConnectionLost` if the daemon went away,
+    `SubscriberDropped` if events were lost because this side did not keep up.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        events: list[str],
+        filter: Mapping[str, Any] | None,
+        max_pending: int,
+    ) -> None:
+        self._client = client
+        self.events = events
+        self.filter = dict(filter or {})
+        self.id: int | None = None
+        self._queue: deque[Event] = deque()
+        self._ready = asyncio.Event()
+        self._end: PeerdError | None = None  # why iteration fails once the queue is empty
+        self._stopped = False  # closed by its owner: iteration just stops
+        self._max_pending = max_pending
+
+    async def __aenter__(self) -> EventStream:
+        params: dict[str, Any] = {"events": self.events}
+        if self.filter:
+            params["filter"] = self.filter
+        await self._client._request("v1.subscribe", params, DEFAULT, self._attach)
+        return self
+
+    def _attach(self, result: Any) -> None:
+        # Runs in the client's reader as the reply is read, before the events that follow it.
+        if isinstance(result, dict) and isinstance(result.get("subscription"), int):
+            self.id = result["subscription"]
+            self._client._streams[result["subscription"]] = self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Unsubscribe (if the connection is still up) and end the stream."""
+        if self.id is None:
+            return
+        sub_id, self.id = self.id, None
+        self._client._streams.pop(sub_id, None)
+        self._stopped = True
+        self._ready.set()
+        if self._client._failure is None and not self._client.closed:
+            try:
+                await self._client.request("v1.unsubscribe", {"subscription": sub_id})
+            except (ConnectionLost, Timeout):
+                pass
+
+    def _deliver(self, event: Event) -> None:
+        if self._end is not None or self._stopped:
+            return
+        if len(self._queue) >= self._max_pending:
+            self._end = SubscriberDropped(
+                f"more than {self._max_pending} events were waiting to be read; later ones "
+                "were dropped"
+            )
+        else:
+            self._queue.append(event)
+        self._ready.set()
+
+    def _fail(self, exc: PeerdError) -> None:
+        if self._end is None:
+            self._end = exc
+        self._ready.set()
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        while not self._queue:
+            if self._stopped:
+                raise StopAsyncIteration
+            if self._end is not None:
+                raise self._end
+            self._ready.clear()
+            await self._ready.wait()
+        return self._queue.popleft()
+
+    async def get(self, timeout: float | None = None) -> Event:  # noqa: ASYNC109 (API)
+        """The next event; `Timeout` if none comes within `timeout` seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.__anext__()
+        except TimeoutError:
+            raise Timeout(f"no event within {timeout} s") from None
+
+
+class Client:
+    """An asyncio connection to the daemon. Make one with `await Client.connect()`."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        socket_path: str,
+        timeout: float | None,
+    ) -> None:
+        self.socket_path = socket_path
+        self.timeout = timeout
+        self.server_info: dict[str, Any] = {}
+        self._reader = reader
+        self._writer = writer
+        self._next_id = 1
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._on_result: dict[int, Callable[[Any], None]] = {}
+        self._streams: dict[int, EventStream] = {}
+        self._last_error: PeerdError | None = None  # an id-less error: why the daemon hangs up
+        self._failure: PeerdError | None = None  # set once the connection is gone
+        self._closed = False
+        self._reader_task = asyncio.create_task(self._read_loop(), name="peerd-client-reader")
+
+    @classmethod
+    async def connect(
+        cls,
+        socket_path: str | os.PathLike[str] | None = None,
+        config_path: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,  # noqa: ASYNC109 (the calls' default)
+    ) -> Client:
+        """Connect to the daemon. `socket_path` defaults to the one the config file names
+        (`config_path`, else $PEERD_CONFIG, else /etc/peerd/peerd.toml). `timeout` is the
+        default for every call (None: wait as long as it takes)."""
+        path = os.fspath(socket_path) if socket_path is not None else None
+        if path is None:
+            path = socket_path_from_config(config_path)
+        try:
+            reader, writer = await asyncio.open_unix_connection(path, limit=_READ_LIMIT)
+        except FileNotFoundError:
+            raise DaemonNotRunning(f"peerd is not running: there is no socket {path}") from None
+        except ConnectionRefusedError:
+            raise DaemonNotRunning(f"peerd is not running: nothing listens on {path}") from None
+        except PermissionError:
+            raise AccessDenied(f"access denied to the peerd control socket {path}") from None
+        except OSError as exc:
+            raise DaemonNotRunning(f"cannot reach peerd on {path}: {exc.strerror}") from exc
+        client = cls(reader, writer, path, timeout)
+        try:
+            info = await client.request("v1.hello")
+        except BaseException:
+            await client.close()
+            raise
+        if not isinstance(info, dict) or info.get("server") != "peerd":
+            await client.close()
+            raise DaemonNotRunning(f"{path} is not a peerd control socket")
+        client.server_info = info
+        return client
+
+    @property
+    def closed(self) -> bool:
+        return self._closed or self._failure is not None
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._writer.close()
+        self._reader_task.cancel()
+        try:
+            await self._reader_task
+        except asyncio.CancelledError:
+            pass
+        self._fail_all(ConnectionLost("the client closed the connection"))
+        try:
+            await self._writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+
+    # Calls.
+
+    async def call(self, method: str, /, **params: Any) -> Any:
+        """Call `method` with named params; its result, or the daemon's error raised here.
+        Uses the client's timeout; `request()` takes one per call."""
+        return await self._request(method, params, DEFAULT, None)
+
+    async def call_as(self, kind: type[T], method: str, /, **params: Any) -> T:
+        """`call`, checking the result's type: the base of typed one-liners such as
+        `async def status(self) -> dict[str, Any]: return await self.call_as(dict, "v1.status")`.
+        """
+        result = await self._request(method, params, DEFAULT, None)
+        if not isinstance(result, kind):
+            raise RemoteCallError(
+                f"{method} returned {type(result).__name__}, expected {kind.__name__}"
+            )
+        return result
+
+    async def request(
+        self,
+        method: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | _UseDefault | None = DEFAULT,  # noqa: ASYNC109 (a per-call deadline)
+    ) -> Any:
+        """`call` with params as a mapping and a timeout of its own (None: no limit)."""
+        return await self._request(method, params, timeout, None)
+
+    async def notify(self, method: str, /, **params: Any) -> None:
+        """Send a JSON-RPC notification: the daemon runs `method` and answers nothing."""
+        line = self._encode({"jsonrpc": control.JSONRPC, "method": method, "params": params})
+        await self._send(line)
+
+    def subscribe(
+        self,
+        events: str | Iterable[str],
+        *,
+        filter: Mapping[str, Any] | None = None,
+        max_pending: int = MAX_PENDING_EVENTS,
+    ) -> EventStream:
+        """Events by name ("session.up"), prefix ("session.*") or all ("*"), optionally only
+        those whose payload has the fields in `filter`. Use with `async with`."""
+        names = [events] if isinstance(events, str) else list(events)
+        return EventStream(self, names, filter, max_pending)
+
+    # Internals.
+
+    def _encode(self, message: dict[str, Any]) -> bytes:
+        try:
+            line = encode_line(message)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"parameters of {message['method']} are not JSON: {exc}") from exc
+        if len(line) > control.MAX_LINE:
+            raise UsageError(
+                f"the request is {len(line)} bytes; the daemon takes at most {control.MAX_LINE}"
+            )
+        return line
+
+    async def _send(self, line: bytes) -> None:
+        if self._failure is not None:
+            raise self._failure
+        if self._closed:
+            raise ConnectionLost("the client is closed")
+        try:
+            self._writer.write(line)
+            await self._writer.drain()
+        except (ConnectionError, OSError) as exc:
+            raise self._failure or ConnectionLost(
+                f"lost the connection to peerd on {self.socket_path}"
+            ) from exc
+
+    async def _request(
+        self,
+        method: str,
+        params: Mapping[str, Any] | None,
+        timeout: float | _UseDefault | None,  # noqa: ASYNC109
+        on_result: Callable[[Any], None] | None,
+    ) -> Any:
+        if isinstance(timeout, _UseDefault):
+            timeout = self.timeout
+        request_id = self._next_id
+        self._next_id += 1
+        message = {"jsonrpc": control.JSONRPC, "id": request_id, "method": method}
+        message["params"] = dict(params or {})
+        line = self._encode(message)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        if on_result is not None:
+            self._on_result[request_id] = on_result
+        try:
+            await self._send(line)
+            async with asyncio.timeout(timeout):
+                return await future
+        except TimeoutError:
+            raise Timeout(f"peerd did not answer {method} within {timeout} s") from None
+        finally:
+            self._pending.pop(request_id, None)
+            self._on_result.pop(request_id, None)
+
+    async def _read_loop(self) -> None:
+        failure: PeerdError | None = None
+        try:
+            while True:
+                line = await self._reader.readline()
+                if not line:
+                    break
+                try:
+                    message = decode_line(line)
+                except ValueError:
+                    failure = ConnectionLost("peerd sent a line that is not JSON")
+                    break
+                self._dispatch(message)
+        except ValueError:  # a line over the read limit
+            failure = ConnectionLost(f"peerd sent a line over {_READ_LIMIT} bytes")
+        except (ConnectionError, OSError) as exc:
+            failure = ConnectionLost(f"lost the connection to peerd: {exc}")
+        if failure is None:
+            failure = self._last_error or ConnectionLost(
+                f"peerd closed the connection on {self.socket_path}"
+            )
+        self._fail_all(failure)
+
+    def _fail_all(self, failure: PeerdError) -> None:
+        if self._failure is None:
+            self._failure = failure
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(self._failure)
+        for stream in list(self._streams.values()):
+            stream._fail(self._failure)
+
+    def _dispatch(self, message: Any) -> None:
+        if not isinstance(message, dict):
+            log.warning("ignoring a control message that is not an object")
+            return
+        if "id" in message and ("result" in message or "error" in message):
+            request_id = message["id"]
+            if request_id is None:
+                # An error tied to no request: the daemon refuses us or is about to hang up.
+                self._last_error = error_from_wire(message.get("error"))
+                return
+            future = self._pending.get(request_id) if isinstance(request_id, int) else None
+            if future is None or future.done():
+                return  # a call that timed out
+            if "error" in message:
+                future.set_exception(error_from_wire(message["error"]))
+                return
+            hook = self._on_result.get(request_id)
+            if hook is not None:
+                hook(message["result"])
+            future.set_result(message["result"])
+            return
+        method = message.get("method")
+        params = message.get("params")
+        if not isinstance(params, dict):
+            return
+        if method == EVENT_METHOD:
+            stream = self._streams.get(params.get("subscription"))  # type: ignore[arg-type]
+            event = params.get("event")
+            if stream is not None and isinstance(event, str):
+                stream._deliver(Event(event, params.get("data"), params["subscription"]))
+        elif method == DROPPED_METHOD:
+            hint = params.get("hint")
+            self._last_error = SubscriberDropped(
+                str(params.get("message") or "the daemon dropped this connection"),
+                hint=hint if isinstance(hint, str) else None,
+            )
+
+
+# --- the blocking client ------------------------------------------------------------------------
+
+
+class SyncClient:
+    """A blocking `Client` for scripts and notebooks: `with SyncClient() as c: c.call(...)`.
+
+    The async client runs on its own event loop in a background thread, and each method blocks
+    on a future of that loop. One connection thus serves many calls and keeps its
+    subscriptions, and it works where an event loop is already running in this thread (Jupyter):
+    `asyncio.run` per call could do neither. Every coroutine method of `Client` (including typed
+    ones added later) is available here as a blocking method.
+    """
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        config_path: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="peerd-client-loop", daemon=True
+        )
+        self._thread.start()
+        try:
+            self._client = self._run(Client.connect(socket_path, config_path, timeout=timeout))
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()  # e.g. KeyboardInterrupt while waiting: do not leave it running
+            raise
+
+    def _stop_loop(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    @property
+    def socket_path(self) -> str:
+        return self._client.socket_path
+
+    @property
+    def server_info(self) -> dict[str, Any]:
+        return self._client.server_info
+
+    @property
+    def closed(self) -> bool:
+        return self._client.closed
+
+    def call(self, method: str, /, **params: Any) -> Any:
+        return self._run(self._client.call(method, **params))
+
+    def call_as(self, kind: type[T], method: str, /, **params: Any) -> T:
+        return self._run(self._client.call_as(kind, method, **params))
+
+    def request(
+        self,
+        method: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | _UseDefault | None = DEFAULT,
+    ) -> Any:
+        return self._run(self._client.request(method, params, timeout=timeout))
+
+    def notify(self, method: str, /, **params: Any) -> None:
+        self._run(self._client.notify(method, **params))
+
+    def subscribe(
+        self,
+        events: str | Iterable[str],
+        *,
+        filter: Mapping[str, Any] | None = None,
+        max_pending: int = MAX_PENDING_EVENTS,
+    ) -> SyncEventStream:
+        """`with client.subscribe([...]) as events: for event in events: ...`"""
+        stream = self._client.subscribe(events, filter=filter, max_pending=max_pending)
+        return SyncEventStream(self, stream)
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        try:
+            self._run(self._client.close())
+        finally:
+            self._stop_loop()
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        # Typed methods the daemon work adds to Client (status, peers, send ...) appear here
+        # as blocking ones without being written twice.
+        attr = getattr(self._client, name) if not name.startswith("_") else None
+        if attr is None or not inspect.iscoroutinefunction(attr):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+        def blocking(*args: Any, **kwargs: Any) -> Any:
+            return self._run(attr(*args, **kwargs))
+
+        blocking.__name__ = name
+        blocking.__doc__ = attr.__doc__
+        return blocking
+
+
+class SyncEventStream:
+    """A subscription of a `SyncClient`: a context manager and a blocking iterator."""
+
+    def __init__(self, client: SyncClient, stream: EventStream) -> None:
+        self._client = client
+        self._stream = stream
+
+    @property
+    def id(self) -> int | None:
+        return self._stream.id
+
+    def __enter__(self) -> SyncEventStream:
+        self._client._run(self._stream.__aenter__())
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if not self._client._loop.is_closed():
+            self._client._run(self._stream.close())
+
+    def __iter__(self) -> Iterator[Event]:
+        return self
+
+    def __next__(self) -> Event:
+        try:
+            return self._client._run(self._stream.__anext__())
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+    def get(self, timeout: float | None = None) -> Event:
+        """The next event; `Timeout` if none comes within `timeout` seconds."""
+        return self._client._run(self._stream.get(timeout))
+
+
+__all__ = [
+    "DEFAULT",
+    "DEFAULT_TIMEOUT",
+    "AccessDenied",
+    "Client",
+    "ConnectionLost",
+    "DaemonNotRunning",
+    "Event",
+    "EventStream",
+    "InvalidParams",
+    "MethodNotFound",
+    "RemoteCallError",
+    "SubscriberDropped",
+    "SyncClient",
+    "SyncEventStream",
+    "Timeout",
+    "error_from_wire",
+    "register_error",
+    "socket_path_from_config",
+]

@@ -873,7 +873,9 @@ class ControlServer:
                 )
             sock.bind(temp)
             os.chmod(temp, 0o660)
-            if self.gid is not None:
+            # A new file takes the process's group; chown only when the configured group is
+            # another one (the shipped unit's syscall filter forbids chown, and needs none).
+            if self.gid is not None and os.stat(temp).st_gid != self.gid:
                 os.chown(temp, -1, self.gid)
             sock.listen(64)
             os.rename(temp, path)

@@ -62,6 +62,7 @@ DEFAULT_CONFIG: Final = "/etc/peerd/peerd.toml"
 DEFAULT_TIMEOUT: Final = 60.0  # seconds a call may take unless told otherwise
 MAX_PENDING_EVENTS: Final = 4096  # per subscription, waiting for the application to read
 _READ_LIMIT: Final = control.MAX_REPLY + 1024
+_LAST_WORDS: Final = 2.0  # seconds to read why the daemon hung up, after a failed write
 
 T = TypeVar("T")
 
@@ -529,6 +530,8 @@ class Client:
             self._writer.write(line)
             await self._writer.drain()
         except (ConnectionError, OSError) as exc:
+            # The daemon hung up; what it said last (e.g. "access denied") is still to be read.
+            await asyncio.wait({self._reader_task}, timeout=_LAST_WORDS)
             raise self._failure or ConnectionLost(
                 f"lost the connection to peerd on {self.socket_path}"
             ) from exc
@@ -560,6 +563,10 @@ class Client:
         finally:
             self._pending.pop(request_id, None)
             self._on_result.pop(request_id, None)
+            if not future.done():
+                future.cancel()
+            elif not future.cancelled():
+                future.exception()  # retrieved: already raised by _send, or a late reply
 
     async def _read_loop(self) -> None:
         failure: PeerdError | None = None
@@ -577,7 +584,7 @@ class Client:
         except ValueError:  # a line over the read limit
             failure = ConnectionLost(f"peerd sent a line over {_READ_LIMIT} bytes")
         except (ConnectionError, OSError) as exc:
-            failure = ConnectionLost(f"lost the connection to peerd: {exc}")
+            failure = self._last_error or ConnectionLost(f"lost the connection to peerd: {exc}")
         if failure is None:
             failure = self._last_error or ConnectionLost(
                 f"peerd closed the connection on {self.socket_path}"

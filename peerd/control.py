@@ -614,8 +614,7 @@ class Connection:
             try:
                 async with asyncio.timeout(CLOSE_GRACE):
                     await asyncio.wait({writer_task})
-                    self._writer.close()  # flushes what the transport still buffers
-                    await self._writer.wait_closed()
+                    await _hang_up(self._reader, self._writer)
             except (TimeoutError, ConnectionError, OSError):
                 pass
             for task in (writer_task, self._reader_task):
@@ -623,6 +622,19 @@ class Connection:
             if self._requests:
                 await asyncio.wait(set(self._requests))
             self._writer.transport.abort()  # a no-op unless the grace ran out
+
+
+async def _hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Close after the client has read our last lines. Half-close first and discard what the
+    client still sends until it closes too: closing while its request is unread would reset the
+    connection, and the client would lose the lines that say why (access denied, dropped).
+    Callers bound this with a timeout."""
+    if writer.can_write_eof():
+        writer.write_eof()
+    while await reader.read(65536):
+        pass
+    writer.close()
+    await writer.wait_closed()
 
 
 # --- the server ---------------------------------------------------------------------------------
@@ -953,15 +965,20 @@ class ControlServer:
         finally:
             self._tasks.discard(task)
 
-    async def _refuse(self, writer: asyncio.StreamWriter, reason: str, exc: PeerdError) -> None:
+    async def _refuse(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        reason: str,
+        exc: PeerdError,
+    ) -> None:
         self._refused[reason] += 1
         error = error_object(exc)
         self._count_error(error["code"])
         writer.write(encode_line(_response(None, error=error)))
         try:
             async with asyncio.timeout(CLOSE_GRACE):
-                writer.close()
-                await writer.wait_closed()
+                await _hang_up(reader, writer)
         except (TimeoutError, ConnectionError, OSError):
             pass
         writer.transport.abort()
@@ -973,7 +990,9 @@ class ControlServer:
             peer = peer_credentials(sock)
         except OSError as exc:
             log.warning("control connection refused: no peer credentials (%s)", exc)
-            await self._refuse(writer, "no-credentials", AccessDenied("no peer credentials"))
+            await self._refuse(
+                reader, writer, "no-credentials", AccessDenied("no peer credentials")
+            )
             return
         if not self.allowed(peer):
             log.warning(
@@ -983,6 +1002,7 @@ class ControlServer:
                 peer.gid,
             )
             await self._refuse(
+                reader,
                 writer,
                 "not-allowed",
                 AccessDenied(f"access denied: uid {peer.uid} may not use the peerd control socket"),
@@ -990,6 +1010,7 @@ class ControlServer:
             return
         if len(self._connections) >= self.max_connections:
             await self._refuse(
+                reader,
                 writer,
                 "too-many-connections",
                 Overloaded(f"too many control connections (at most {self.max_connections})"),

@@ -1,0 +1,150 @@
+"""The store's schema, as a list of migrations.
+
+`MIGRATIONS[i]` takes a store from schema version `i` to `i + 1`. Each runs inside the same
+transaction that records the new version, so a crash leaves the store at one version or the
+next. To change the schema, append one function with `@migration` (never edit a released one):
+
+    @migration
+    async def _v2_outbox(db: aiosqlite.Connection) -> None:
+        await db.executescript(...)   # no BEGIN/COMMIT: the runner holds the transaction
+
+A store whose version is higher than `len(MIGRATIONS)` was written by a newer peerd and is
+refused rather than guessed at.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import aiosqlite
+
+# "peer" in ASCII: `PRAGMA application_id` marks a peerd store (see sqlite's file format).
+APPLICATION_ID = 0x70656572
+
+Migration = Callable[[aiosqlite.Connection], Awaitable[None]]
+MIGRATIONS: list[Migration] = []
+
+
+def migration(func: Migration) -> Migration:
+    MIGRATIONS.append(func)
+    return func
+
+
+async def _run(db: aiosqlite.Connection, *statements: str) -> None:
+    # executescript would COMMIT first; statements one by one keep the runner's transaction.
+    for statement in statements:
+        await db.execute(statement)
+
+
+@migration
+async def _v1_trust(db: aiosqlite.Connection) -> None:
+    await _run(
+        db,
+        """
+        CREATE TABLE meta (
+            key TEXT PRIMARY KEY NOT NULL,
+            value
+        )
+        """,
+        """
+        CREATE TABLE identity (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            peer_id TEXT NOT NULL,
+            name TEXT NOT NULL,
+            first_identity BLOB NOT NULL CHECK (length(first_identity) = 32),
+            identity_public BLOB NOT NULL CHECK (length(identity_public) = 32),
+            serial INTEGER NOT NULL CHECK (serial >= 1),
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE peers (
+            peer_id TEXT PRIMARY KEY NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('pending', 'trusted', 'blocked', 'revoked')),
+            source TEXT CHECK (source IN ('invite', 'fingerprint', 'authority')),
+            expected_fingerprint TEXT,
+            first_identity BLOB CHECK (length(first_identity) = 32),
+            identity_public BLOB CHECK (length(identity_public) = 32),
+            membership BLOB,
+            added_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE successions (
+            peer_id TEXT NOT NULL REFERENCES peers (peer_id),
+            idx INTEGER NOT NULL CHECK (idx >= 1),
+            encoded BLOB NOT NULL,
+            recorded_at REAL NOT NULL,
+            PRIMARY KEY (peer_id, idx)
+        )
+        """,
+        """
+        CREATE TABLE certificates (
+            peer_id TEXT NOT NULL REFERENCES peers (peer_id),
+            serial INTEGER NOT NULL CHECK (serial >= 1),
+            static_public BLOB NOT NULL CHECK (length(static_public) = 32),
+            identity_public BLOB NOT NULL CHECK (length(identity_public) = 32),
+            not_before INTEGER NOT NULL,
+            not_after INTEGER NOT NULL,
+            encoded BLOB NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('current', 'superseded', 'revoked')),
+            first_seen REAL NOT NULL,
+            superseded_at REAL,
+            PRIMARY KEY (peer_id, serial)
+        )
+        """,
+        """
+        CREATE UNIQUE INDEX certificates_one_current ON certificates (peer_id)
+            WHERE status = 'current'
+        """,
+        """
+        CREATE TABLE revocations (
+            id INTEGER PRIMARY KEY,
+            peer_id TEXT NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('static', 'identity', 'authority')),
+            serial INTEGER NOT NULL,
+            statement BLOB NOT NULL UNIQUE,
+            issued_at INTEGER NOT NULL,
+            received_at REAL NOT NULL
+        )
+        """,
+        """
+        CREATE INDEX revocations_peer ON revocations (peer_id)
+        """,
+        """
+        CREATE TABLE invites (
+            invite_id BLOB PRIMARY KEY NOT NULL CHECK (length(invite_id) = 16),
+            state TEXT NOT NULL CHECK (state IN ('open', 'used', 'expired')),
+            psk BLOB CHECK ((state = 'open') = (psk IS NOT NULL)),
+            created_at REAL NOT NULL,
+            expires_at INTEGER NOT NULL,
+            closed_at REAL,
+            used_by TEXT,
+            note TEXT NOT NULL DEFAULT ''
+        )
+        """,
+        """
+        CREATE TABLE events (
+            seq INTEGER PRIMARY KEY,
+            at REAL NOT NULL,
+            kind TEXT NOT NULL,
+            peer_id TEXT,
+            detail TEXT NOT NULL,
+            prev_hash BLOB NOT NULL,
+            hash BLOB NOT NULL
+        )
+        """,
+        """
+        CREATE TRIGGER events_no_update BEFORE UPDATE ON events
+            BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END
+        """,
+        """
+        CREATE TRIGGER events_no_delete BEFORE DELETE ON events
+            BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END
+        """,
+    )
+
+
+__all__ = ["APPLICATION_ID", "MIGRATIONS", "Migration", "migration"]

@@ -461,16 +461,22 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     return dataclasses.replace(config, path=p)
 
 
-def default_config(state_dir: str | os.PathLike[str] | None = None, **node: Any) -> Config:
+def default_config(
+    state_dir: str | os.PathLike[str] | None = None,
+    settings: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
     """The configuration `peerd init` writes: system paths, or everything under `state_dir`.
 
-    Keyword arguments set `[node]` keys (name, network); they are validated like the file.
+    `settings` sets keys by section (e.g. {"node": {"name": "a"}}), validated like the file;
+    None values are left at their defaults.
     """
-    table: dict[str, Any] = {k: v for k, v in node.items() if v is not None}
+    data: dict[str, dict[str, Any]] = {}
+    for section, table in (settings or {}).items():
+        data[section] = {k: v for k, v in table.items() if v is not None}
     if state_dir is not None:
         root = Path(state_dir).expanduser().absolute()
-        table.update(state_dir=str(root), runtime_dir=str(root / "run"))
-    return config_from_mapping({"node": table}, origin="peerd init", base=Path.cwd())
+        data.setdefault("node", {}).update(state_dir=str(root), runtime_dir=str(root / "run"))
+    return config_from_mapping(data, origin="peerd init", base=Path.cwd())
 
 
 # -- writing (peerd init) ---------------------------------------------------------------------

@@ -24,14 +24,15 @@ import inspect
 import logging
 import os
 import threading
-import tomllib
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
 from peerd import control
+from peerd.config import DEFAULT_CONFIG_PATH, SOCKET_NAME, NodeConfig, load_config
 from peerd.control import (
     DROPPED_METHOD,
     EVENT_METHOD,
@@ -57,8 +58,7 @@ from peerd.errors import (
 
 log = logging.getLogger("peerd.client")
 
-# Until peerd.config lands, the client reads the socket path from the config file itself.
-DEFAULT_CONFIG: Final = "/etc/peerd/peerd.toml"
+DEFAULT_SOCKET_PATH: Final = str(NodeConfig().runtime_dir / SOCKET_NAME)
 DEFAULT_TIMEOUT: Final = 60.0  # seconds a call may take unless told otherwise
 MAX_PENDING_EVENTS: Final = 4096  # per subscription, waiting for the application to read
 _READ_LIMIT: Final = control.MAX_REPLY + 1024
@@ -222,36 +222,14 @@ def error_from_wire(error: Any) -> PeerdError:
 
 
 def socket_path_from_config(config_path: str | os.PathLike[str] | None = None) -> str:
-    """The control socket named by the config file: `[node] socket`, else `[node] runtime_dir`
-    + "/control.sock", else the default. The file is `config_path`, else $PEERD_CONFIG, else
-    /etc/peerd/peerd.toml; only a file named explicitly must exist and be readable."""
-    explicit = config_path is not None or bool(os.environ.get("PEERD_CONFIG"))
-    path = os.fspath(config_path or os.environ.get("PEERD_CONFIG") or DEFAULT_CONFIG)
-    try:
-        with open(path, "rb") as f:
-            config = tomllib.load(f)
-    except (FileNotFoundError, PermissionError) as exc:
-        if explicit:
-            raise ConfigError(f"cannot read the configuration {path}: {exc.strerror}") from exc
-        return control.DEFAULT_SOCKET_PATH
-    except OSError as exc:
-        raise ConfigError(f"cannot read the configuration {path}: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-    node = config.get("node", {})
-    if not isinstance(node, dict):
-        raise ConfigError(f"{path}: [node] must be a table")
-    socket_path = node.get("socket")
-    if socket_path is not None:
-        if not isinstance(socket_path, str) or not socket_path:
-            raise ConfigError(f"{path}: node.socket must be a path")
-        return socket_path
-    runtime_dir = node.get("runtime_dir")
-    if runtime_dir is not None:
-        if not isinstance(runtime_dir, str) or not runtime_dir:
-            raise ConfigError(f"{path}: node.runtime_dir must be a path")
-        return os.path.join(runtime_dir, control.SOCKET_NAME)
-    return control.DEFAULT_SOCKET_PATH
+    """The control socket that the configuration names (`[node] socket`, by default
+    `<runtime_dir>/peerd.sock`). The file is `config_path`, else $PEERD_CONFIG, else
+    /etc/peerd/peerd.toml. A file at the default location that does not exist or that this user
+    may not read means the default socket; anywhere else, it is a ConfigError."""
+    path = Path(config_path or os.environ.get("PEERD_CONFIG") or DEFAULT_CONFIG_PATH)
+    if path.absolute() == DEFAULT_CONFIG_PATH and not os.access(path, os.R_OK):
+        return DEFAULT_SOCKET_PATH
+    return str(load_config(path).node.socket)
 
 
 # --- the async client ---------------------------------------------------------------------------
@@ -802,6 +780,7 @@ class SyncEventStream:
 
 __all__ = [
     "DEFAULT",
+    "DEFAULT_SOCKET_PATH",
     "DEFAULT_TIMEOUT",
     "AccessDenied",
     "Client",

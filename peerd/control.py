@@ -80,10 +80,6 @@ APPLICATION_ERROR_CODES: dict[str, int] = {
 EVENT_METHOD: Final = "v1.event"
 DROPPED_METHOD: Final = "v1.dropped"
 
-DEFAULT_RUNTIME_DIR: Final = "/run/peerd"
-SOCKET_NAME: Final = "control.sock"
-DEFAULT_SOCKET_PATH: Final = f"{DEFAULT_RUNTIME_DIR}/{SOCKET_NAME}"
-
 # The events the daemon publishes (it may add more with `events=`).
 DEFAULT_EVENTS: Final = (
     "session.up",
@@ -1130,7 +1126,6 @@ __all__ = [
     "API_VERSION",
     "APPLICATION_ERROR_CODES",
     "DEFAULT_EVENTS",
-    "DEFAULT_SOCKET_PATH",
     "AccessDenied",
     "Connection",
     "ControlError",

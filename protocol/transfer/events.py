@@ -1,0 +1,197 @@
+"""What the transfer state machines ask of the shell (actions) and tell it (events), and their
+tunables. All are frozen dataclasses; the shell dispatches on their type."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from protocol.errors import LocalProtocolError
+from protocol.transfer.manifest import DEFAULT_CHUNK_SIZE, SignedManifest
+from protocol.transfer.messages import MAX_WINDOW, ControlMessage
+
+
+@dataclass(frozen=True, slots=True)
+class TransferConfig:
+    """Tunables of both sides. Times are seconds. The defaults suit a LAN or loopback broker:
+    at ~600 MB/s a 64-chunk window of 256 KiB is ~27 ms of data, far above the ~0.4 ms QoS 0
+    round trip, and the same 16 MiB bounds both memory in flight and what a crash re-sends."""
+
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    # Receiver: chunks granted beyond the durable prefix; bounds chunks in flight to it, the
+    # data it has written but not made durable, and what is re-sent after either side crashes.
+    window: int = 64
+    # Receiver: ask for a sync once this many written chunks are not yet durable ...
+    sync_batch: int = 16
+    # ... or once the oldest of them has waited this long.
+    sync_delay: float = 0.05
+    # Receiver: a gap (a later chunk arrived, an earlier one did not) older than this is
+    # re-requested; one publisher over one TCP connection does not reorder, so a gap is a loss.
+    repair_delay: float = 0.05
+    # Receiver: with no chunk arriving, report status (and request the head of the window) at
+    # this interval, doubling while idle up to max_status_interval.
+    status_interval: float = 0.5
+    max_status_interval: float = 30.0
+    # Sender: re-send the offer to a receiver that has not answered it, or has been silent for
+    # this long (it answers with its state), doubling up to max_probe_interval.
+    probe_interval: float = 2.0
+    max_probe_interval: float = 60.0
+    # Sender: before the first chunk, wait this long for every receiver to answer the offer, so
+    # that all start together and each chunk is published once.
+    start_wait: float = 1.0
+    # Sender: a receiver that holds the group back (no credit) for this long stops pacing it; it
+    # catches up later with its own re-sends.
+    lag_timeout: float = 5.0
+    # Sender: chunk reads handed to the shell and not yet returned.
+    max_outstanding_reads: int = 64
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.window <= MAX_WINDOW:
+            raise LocalProtocolError(f"window must be in 1..{MAX_WINDOW}")
+        if not 1 <= self.sync_batch <= self.window:
+            raise LocalProtocolError("sync_batch must be in 1..window")
+        if self.max_outstanding_reads < 1:
+            raise LocalProtocolError("max_outstanding_reads must be positive")
+        for name in (
+            "sync_delay",
+            "repair_delay",
+            "status_interval",
+            "probe_interval",
+            "start_wait",
+            "lag_timeout",
+        ):
+            if not getattr(self, name) >= 0:
+                raise LocalProtocolError(f"{name} must not be negative")
+        if self.max_status_interval < self.status_interval:
+            raise LocalProtocolError("max_status_interval must be >= status_interval")
+        if self.max_probe_interval < self.probe_interval:
+            raise LocalProtocolError("max_probe_interval must be >= probe_interval")
+
+
+# -- actions: the shell must do these ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendControl:
+    """Send `message.encode()` to `peer` inside its Noise session."""
+
+    peer: str
+    message: ControlMessage
+
+
+@dataclass(frozen=True, slots=True)
+class ReadChunk:
+    """Read `length` bytes at `offset` of the file and hand them back (`on_chunk_read` /
+    `on_read`), in the order these were issued."""
+
+    index: int
+    offset: int
+    length: int
+    publish: bool  # sender only: the data becomes a frame to publish (else it is only hashed)
+
+
+@dataclass(frozen=True, slots=True)
+class WriteChunk:
+    """Write `data` at `offset` of the temporary file before calling the receiver again.
+
+    `data` is a view of the caller's buffer passed to `on_frame`."""
+
+    index: int
+    offset: int
+    data: memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class Sync:
+    """Make every write handed out before this action durable (fdatasync), then call
+    `on_synced(sync)`. At most one is outstanding."""
+
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class Persist:
+    """Store `snapshot` as this transfer's resumable state (replacing the previous one);
+    `restore(snapshot, ...)` rebuilds the machine. Only the latest matters: a shell may
+    coalesce several. It contains the content key."""
+
+    snapshot: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """Receiver: every chunk is durable and the file matches the signed manifest. Rename the
+    temporary file into place, fsync the directory, then call `committed()`."""
+
+    manifest: SignedManifest
+
+
+# -- events: the shell reports these ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    peer: str
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Chunks (and bytes) that `peer` has durably received."""
+
+    peer: str
+    chunks: int
+    bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    """Sender: the whole file has been hashed and the manifest signed (also in the snapshot)."""
+
+    manifest: SignedManifest
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiverVerified:
+    peer: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiverFailed:
+    """Sender: this receiver will not get the file. `refused` if it declined the offer,
+    `remote` if it (rather than this side) ended it."""
+
+    peer: str
+    reason: str
+    detail: str
+    remote: bool
+    refused: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """Sender: every receiver has verified or failed; erase the content key."""
+
+    verified: tuple[str, ...]
+    failed: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TransferFailed:
+    """Receiver: the transfer ended without a file; delete the temporary file and erase the
+    content key. `remote` if the sender ended it."""
+
+    reason: str
+    detail: str
+    remote: bool
+
+
+SenderAction = (
+    SendControl
+    | Persist
+    | Accepted
+    | Progress
+    | Sealed
+    | ReceiverVerified
+    | ReceiverFailed
+    | Finished
+)
+ReceiverAction = SendControl | Sync | ReadChunk | Persist | Progress | Commit | TransferFailed

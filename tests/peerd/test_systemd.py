@@ -274,6 +274,10 @@ def test_sysusers_and_tmpfiles_create_the_user_and_directories(tmp_path: Path) -
     group = {line.split(":")[0]: line for line in (root / "etc/group").read_text().splitlines()}
     assert service["Group"] in group
 
+    # What `peerd init` leaves: a world-readable config in a world-readable directory.
+    (root / "etc/peerd").mkdir(mode=0o755)
+    (root / "etc/peerd/peerd.toml").write_text("[node]\n")
+    (root / "etc/peerd/peerd.toml").chmod(0o644)
     subprocess.run(
         ["systemd-tmpfiles", f"--root={root}", "--create", str(UNITS / "peerd.tmpfiles")],
         check=True,
@@ -288,3 +292,4 @@ def test_sysusers_and_tmpfiles_create_the_user_and_directories(tmp_path: Path) -
     assert owner_mode("/var/lib/peerd") == (uid, gid, "0o" + service["StateDirectoryMode"][1:])
     assert owner_mode("/run/peerd") == (uid, gid, "0o" + service["RuntimeDirectoryMode"][1:])
     assert owner_mode("/etc/peerd") == (0, gid, "0o750")
+    assert owner_mode("/etc/peerd/peerd.toml") == (0, gid, "0o640")

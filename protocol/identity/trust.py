@@ -367,6 +367,11 @@ class TrustView:
             deadline = record.certificate.not_after
         else:
             old = next((s for s in record.superseded if s.serial == serial), None)
+            if old is None and (record.certificate is None or serial > record.certificate.serial):
+                raise TrustError(
+                    f"certificate {serial} of {peer_id} was never seen",
+                    reason="unknown-certificate",
+                )
             if old is None:
                 raise Rollback(
                     f"certificate {serial} of {peer_id} is superseded", reason="superseded"

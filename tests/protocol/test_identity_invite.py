@@ -1,0 +1,142 @@
+"""Invite tokens: one copy-pasteable line, checksummed, versioned, expiring, secret."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from protocol.errors import LocalProtocolError
+from protocol.identity import (
+    MAX_INVITE_TTL,
+    Expired,
+    InvalidText,
+    InviteToken,
+    new_invite,
+)
+from protocol.identity._codec import ALPHABET, bytes_to_text, digest
+from tests.protocol.test_identity_helpers import NOW, Node
+
+
+def _token() -> InviteToken:
+    node = Node()
+    return new_invite(
+        network="lab",
+        inviter=node.peer_id,
+        inviter_identity=node.identity_public,
+        now=NOW,
+        ttl=3600,
+    )
+
+
+def test_round_trip_as_one_line() -> None:
+    token = _token()
+    text = token.to_text()
+    assert text.startswith("peerd-invite-1-")
+    assert "\n" not in text
+    assert " " not in text
+    assert len(text) < 260
+    assert InviteToken.from_text(text) == token
+    assert token.expires_at == int(NOW) + 3600
+
+
+def test_fresh_randomness() -> None:
+    a, b = _token(), _token()
+    assert a.psk != b.psk
+    assert a.invite_id != b.invite_id
+    assert len(a.psk) == 32
+
+
+def test_parse_tolerates_case_wrapping_and_spaces() -> None:
+    token = _token()
+    text = token.to_text()
+    wrapped = "\n".join(text[i : i + 60] for i in range(0, len(text), 60))
+    assert InviteToken.from_text("  " + wrapped.upper() + "\r\n") == token
+
+
+def test_repr_never_shows_the_psk() -> None:
+    token = _token()
+    assert token.psk.hex() not in repr(token)
+    assert repr(token.psk) not in repr(token)
+
+
+def test_every_single_character_change_is_detected() -> None:
+    text = _token().to_text()
+    body_start = len("peerd-invite-1-")
+    for i in range(body_start, len(text)):
+        for c in "0z":
+            if text[i] == c:
+                continue
+            with pytest.raises(InvalidText):
+                InviteToken.from_text(text[:i] + c + text[i + 1 :])
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [lambda t: t[:-1], lambda t: t[:-8], lambda t: t + "0", lambda t: t[:20]],
+)
+def test_truncated_or_extended(cut: object) -> None:
+    with pytest.raises(InvalidText):
+        InviteToken.from_text(cut(_token().to_text()))  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "hello",
+        "peerd-invite-",
+        "peerd-invite-x-abc",
+        "peerd-authority-1-abc",
+        "peerd-invite-1-!!!",
+    ],
+)
+def test_not_a_token(text: str) -> None:
+    with pytest.raises(InvalidText) as info:
+        InviteToken.from_text(text)
+    assert info.value.hint
+
+
+def test_newer_version_is_named() -> None:
+    text = _token().to_text().replace("peerd-invite-1-", "peerd-invite-2-")
+    with pytest.raises(InvalidText, match="version 2"):
+        InviteToken.from_text(text)
+
+
+def test_valid_checksum_but_bad_payload_is_refused() -> None:
+    payload = b"\x93\x01\x02\x03"  # a msgpack array, but not an invite
+    check = digest(b"peerd/v1/invite\0", payload)[:4]
+    with pytest.raises(InvalidText, match="invalid"):
+        InviteToken.from_text("peerd-invite-1-" + bytes_to_text(payload + check))
+
+
+def test_expiry() -> None:
+    token = _token()
+    token.check_fresh(token.expires_at - 1)
+    with pytest.raises(Expired):
+        token.check_fresh(token.expires_at)
+
+
+def test_issue_misuse() -> None:
+    node = Node()
+    for ttl in (0, MAX_INVITE_TTL + 1):
+        with pytest.raises(LocalProtocolError):
+            new_invite(
+                network="lab",
+                inviter=node.peer_id,
+                inviter_identity=node.identity_public,
+                now=NOW,
+                ttl=ttl,
+            )
+    with pytest.raises(LocalProtocolError):
+        new_invite(
+            network="lab", inviter="nope", inviter_identity=node.identity_public, now=NOW, ttl=60
+        )
+
+
+@given(st.text(alphabet=ALPHABET + "-", max_size=300))
+def test_random_text_never_crashes(text: str) -> None:
+    try:
+        InviteToken.from_text("peerd-invite-1-" + text)
+    except InvalidText:
+        pass

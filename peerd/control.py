@@ -870,7 +870,13 @@ class ControlServer:
         # place: at no moment is the path more open than 0660, and the process-wide umask (which
         # other threads may rely on) is never touched. rename() also replaces a stale socket
         # atomically.
-        private = tempfile.mkdtemp(prefix=".ctl-", dir=directory)
+        try:
+            private = tempfile.mkdtemp(prefix=".ctl-", dir=directory)
+        except OSError as exc:
+            raise ControlError(
+                f"cannot create the control socket in {directory}: {exc.strerror}",
+                hint="the daemon's user must be able to write its runtime directory",
+            ) from exc
         temp = os.path.join(private, "s")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:

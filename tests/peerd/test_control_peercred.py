@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,10 @@ NOGROUP = 65534
 CONTROL_GROUP = 4242  # the configured control group; need not exist in /etc/group
 
 REPO = str(Path(__file__).resolve().parents[2])
+# The interpreter nobody can run may not be the venv's: give it the venv's packages (PyNaCl...).
+PYTHONPATH = os.pathsep.join(
+    [REPO, *dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])]
+)
 
 # Connects as whoever this process is and reports the outcome as one JSON line.
 CALLER = """
@@ -87,7 +92,7 @@ async def run_caller(
         group=gid,
         extra_groups=groups or [],
         cwd=REPO,
-        env={"PYTHONPATH": REPO, "PATH": "/usr/bin:/bin"},
+        env={"PYTHONPATH": PYTHONPATH, "PATH": "/usr/bin:/bin"},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -158,3 +163,64 @@ def test_allowed_rule() -> None:
     assert not srv.allowed(PeerCredentials(1, 1000, 1000, (5, 6)))
     no_group = ControlServer("/tmp/unused.sock")
     assert not no_group.allowed(PeerCredentials(1, 1000, CONTROL_GROUP, (CONTROL_GROUP,)))
+
+
+# A control server as an unprivileged daemon runs it: as its own user, here `nobody`.
+SERVER = """
+import asyncio, sys
+from peerd.control import ControlServer
+
+async def main():
+    server = ControlServer(sys.argv[1])
+    await server.start()
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await server.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_an_unprivileged_daemon_serves_its_own_user_and_root_only() -> None:
+    with short_dir() as d:
+        run_dir = os.path.join(d, "run")
+        os.mkdir(run_dir, 0o750)
+        os.chown(run_dir, NOBODY, NOGROUP)
+        path = os.path.join(run_dir, "peerd.sock")
+        daemon = await asyncio.create_subprocess_exec(
+            python_for_nobody(),
+            "-c",
+            SERVER,
+            path,
+            user=NOBODY,
+            group=NOGROUP,
+            extra_groups=[],
+            cwd=REPO,
+            env={"PYTHONPATH": PYTHONPATH, "PATH": "/usr/bin:/bin"},
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert daemon.stdin is not None
+        assert daemon.stdout is not None
+        try:
+            async with asyncio.timeout(FAIL_AFTER):
+                assert await daemon.stdout.readline() == b"ready\n"
+            st = os.lstat(path)
+            assert (st.st_uid, st.st_gid, oct(st.st_mode & 0o777)) == (NOBODY, NOGROUP, "0o660")
+            # The daemon's own user, and root.
+            same_user = await run_caller(path, uid=NOBODY, gid=NOGROUP)
+            assert same_user["ok"]["uid"] == NOBODY
+            raw = await Raw.connect(path)
+            assert (await raw.call("v1.hello"))["result"]["caller"]["uid"] == 0
+            await raw.close()
+            # Anyone else: refused by the peer-credential check even with the file opened up.
+            os.chmod(run_dir, 0o755)
+            os.chmod(path, 0o666)
+            other = await run_caller(path, uid=NOBODY - 1, gid=NOGROUP - 1)
+            assert other["error"] == "AccessDenied"
+            assert f"uid {NOBODY - 1}" in other["message"]
+        finally:
+            daemon.stdin.close()
+            async with asyncio.timeout(FAIL_AFTER):
+                assert await daemon.wait() == 0
+        assert os.listdir(run_dir) == ["peerd.sock.lock"]  # the socket is removed on shutdown

@@ -1,0 +1,192 @@
+"""The configuration file: defaults, layout under a state dir, validation naming key and problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from peerd.config import (
+    Config,
+    default_config,
+    format_size,
+    load_config,
+    parse_size,
+    render_config,
+)
+from peerd.errors import ConfigError
+from protocol.identity import format_authority_key
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "peerd.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_empty_file_gives_working_defaults(tmp_path: Path) -> None:
+    config = load_config(_write(tmp_path, ""))
+    assert config.path == tmp_path / "peerd.toml"
+    assert config.node.state_dir == Path("/var/lib/peerd")
+    assert config.node.runtime_dir == Path("/run/peerd")
+    assert config.node.socket == Path("/run/peerd/peerd.sock")
+    assert config.node.inbox_dir == Path("/var/lib/peerd/inbox")
+    assert config.node.store == Path("/var/lib/peerd/peerd.db")
+    assert config.keys.dir == Path("/var/lib/peerd/keys")
+    assert config.node.network == "peerd"
+    assert config.broker.url == "mqtt://127.0.0.1:1883"
+    assert (config.broker.host, config.broker.port, config.broker.tls) == ("127.0.0.1", 1883, False)
+    assert config.keys.overlap_seconds == 24 * 3600
+    assert config.network.authority_public is None
+
+
+def test_derived_paths_follow_state_and_runtime_dirs(tmp_path: Path) -> None:
+    config = load_config(_write(tmp_path, '[node]\nstate_dir = "state"\nruntime_dir = "/tmp/r"\n'))
+    assert config.node.state_dir == tmp_path / "state"  # relative to the file's directory
+    assert config.node.store == tmp_path / "state" / "peerd.db"
+    assert config.keys.dir == tmp_path / "state" / "keys"
+    assert config.node.socket == Path("/tmp/r/peerd.sock")
+
+
+def test_every_path_is_overridable(tmp_path: Path) -> None:
+    text = """
+[node]
+socket = "/s/x.sock"
+inbox_dir = "/i"
+store = "/d/t.db"
+[keys]
+dir = "/k"
+"""
+    config = load_config(_write(tmp_path, text))
+    assert config.node.socket == Path("/s/x.sock")
+    assert config.node.inbox_dir == Path("/i")
+    assert config.node.store == Path("/d/t.db")
+    assert config.keys.dir == Path("/k")
+
+
+def test_state_dir_layout_puts_everything_under_it(tmp_path: Path) -> None:
+    config = default_config(tmp_path / "n1", {"node": {"name": "alpha", "network": "lab"}})
+    root = tmp_path / "n1"
+    for path in (
+        config.node.socket,
+        config.node.store,
+        config.keys.dir,
+        config.node.inbox_dir,
+        config.node.runtime_dir,
+    ):
+        assert root in path.parents
+    assert config.node.name == "alpha"
+
+
+def test_render_then_load_is_the_same_config(tmp_path: Path) -> None:
+    authority = format_authority_key(bytes(range(32)))
+    config = default_config(
+        tmp_path / "n",
+        {
+            "node": {"name": 'quote " and \\ back', "network": "lab"},
+            "broker": {"url": "mqtts://broker.example:8883", "username": "u"},
+            "network": {"authority_key": authority},
+            "receive": {"max_file_size": "3GiB"},
+            "keys": {"overlap_hours": 1.5},
+        },
+    )
+    text = render_config(config)
+    assert text.count("#") > 20  # a commented file
+    loaded = load_config(_write(tmp_path, text))
+    assert loaded.node == config.node
+    assert loaded.broker == config.broker
+    assert loaded.keys == config.keys
+    assert loaded.network == config.network
+    assert loaded.receive == config.receive
+    assert loaded.network.authority_public == bytes(range(32))
+    assert loaded.broker.port == 8883
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[node]\nnmae = 'x'\n", "unknown key [node] nmae"),
+        ("[nodes]\n", "unknown section [nodes]"),
+        ("node = 3\n", "[node] must be a table"),
+        ("[node]\nnetwork = 'Lab Net'\n", "[node] network"),
+        ("[node]\nstate_dir = 5\n", "[node] state_dir: must be a path"),
+        ("[node]\nname = ''\n", "[node] name"),
+        ("[broker]\nurl = 'http://x'\n", "[broker] url"),
+        ("[broker]\nurl = 'mqtt://user:pw@x'\n", "[broker] url"),
+        ("[broker]\nurl = 'mqtt://x:99999'\n", "bad port"),
+        ("[broker]\nkeepalive = 'often'\n", "[broker] keepalive: must be an integer"),
+        ("[broker]\nkeepalive = true\n", "[broker] keepalive: must be an integer"),
+        ("[broker]\nkeepalive = 1\n", "[broker] keepalive: must be between"),
+        ("[broker]\nca_file = '/ca.pem'\n", "need an mqtts:// url"),
+        ("[broker]\nurl = 'mqtts://x'\ncert_file = '/c'\n", "go together"),
+        ("[keys]\ncertificate_days = 0\n", "[keys] certificate_days"),
+        ("[keys]\ncertificate_days = 5\nrotate_before_days = 5\n", "rotate_before_days"),
+        ("[keys]\noverlap_hours = -1\n", "[keys] overlap_hours"),
+        ("[network]\nauthority_key = 'abc'\n", "[network] authority_key"),
+        ("[receive]\nmax_file_size = '10 parsecs'\n", "[receive] max_file_size"),
+        ("[receive]\nmax_file_size = -1\n", "[receive] max_file_size"),
+        ("[control]\ngroup = 'bad group'\n", "[control] group"),
+        ("[node]\nsocket = '/" + "x" * 120 + "'\n", "more than a Unix socket allows"),
+        ("[node\n", "not valid TOML"),
+    ],
+)
+def test_errors_name_the_key_and_the_problem(tmp_path: Path, text: str, message: str) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert message in str(info.value)
+    assert str(path) in str(info.value) or "not valid TOML" not in message
+
+
+def test_unknown_key_suggests_the_right_one(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, "[keys]\ncertificate_day = 3\n"))
+    assert "certificate_days" in info.value.hint
+
+
+def test_missing_and_unreadable_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "absent.toml")
+    assert "peerd init" in info.value.hint
+    (tmp_path / "bin.toml").write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match="UTF-8"):
+        load_config(tmp_path / "bin.toml")
+    with pytest.raises(ConfigError):
+        load_config(tmp_path)  # a directory
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        (4096, 4096),
+        ("4096", 4096),
+        ("10GiB", 10 * 1024**3),
+        ("10 gib", 10 * 1024**3),
+        ("1.5GB", 1_500_000_000),
+        ("512MiB", 512 * 1024**2),
+        ("1KB", 1000),
+        ("2TiB", 2 * 1024**4),
+        ("123456789123456789", 123456789123456789),
+    ],
+)
+def test_sizes(text: int | str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("bad", ["", "GiB", "1.2.3GB", "-5", "5 GiBs", True, 1.5])
+def test_bad_sizes(bad: object) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011 - the message is checked through ConfigError
+        parse_size(bad)  # type: ignore[arg-type]
+
+
+def test_format_size() -> None:
+    assert format_size(10 * 1024**3) == "10GiB"
+    assert format_size(1000) == "1000"
+    assert parse_size(format_size(3 * 1024**2)) == 3 * 1024**2
+
+
+def test_config_dataclasses_are_frozen() -> None:
+    config = default_config()
+    with pytest.raises(AttributeError):
+        config.node = config.node  # type: ignore[misc]
+    assert isinstance(config, Config)

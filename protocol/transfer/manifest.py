@@ -107,6 +107,10 @@ def check_layout(size: int, chunk_size: int, chunk_count: int) -> None:
         raise MalformedTransferObject(
             f"chunk size {chunk_size} is not a power of two in {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}"
         )
+    if chunk_count_for(size, chunk_size) > MAX_CHUNK_COUNT:
+        raise MalformedTransferObject(
+            f"{size} bytes in chunks of {chunk_size} is more than {MAX_CHUNK_COUNT} chunks"
+        )
     if chunk_count != chunk_count_for(size, chunk_size):
         raise MalformedTransferObject(
             f"chunk count {chunk_count} does not match size {size} and chunk size {chunk_size}"

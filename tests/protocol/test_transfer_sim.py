@@ -410,11 +410,14 @@ def assert_outcome(sim: Sim, *, all_succeed: bool) -> None:
             assert shell.failure is None
         else:
             assert not all_succeed, f"{shell.peer} did not finish: {shell.failure}"
-            assert shell.failure is not None and shell.failure.reason
+            assert shell.failure is not None
+            assert shell.failure.reason
     if all_succeed:
-        assert sim.sender is not None and sim.sender.finished
+        assert sim.sender is not None
+        assert sim.sender.finished
         finished = sim.sender_events(Finished)
-        assert finished and set(finished[-1].verified) == set(sim.shells)
+        assert finished
+        assert set(finished[-1].verified) == set(sim.shells)
 
 
 SIZES = [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK, 7 * CHUNK + 5, 20 * CHUNK - 1]
@@ -431,11 +434,15 @@ def test_clean_transfer_one_receiver(size: int) -> None:
     count = max(1, -(-size // CHUNK))
     # Encrypt once, publish once: a clean network needs no re-send.
     assert sorted(sim.published) == list(range(count))
-    assert sim.sender is not None and sim.sender.resent_frames == 0
+    assert sim.sender is not None
+    assert sim.sender.resent_frames == 0
     kinds = [type(a) for _, a in sim.events]
-    assert Accepted in kinds and Sealed in kinds and ReceiverVerified in kinds
+    assert Accepted in kinds
+    assert Sealed in kinds
+    assert ReceiverVerified in kinds
     progress = [a for who, a in sim.events if who == "bob" and isinstance(a, Progress)]
-    assert progress[-1].chunks == count and progress[-1].bytes == size
+    assert progress[-1].chunks == count
+    assert progress[-1].bytes == size
 
 
 def test_clean_transfer_three_receivers_publishes_each_chunk_once() -> None:
@@ -510,7 +517,8 @@ def test_lossy_network_delivers_exact_bytes(
                 assert shell.rt.in_window() <= window
         if s.sender is not None:
             for r in s.sender._receivers.values():
-                assert len(r.repair) <= window and len(r.sacked) <= window
+                assert len(r.repair) <= window
+                assert len(r.sacked) <= window
 
     sim.run(until=3600.0, check=check)
     assert_outcome(sim, all_succeed=True)
@@ -614,9 +622,12 @@ def test_refusal_reaches_the_sender_with_its_reason() -> None:
     sim.run()
     assert sim.shells["bob"].final is None
     [failed] = sim.sender_events(ReceiverFailed)
-    assert failed.peer == "bob" and failed.refused and failed.remote
+    assert failed.peer == "bob"
+    assert failed.refused
+    assert failed.remote
     assert failed.reason == "too-large"
-    assert sim.sender is not None and sim.sender.finished
+    assert sim.sender is not None
+    assert sim.sender.finished
 
 
 def test_no_space_refusal() -> None:
@@ -637,9 +648,11 @@ def test_cancel_mid_transfer_reaches_every_receiver() -> None:
     for shell in sim.shells.values():
         assert shell.final is None
         assert shell.failure is not None
-        assert shell.failure.reason == "cancelled" and shell.failure.remote
+        assert shell.failure.reason == "cancelled"
+        assert shell.failure.remote
         assert shell.failure.detail == "user pressed ^C"
-    assert sim.sender is not None and sim.sender.finished
+    assert sim.sender is not None
+    assert sim.sender.finished
 
 
 def test_source_changed_aborts_with_a_clear_reason() -> None:
@@ -654,9 +667,11 @@ def test_source_changed_aborts_with_a_clear_reason() -> None:
     sim.run()
     shell = sim.shells["bob"]
     assert shell.final is None
-    assert shell.failure is not None and shell.failure.reason == "source-changed"
+    assert shell.failure is not None
+    assert shell.failure.reason == "source-changed"
     [failed] = sim.sender_events(ReceiverFailed)
-    assert failed.reason == "source-changed" and not failed.remote
+    assert failed.reason == "source-changed"
+    assert not failed.remote
 
 
 def test_source_truncated_is_noticed_by_the_short_read() -> None:
@@ -681,7 +696,8 @@ def test_revocation_of_one_receiver_leaves_the_others() -> None:
     assert sim.shells["carol"].failure is not None
     assert sim.shells["carol"].failure.reason == "revoked"
     [finished] = sim.sender_events(Finished)
-    assert finished.verified == ("bob",) and finished.failed == ("carol",)
+    assert finished.verified == ("bob",)
+    assert finished.failed == ("carol",)
 
 
 def test_receiver_abort_reaches_the_sender() -> None:
@@ -689,7 +705,9 @@ def test_receiver_abort_reaches_the_sender() -> None:
     sim.at(0.01, lambda: sim.shells["bob"].rt.abort("no-space", "disk full"))  # type: ignore[union-attr]
     sim.run()
     [failed] = sim.sender_events(ReceiverFailed)
-    assert failed.reason == "no-space" and failed.remote and failed.detail == "disk full"
+    assert failed.reason == "no-space"
+    assert failed.remote
+    assert failed.detail == "disk full"
     assert sim.shells["bob"].final is None
 
 

@@ -1,0 +1,531 @@
+"""Adversarial transfers: tampering, splicing, truncation, forged flags, a rogue receiver that
+knows the content key, forged or mismatched manifests. Every one is rejected with a reason and
+no receiver ever commits a file that is not byte for byte the sender's."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import nacl.signing
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from protocol.errors import LocalProtocolError, RemoteProtocolError
+from protocol.transfer import (
+    Abort,
+    Ack,
+    ChunkCipher,
+    Commit,
+    Manifest,
+    Offer,
+    ReadChunk,
+    ReceiverFailed,
+    ReceiverTransfer,
+    Request,
+    Seal,
+    SenderTransfer,
+    Sync,
+    WriteChunk,
+    file_hash,
+    frame_buffer,
+    parse_chunk_header,
+)
+from tests.protocol.test_transfer_sim import (
+    CHUNK,
+    SENDER,
+    Sim,
+    assert_outcome,
+    payload,
+    small_config,
+)
+
+# -- tampering in transit ---------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    size=st.sampled_from([1, CHUNK, CHUNK + 1, 9 * CHUNK + 3]),
+    rate=st.sampled_from([0.1, 0.5]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_bit_flips_in_chunk_frames_are_rejected_and_repaired(
+    size: int, rate: float, seed: int
+) -> None:
+    sim = Sim(payload(size, seed), ["bob", "carol"], seed=seed)
+    rng = random.Random(seed)
+
+    def flip(peer: str, frame: bytes) -> bytes:
+        if rng.random() >= rate:
+            return frame
+        bad = bytearray(frame)
+        bad[rng.randrange(len(bad))] ^= 1 << rng.randrange(8)
+        return bytes(bad)
+
+    sim.frame_filter = flip
+    sim.run(until=3600.0)
+    assert_outcome(sim, all_succeed=True)
+    reasons = Counter(r for s in sim.shells.values() for r in s.rejected)
+    assert set(reasons) <= {
+        "decrypt",
+        "bad-flags",
+        "version",
+        "frame-type",
+        "bad-index",
+        "wrong-transfer",
+        "bad-length",
+    }
+
+
+def test_frames_spliced_from_another_transfer_are_rejected() -> None:
+    data = payload(12 * CHUNK)
+    # The same file, sent earlier to bob: another transfer id and content key. An attacker
+    # replays its recorded frames into the new transfer, as they are and relabelled.
+    old_frames = _record_frames(data, seed=99)
+    sim = Sim(data, ["bob"], seed=1)
+    injected = 0
+    reasons: list[str] = []
+
+    def splice(peer: str, frame: bytes) -> bytes:
+        nonlocal injected
+        if injected < len(old_frames):
+            old = old_frames[injected]
+            injected += 1
+            rt = sim.shells[peer].rt
+            assert rt is not None
+            with pytest.raises(RemoteProtocolError) as err:
+                rt.on_frame(old, bytearray(CHUNK), sim.now)
+            reasons.append(err.value.reason)
+            relabelled = bytearray(old)
+            relabelled[8:24] = sim.offers_seen[peer].transfer_id
+            try:
+                result = rt.on_frame(bytes(relabelled), bytearray(CHUNK), sim.now)
+            except RemoteProtocolError as exc:
+                reasons.append(exc.reason)
+            else:
+                assert result is None  # a duplicate or beyond the window: dropped unread
+        return frame
+
+    sim.frame_filter = splice
+    sim.run()
+    assert injected == len(old_frames)
+    assert_outcome(sim, all_succeed=True)
+    assert set(reasons) == {"wrong-transfer", "decrypt"}
+
+
+def _record_frames(data: bytes, seed: int) -> list[bytes]:
+    sim = Sim(data, ["bob"], seed=seed)
+    frames: list[bytes] = []
+
+    def record(peer: str, frame: bytes) -> bytes:
+        frames.append(frame)
+        return frame
+
+    sim.frame_filter = record
+    sim.run()
+    return frames
+
+
+def test_truncated_transfer_is_never_committed() -> None:
+    # An adversary on the broker withholds the last chunk forever.
+    sim = Sim(payload(10 * CHUNK + 7), ["bob", "carol"], seed=4)
+
+    def withhold_last(peer: str, frame: bytes) -> bytes | None:
+        return None if parse_chunk_header(frame).last else frame
+
+    sim.frame_filter = withhold_last
+    sim.run(until=300.0)
+    for shell in sim.shells.values():
+        assert shell.final is None
+        assert shell.rt is not None
+        assert shell.rt.state == "receiving"
+        assert shell.rt.durable_chunks == 10  # everything but the last
+    assert sim.sender is not None
+    assert not sim.sender.finished
+
+
+def test_forged_last_flag_is_rejected() -> None:
+    sim = Sim(payload(6 * CHUNK), ["bob"], seed=4)
+    seen: list[str] = []
+
+    def toggle_last(peer: str, frame: bytes) -> bytes:
+        forged = bytearray(frame)
+        forged[2] ^= 0x01  # set it on a middle chunk, clear it on the final one
+        rt = sim.shells[peer].rt
+        assert rt is not None
+        try:
+            result = rt.on_frame(bytes(forged), bytearray(CHUNK), sim.now)
+        except RemoteProtocolError as exc:
+            seen.append(exc.reason)
+        else:
+            assert result is None  # dropped as a duplicate or beyond the window
+        return frame
+
+    sim.frame_filter = toggle_last
+    sim.run()
+    assert_outcome(sim, all_succeed=True)
+    assert "bad-flags" in seen
+
+
+def test_a_key_holder_cannot_forge_a_last_flag_the_manifest_contradicts() -> None:
+    data = payload(5 * CHUNK)
+    rt, _ = _receiver_for(data)
+    cipher = ChunkCipher(rt.offer.content_key, rt.transfer_id)
+    out = frame_buffer(CHUNK)
+    n = cipher.seal_into(out, 2, True, data[2 * CHUNK : 3 * CHUNK], bytes(8))
+    with pytest.raises(RemoteProtocolError) as err:
+        rt.on_frame(bytes(out[:n]), bytearray(CHUNK), 0.0)
+    assert err.value.reason == "bad-flags"
+    n = cipher.seal_into(out, 4, False, data[4 * CHUNK :], bytes(8))
+    with pytest.raises(RemoteProtocolError) as err:
+        rt.on_frame(bytes(out[:n]), bytearray(CHUNK), 0.0)
+    assert err.value.reason == "bad-flags"
+    n = cipher.seal_into(out, 3, False, data[3 * CHUNK : 3 * CHUNK + 100], bytes(8))
+    with pytest.raises(RemoteProtocolError) as err:
+        rt.on_frame(bytes(out[:n]), bytearray(CHUNK), 0.0)
+    assert err.value.reason == "bad-length"
+    n = cipher.seal_into(out, 7, True, b"", bytes(8))
+    with pytest.raises(RemoteProtocolError) as err:
+        rt.on_frame(bytes(out[:n]), bytearray(CHUNK), 0.0)
+    assert err.value.reason == "bad-index"
+
+
+@pytest.mark.parametrize("forged_index", [0, 3, 9, 10])
+def test_rogue_receiver_with_the_content_key_is_caught_by_the_signed_hash(
+    forged_index: int,
+) -> None:
+    """mallory is a legitimate receiver, so she has the content key: she publishes a forged
+    chunk on the transfer topic before the sender's. It authenticates under the shared key,
+    so bob and carol write it; only the sender-signed BLAKE3 hash stops the commit."""
+    data = payload(10 * CHUNK + 1)
+    sim = Sim(data, ["bob", "carol", "mallory"], seed=6)
+    forged: set[str] = set()
+
+    def inject(peer: str, frame: bytes) -> bytes:
+        # mallory wins the race: her chunk reaches each victim before the sender's.
+        if peer == "mallory" or peer in forged or parse_chunk_header(frame).index != forged_index:
+            return frame
+        offer = sim.offers_seen["mallory"]
+        cipher = ChunkCipher(offer.content_key, offer.transfer_id)
+        out = frame_buffer(CHUNK)
+        length = len(data[forged_index * CHUNK : (forged_index + 1) * CHUNK])
+        n = cipher.seal_into(out, forged_index, forged_index == 10, b"\xee" * length, bytes(8))
+        forged.add(peer)
+        return bytes(out[:n])
+
+    sim.frame_filter = inject
+    sim.run()
+    assert forged == {"bob", "carol"}
+    for victim in ("bob", "carol"):
+        assert not sim.shells[victim].rejected  # the forgery authenticated
+        shell = sim.shells[victim]
+        assert shell.final is None, "a forged file was committed"
+        assert shell.failure is not None
+        assert shell.failure.reason == "hash-mismatch"
+        assert not shell.failure.remote
+    assert sim.shells["mallory"].final == data  # she received the genuine frames in order
+    failed = {f.peer: f for f in sim.sender_events(ReceiverFailed)}
+    assert failed["bob"].reason == "hash-mismatch"
+    assert failed["bob"].remote
+
+
+# -- forged or mismatched manifests ----------------------------------------------------------
+
+
+def test_seal_signed_by_another_key_is_rejected() -> None:
+    impostor = nacl.signing.SigningKey(bytes(32))
+    sim = Sim(payload(4 * CHUNK), ["bob"], seed=2, keys={"bob": bytes(impostor.verify_key)})
+    sim.run()
+    shell = sim.shells["bob"]
+    assert shell.final is None
+    assert shell.failure is not None
+    assert shell.failure.reason == "bad-signature"
+    [failed] = sim.sender_events(ReceiverFailed)
+    assert failed.reason == "bad-signature"
+
+
+def _receiver_for(data: bytes, **kw: object) -> tuple[ReceiverTransfer, nacl.signing.SigningKey]:
+    sk = nacl.signing.SigningKey(bytes(range(32)))
+    offer = Offer(
+        bytes(16),
+        "model.bin",
+        len(data),
+        CHUNK,
+        max(1, -(-len(data) // CHUNK)),
+        1000,
+        bytes(range(32)),
+    )
+    rt = ReceiverTransfer(
+        offer,
+        sender=SENDER,
+        sender_key=bytes(sk.verify_key),
+        now=0.0,
+        config=small_config(**kw),
+        random=random.Random(0).randbytes,
+    )
+    rt.take_actions()
+    return rt, sk
+
+
+def _feed_all(rt: ReceiverTransfer, data: bytes) -> None:
+    cipher = ChunkCipher(rt.offer.content_key, rt.transfer_id)
+    out = frame_buffer(CHUNK)
+    count = rt.offer.chunk_count
+    for i in range(count):
+        chunk = data[i * CHUNK : (i + 1) * CHUNK]
+        n = cipher.seal_into(out, i, i == count - 1, chunk, bytes(8))
+        write = rt.on_frame(bytes(out[:n]), bytearray(CHUNK), 0.0)
+        assert write is not None
+        assert bytes(write.data) == chunk
+        for action in rt.take_actions():
+            if isinstance(action, Sync):
+                rt.on_synced(action, 0.0)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"name": "other.bin"},
+        {"size": 4 * CHUNK - 1},
+        {"created": 1001},
+        {"sender": "eve"},
+        {"transfer_id": b"\x01" * 16},
+    ],
+)
+def test_seal_that_does_not_match_the_offer_is_rejected(change: dict[str, object]) -> None:
+    data = payload(4 * CHUNK)
+    rt, sk = _receiver_for(data)
+    _feed_all(rt, data)
+    fields: dict[str, object] = {
+        "transfer_id": bytes(16),
+        "sender": SENDER,
+        "name": "model.bin",
+        "size": len(data),
+        "chunk_size": CHUNK,
+        "chunk_count": 4,
+        "created": 1000,
+        "file_hash": file_hash(data),
+    }
+    fields.update(change)
+    fields["chunk_count"] = max(1, -(-int(fields["size"]) // CHUNK))  # type: ignore[call-overload]
+    signed = Manifest(**fields).sign(sk)  # type: ignore[arg-type]
+    rt.receive(Seal(rt.transfer_id, signed.body, signed.signature), 0.0)
+    actions = rt.take_actions()
+    assert not any(isinstance(a, Commit) for a in actions)
+    assert rt.state == "failed"
+    assert rt.failure is not None
+    assert rt.failure.reason == "manifest-mismatch"
+    sent = [a.message for a in actions if isinstance(getattr(a, "message", None), Abort)]
+    assert [m.reason for m in sent] == ["manifest-mismatch"]  # the sender is told why
+
+
+def test_no_commit_before_the_seal_even_with_every_chunk_durable() -> None:
+    data = payload(3 * CHUNK + 5)
+    rt, sk = _receiver_for(data)
+    _feed_all(rt, data)
+    assert rt.durable_chunks == 4
+    assert rt.state == "receiving"
+    manifest = Manifest(bytes(16), SENDER, "model.bin", len(data), CHUNK, 4, 1000, file_hash(data))
+    signed = manifest.sign(sk)
+    rt.receive(Seal(rt.transfer_id, signed.body, signed.signature), 0.0)
+    [commit] = [a for a in rt.take_actions() if isinstance(a, Commit)]
+    assert commit.manifest.manifest == manifest
+    rt.committed(0.0)
+    assert rt.state == "done"
+
+
+def test_wrong_hash_in_a_valid_seal_fails() -> None:
+    data = payload(3 * CHUNK)
+    rt, sk = _receiver_for(data)
+    _feed_all(rt, data)
+    manifest = Manifest(bytes(16), SENDER, "model.bin", len(data), CHUNK, 3, 1000, bytes(32))
+    signed = manifest.sign(sk)
+    rt.receive(Seal(rt.transfer_id, signed.body, signed.signature), 0.0)
+    assert not any(isinstance(a, Commit) for a in rt.take_actions())
+    assert rt.failure is not None
+    assert rt.failure.reason == "hash-mismatch"
+
+
+# -- the receiver's own rules --------------------------------------------------------------
+
+
+def test_receiver_drops_duplicates_and_frames_beyond_its_window() -> None:
+    data = payload(40 * CHUNK)
+    rt, _ = _receiver_for(data, window=4, sync_batch=4)
+    cipher = ChunkCipher(rt.offer.content_key, rt.transfer_id)
+    out = frame_buffer(CHUNK)
+
+    def frame(i: int) -> bytes:
+        n = cipher.seal_into(out, i, False, data[i * CHUNK : (i + 1) * CHUNK], bytes(8))
+        return bytes(out[:n])
+
+    assert rt.limit == 4
+    assert isinstance(rt.on_frame(frame(0), bytearray(CHUNK), 0.0), WriteChunk)
+    assert rt.on_frame(frame(0), bytearray(CHUNK), 0.0) is None
+    assert rt.dropped_duplicates == 1
+    # A duplicate is recognised by its header: even a garbled body is not decrypted.
+    garbled = bytearray(frame(0))
+    garbled[40] ^= 1
+    assert rt.on_frame(bytes(garbled), bytearray(CHUNK), 0.0) is None
+    assert rt.on_frame(frame(4), bytearray(CHUNK), 0.0) is None
+    assert rt.dropped_beyond_window == 1
+    for i in (1, 2, 3):
+        rt.on_frame(frame(i), bytearray(CHUNK), 0.0)
+    assert rt.in_window() == 4
+    # Not durable yet: the window has not moved.
+    assert rt.on_frame(frame(4), bytearray(CHUNK), 0.0) is None
+    [sync] = [a for a in rt.take_actions() if isinstance(a, Sync)]
+    rt.on_synced(sync, 0.0)
+    assert rt.limit == 8
+    actions = rt.take_actions()
+    [ack] = [a.message for a in actions if isinstance(getattr(a, "message", None), Ack)]
+    assert (ack.cum, ack.limit) == (4, 8)
+    assert isinstance(rt.on_frame(frame(4), bytearray(CHUNK), 0.0), WriteChunk)
+
+
+def test_out_of_order_chunks_are_hashed_by_reading_them_back() -> None:
+    data = payload(6 * CHUNK)
+    rt, sk = _receiver_for(data, window=8, sync_batch=8)
+    cipher = ChunkCipher(rt.offer.content_key, rt.transfer_id)
+    out = frame_buffer(CHUNK)
+    disk = bytearray(len(data))
+    reads = []
+    for i in (3, 1, 2, 5, 4, 0):
+        n = cipher.seal_into(out, i, i == 5, data[i * CHUNK : (i + 1) * CHUNK], bytes(8))
+        write = rt.on_frame(bytes(out[:n]), bytearray(CHUNK), 0.0)
+        assert write is not None
+        disk[write.offset : write.offset + len(write.data)] = write.data
+        for action in rt.take_actions():
+            if isinstance(action, ReadChunk):
+                reads.append(action.index)
+                rt.on_read(action, bytes(disk[action.offset : action.offset + action.length]), 0.0)
+                for again in rt.take_actions():
+                    while isinstance(again, ReadChunk):
+                        reads.append(again.index)
+                        rt.on_read(
+                            again, bytes(disk[again.offset : again.offset + again.length]), 0.0
+                        )
+                        more = [a for a in rt.take_actions() if isinstance(a, ReadChunk)]
+                        again = more[0] if more else None  # type: ignore[assignment]
+            elif isinstance(action, Sync):
+                rt.on_synced(action, 0.0)
+    assert reads == [1, 2, 3, 4, 5]  # chunk 0 arrived last and was hashed from the frame
+    signed = Manifest(
+        bytes(16), SENDER, "model.bin", len(data), CHUNK, 6, 1000, file_hash(data)
+    ).sign(sk)
+    rt.receive(Seal(rt.transfer_id, signed.body, signed.signature), 0.0)
+    assert any(isinstance(a, Commit) for a in rt.take_actions())
+
+
+def test_receiver_rejects_messages_it_must_not_get() -> None:
+    rt, _ = _receiver_for(payload(CHUNK))
+    with pytest.raises(RemoteProtocolError) as err:
+        rt.receive(Ack(rt.transfer_id, bytes(8), 0, 1), 0.0)
+    assert err.value.reason == "unexpected-message"
+    other = Offer(bytes(16), "other.bin", CHUNK, CHUNK, 1, 1000, bytes(range(32)))
+    with pytest.raises(RemoteProtocolError) as err:
+        rt.receive(other, 0.0)
+    assert err.value.reason == "offer-mismatch"
+    with pytest.raises(LocalProtocolError):
+        rt.receive(Abort(b"\x09" * 16, "cancelled"), 0.0)
+
+
+def test_sender_rejects_what_receivers_must_not_send() -> None:
+    s = SenderTransfer(
+        name="m.bin",
+        size=10,
+        receivers=["bob"],
+        sender=SENDER,
+        signing_key=nacl.signing.SigningKey(bytes(32)),
+        now=0.0,
+    )
+    tid = s.transfer_id
+    with pytest.raises(RemoteProtocolError) as err:
+        s.receive("eve", Ack(tid, bytes(8), 0, 1), 0.0)
+    assert err.value.reason == "not-a-receiver"
+    with pytest.raises(RemoteProtocolError) as err:
+        s.receive("bob", s.offer, 0.0)
+    assert err.value.reason == "unexpected-message"
+    with pytest.raises(RemoteProtocolError) as err:
+        s.receive("bob", Ack(tid, bytes(8), 5, 6), 0.0)
+    assert err.value.reason == "bad-ack"
+    s.receive("bob", Ack(tid, bytes(8), 0, 1), 0.0)
+    with pytest.raises(RemoteProtocolError) as err:
+        s.receive("bob", Request(tid, bytes(8), ((3, 1),)), 0.0)
+    assert err.value.reason == "bad-request"
+
+
+def test_sender_misuse_is_local() -> None:
+    key = nacl.signing.SigningKey(bytes(32))
+    with pytest.raises(LocalProtocolError) as err:
+        SenderTransfer(
+            name="../x", size=1, receivers=["bob"], sender=SENDER, signing_key=key, now=0.0
+        )
+    assert err.value.hint
+    for receivers in ([], [SENDER], ["Bob"], [f"r{i}" for i in range(65)]):
+        with pytest.raises(LocalProtocolError):
+            SenderTransfer(
+                name="x", size=1, receivers=receivers, sender=SENDER, signing_key=key, now=0.0
+            )
+    with pytest.raises(LocalProtocolError):
+        SenderTransfer(
+            name="x", size=-1, receivers=["bob"], sender=SENDER, signing_key=key, now=0.0
+        )
+    s = SenderTransfer(
+        name="x",
+        size=3 * CHUNK,
+        receivers=["bob"],
+        sender=SENDER,
+        signing_key=key,
+        now=0.0,
+        config=small_config(),
+    )
+    s.receive("bob", Ack(s.transfer_id, bytes(8), 0, 8), 0.0)
+    first = s.next_read(0.0)
+    second = s.next_read(0.0)
+    assert first is not None
+    assert second is not None
+    with pytest.raises(LocalProtocolError):
+        s.on_chunk_read(second, bytes(CHUNK))
+    assert s.on_chunk_read(first, bytes(CHUNK)) is not None
+
+
+def test_sender_never_sends_beyond_the_credit() -> None:
+    key = nacl.signing.SigningKey(bytes(32))
+    s = SenderTransfer(
+        name="x",
+        size=50 * CHUNK,
+        receivers=["bob", "carol"],
+        sender=SENDER,
+        signing_key=key,
+        now=0.0,
+        config=small_config(),
+    )
+    assert s.next_read(0.0) is None  # nobody has granted credit
+    s.receive("bob", Ack(s.transfer_id, b"b" * 8, 0, 5), 0.0)
+    s.receive("carol", Ack(s.transfer_id, b"c" * 8, 0, 3), 0.0)
+    sent = []
+    while (read := s.next_read(0.0)) is not None:
+        sent.append(read.index)
+        s.on_chunk_read(read, bytes(CHUNK))
+    assert sent == [0, 1, 2]  # carol paces the pair: nothing is published twice
+    # Once carol has stalled for lag_timeout, bob goes on alone (up to his credit) ...
+    later = s.config.lag_timeout + 0.1
+    s.on_timer(later)
+    while (read := s.next_read(later)) is not None:
+        sent.append(read.index)
+        s.on_chunk_read(read, bytes(CHUNK))
+    assert sent == [0, 1, 2, 3, 4]
+    # ... and carol, once she grants credit again, is served her own copies.
+    s.receive("carol", Ack(s.transfer_id, b"c" * 8, 3, 6), later)
+    while (read := s.next_read(later)) is not None:
+        sent.append(read.index)
+        s.on_chunk_read(read, bytes(CHUNK))
+    # Now both are at 5 and bob has no credit: 5 waits for him, to go out once for both.
+    assert sent == [0, 1, 2, 3, 4, 3, 4]
+    s.receive("bob", Ack(s.transfer_id, b"b" * 8, 5, 10), later)
+    while (read := s.next_read(later)) is not None:
+        sent.append(read.index)
+        s.on_chunk_read(read, bytes(CHUNK))
+    assert sent == [0, 1, 2, 3, 4, 3, 4, 5]

@@ -420,11 +420,11 @@ class SenderTransfer:
         published (or copied) before `out` is reused. Fewer or more bytes than asked means the
         file changed: the transfer is aborted (reason source-changed) and None is returned.
         """
+        if self._finished:
+            return None  # cancelled or aborted while the read was outstanding
         if not self._reads or self._reads[0][0] is not read:
             raise LocalProtocolError("chunk reads must be returned in the order they were issued")
         _, hashed = self._reads.popleft()
-        if self._finished:
-            return None
         if len(data) != read.length:
             self.source_changed(
                 f"chunk {read.index} read {len(data)} bytes where {read.length} were expected"

@@ -529,3 +529,28 @@ def test_sender_never_sends_beyond_the_credit() -> None:
         sent.append(read.index)
         s.on_chunk_read(read, bytes(CHUNK))
     assert sent == [0, 1, 2, 3, 4, 3, 4, 5]
+
+
+def test_reads_outstanding_at_cancel_are_simply_dropped() -> None:
+    key = nacl.signing.SigningKey(bytes(32))
+    s = SenderTransfer(
+        name="x",
+        size=10 * CHUNK,
+        receivers=["bob"],
+        sender=SENDER,
+        signing_key=key,
+        now=0.0,
+        config=small_config(),
+    )
+    s.receive("bob", Ack(s.transfer_id, bytes(8), 0, 8), 0.0)
+    reads = [s.next_read(0.0), s.next_read(0.0)]
+    s.cancel()
+    assert s.finished
+    for read in reads:
+        assert read is not None
+        assert s.on_chunk_read(read, bytes(CHUNK)) is None
+    assert s.next_read(0.0) is None
+    actions = s.take_actions()
+    aborts = [a.message for a in actions if isinstance(getattr(a, "message", None), Abort)]
+    assert [m.reason for m in aborts] == ["cancelled"]
+    assert type(actions[-1]).__name__ == "Finished"

@@ -111,8 +111,9 @@ class Sync:
 @dataclass(frozen=True, slots=True)
 class Persist:
     """Store `snapshot` as this transfer's resumable state (replacing the previous one);
-    `restore(snapshot, ...)` rebuilds the machine. Only the latest matters: a shell may
-    coalesce several. It contains the content key."""
+    `restore(snapshot, ...)` rebuilds the machine. It must be stored before any later
+    SendControl goes out. Only the latest matters: a shell may coalesce several. It contains
+    the content key."""
 
     snapshot: bytes
 

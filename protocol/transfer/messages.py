@@ -45,7 +45,7 @@ MAX_CONTROL_BYTES = 2048
 MAX_WINDOW = 1024  # chunks a receiver may grant beyond its durable prefix
 MAX_SACK_BYTES = MAX_WINDOW // 8
 MAX_REQUEST_RANGES = 64
-INCARNATION_BYTES = 8
+MAX_INCARNATION = 2**63 - 1
 MAX_DETAIL_BYTES = 200
 _REASON = re.compile(r"[a-z][a-z0-9-]{0,31}")
 
@@ -257,7 +257,7 @@ def sack_indices(cum: int, sack: bytes) -> list[int]:
 
 def _check_status(transfer_id: Any, incarnation: Any, cum: Any, limit: Any, sack: Any) -> None:
     want_bytes(transfer_id, "transfer id", TRANSFER_ID_BYTES)
-    want_bytes(incarnation, "incarnation", INCARNATION_BYTES)
+    want_int(incarnation, "incarnation", lo=1, hi=MAX_INCARNATION)
     want_int(cum, "acknowledged prefix", hi=MAX_CHUNK_COUNT)
     want_int(limit, "credit limit", lo=cum, hi=cum + MAX_WINDOW)
     want_bytes(sack, "selective acknowledgement", max_len=MAX_SACK_BYTES)
@@ -271,12 +271,13 @@ def _check_status(transfer_id: Any, incarnation: Any, cum: Any, limit: Any, sack
 @dataclass(frozen=True, slots=True)
 class _Status(_Message):
     """Durable progress and credit: every index < cum, and cum + 1 + k for each bit k of `sack`,
-    is durable at the receiver; the sender may send indices < limit. `incarnation` is random per
-    receiver process lifetime: a new one means the receiver restarted and lost what was not
-    durable, so the sender resynchronises; an old one is stale and ignored."""
+    is durable at the receiver; the sender may send indices < limit. `incarnation` counts the
+    receiver's (re)starts of this transfer (1, then +1 at each restore, recorded before use): a
+    higher one means the receiver restarted and lost what was not durable, so the sender
+    resynchronises; a lower one is stale (delayed) and ignored."""
 
     transfer_id: bytes
-    incarnation: bytes
+    incarnation: int
     cum: int
     limit: int
     sack: bytes = b""
@@ -346,12 +347,12 @@ class Request(_Message):
 
     TAG: ClassVar[Tag] = Tag.REQUEST
     transfer_id: bytes
-    incarnation: bytes
+    incarnation: int
     ranges: tuple[tuple[int, int], ...]
 
     def __post_init__(self) -> None:
         _check_own(want_bytes, self.transfer_id, "transfer id", TRANSFER_ID_BYTES)
-        _check_own(want_bytes, self.incarnation, "incarnation", INCARNATION_BYTES)
+        _check_own(want_int, self.incarnation, "incarnation", lo=1, hi=MAX_INCARNATION)
         _check_own(_check_ranges, list(self.ranges))
 
     def fields(self) -> list[Any]:
@@ -364,7 +365,7 @@ class Request(_Message):
     @classmethod
     def _from(cls, transfer_id: bytes, v: list[Any]) -> Request:
         fields(v, "request", 2)
-        incarnation = want_bytes(v[0], "incarnation", INCARNATION_BYTES)
+        incarnation = want_int(v[0], "incarnation", lo=1, hi=MAX_INCARNATION)
         _check_ranges(v[1])
         return cls(transfer_id, incarnation, tuple((r[0], r[1]) for r in v[1]))
 

@@ -21,12 +21,10 @@ this offset" and drives the rest: credit, durability, repair, verification, comm
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import nacl.signing
-import nacl.utils
 
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.transfer._codec import (
@@ -60,7 +58,7 @@ from protocol.transfer.manifest import (
     chunk_length,
 )
 from protocol.transfer.messages import (
-    INCARNATION_BYTES,
+    MAX_INCARNATION,
     MAX_REQUEST_RANGES,
     MAX_WINDOW,
     Abort,
@@ -125,7 +123,6 @@ class ReceiverTransfer:
         sender_key: bytes | nacl.signing.VerifyKey,
         now: float,
         config: TransferConfig | None = None,
-        random: Callable[[int], bytes] = nacl.utils.random,
     ) -> None:
         """Accept `offer` from `sender` (its peer id; `sender_key` its Ed25519 identity key).
 
@@ -138,7 +135,7 @@ class ReceiverTransfer:
             sender_key=sender_key,
             now=now,
             config=config or TransferConfig(),
-            random=random,
+            incarnation=1,
         )
         self._persist()
         self._send(self._status(Accept))
@@ -151,12 +148,11 @@ class ReceiverTransfer:
         sender_key: bytes | nacl.signing.VerifyKey,
         now: float,
         config: TransferConfig | None = None,
-        random: Callable[[int], bytes] = nacl.utils.random,
     ) -> ReceiverTransfer:
         """Rebuild from the last Persist after a restart: the temporary file holds at least the
         chunks the snapshot calls durable. Tells the sender what it has (an Accept) and re-reads
         the durable prefix to rebuild the running hash."""
-        offer, sender, cum, durable, seal = _decode_snapshot(snapshot)
+        offer, sender, incarnation, cum, durable, seal = _decode_snapshot(snapshot)
         self = cls.__new__(cls)
         self._setup(
             offer=offer,
@@ -164,7 +160,7 @@ class ReceiverTransfer:
             sender_key=sender_key,
             now=now,
             config=config or TransferConfig(),
-            random=random,
+            incarnation=incarnation + 1,
         )
         if cum > self._count or any(i >= self._count for i in durable):
             raise LocalProtocolError("corrupt receiver snapshot: chunks past the end")
@@ -178,6 +174,9 @@ class ReceiverTransfer:
                 self._seal = self._open_seal(seal[0], seal[1])
             except RemoteProtocolError as exc:
                 raise LocalProtocolError(f"corrupt receiver snapshot: {exc}") from exc
+        # The new incarnation is recorded before anything is sent under it, so that the sender
+        # can tell this process's messages from the delayed ones of the last.
+        self._persist()
         self._send(self._status(Accept))
         self._schedule_read()
         self._maybe_finish()
@@ -191,7 +190,7 @@ class ReceiverTransfer:
         sender_key: bytes | nacl.signing.VerifyKey,
         now: float,
         config: TransferConfig,
-        random: Callable[[int], bytes],
+        incarnation: int,
     ) -> None:
         try:
             check_peer_id(sender, "sender")
@@ -206,7 +205,7 @@ class ReceiverTransfer:
         self.offer = offer
         self.sender = sender
         self.config = config
-        self.incarnation = random(INCARNATION_BYTES)
+        self.incarnation = incarnation
         self._cipher = ChunkCipher(offer.content_key, offer.transfer_id)
         self._count = offer.chunk_count
         self._window = config.window
@@ -574,13 +573,14 @@ class ReceiverTransfer:
         self._actions.append(self.failure)
 
     def snapshot(self) -> bytes:
-        """The resumable state: the offer (with the content key), the sender, the durable
-        chunks and the seal once received. Nothing that is not durable."""
+        """The resumable state: the offer (with the content key), the sender, the incarnation,
+        the durable chunks and the seal once received. Nothing that is not durable."""
         return pack(
             [
                 _SNAPSHOT_VERSION,
                 self.offer.encode(),
                 self.sender,
+                self.incarnation,
                 self._cum,
                 sorted(self._durable),
                 self._seal.body if self._seal else None,
@@ -594,28 +594,29 @@ class ReceiverTransfer:
 
 def _decode_snapshot(
     snapshot: bytes,
-) -> tuple[Offer, str, int, list[int], tuple[bytes, bytes] | None]:
+) -> tuple[Offer, str, int, int, list[int], tuple[bytes, bytes] | None]:
     try:
         v: list[Any] = fields(
             unpack(snapshot, what="receiver snapshot", max_size=_MAX_SNAPSHOT_BYTES),
             "receiver snapshot",
-            7,
+            8,
         )
         if want_int(v[0], "snapshot version") != _SNAPSHOT_VERSION:
             raise MalformedTransferObject("unknown snapshot version")
         offer = Offer.decode(want_bytes(v[1], "offer", max_len=_MAX_SNAPSHOT_BYTES))
         sender = check_peer_id(v[2], "sender")
-        cum = want_int(v[3], "durable prefix")
+        incarnation = want_int(v[3], "incarnation", lo=1, hi=MAX_INCARNATION - 1)
+        cum = want_int(v[4], "durable prefix")
         durable = [
             want_int(i, "durable chunk")
-            for i in want_list(v[4], "durable chunks", max_len=MAX_WINDOW)
+            for i in want_list(v[5], "durable chunks", max_len=MAX_WINDOW)
         ]
         seal = None
-        if v[5] is not None:
+        if v[6] is not None:
             seal = (
-                want_bytes(v[5], "seal", max_len=MAX_MANIFEST_BYTES),
-                want_bytes(v[6], "seal signature", SIGNATURE_BYTES),
+                want_bytes(v[6], "seal", max_len=MAX_MANIFEST_BYTES),
+                want_bytes(v[7], "seal signature", SIGNATURE_BYTES),
             )
     except RemoteProtocolError as exc:
         raise LocalProtocolError(f"corrupt receiver snapshot: {exc}") from exc
-    return offer, sender, cum, durable, seal
+    return offer, sender, incarnation, cum, durable, seal

@@ -84,7 +84,6 @@ from protocol.transfer.messages import (
 )
 
 MAX_RECEIVERS = 64
-_RETIRED_INCARNATIONS = 8
 _SNAPSHOT_VERSION = 1
 _MAX_SNAPSHOT_BYTES = 16384
 
@@ -110,7 +109,6 @@ class _Receiver:
         "probe_interval",
         "reason",
         "repair",
-        "retired",
         "sacked",
         "stalled_since",
         "state",
@@ -121,8 +119,7 @@ class _Receiver:
         self.state = OFFERED
         self.reason = ""
         self.detail = ""
-        self.incarnation: bytes | None = None
-        self.retired: deque[bytes] = deque(maxlen=_RETIRED_INCARNATIONS)
+        self.incarnation = 0  # the receiver's latest incarnation heard (0: none yet)
         self.cum = 0  # every index below is acknowledged durable
         self.sacked: set[int] = set()  # acknowledged indices above cum
         self.limit = 0  # may send indices below
@@ -538,11 +535,9 @@ class SenderTransfer:
                 "an acknowledgement names chunks past the end", reason="bad-ack"
             )
         limit = min(m.limit, count)
-        if r.state == OFFERED or m.incarnation != r.incarnation:
-            if m.incarnation in r.retired:
-                return  # from before the receiver restarted: stale
-            if r.incarnation is not None:
-                r.retired.append(r.incarnation)
+        if m.incarnation < r.incarnation:
+            return  # sent before the receiver restarted, delayed: stale
+        if r.state == OFFERED or m.incarnation > r.incarnation:
             r.incarnation = m.incarnation
             r.cum = m.cum
             r.sacked = set(durable)

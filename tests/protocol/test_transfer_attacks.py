@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.transfer import (
     Abort,
+    Accept,
     Ack,
     ChunkCipher,
     Commit,
@@ -262,7 +263,6 @@ def _receiver_for(data: bytes, **kw: object) -> tuple[ReceiverTransfer, nacl.sig
         sender_key=bytes(sk.verify_key),
         now=0.0,
         config=small_config(**kw),
-        random=random.Random(0).randbytes,
     )
     rt.take_actions()
     return rt, sk
@@ -421,7 +421,7 @@ def test_out_of_order_chunks_are_hashed_by_reading_them_back() -> None:
 def test_receiver_rejects_messages_it_must_not_get() -> None:
     rt, _ = _receiver_for(payload(CHUNK))
     with pytest.raises(RemoteProtocolError) as err:
-        rt.receive(Ack(rt.transfer_id, bytes(8), 0, 1), 0.0)
+        rt.receive(Ack(rt.transfer_id, 1, 0, 1), 0.0)
     assert err.value.reason == "unexpected-message"
     other = Offer(bytes(16), "other.bin", CHUNK, CHUNK, 1, 1000, bytes(range(32)))
     with pytest.raises(RemoteProtocolError) as err:
@@ -442,17 +442,17 @@ def test_sender_rejects_what_receivers_must_not_send() -> None:
     )
     tid = s.transfer_id
     with pytest.raises(RemoteProtocolError) as err:
-        s.receive("eve", Ack(tid, bytes(8), 0, 1), 0.0)
+        s.receive("eve", Ack(tid, 1, 0, 1), 0.0)
     assert err.value.reason == "not-a-receiver"
     with pytest.raises(RemoteProtocolError) as err:
         s.receive("bob", s.offer, 0.0)
     assert err.value.reason == "unexpected-message"
     with pytest.raises(RemoteProtocolError) as err:
-        s.receive("bob", Ack(tid, bytes(8), 5, 6), 0.0)
+        s.receive("bob", Ack(tid, 1, 5, 6), 0.0)
     assert err.value.reason == "bad-ack"
-    s.receive("bob", Ack(tid, bytes(8), 0, 1), 0.0)
+    s.receive("bob", Ack(tid, 1, 0, 1), 0.0)
     with pytest.raises(RemoteProtocolError) as err:
-        s.receive("bob", Request(tid, bytes(8), ((3, 1),)), 0.0)
+        s.receive("bob", Request(tid, 1, ((3, 1),)), 0.0)
     assert err.value.reason == "bad-request"
 
 
@@ -481,7 +481,7 @@ def test_sender_misuse_is_local() -> None:
         now=0.0,
         config=small_config(),
     )
-    s.receive("bob", Ack(s.transfer_id, bytes(8), 0, 8), 0.0)
+    s.receive("bob", Ack(s.transfer_id, 1, 0, 8), 0.0)
     first = s.next_read(0.0)
     second = s.next_read(0.0)
     assert first is not None
@@ -503,8 +503,8 @@ def test_sender_never_sends_beyond_the_credit() -> None:
         config=small_config(),
     )
     assert s.next_read(0.0) is None  # nobody has granted credit
-    s.receive("bob", Ack(s.transfer_id, b"b" * 8, 0, 5), 0.0)
-    s.receive("carol", Ack(s.transfer_id, b"c" * 8, 0, 3), 0.0)
+    s.receive("bob", Ack(s.transfer_id, 1, 0, 5), 0.0)
+    s.receive("carol", Ack(s.transfer_id, 1, 0, 3), 0.0)
     sent = []
     while (read := s.next_read(0.0)) is not None:
         sent.append(read.index)
@@ -518,13 +518,13 @@ def test_sender_never_sends_beyond_the_credit() -> None:
         s.on_chunk_read(read, bytes(CHUNK))
     assert sent == [0, 1, 2, 3, 4]
     # ... and carol, once she grants credit again, is served her own copies.
-    s.receive("carol", Ack(s.transfer_id, b"c" * 8, 3, 6), later)
+    s.receive("carol", Ack(s.transfer_id, 1, 3, 6), later)
     while (read := s.next_read(later)) is not None:
         sent.append(read.index)
         s.on_chunk_read(read, bytes(CHUNK))
     # Now both are at 5 and bob has no credit: 5 waits for him, to go out once for both.
     assert sent == [0, 1, 2, 3, 4, 3, 4]
-    s.receive("bob", Ack(s.transfer_id, b"b" * 8, 5, 10), later)
+    s.receive("bob", Ack(s.transfer_id, 1, 5, 10), later)
     while (read := s.next_read(later)) is not None:
         sent.append(read.index)
         s.on_chunk_read(read, bytes(CHUNK))
@@ -542,7 +542,7 @@ def test_reads_outstanding_at_cancel_are_simply_dropped() -> None:
         now=0.0,
         config=small_config(),
     )
-    s.receive("bob", Ack(s.transfer_id, bytes(8), 0, 8), 0.0)
+    s.receive("bob", Ack(s.transfer_id, 1, 0, 8), 0.0)
     reads = [s.next_read(0.0), s.next_read(0.0)]
     s.cancel()
     assert s.finished
@@ -554,3 +554,40 @@ def test_reads_outstanding_at_cancel_are_simply_dropped() -> None:
     aborts = [a.message for a in actions if isinstance(getattr(a, "message", None), Abort)]
     assert [m.reason for m in aborts] == ["cancelled"]
     assert type(actions[-1]).__name__ == "Finished"
+
+
+def test_sender_follows_the_newest_receiver_incarnation_only() -> None:
+    key = nacl.signing.SigningKey(bytes(32))
+    s = SenderTransfer(
+        name="x",
+        size=20 * CHUNK,
+        receivers=["bob"],
+        sender=SENDER,
+        signing_key=key,
+        now=0.0,
+        config=small_config(),
+    )
+    tid = s.transfer_id
+    s.receive("bob", Accept(tid, 1, 0, 8), 0.0)
+    sent = []
+    while (read := s.next_read(0.0)) is not None:
+        sent.append(read.index)
+        s.on_chunk_read(read, bytes(CHUNK))
+    assert sent == list(range(8))
+    # bob restarted (incarnation 3) with 0..4 durable: the sender resumes him from 5 ...
+    s.receive("bob", Accept(tid, 3, 5, 13), 0.0)
+    # ... and a delayed Ack of incarnation 2, or 1, changes nothing.
+    s.receive("bob", Ack(tid, 2, 1, 9), 0.0)
+    s.receive("bob", Ack(tid, 1, 8, 16), 0.0)
+    while (read := s.next_read(0.0)) is not None:
+        sent.append(read.index)
+        s.on_chunk_read(read, bytes(CHUNK))
+    assert sent == list(range(8)) + list(range(5, 13))
+    assert s.acked_chunks("bob") == 5
+    # A Request of an older incarnation is ignored too; the current one's is served.
+    s.receive("bob", Request(tid, 2, ((5, 1),)), 0.0)
+    assert s.next_read(0.0) is None
+    s.receive("bob", Request(tid, 3, ((6, 1),)), 0.0)
+    read = s.next_read(0.0)
+    assert read is not None
+    assert read.index == 6

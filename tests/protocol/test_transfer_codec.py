@@ -251,7 +251,7 @@ def test_blake3_test_vector() -> None:
 
 # -- control messages ------------------------------------------------------------------------
 
-INC = b"\x01" * 8
+INC = 1
 SAMPLES = [
     Offer(TID, "model.safetensors", 5000, 1024, 5, 1_700_000_000, KEY),
     Offer(TID, "empty", 0, 2**18, 1, 0, KEY),
@@ -317,7 +317,8 @@ def test_largest_messages_fit_the_bound() -> None:
         [35, TID, INC, 0, 1025, b""],  # window beyond MAX_WINDOW
         [35, TID, INC, 0, 64, b"\x01\x00"],  # trailing zero byte in the bitmap
         [35, TID, INC, 0, 8, b"\x80"],  # a bit beyond the credit
-        [35, TID, INC[:7], 0, 64, b""],
+        [35, TID, 0, 0, 64, b""],  # incarnations count from 1
+        [35, TID, b"\x01" * 8, 0, 64, b""],
         [36, TID, INC, []],
         [36, TID, INC, [[5, 1], [3, 1]]],  # unsorted
         [36, TID, INC, [[3, 2], [5, 1]]],  # adjacent: not canonical

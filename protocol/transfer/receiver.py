@@ -407,7 +407,9 @@ class ReceiverTransfer:
         elif isinstance(message, Seal):
             self._on_seal(message)
         elif isinstance(message, Abort):
-            if self.state in (RECEIVING, COMMITTING):
+            # Once committing, the file is verified: a late cancel does not undo it (the
+            # sender learns from the Verified that it arrived).
+            if self.state == RECEIVING:
                 self._fail(message.reason, message.detail, remote=True)
         else:
             raise RemoteProtocolError(

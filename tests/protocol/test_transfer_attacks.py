@@ -28,6 +28,7 @@ from protocol.transfer import (
     Seal,
     SenderTransfer,
     Sync,
+    Verified,
     WriteChunk,
     file_hash,
     frame_buffer,
@@ -331,8 +332,38 @@ def test_no_commit_before_the_seal_even_with_every_chunk_durable() -> None:
     rt.receive(Seal(rt.transfer_id, signed.body, signed.signature), 0.0)
     [commit] = [a for a in rt.take_actions() if isinstance(a, Commit)]
     assert commit.manifest.manifest == manifest
+    # A cancel that arrives while the shell renames the verified file does not undo it.
+    rt.receive(Abort(rt.transfer_id, "cancelled"), 0.0)
+    assert rt.state == "committing"
     rt.committed(0.0)
     assert rt.state == "done"
+    [verified] = [a.message for a in rt.take_actions()]
+    assert verified == Verified(rt.transfer_id, file_hash(data))
+    # Asked again (a lost Verified), it answers again.
+    rt.receive(Seal(rt.transfer_id, signed.body, signed.signature), 0.0)
+    assert [a.message for a in rt.take_actions()] == [verified]
+
+
+def test_content_rejected_at_commit_is_reported_to_the_sender() -> None:
+    data = payload(2 * CHUNK)
+    rt, sk = _receiver_for(data)
+    _feed_all(rt, data)
+    signed = Manifest(
+        bytes(16), SENDER, "model.bin", len(data), CHUNK, 2, 1000, file_hash(data)
+    ).sign(sk)
+    rt.receive(Seal(rt.transfer_id, signed.body, signed.signature), 0.0)
+    assert any(isinstance(a, Commit) for a in rt.take_actions())
+    why = "safetensors: the header is not valid JSON"
+    rt.abort("bad-content", why)
+    assert rt.state == "failed"
+    actions = rt.take_actions()
+    [abort] = [a.message for a in actions if isinstance(getattr(a, "message", None), Abort)]
+    assert (abort.reason, abort.detail) == (
+        "bad-content",
+        "safetensors: the header is not valid JSON",
+    )
+    with pytest.raises(LocalProtocolError):
+        rt.committed(0.0)
 
 
 def test_wrong_hash_in_a_valid_seal_fails() -> None:

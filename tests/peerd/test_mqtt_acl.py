@@ -1,0 +1,162 @@
+"""The shipped broker config (systemd/mosquitto-peerd.conf) confines each node, for real.
+
+A private Mosquitto runs that file (its ACL, authentication and limits; only paths rewritten).
+Nodes authenticate with their peer id as username. Mosquitto 2.0 grants every SUBSCRIBE of an
+MQTT 3.1.1 client and acknowledges every PUBLISH, and applies the ACL when it delivers: so the
+tests assert what arrives (and what a later subscriber finds retained), not the acknowledgements.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import pytest
+
+from peerd.mqtt import Backoff, BrokerRefused, BrokerSettings, Message, MqttLink, Subscription
+from tests.support.broker import Broker
+
+NET = "peerd/v1/acltest"
+NODES = ("alice", "bob", "carol")
+USERS = {u: f"{u}-secret" for u in (*NODES, "mallory", "dave")}
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    with Broker(tmp_path_factory.mktemp("shipped"), shipped=True, users=USERS) as broker:
+        yield broker
+
+
+def node(broker: Broker, user: str, *, client_id: str | None = None) -> MqttLink:
+    s = BrokerSettings.from_url(
+        broker.url, client_id=client_id or user, username=user, password=USERS[user]
+    )
+    return MqttLink(s, backoff=Backoff(initial=0.05, maximum=0.2))
+
+
+async def drain(sub: Subscription, quiet: float = 0.3) -> list[Message]:
+    """Everything that arrives until nothing has for `quiet` seconds."""
+    got = []
+    while True:
+        try:
+            async with asyncio.timeout(quiet):
+                got.append(await sub.get())
+        except TimeoutError:
+            return got
+
+
+@pytest.fixture
+async def nodes(shipped: Broker) -> AsyncIterator[dict[str, MqttLink]]:
+    async with AsyncExitStack() as stack:
+        links = {u: await stack.enter_async_context(node(shipped, u)) for u in NODES}
+        for link in links.values():
+            await link.wait_connected(5)
+        yield links
+
+
+async def test_a_node_receives_only_its_own_inbox(nodes: dict[str, MqttLink]) -> None:
+    alice, bob, carol = nodes["alice"], nodes["bob"], nodes["carol"]
+    # Alice tries everything that would show her Bob's inbox.
+    snoops = [
+        await alice.subscribe(f, timeout=5)
+        for f in (f"{NET}/in/bob", f"{NET}/in/+", "peerd/v1/+/in/#", "#")
+    ]
+    mine = await alice.subscribe(f"{NET}/in/alice", timeout=5)
+    bobs = await bob.subscribe(f"{NET}/in/bob", timeout=5)
+    secret = os.urandom(16)
+    await carol.publish(f"{NET}/in/bob", secret, qos=1)  # anyone may write to any inbox
+    await bob.publish(f"{NET}/in/alice", b"hello alice", qos=1)
+
+    assert [m.payload for m in await drain(bobs)] == [secret]
+    # Alice's own inbox reaches her, through her own subscription and the wildcard ones.
+    assert [m.payload for m in await drain(mine)] == [b"hello alice"]
+    for snoop in snoops:
+        assert secret not in [m.payload for m in await drain(snoop)]
+    # Whatever copies the broker sent her for her overlapping subscriptions, all were hers.
+    assert alice.stats.received >= 1
+    assert alice.stats.received_bytes == alice.stats.received * len(b"hello alice")
+
+
+async def test_only_the_issuer_writes_its_revocations_and_everyone_reads_them(
+    shipped: Broker, nodes: dict[str, MqttLink]
+) -> None:
+    alice, bob, carol = nodes["alice"], nodes["bob"], nodes["carol"]
+    stmt = os.urandom(8).hex()
+    watch = await carol.subscribe(f"{NET}/rev/#", timeout=5)
+    # Alice forges a revocation of Bob's key: acknowledged, but neither delivered nor retained.
+    await alice.publish(f"{NET}/rev/bob/{stmt}", b"forged by alice", qos=1, retain=True)
+    # Bob revokes for real.
+    await bob.publish(f"{NET}/rev/bob/{stmt}", b"signed by bob", qos=1, retain=True)
+    got = await drain(watch)
+    assert [(m.topic, m.payload) for m in got] == [(f"{NET}/rev/bob/{stmt}", b"signed by bob")]
+
+    # A node that connects later finds Bob's statement retained, and only that.
+    async with node(shipped, "dave") as late:
+        sub = await late.subscribe(f"{NET}/rev/bob/{stmt}", timeout=5)
+        retained = await drain(sub)
+    assert [(m.payload, m.retain) for m in retained] == [(b"signed by bob", True)]
+
+    # Nor can Alice overwrite it later, or publish outside the rev/<her id>/ space.
+    await alice.publish(f"{NET}/rev/bob/{stmt}", b"", qos=1, retain=True)  # would clear it
+    await alice.publish(f"{NET}/rev/alice/{stmt}", b"alice's own", qos=1, retain=True)
+    got = await drain(watch)
+    assert [(m.topic, m.payload) for m in got] == [(f"{NET}/rev/alice/{stmt}", b"alice's own")]
+
+
+async def test_transfer_topics_are_shared_and_nothing_else_is_granted(
+    nodes: dict[str, MqttLink],
+) -> None:
+    alice, bob = nodes["alice"], nodes["bob"]
+    tid = os.urandom(16).hex()
+    chunks = await bob.subscribe(f"{NET}/x/{tid}", timeout=5)
+    await alice.publish(f"{NET}/x/{tid}", b"ciphertext", qos=1)
+    assert [m.payload for m in await drain(chunks)] == [b"ciphertext"]
+
+    outside = await bob.subscribe("elsewhere/#", timeout=5)
+    sys_tree = await bob.subscribe("$SYS/#", timeout=5)
+    await alice.publish("elsewhere/topic", b"not in the layout", qos=1)
+    await alice.publish(f"{NET}/unknown/bob", b"not in the layout", qos=1)
+    assert await drain(outside) == []
+    assert await drain(sys_tree) == []
+
+
+async def test_a_client_cannot_claim_another_nodes_id(
+    shipped: Broker, nodes: dict[str, MqttLink]
+) -> None:
+    """Mallory connects with client id "bob": the broker uses her username instead."""
+    bob = nodes["bob"]
+    states: list[bool] = []
+    bob._on_state = states.append
+    bobs = await bob.subscribe(f"{NET}/in/bob", timeout=5)
+    async with node(shipped, "mallory", client_id="bob") as mallory:
+        snoop = await mallory.subscribe(f"{NET}/in/bob", timeout=5)
+        await nodes["carol"].publish(f"{NET}/in/bob", b"for bob only", qos=1)
+        assert await drain(snoop) == []
+        assert [m.payload for m in await drain(bobs)] == [b"for bob only"]
+    # Bob's connection was not taken over (a same-id connect would have kicked him off).
+    assert states == []
+    assert bob.connected
+    assert bob.stats.disconnects == 0
+
+
+async def test_unauthenticated_clients_are_refused(shipped: Broker) -> None:
+    for kwargs in ({}, {"username": "alice", "password": "wrong"}, {"username": "eve"}):
+        s = BrokerSettings.from_url(shipped.url, client_id="eve", **kwargs)  # type: ignore[arg-type]
+        async with MqttLink(s) as link:
+            with pytest.raises(BrokerRefused, match="not authorised"):
+                await link.wait_connected(30)
+
+
+def test_the_shipped_conf_sets_the_documented_limits(shipped: Broker) -> None:
+    conf = Path(shipped.conf_path).read_text().splitlines()
+    for line in (
+        "set_tcp_nodelay true",
+        "max_packet_size 1048576",
+        "allow_anonymous false",
+        "use_username_as_clientid true",
+        "persistence true",
+    ):
+        assert line in conf

@@ -41,6 +41,7 @@ from peerd.mqtt import (
     topic_matches,
 )
 from tests.support.broker import Broker, free_port, write_password_file
+from tests.support.hostile import TO_BROKER, Hold, HostileProxy, Record
 
 
 def cid(prefix: str) -> str:
@@ -302,6 +303,34 @@ async def test_broker_killed_and_restarted_link_recovers_and_delivers(broker: Br
             await peer.wait_connected(5)
             await peer.publish(inbox, b"after", qos=1)
             assert (await next_msg(sub)).payload == b"after"
+
+
+async def test_an_unacknowledged_qos1_publish_is_sent_again_after_a_reconnect(
+    shared_broker: Broker,
+) -> None:
+    topic = f"peerd/v1/t/x/{os.urandom(8).hex()}"
+    async with HostileProxy(shared_broker.port) as proxy:
+        swallow = proxy.add_rule(TO_BROKER, topic, Hold(), count=1)  # the broker never sees it
+        proxy.add_rule(TO_BROKER, topic, Record())
+        s = BrokerSettings.from_url(proxy.url, client_id=cid("rt"))
+        async with (
+            MqttLink(s, backoff=Backoff(initial=0.02, maximum=0.05)) as link,
+            link_for(shared_broker, "ob") as observer,
+        ):
+            sub = await observer.subscribe(topic, timeout=5)
+            sending = asyncio.create_task(link.publish(topic, b"must arrive", qos=1))
+            await eventually(lambda: len(swallow.held) == 1, "the proxy swallowed it")
+            await asyncio.sleep(0.2)
+            assert not sending.done()  # no PUBACK: the link keeps it
+            proxy.kill_connections()
+            async with asyncio.timeout(10):
+                await sending
+            assert (await next_msg(sub)).payload == b"must arrive"
+            assert link.stats.retransmitted == 1
+            again = proxy.recordings(topic, TO_BROKER)
+            assert len(again) == 1
+            assert again[0].dup
+            assert again[0].mid == swallow.held[0].mid  # same packet id, DUP set (MQTT 4.4)
 
 
 async def test_outbox_is_bounded_and_a_publish_timeout_withdraws(tmp_path: Path) -> None:

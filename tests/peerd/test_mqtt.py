@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import hashlib
 import ipaddress
 import os
 import random
@@ -38,6 +39,8 @@ from peerd.mqtt import (
     Message,
     MqttLink,
     SubscribeRefused,
+    Topics,
+    statement_id,
     topic_matches,
 )
 from tests.support.broker import Broker, free_port, write_password_file
@@ -177,6 +180,38 @@ def test_backoff_never_exceeds_its_bounds(
 )
 def test_topic_matches(topic_filter: str, topic: str, expected: bool) -> None:
     assert topic_matches(topic_filter, topic) is expected
+
+
+def test_topic_layout_of_a_network() -> None:
+    t = Topics("lab-1")
+    stmt = b"\x92\x01signed statement"
+    sid = hashlib.blake2b(b"peerd/v1/statement-id\0" + stmt, digest_size=32).digest()[:16].hex()
+    assert statement_id(stmt) == sid
+    assert t.inbox("alice1") == "peerd/v1/lab-1/in/alice1"
+    assert t.revocation("alice1", stmt) == f"peerd/v1/lab-1/rev/alice1/{sid}"
+    assert t.revocations == "peerd/v1/lab-1/rev/#"
+    assert t.transfer(bytes(range(16))) == "peerd/v1/lab-1/x/000102030405060708090a0b0c0d0e0f"
+    assert t.parse(t.inbox("bob")) == ("in", ("bob",))
+    assert t.parse(t.revocation("bob", stmt)) == ("rev", ("bob", sid))
+    assert t.parse(t.transfer(bytes(16))) == ("x", ("0" * 32,))
+    for bad in (
+        "peerd/v1/other/in/bob",
+        "peerd/v1/lab-1/in/Bob",
+        "peerd/v1/lab-1/in/bob/extra",
+        "peerd/v1/lab-1/rev/bob/short",
+        "peerd/v1/lab-1/x/" + "g" * 32,
+        "peerd/v1/lab-1/y/bob",
+    ):
+        assert t.parse(bad) is None
+    for network in ("", "a/b", "a+", "#", "$sys", "x" * 65):
+        with pytest.raises(BrokerSettingsError):
+            Topics(network)
+    with pytest.raises(ValueError, match="peer id"):
+        t.inbox("../x")
+    # Every topic it builds is matched by the filters the shipped ACL uses.
+    assert topic_matches("peerd/v1/+/in/+", t.inbox("bob"))
+    assert topic_matches("peerd/v1/+/rev/#", t.revocation("bob", stmt))
+    assert topic_matches("peerd/v1/+/x/+", t.transfer(bytes(16)))
 
 
 # --- delivery ----------------------------------------------------------------------------------

@@ -183,6 +183,11 @@ class Sim:
                 break
             busy = True
             self.hash_only_reads += not read.publish
+            if read.publish:
+                # Credit discipline: nothing is published beyond what some receiver granted.
+                assert any(
+                    read.index < r.limit for r in s._receivers.values() if r.state == "active"
+                ), f"chunk {read.index} published without credit"
             chunk = bytes(self.data[read.offset : read.offset + read.length])
             frame = s.on_chunk_read(read, chunk, self.frame_out)
             if frame is not None:

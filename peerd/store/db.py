@@ -632,11 +632,15 @@ class Store:
             )
         cert = after.certificate
         if cert is not None and (before is None or before.certificate != cert):
-            await tx.execute(
-                "UPDATE certificates SET status = 'superseded', superseded_at = ?"
-                " WHERE peer_id = ? AND status = 'current'",
-                (now, after.peer_id),
-            )
+            if before is not None and before.certificate is not None:
+                # Its successor's arrival starts the overlap, whatever its status (a revoked
+                # certificate stays revoked).
+                await tx.execute(
+                    "UPDATE certificates SET superseded_at = ?, status = CASE status"
+                    " WHEN 'current' THEN 'superseded' ELSE status END"
+                    " WHERE peer_id = ? AND serial = ?",
+                    (now, after.peer_id, before.certificate.serial),
+                )
             status = (
                 "revoked"
                 if cert.serial <= self._view.revoked_through(after.peer_id)

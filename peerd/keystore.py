@@ -562,7 +562,7 @@ class Keystore:
         self._statics[serial] = (static, cert)
         return cert
 
-    def rotate(self, now: float, *, certificate_days: int) -> KeyCertificate:
+    def rotate(self, now: float, *, certificate_days: int = 30) -> KeyCertificate:
         """A new static key and certificate with the next serial; the old key stays for the
         overlap window (`prune` removes it)."""
         return self._issue(now, certificate_days)

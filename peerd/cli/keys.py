@@ -120,8 +120,9 @@ def cmd_init(args: argparse.Namespace) -> int:
         config = default_config(args.state_dir, settings)
         write_config = True
     now = time.time()
+    resumed = Keystore.exists(config.keys.dir)
     keystore = _init_keys(config, now)
-    created = asyncio.run(_init_store(config, keystore, now))
+    asyncio.run(_init_store(config, keystore, now))
     if write_config:
         try:
             path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -136,11 +137,13 @@ def cmd_init(args: argparse.Namespace) -> int:
         "network": config.node.network,
         "config": str(path),
         "state_dir": str(config.node.state_dir),
-        "completed_interrupted_init": not created,
+        "resumed": resumed,
     }
     if args.json:
         common.print_json(result)
         return common.EXIT_OK
+    if resumed:
+        print("Completed an init that was interrupted after the keys were written.")
     print(f"Created node {config.node.name!r} in network {config.node.network!r}.")
     print(f"  peer id      {keystore.peer_id}")
     print(f"  fingerprint  {keystore.fingerprint}")
@@ -189,7 +192,7 @@ async def _store_has_identity(config: Config) -> bool:
         await store.close()
 
 
-async def _init_store(config: Config, keystore: Keystore, now: float) -> bool:
+async def _init_store(config: Config, keystore: Keystore, now: float) -> None:
     store = await open_store(config, create=True)
     try:
         if store.identity is not None:
@@ -197,7 +200,7 @@ async def _init_store(config: Config, keystore: Keystore, now: float) -> bool:
                 raise IdentityExists(
                     f"the store {store.path} belongs to another node ({store.identity.peer_id})"
                 )
-            return False
+            return
         await store.init_identity(
             peer_id=keystore.peer_id,
             name=config.node.name,
@@ -205,7 +208,6 @@ async def _init_store(config: Config, keystore: Keystore, now: float) -> bool:
             certificate=keystore.certificate,
             now=now,
         )
-        return True
     finally:
         await store.close()
 

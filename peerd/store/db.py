@@ -515,6 +515,26 @@ class Store:
                 await tx.log("peer-pending", peer_id, {"fingerprint": fp, "source": source.value})
         return self._peer_after(peer_id)
 
+    async def accept_invite_token(self, token: InviteToken, *, now: float) -> PeerTrust:
+        """The joiner's side of an invite: expect the inviter's identity key (pending, by
+        invite) so that the XXpsk3 handshake with `expected_peer=token.inviter` pins it."""
+        token.check_fresh(now)
+        if token.network != self._view.network:
+            raise TrustError(
+                f"the invite is for network {token.network!r}, this node is in "
+                f"{self._view.network!r}",
+                reason="wrong-network",
+                hint="set [node] network to the inviter's network",
+            )
+        if token.inviter == self._view.self_peer_id:
+            raise TrustError("this invite was issued by this node", reason="self")
+        return await self.add_pending(
+            token.inviter,
+            fingerprint(token.inviter_identity),
+            source=TrustSource.INVITE,
+            now=now,
+        )
+
     async def trust(self, peer_id: str, *, fingerprint: str | None = None, now: float) -> PeerTrust:
         """The `trust` command: lift a block, or expect a fingerprint. Never un-revokes."""
         fp = None if fingerprint is None else parse_fingerprint(fingerprint)

@@ -28,6 +28,7 @@ from peerd.store.log import GENESIS, entry_hash
 from peerd.store.schema import APPLICATION_ID
 from protocol.identity import (
     Blocked,
+    Expired,
     InvalidText,
     PeerState,
     Revoked,
@@ -647,3 +648,50 @@ async def test_rewriting_the_whole_chain_without_the_head_is_detected(
             await s.verify_log()
     finally:
         await s.close()
+
+
+async def test_invite_from_both_sides(tmp_path: Path, store: Store, me: Node) -> None:
+    """Inviter and joiner, each with its own store, pin each other through one token."""
+    token = await store.create_invite(network="lab", ttl=600, now=NOW)
+    joiner = Node()
+    other = await _open(tmp_path / "joiner.db", create=True)
+    try:
+        await other.init_identity(
+            peer_id=joiner.peer_id,
+            name="j",
+            identity_public=joiner.identity_public,
+            certificate=joiner.cert,
+            now=NOW,
+        )
+        pending = await other.accept_invite_token(token, now=NOW)
+        assert (pending.state, pending.source) == (PeerState.PENDING, TrustSource.INVITE)
+        # Joiner: the inviter must be the one the token names (a pending-by-invite peer).
+        auth = other.view().authenticate(
+            me.credentials(), me.static.public, NOW, expected_peer=token.inviter
+        )
+        inviter = await other.record_authenticated(auth, now=NOW)
+        assert (inviter.state, inviter.source) == (PeerState.TRUSTED, TrustSource.INVITE)
+        impostor = Node()
+        with pytest.raises(TrustError):
+            other.view().authenticate(
+                impostor.credentials(), impostor.static.public, NOW, expected_peer=token.inviter
+            )
+        # Inviter: the PSK authenticated the joiner; the invite is consumed with it.
+        auth = store.view().authenticate(
+            joiner.credentials(), joiner.static.public, NOW, allow_unknown=True
+        )
+        joined = await store.consume_invite(token.invite_id, auth, now=NOW)
+        assert joined.state is PeerState.TRUSTED
+        with pytest.raises(Expired):
+            await other.accept_invite_token(token, now=token.expires_at)
+        wrong = await Store.open(
+            tmp_path / "wrong.db", network="elsewhere", overlap=OVERLAP, create=True
+        )
+        try:
+            with pytest.raises(TrustError) as info:
+                await wrong.accept_invite_token(token, now=NOW)
+            assert info.value.reason == "wrong-network"
+        finally:
+            await wrong.close()
+    finally:
+        await other.close()

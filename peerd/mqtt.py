@@ -43,11 +43,11 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from peerd.errors import ConfigError, PeerdError
@@ -77,6 +77,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # The shipped broker config (systemd/mosquitto-peerd.conf) uses the same limit: a 256 KiB chunk
 # frame plus headers fits with room to spare, and EMQX and NATS refuse 1 MiB+ packets by default.
@@ -552,6 +553,7 @@ class _Out:
         "retain",
         "topic",
         "waiter",
+        "wired",
     )
 
     def __init__(  # noqa: PLR0917 - built once per publish: positional arguments are cheaper
@@ -572,6 +574,7 @@ class _Out:
         self.mid = 0
         self.dup = False
         self.cancelled = False
+        self.wired = False  # written on the current connection (QoS 1: awaiting its PUBACK)
 
     def complete(self, exc: BaseException | None = None) -> None:
         if self.callback is not None:
@@ -1021,7 +1024,7 @@ class MqttLink:
         self._routes: dict[str, tuple[Subscription, ...]] = {}
         self._state_waiters: list[asyncio.Future[None]] = []
         self._idle_waiters: list[asyncio.Future[None]] = []
-        self._wakeup: asyncio.Event | None = None
+        self._stop: asyncio.Future[None] | None = None  # set by close(): ends every wait in run()
         self._running = False
         self._closing = False
         self._closed = False
@@ -1073,17 +1076,21 @@ class MqttLink:
         if self._running or self._closed:
             raise RuntimeError("an MqttLink runs once")
         self._running = True
-        self._wakeup = asyncio.Event()
+        self._stop = asyncio.get_running_loop().create_future()
         try:
             while not self.closing:
                 conn: _Conn | None = None
                 up_since: float | None = None
                 try:
-                    conn = await self._open()
-                    await self._restore(conn)
+                    conn = await self._until_stopped(self._open())
+                    await self._until_stopped(self._restore(conn))
+                    if err := self._dropped(conn):  # between the two steps
+                        raise err
                     up_since = time.monotonic()
                     self._set_up(conn)
                     await self._serve(conn)
+                except LinkClosed:
+                    pass
                 except BrokerError as exc:
                     self._failed(exc)
                 except asyncio.CancelledError:
@@ -1103,18 +1110,31 @@ class MqttLink:
                 delay = self.backoff.next_delay()
                 self.last_delay = delay
                 log.info("broker %s: reconnecting in %.2fs", self.settings.url, delay)
-                self._wakeup.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):
-                        await self._wakeup.wait()
+                await asyncio.wait((self._stop,), timeout=delay)
         finally:
             self._shutdown()
+
+    async def _until_stopped(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Await `coro`, unless close() comes first: then cancel it and raise LinkClosed."""
+        assert self._stop is not None
+        task = asyncio.ensure_future(coro)
+        try:
+            await asyncio.wait((task, self._stop), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, BrokerError):
+                await task
+            raise LinkClosed("the broker link was closed")
+        return task.result()
 
     async def close(self) -> None:
         """Stop: say DISCONNECT, fail what still waits with `LinkClosed`, end subscriptions."""
         self._closing = True
-        if self._wakeup is not None:
-            self._wakeup.set()
+        if self._stop is not None and not self._stop.done():
+            self._stop.set_result(None)
         if self._conn is not None:
             self._conn.finish(graceful=True)
         task, self._task = self._task, None
@@ -1202,6 +1222,9 @@ class MqttLink:
             raise BrokerUnreachable(
                 f"cannot connect to the broker at {s.url}: {exc.strerror or exc}"
             ) from exc
+        except asyncio.CancelledError:  # close() during the attempt
+            conn.abort()
+            raise
         if conn.transport is None or conn.transport.is_closing():
             # It broke the protocol in the same read as its CONNACK.
             raise self.last_error or BrokerUnreachable(
@@ -1217,8 +1240,15 @@ class MqttLink:
         self.stats.connects += 1
         return conn
 
+    def _dropped(self, conn: _Conn) -> BrokerUnreachable | None:
+        if conn is self._conn and not conn.closed.done():
+            return None
+        return BrokerUnreachable(f"the connection to the broker at {self.settings.url} dropped")
+
     async def _restore(self, conn: _Conn) -> None:
         """Re-subscribe every subscription (and finish unsubscribes) before reporting up."""
+        if err := self._dropped(conn):  # it may have dropped since the CONNACK
+            raise err
         waits: list[asyncio.Future[bytes]] = []
         loop = asyncio.get_running_loop()
         if self._stale_filters and not self.settings.clean_session:
@@ -1230,27 +1260,31 @@ class MqttLink:
             w = loop.create_future()
             self._send_subscribe(conn, topic_filter, max(s.qos for s in subs), w)
             waits.append(w)
-        if not waits:
-            return
-        try:
-            async with asyncio.timeout(self.settings.connect_timeout):
-                await asyncio.gather(*waits)
-        except TimeoutError:
-            raise BrokerTimeout(
-                f"the broker at {self.settings.url} did not confirm subscriptions in time"
-            ) from None
-        except ConnectionError as exc:
-            raise BrokerUnreachable(
-                f"the connection to the broker at {self.settings.url} dropped"
-            ) from exc
+        if waits:
+            acks = asyncio.gather(*waits, return_exceptions=True)
+            done, _ = await asyncio.wait(
+                (acks, conn.closed),
+                timeout=self.settings.connect_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if acks not in done:
+                acks.cancel()
+                raise self._dropped(conn) or BrokerTimeout(
+                    f"the broker at {self.settings.url} did not confirm subscriptions in time"
+                )
+        if err := self._dropped(conn):
+            raise err
 
     async def _serve(self, conn: _Conn) -> None:
         keepalive = self.settings.keepalive
+        assert self._stop is not None
         while not conn.closed.done():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(keepalive / 2):
-                    await asyncio.shield(conn.closed)
-            if conn.closed.done():
+            await asyncio.wait(
+                (conn.closed, self._stop),
+                timeout=keepalive / 2,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if conn.closed.done() or self._stop.done():
                 break
             if time.monotonic() - conn.last_recv > keepalive * 1.5:
                 log.warning(
@@ -1291,9 +1325,11 @@ class MqttLink:
         was_up = self._up
         self._conn = None
         self._up = False
-        # QoS 1 publishes not yet acknowledged go first, in their order, when we are back.
-        if self._unacked:
-            for rec in reversed(self._unacked.values()):
+        # QoS 1 publishes not yet acknowledged go first, in their order, when we are back
+        # (those still queued from an earlier drop are in the outbox already).
+        for rec in reversed(self._unacked.values()):
+            if rec.wired:
+                rec.wired = False
                 rec.dup = True
                 self._outbox.appendleft(rec)
         for p in self._pending.values():
@@ -1398,6 +1434,7 @@ class MqttLink:
             stats.retransmitted += 1
 
     def _write(self, conn: _Conn, rec: _Out) -> None:
+        rec.wired = True
         self._send(conn, rec.topic, rec.payload, rec.qos, rec.retain, rec.dup, rec.mid)
 
     def _admit(self, rec: _Out) -> None:
@@ -1476,7 +1513,7 @@ class MqttLink:
         rec = self._unacked.pop(mid, None)
         if rec is None:
             return  # a duplicate acknowledgement: nothing waits for it
-        if rec.dup and rec in self._outbox:  # acked before its retransmission went out
+        if not rec.wired:  # acknowledged while queued for a retransmission: do not resend
             rec.cancelled = True
         rec.complete()
         if self._outbox:
@@ -1609,15 +1646,20 @@ class MqttLink:
             async with asyncio.timeout(timeout):
                 await asyncio.shield(sub._confirmed)
         except TimeoutError:
-            self._drop_sub(sub)
+            self._abandon(sub)
             raise BrokerTimeout(
                 f"the broker at {self.settings.url} did not confirm the subscription to"
                 f" {topic_filter!r} within {timeout}s"
             ) from None
         except BaseException:
-            self._drop_sub(sub)
+            self._abandon(sub)
             raise
         return sub
+
+    def _abandon(self, sub: Subscription) -> None:
+        """A subscribe() given up on: its SUBACK may still come, so unsubscribe too."""
+        if self._drop_sub(sub) and self._conn is not None and not self._closing:
+            self._send_unsubscribe(self._conn, [sub.filter], None)
 
     def _send_subscribe(
         self, conn: _Conn, topic_filter: str, qos: int, waiter: asyncio.Future[bytes] | None

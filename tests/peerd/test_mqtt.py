@@ -803,6 +803,79 @@ async def test_subscription_refused_by_the_broker() -> None:
             assert link.subscriptions == []
 
 
+async def test_close_during_a_connection_attempt_returns_at_once() -> None:
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await idle(r, w)
+
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)  # never a CONNACK
+    port = server.sockets[0].getsockname()[1]
+    s = BrokerSettings.from_url(f"mqtt://127.0.0.1:{port}", client_id="slow", connect_timeout=3600)
+    link = MqttLink(s)
+    async with link:
+        await asyncio.sleep(0.2)
+        assert not link.connected
+        # Waiting out the connect timeout would take an hour: only a prompt close passes.
+        async with asyncio.timeout(30):
+            await link.close()
+    server.close()
+    assert link.stats.connects == 0
+
+
+async def test_connections_that_drop_right_after_connack_never_leave_the_link_up() -> None:
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        if n <= 5:
+            return  # CONNACK, then hang up: during or right after the restore
+        await idle(r, w)
+
+    async with RogueBroker(script) as rogue:
+        link: MqttLink
+        consistent: list[bool] = []
+
+        def on_state(up: bool) -> None:
+            conn = link._conn
+            consistent.append(up == (conn is not None and not conn.closed.done()))
+
+        s = BrokerSettings.from_url(rogue.url, client_id=cid("ca"))
+        link = MqttLink(s, on_state=on_state, backoff=Backoff(initial=0.001, maximum=0.002))
+        async with link:
+            await link.subscribe("peerd/v1/t/in/me", timeout=10)
+            await eventually(lambda: rogue.connections >= 6 and link.connected, "sixth sticks")
+            assert link._conn is not None
+            assert not link._conn.closed.done()
+        assert all(consistent)
+
+
+async def test_a_publish_is_resent_once_after_two_drops_in_a_row() -> None:
+    """Dropped before its PUBACK, then again while subscriptions were being restored."""
+    seen: dict[int, list[bytes]] = {}
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        seen[n] = []
+        while True:
+            kind, body = await read_packet(r)
+            if kind == 0x82:
+                if n == 2:
+                    return  # hang up instead of a SUBACK
+                w.write(bytes([0x90, 3]) + body[:2] + b"\x01")
+            elif kind & 0xF0 == 0x30:
+                seen[n].append(bytes([kind]) + body)
+                if n == 1:
+                    return  # hang up instead of a PUBACK
+                w.write(b"\x40\x02" + body[2 + int.from_bytes(body[:2], "big") :][:2])
+
+    async with RogueBroker(script) as rogue:
+        s = BrokerSettings.from_url(rogue.url, client_id=cid("tw"))
+        async with MqttLink(s, backoff=Backoff(initial=0.01, maximum=0.02)) as link:
+            await link.subscribe("peerd/v1/t/in/me", timeout=5)
+            async with asyncio.timeout(10):
+                await link.publish("peerd/v1/t/in/peer", b"exactly once more", qos=1)
+            assert link.stats.retransmitted == 1
+    assert len(seen[1]) == 1
+    assert seen[1][0][0] == 0x32  # QoS 1, no DUP
+    assert seen[2] == []
+    assert seen[3] == [bytes([0x3A]) + seen[1][0][1:]]  # the same packet with DUP, sent once
+
+
 @settings(max_examples=60, deadline=None)
 @given(stream=st.lists(st.binary(min_size=0, max_size=300), min_size=1, max_size=8))
 def test_fuzzed_broker_bytes_never_break_the_link(stream: list[bytes]) -> None:

@@ -966,11 +966,12 @@ class _Conn(asyncio.BufferedProtocol):
 
 
 class _Pending:
-    """A SUBSCRIBE or UNSUBSCRIBE waiting for its acknowledgement."""
+    """A SUBSCRIBE (`kind` 9, answered by SUBACK) or UNSUBSCRIBE (11, by UNSUBACK) in flight."""
 
-    __slots__ = ("filters", "waiter")
+    __slots__ = ("filters", "kind", "waiter")
 
-    def __init__(self, filters: list[str], waiter: asyncio.Future[bytes] | None) -> None:
+    def __init__(self, kind: int, filters: list[str], waiter: asyncio.Future[bytes] | None) -> None:
+        self.kind = kind
         self.filters = filters
         self.waiter = waiter
 
@@ -1367,7 +1368,7 @@ class MqttLink:
         self._conn = None
         self._up = False
         closed = LinkClosed("the broker link was closed")
-        pending = list(self._outbox) + [r for r in self._unacked.values() if r not in self._outbox]
+        pending = list(self._outbox) + [r for r in self._unacked.values() if r.wired]
         self._outbox.clear()
         self._unacked.clear()
         self._queued_bytes = 0
@@ -1590,7 +1591,7 @@ class MqttLink:
             raise
 
     def _check_size(self, topic: str, payload: bytes | bytearray | memoryview) -> None:
-        if len(payload) + len(topic) + 8 > self.settings.max_packet_size:
+        if len(payload) + len(topic.encode()) + 8 > self.settings.max_packet_size:
             raise ValueError(
                 f"a {len(payload)}-byte payload exceeds the broker packet limit of"
                 f" {self.settings.max_packet_size} bytes"
@@ -1666,7 +1667,7 @@ class MqttLink:
     ) -> None:
         assert conn.transport is not None
         mid = self._alloc_mid()
-        self._pending[mid] = _Pending([topic_filter], waiter)
+        self._pending[mid] = _Pending(9, [topic_filter], waiter)
         conn.transport.write(_subscribe_packet(mid, [(topic_filter, qos)]))
 
     def _send_unsubscribe(
@@ -1674,13 +1675,14 @@ class MqttLink:
     ) -> None:
         assert conn.transport is not None
         mid = self._alloc_mid()
-        self._pending[mid] = _Pending(filters, waiter)
+        self._pending[mid] = _Pending(11, filters, waiter)
         conn.transport.write(_unsubscribe_packet(mid, filters))
 
     def _suback(self, mid: int, codes: bytes) -> None:
-        p = self._pending.pop(mid, None)
-        if p is None or len(codes) != len(p.filters):
-            return
+        p = self._pending.get(mid)
+        if p is None or p.kind != 9 or len(codes) != len(p.filters):
+            return  # not for a SUBSCRIBE of ours: ignored
+        del self._pending[mid]
         for topic_filter, code in zip(p.filters, codes, strict=True):
             for sub in list(self._by_filter.get(topic_filter, ())):
                 if code == 0x80:
@@ -1700,9 +1702,10 @@ class MqttLink:
             p.waiter.set_result(codes)
 
     def _unsuback(self, mid: int) -> None:
-        p = self._pending.pop(mid, None)
-        if p is None:
+        p = self._pending.get(mid)
+        if p is None or p.kind != 11:
             return
+        del self._pending[mid]
         self._stale_filters.difference_update(p.filters)
         if p.waiter is not None and not p.waiter.done():
             p.waiter.set_result(b"")

@@ -845,6 +845,37 @@ async def test_connections_that_drop_right_after_connack_never_leave_the_link_up
         assert all(consistent)
 
 
+async def test_cancelling_run_disconnects_cleanly_and_fails_what_waits() -> None:
+    kinds: list[int] = []
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        while True:
+            kind, body = await read_packet(r)
+            kinds.append(kind)
+            if kind == 0x82:
+                w.write(bytes([0x90, 3]) + body[:2] + b"\x01")
+            # QoS 1 publishes are never acknowledged: they stay outstanding
+
+    async with RogueBroker(script) as rogue:
+        s = BrokerSettings.from_url(rogue.url, client_id=cid("cc"))
+        link = MqttLink(s)
+        task = asyncio.create_task(link.run())  # as the daemon's TaskGroup runs it
+        await link.wait_connected(5)
+        sub = await link.subscribe("peerd/v1/t/in/me", timeout=5)
+        waiting = asyncio.create_task(link.publish("peerd/v1/t/in/peer", b"x", qos=1))
+        await eventually(lambda: link.unacked == 1, "the publish is in flight")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        with pytest.raises(LinkClosed):
+            await waiting
+        assert [m async for m in sub] == []
+        assert not link.connected
+        with pytest.raises(LinkClosed):
+            link.publish_nowait("peerd/v1/t/in/peer", b"y")
+        await eventually(lambda: kinds[-1:] == [0xE0], "a DISCONNECT reached the broker")
+
+
 async def test_a_publish_is_resent_once_after_two_drops_in_a_row() -> None:
     """Dropped before its PUBACK, then again while subscriptions were being restored."""
     seen: dict[int, list[bytes]] = {}

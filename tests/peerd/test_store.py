@@ -695,3 +695,10 @@ async def test_invite_from_both_sides(tmp_path: Path, store: Store, me: Node) ->
             await wrong.close()
     finally:
         await other.close()
+
+
+def test_event_hash_vector() -> None:
+    digest = entry_hash(
+        GENESIS, 1, 1750000000.0, "peer-blocked", peer_id="fzgvkqmhhbzn507p1w22", detail="{}"
+    )
+    assert digest.hex() == "28831367ad58c2da8410f467142e4d508dacd5bc1eb618d6535fdae667415c3f"

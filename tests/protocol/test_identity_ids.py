@@ -192,3 +192,10 @@ def test_authority_key_text_round_trip_and_checksum() -> None:
         parse_authority_key(text[:-2])
     with pytest.raises(InvalidText):
         parse_authority_key("peerd-invite-1-abc")
+
+
+def test_authority_key_vector() -> None:
+    key = bytes.fromhex("03a107bff3ce10be1d70dd18e74bc09967e4d6309ba50d5f1ddc8664125531b8")
+    assert format_authority_key(key) == (
+        "peerd-authority-1-0eggffzksr8bw7bgvmceejy0k5ky9nhgkejgtqrxvj3684jn66w203j59r"
+    )

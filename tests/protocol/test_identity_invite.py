@@ -140,3 +140,22 @@ def test_random_text_never_crashes(text: str) -> None:
         InviteToken.from_text("peerd-invite-1-" + text)
     except InvalidText:
         pass
+
+
+def test_token_vector() -> None:
+    identity = bytes.fromhex("03a107bff3ce10be1d70dd18e74bc09967e4d6309ba50d5f1ddc8664125531b8")
+    token = InviteToken(
+        network="lab",
+        inviter="fzgvkqmhhbzn507p1w22",
+        inviter_identity=identity,
+        invite_id=bytes(range(16)),
+        psk=bytes(range(64, 96)),
+        expires_at=1750086400,
+    )
+    text = (
+        "peerd-invite-1-jw0t6v31cat6cyk7esnq2vb8d1h7mvhn60vq0cbq68sc8803m43vzwye22z1tw6x33kmqg4"
+        "sczjdcc4vmm6ny7ewgsj14n9hq3210001081g81860w40j2gb1g6gw3y441042gj38h2mcht89554pk2d9s7n0"
+        "majada5anjqb1cnmptwbnf5zkk8a0sg1dtpk2a0"
+    )
+    assert token.to_text() == text
+    assert InviteToken.from_text(text) == token

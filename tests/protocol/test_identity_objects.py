@@ -442,3 +442,15 @@ def test_membership_network_is_validated() -> None:
         issue_membership(
             SEED, network="Bad/Net", peer_id=PEER, identity_public=STATIC, now=NOW, lifetime=DAY
         )
+
+
+def test_revocation_vector() -> None:
+    statement = issue_revocation(
+        SEED, peer_id=PEER, kind="static", serial=3, now=NOW, reason="key lost"
+    )
+    assert statement.encode().hex() == (
+        "9801a6737461746963b4667a67766b716d6868627a6e3530377031773232c42003a107bff3ce10be1d70dd"
+        "18e74bc09967e4d6309ba50d5f1ddc8664125531b803ce684ee180a86b6579206c6f7374c44074a0714b0c"
+        "a7ec18bcea126db322f131fe3b13fa632d442543a886a88b952aa6626accb0a4c73c4192dbe48bca1f951e"
+        "62bd77a92351fe1539399096bfbe2b03"
+    )

@@ -61,15 +61,16 @@ REVOCATION_CONTEXT = b"peerd/v1/revocation\0"
 MEMBERSHIP_CONTEXT = b"peerd/v1/membership\0"
 AUTHORITY_REVOCATION_CONTEXT = b"peerd/v1/authority-revocation\0"
 
-_NETWORK_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+# One MQTT topic level and part of the prologue (SPEC sections 1.1 and 2.1).
+_NETWORK_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 
 
 def check_network_name(name: str) -> str:
-    """A network name: 1..64 of lowercase letters, digits, '.', '_', '-' (a topic level)."""
+    """A network name: 1..32 lowercase letters, digits and '-', not starting with '-'."""
     if not isinstance(name, str) or not _NETWORK_RE.fullmatch(name):
         raise InvalidText(
             f"{name!r} is not a valid network name",
-            hint="use 1 to 64 lowercase letters, digits, '.', '_' or '-', starting alphanumeric",
+            hint="use 1 to 32 lowercase letters, digits or '-', starting with a letter or digit",
         )
     return name
 

@@ -212,6 +212,15 @@ class TrustView:
             raise Expired("the invite expired", hint="issue a new one with `peerd invite`")
         return grant.psk
 
+    def could_accept(self, peer_id: str) -> bool:
+        """Whether a handshake claiming `peer_id` could ever succeed without an invite: the
+        cheap check before any cryptography (SPEC 4.6). True for trusted and pending peers,
+        and for unknown ones when an authority is configured (they may be members)."""
+        record = self._peers.get(peer_id)
+        if record is None:
+            return self.authority_key is not None
+        return record.state in (PeerState.TRUSTED, PeerState.PENDING)
+
     def is_trusted(self, peer_id: str) -> bool:
         record = self._peers.get(peer_id)
         return record is not None and record.state is PeerState.TRUSTED

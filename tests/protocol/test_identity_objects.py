@@ -368,10 +368,10 @@ def test_chain_errors() -> None:
 
 def test_credentials_size_is_bounded() -> None:
     node = Node()
-    node.join_authority(new_identity_seed(), "a" * 64)
+    node.join_authority(new_identity_seed(), "a" * 32)
     for _ in range(MAX_CHAIN):
         node.succeed()
-    node.join_authority(new_identity_seed(), "a" * 64)
+    node.join_authority(new_identity_seed(), "a" * 32)
     data = node.credentials()
     assert len(data) <= MAX_CREDENTIALS_SIZE < 60_000
     assert Credentials.decode(data).verify(NOW)[-1] == node.identity_public

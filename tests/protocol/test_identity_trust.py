@@ -576,3 +576,22 @@ def test_credentials_verify_is_independent_of_trust() -> None:
     node = Node()
     keys = Credentials.decode(node.credentials()).verify(NOW)
     assert keys == (node.identity_public,)
+
+
+def test_could_accept_before_any_cryptography(authority: bytes) -> None:
+    view, node, stranger = _view(), Node(), Node()
+    assert not view.could_accept(stranger.peer_id)
+    _trusted(view, node)
+    assert view.could_accept(node.peer_id)
+    pending = Node()
+    planned = view.plan_trust(pending.peer_id, fingerprint(pending.identity_public), NOW)
+    assert planned is not None
+    view.put_peer(planned)
+    assert view.could_accept(pending.peer_id)
+    blocked = view.plan_block(node.peer_id, NOW)
+    assert blocked is not None
+    view.put_peer(blocked)
+    assert not view.could_accept(node.peer_id)
+    view.configure(overlap=OVERLAP, authority_key=ed25519_public(authority))
+    assert view.could_accept(stranger.peer_id)  # may be a member
+    assert not view.could_accept(node.peer_id)

@@ -56,7 +56,7 @@ from protocol.identity import (
     new_invite,
     parse_fingerprint,
 )
-from protocol.identity.trust import MAX_SUPERSEDED
+from protocol.identity.trust import MAX_INVITES, MAX_SUPERSEDED
 
 SQLITE_MAGIC: Final = b"SQLite format 3\0"
 BUSY_TIMEOUT_MS: Final = 5000
@@ -759,7 +759,7 @@ class Store:
         )
         grant = InviteGrant(token.invite_id, token.psk, token.expires_at)
         async with self.transaction(now) as tx:
-            if self._view.open_invite_count() >= 1000:
+            if self._view.open_invite_count() >= MAX_INVITES:
                 raise StoreError("too many open invites", hint="let some expire or be used")
             await tx.execute(
                 "INSERT INTO invites (invite_id, state, psk, created_at, expires_at, note)"

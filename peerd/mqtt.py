@@ -947,7 +947,7 @@ class _Conn(asyncio.BufferedProtocol):
             self._violation(f"an unexpected packet of type {kind}")
 
     def abort(self) -> None:
-        if self.transport is not None:
+        if self.transport is not None and not self.closed.done():
             self.transport.abort()
 
     def finish(self, *, graceful: bool) -> None:
@@ -1132,12 +1132,19 @@ class MqttLink:
         return task.result()
 
     async def close(self) -> None:
-        """Stop: say DISCONNECT, fail what still waits with `LinkClosed`, end subscriptions."""
+        """Stop: say DISCONNECT, fail what still waits with `LinkClosed`, end subscriptions.
+
+        What was already written (QoS 0 publishes included) still goes out: the connection
+        closes once its buffer is flushed (within `connect_timeout`).
+        """
         self._closing = True
         if self._stop is not None and not self._stop.done():
             self._stop.set_result(None)
-        if self._conn is not None:
-            self._conn.finish(graceful=True)
+        conn = self._conn
+        if conn is not None:
+            conn.finish(graceful=True)
+            await asyncio.wait((conn.closed,), timeout=self.settings.connect_timeout)
+            conn.abort()
         task, self._task = self._task, None
         if task is not None and task is not asyncio.current_task():
             with contextlib.suppress(asyncio.CancelledError):

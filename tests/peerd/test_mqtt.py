@@ -390,6 +390,24 @@ async def test_outbox_is_bounded_and_a_publish_timeout_withdraws(tmp_path: Path)
             link.publish_nowait("peerd/v1/t/in/x", b"z" * 60, qos=1)
 
 
+async def test_close_flushes_qos0_publishes_already_written(shared_broker: Broker) -> None:
+    topic = f"peerd/v1/t/x/{os.urandom(8).hex()}"
+    chunks = [os.urandom(256 * 1024) for _ in range(48)]  # 12 MiB: more than a socket buffer
+    async with link_for(shared_broker, "rcv") as receiver:
+        sub = await receiver.subscribe(topic, qos=0, max_messages=64, max_bytes=1 << 30, timeout=5)
+        sender = link_for(shared_broker, "snd")
+        async with sender:
+            await sender.wait_connected(5)
+            for chunk in chunks:
+                await sender.publish(topic, chunk, qos=0)  # returns once in the socket's buffer
+            assert sender._conn is not None
+            assert sender._conn.transport is not None
+            assert sender._conn.transport.get_write_buffer_size() > 0  # the test means something
+        # close() returned: everything it had accepted reached the broker.
+        got = [(await next_msg(sub)).payload for _ in chunks]
+    assert got == chunks
+
+
 async def test_close_fails_waiting_publishes_and_ends_subscriptions(broker: Broker) -> None:
     link = link_for(broker, "cl")
     async with link:

@@ -90,8 +90,9 @@ class TrustPolicy(Protocol):
         """Check the peer's credentials; raise RemoteProtocolError (with a reason) to refuse."""
         ...
 
-    def accepts_hello_from(self, peer_id: str) -> bool:
-        """Cheap pre-check before any cryptography: could this peer ever be accepted?"""
+    def refuse_hello(self, peer_id: str) -> str | None:
+        """Cheap pre-check before any cryptography: the reason a handshake claiming to come
+        from `peer_id` could never be accepted (e.g. "unknown-peer", "blocked"), else None."""
         ...
 
     def invite_psk(self, invite_id: bytes, now: float) -> bytes | None:
@@ -347,6 +348,12 @@ class SessionManager:
         peer = self._peers.get(peer_id)
         return peer.current() if peer else None
 
+    def sessions_for(self, peer_id: str) -> list[Session]:
+        """Every established session with `peer_id`, oldest first (superseded ones included:
+        a revocation must end those too)."""
+        peer = self._peers.get(peer_id)
+        return list(peer.sessions) if peer else []
+
     @property
     def half_open_count(self) -> int:
         return len(self._half_open)
@@ -461,8 +468,8 @@ class SessionManager:
             if invite_psk is None:
                 return [self._reject("unknown-invite", claimed, "no open invite with that id")]
             psk = combine_psk(self.network_psk, invite_psk)
-        elif not self.trust.accepts_hello_from(claimed):
-            return [self._reject("unknown-peer", claimed, "HELLO from a peer never accepted")]
+        elif (refusal := self.trust.refuse_hello(claimed)) is not None:
+            return [self._reject(refusal, claimed, "HELLO from a peer that cannot be accepted")]
         if not self._hello_bucket.take(now) or not self._peer_bucket(claimed, now).take(now):
             return [self._reject("rate-limited", claimed, "too many handshakes")]
         if psk is None:
@@ -737,6 +744,13 @@ class SessionManager:
         if peer.sessions:
             out.append(SessionDown(peer_id, reason))
         return out
+
+    def close_session(self, session: Session, reason: str, now: float) -> list[Output]:
+        """End one session (e.g. the one whose certificate was just revoked), telling the peer."""
+        out: list[Output] = []
+        if self._usable(session, now):
+            out.extend(self._send_on(session, bytes([KIND_CLOSE]) + reason.encode()[:180]))
+        return out + self._close_session(session, reason)
 
     def _close_session(self, session: Session, reason: str) -> list[Output]:
         peer = self._peers.get(session.peer_id)

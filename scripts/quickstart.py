@@ -28,8 +28,8 @@ class _Trust:
             raise RemoteProtocolError("unknown peer", reason="unknown-peer")
         return type("Auth", (), {"peer_id": peer})()
 
-    def accepts_hello_from(self, peer_id: str) -> bool:
-        return peer_id in self.trusted
+    def refuse_hello(self, peer_id: str) -> str | None:
+        return None if peer_id in self.trusted else "unknown-peer"
 
     def invite_psk(self, invite_id: bytes, now: float) -> None:
         return None

@@ -47,6 +47,12 @@ def add_global_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"configuration file (default: $PEERD_CONFIG, else {DEFAULT_CONFIG})",
     )
+    parser.add_argument(
+        "--socket",
+        metavar="PATH",
+        default=None,
+        help="the daemon's control socket (default: the one the configuration names)",
+    )
 
 
 def config_path(args: argparse.Namespace) -> str:

@@ -362,6 +362,19 @@ class Store:
             for listener in list(self._listeners):
                 listener(event)
 
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """A read outside any transaction, for other modules' tables. It takes the store's
+        lock so it never sees another coroutine's uncommitted writes on the shared connection."""
+        async with self._lock:
+            try:
+                return list(await self._conn().execute_fetchall(sql, params))
+            except sqlite3.Error as exc:
+                raise _sqlite_error(self.path, exc) from exc
+
+    async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        rows = await self.fetchall(sql, params)
+        return rows[0] if rows else None
+
     # -- own identity -------------------------------------------------------------------
 
     @property

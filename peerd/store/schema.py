@@ -147,4 +147,53 @@ async def _v1_trust(db: aiosqlite.Connection) -> None:
     )
 
 
+@migration
+async def _v2_messages(db: aiosqlite.Connection) -> None:
+    """Channels: the durable outbox of messages to peers and the inbox of received ones, with
+    each (peer, channel)'s counters (peerd/messages.py)."""
+    await _run(
+        db,
+        """
+        CREATE TABLE channels_out (
+            peer_id TEXT NOT NULL,
+            channel TEXT NOT NULL,
+            next_seq INTEGER NOT NULL CHECK (next_seq >= 1),
+            PRIMARY KEY (peer_id, channel)
+        ) WITHOUT ROWID
+        """,
+        """
+        CREATE TABLE outbox (
+            peer_id TEXT NOT NULL,
+            channel TEXT NOT NULL,
+            seq INTEGER NOT NULL CHECK (seq >= 1),
+            data BLOB NOT NULL,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            PRIMARY KEY (peer_id, channel, seq)
+        )
+        """,
+        "CREATE INDEX outbox_expiry ON outbox (expires_at)",
+        """
+        CREATE TABLE channels_in (
+            peer_id TEXT NOT NULL,
+            channel TEXT NOT NULL,
+            last_seq INTEGER NOT NULL CHECK (last_seq >= 0),
+            PRIMARY KEY (peer_id, channel)
+        ) WITHOUT ROWID
+        """,
+        """
+        CREATE TABLE inbox (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            peer_id TEXT NOT NULL,
+            channel TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            data BLOB NOT NULL,
+            received_at REAL NOT NULL,
+            UNIQUE (peer_id, channel, seq)
+        )
+        """,
+        "CREATE INDEX inbox_channel ON inbox (channel, id)",
+    )
+
+
 __all__ = ["APPLICATION_ID", "MIGRATIONS", "Migration", "migration"]

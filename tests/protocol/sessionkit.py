@@ -56,8 +56,8 @@ class DirectoryTrust:
             raise RemoteProtocolError("not the peer meant", reason="wrong-peer")
         return Peer(peer_id)
 
-    def accepts_hello_from(self, peer_id: str) -> bool:
-        return peer_id in self.directory.trusts.get(self.owner, set())
+    def refuse_hello(self, peer_id: str) -> str | None:
+        return None if peer_id in self.directory.trusts.get(self.owner, set()) else "unknown-peer"
 
     def invite_psk(self, invite_id: bytes, now: float) -> bytes | None:
         return self.directory.invites.get(self.owner, {}).get(invite_id)

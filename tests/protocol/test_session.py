@@ -490,7 +490,7 @@ def test_initiator_gets_no_session_when_the_responder_refuses_message_3() -> Non
     directory.trusts.update(alice={"bob"}, bob={"alice"})
     net = Network(a, b)
     directory.trusts["bob"] = set()  # bob revokes alice after accepting HELLOs from her ...
-    b.trust.accepts_hello_from = lambda _peer: True  # type: ignore[method-assign]
+    b.trust.refuse_hello = lambda _peer: None  # type: ignore[method-assign]
     _connect(net, "alice", "bob")
     assert b.rejections["unknown-peer"] == 1
     assert not net.of("alice", SessionUp)

@@ -1,0 +1,278 @@
+"""Messages on named channels: the durable outbox and inbox around `protocol.messaging`.
+
+Sending: `send()` stores the message in the outbox with the next number of its (peer, channel)
+in one transaction, then the pump transmits what is due whenever the peer has a session. A
+cumulative ACK from the peer deletes what it covers. Messages wait for offline peers, survive
+restarts, and expire after their time to live; the outbox is bounded per peer and in bytes.
+
+Receiving: a message is stored in the inbox and its channel's counter advanced in one
+transaction, and only then acknowledged; the application takes messages from the inbox
+(`receive`) and deletes them with `ack`. So each message reaches the inbox exactly once and in
+order, whatever the network duplicated or reordered, and survives a crash of either daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from peerd.errors import PeerdError
+from peerd.store import Store
+from protocol.messaging import (
+    MAX_MESSAGE,
+    ChannelAck,
+    ChannelMessage,
+    InboundChannel,
+    OutboundChannel,
+    check_channel,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TTL = 7 * 24 * 3600.0
+MAX_TTL = 365 * 24 * 3600.0
+
+
+class OutboxFull(PeerdError):
+    """The outbox for a peer (or in total) is at its limit."""
+
+    hint = "wait for the peer to come online, or raise [limits] outbox_* in the config"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxLimits:
+    max_messages_per_peer: int = 10_000
+    max_bytes: int = 256 << 20
+    max_inbox_bytes: int = 256 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    id: int
+    peer: str
+    channel: str
+    seq: int
+    data: bytes
+    received_at: float
+
+    def as_json(self) -> dict[str, Any]:
+        import base64  # noqa: PLC0415 - only the JSON path needs it
+
+        return {
+            "id": self.id,
+            "peer": self.peer,
+            "channel": self.channel,
+            "seq": self.seq,
+            "data_b64": base64.b64encode(self.data).decode("ascii"),
+            "received_at": self.received_at,
+        }
+
+
+# Sends one encoded application payload to a peer; False when there is no session now.
+Transmit = Callable[[str, bytes], bool]
+
+
+class Messenger:
+    def __init__(
+        self, store: Store, transmit: Transmit, limits: OutboxLimits | None = None
+    ) -> None:
+        self.store = store
+        self.transmit = transmit
+        self.limits = limits or OutboxLimits()
+        self._out: dict[tuple[str, str], OutboundChannel] = {}
+        self._in: dict[tuple[str, str], InboundChannel] = {}
+        self._arrived = asyncio.Condition()
+        self._lock = asyncio.Lock()  # inbound state: one message processed at a time
+        self.counters = {"sent": 0, "resent": 0, "received": 0, "duplicates": 0, "expired": 0}
+
+    # -- sending ---------------------------------------------------------------------------
+
+    async def send(
+        self, peer: str, channel: str, data: bytes, *, ttl: float = DEFAULT_TTL, now: float
+    ) -> int:
+        """Store a message for `peer` and return its sequence number on the channel."""
+        check_channel(channel)
+        if len(data) > MAX_MESSAGE:
+            raise PeerdError(
+                f"a message is at most {MAX_MESSAGE} bytes ({len(data)} given)",
+                hint="send larger payloads as a file with `peerd send`",
+            )
+        if not 0 < ttl <= MAX_TTL:
+            raise PeerdError(f"a message's time to live is 1 s to {int(MAX_TTL)} s")
+        async with self.store.transaction(now) as tx:
+            count, total = await tx.fetchone(
+                "SELECT (SELECT COUNT(*) FROM outbox WHERE peer_id = ?),"
+                " (SELECT COALESCE(SUM(length(data)), 0) FROM outbox)",
+                (peer,),
+            )
+            if count >= self.limits.max_messages_per_peer:
+                raise OutboxFull(f"the outbox for {peer} holds {count} messages already")
+            if total + len(data) > self.limits.max_bytes:
+                raise OutboxFull(f"the outbox holds {total} bytes already")
+            row = await tx.fetchone(
+                "SELECT next_seq FROM channels_out WHERE peer_id = ? AND channel = ?",
+                (peer, channel),
+            )
+            seq = 1 if row is None else row[0]
+            await tx.execute(
+                "INSERT INTO channels_out (peer_id, channel, next_seq) VALUES (?, ?, ?)"
+                " ON CONFLICT (peer_id, channel) DO UPDATE SET next_seq = excluded.next_seq",
+                (peer, channel, seq + 1),
+            )
+            await tx.execute(
+                "INSERT INTO outbox (peer_id, channel, seq, data, created_at, expires_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (peer, channel, seq, data, now, now + ttl),
+            )
+        await self.pump(peer, now=now)
+        return seq
+
+    async def _outbound(self, peer: str, channel: str) -> OutboundChannel:
+        key = (peer, channel)
+        out = self._out.get(key)
+        if out is None:
+            row = await self.store.fetchone(
+                "SELECT MIN(seq) FROM outbox WHERE peer_id = ? AND channel = ?", (peer, channel)
+            )
+            first = row[0] if row and row[0] is not None else None
+            out = self._out[key] = OutboundChannel(acked=(first - 1) if first else 0)
+        return out
+
+    async def pump(self, peer: str, *, now: float, reset: bool = False) -> None:
+        """Transmit what is due for `peer` (everything unacknowledged after `reset`)."""
+        channels = await self.store.fetchall(
+            "SELECT DISTINCT channel FROM outbox WHERE peer_id = ?", (peer,)
+        )
+        for (channel,) in channels:
+            out = await self._outbound(peer, channel)
+            if reset:
+                out.reset()
+            rows = await self.store.fetchall(
+                "SELECT seq, data FROM outbox WHERE peer_id = ? AND channel = ? AND seq > ?"
+                " ORDER BY seq LIMIT ?",
+                (peer, channel, out.acked, out.window),
+            )
+            data = dict(rows)
+            for seq in out.due(list(data), now):
+                if not self.transmit(peer, ChannelMessage(channel, seq, data[seq]).encode()):
+                    out.reset()  # no session: everything goes again once there is one
+                    return
+                self.counters["sent"] += 1
+
+    async def on_ack(self, peer: str, ack: ChannelAck, *, now: float) -> None:
+        out = await self._outbound(peer, ack.channel)
+        if not out.ack(ack.seq):
+            return
+        async with self.store.transaction(now) as tx:
+            await tx.execute(
+                "DELETE FROM outbox WHERE peer_id = ? AND channel = ? AND seq <= ?",
+                (peer, ack.channel, ack.seq),
+            )
+        await self.pump(peer, now=now)
+
+    def next_deadline(self) -> float | None:
+        deadlines = [d for out in self._out.values() if (d := out.next_deadline()) is not None]
+        return min(deadlines) if deadlines else None
+
+    async def on_timer(self, peers_with_session: list[str], *, now: float) -> None:
+        for peer in {p for (p, _) in self._out} & set(peers_with_session):
+            await self.pump(peer, now=now)
+
+    async def expire(self, *, now: float) -> int:
+        async with self.store.transaction(now) as tx:
+            cur = await tx.execute("DELETE FROM outbox WHERE expires_at <= ?", (now,))
+            n = cur.rowcount or 0
+        if n:
+            self.counters["expired"] += n
+            self._out.clear()  # numbers may have gaps now; reload from the outbox
+            log.info("%d undelivered message(s) expired", n)
+        return n
+
+    async def outbox(self) -> list[dict[str, Any]]:
+        rows = await self.store.fetchall(
+            "SELECT peer_id, channel, COUNT(*), SUM(length(data)), MIN(created_at)"
+            " FROM outbox GROUP BY peer_id, channel ORDER BY peer_id, channel"
+        )
+        return [
+            {"peer": p, "channel": c, "messages": n, "bytes": b, "oldest": t}
+            for p, c, n, b, t in rows
+        ]
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    async def on_message(self, peer: str, msg: ChannelMessage, *, now: float) -> None:
+        async with self._lock:
+            key = (peer, msg.channel)
+            inbound = self._in.get(key)
+            if inbound is None:
+                row = await self.store.fetchone(
+                    "SELECT last_seq FROM channels_in WHERE peer_id = ? AND channel = ?", key
+                )
+                inbound = self._in[key] = InboundChannel(last=row[0] if row else 0)
+            result = inbound.receive(msg)
+            if result.duplicate:
+                self.counters["duplicates"] += 1
+            if result.deliver:
+                total = await self.store.fetchone(
+                    "SELECT COALESCE(SUM(length(data)), 0) FROM inbox"
+                )
+                if total[0] > self.limits.max_inbox_bytes:
+                    # Do not acknowledge: the sender keeps it until the application catches up.
+                    inbound.last -= len(result.deliver)
+                    log.warning("inbox full: not accepting messages from %s for now", peer)
+                    return
+                async with self.store.transaction(now) as tx:
+                    for m in result.deliver:
+                        await tx.execute(
+                            "INSERT INTO inbox (peer_id, channel, seq, data, received_at)"
+                            " VALUES (?, ?, ?, ?, ?)",
+                            (peer, m.channel, m.seq, m.data, now),
+                        )
+                    await tx.execute(
+                        "INSERT INTO channels_in (peer_id, channel, last_seq) VALUES (?, ?, ?)"
+                        " ON CONFLICT (peer_id, channel)"
+                        " DO UPDATE SET last_seq = excluded.last_seq",
+                        (peer, msg.channel, result.ack),
+                    )
+                self.counters["received"] += len(result.deliver)
+                async with self._arrived:
+                    self._arrived.notify_all()
+        # Acknowledge only what is durable: after the commit above (or a duplicate's old state).
+        self.transmit(peer, ChannelAck(msg.channel, result.ack).encode())
+
+    async def receive(self, channel: str, *, limit: int = 100, wait: float = 0.0) -> list[Received]:
+        """Up to `limit` messages of `channel`, oldest first; wait up to `wait` seconds for one."""
+        check_channel(channel)
+        deadline = time.monotonic() + wait
+        while True:
+            rows = await self.store.fetchall(
+                "SELECT id, peer_id, channel, seq, data, received_at FROM inbox"
+                " WHERE channel = ? ORDER BY id LIMIT ?",
+                (channel, max(1, min(limit, 1000))),
+            )
+            remaining = deadline - time.monotonic()
+            if rows or remaining <= 0:
+                return [Received(*r) for r in rows]
+            async with self._arrived:
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
+                except TimeoutError:
+                    pass
+
+    async def ack(self, ids: list[int], *, now: float) -> int:
+        if not ids:
+            return 0
+        async with self.store.transaction(now) as tx:
+            marks = ",".join("?" * len(ids))
+            cur = await tx.execute(f"DELETE FROM inbox WHERE id IN ({marks})", ids)  # noqa: S608 - only placeholders
+            return cur.rowcount or 0
+
+    async def inbox(self) -> list[dict[str, Any]]:
+        rows = await self.store.fetchall(
+            "SELECT channel, COUNT(*), SUM(length(data)) FROM inbox GROUP BY channel"
+        )
+        return [{"channel": c, "messages": n, "bytes": b} for c, n, b in rows]

@@ -696,7 +696,12 @@ class HostileProxy:
         self._call(self.rules.clear)
 
     def release(self, rule: Rule, order: Literal["fifo", "reverse", "shuffle"] = "fifo") -> int:
-        """Pass on what a `Hold` rule holds, in the given order; returns how many."""
+        """Pass on what a `Hold` rule holds, in the given order; returns how many.
+
+        Each goes back into the connection it came from; if that one is gone (the client
+        reconnected, the broker restarted) it is dropped and counted as `lost_with_connection`:
+        use `Record` and `replay()` to carry packets across connections.
+        """
 
         def run() -> int:
             held, rule.held = rule.held, []

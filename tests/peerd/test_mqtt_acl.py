@@ -37,12 +37,14 @@ def node(broker: Broker, user: str, *, client_id: str | None = None) -> MqttLink
     return MqttLink(s, backoff=Backoff(initial=0.05, maximum=0.2))
 
 
-async def drain(sub: Subscription, quiet: float = 0.3) -> list[Message]:
-    """Everything that arrives until nothing has for `quiet` seconds."""
+async def drain(sub: Subscription, expect: int = 0, quiet: float = 0.3) -> list[Message]:
+    """The `expect` messages (up to 10 s each), then whatever else arrives until `quiet` s pass
+    without a message. (A forbidden message slower than `quiet` would be missed, never
+    invented: the negative checks can only err towards passing.)"""
     got = []
     while True:
         try:
-            async with asyncio.timeout(quiet):
+            async with asyncio.timeout(10.0 if len(got) < expect else quiet):
                 got.append(await sub.get())
         except TimeoutError:
             return got
@@ -70,9 +72,9 @@ async def test_a_node_receives_only_its_own_inbox(nodes: dict[str, MqttLink]) ->
     await carol.publish(f"{NET}/in/bob", secret, qos=1)  # anyone may write to any inbox
     await bob.publish(f"{NET}/in/alice", b"hello alice", qos=1)
 
-    assert [m.payload for m in await drain(bobs)] == [secret]
+    assert [m.payload for m in await drain(bobs, 1)] == [secret]
     # Alice's own inbox reaches her, through her own subscription and the wildcard ones.
-    assert [m.payload for m in await drain(mine)] == [b"hello alice"]
+    assert [m.payload for m in await drain(mine, 1)] == [b"hello alice"]
     for snoop in snoops:
         assert secret not in [m.payload for m in await drain(snoop)]
     # Whatever copies the broker sent her for her overlapping subscriptions, all were hers.
@@ -90,19 +92,19 @@ async def test_only_the_issuer_writes_its_revocations_and_everyone_reads_them(
     await alice.publish(f"{NET}/rev/bob/{stmt}", b"forged by alice", qos=1, retain=True)
     # Bob revokes for real.
     await bob.publish(f"{NET}/rev/bob/{stmt}", b"signed by bob", qos=1, retain=True)
-    got = await drain(watch)
+    got = await drain(watch, 1)
     assert [(m.topic, m.payload) for m in got] == [(f"{NET}/rev/bob/{stmt}", b"signed by bob")]
 
     # A node that connects later finds Bob's statement retained, and only that.
     async with node(shipped, "dave") as late:
         sub = await late.subscribe(f"{NET}/rev/bob/{stmt}", timeout=5)
-        retained = await drain(sub)
+        retained = await drain(sub, 1)
     assert [(m.payload, m.retain) for m in retained] == [(b"signed by bob", True)]
 
     # Nor can Alice overwrite it later, or publish outside the rev/<her id>/ space.
     await alice.publish(f"{NET}/rev/bob/{stmt}", b"", qos=1, retain=True)  # would clear it
     await alice.publish(f"{NET}/rev/alice/{stmt}", b"alice's own", qos=1, retain=True)
-    got = await drain(watch)
+    got = await drain(watch, 1)
     assert [(m.topic, m.payload) for m in got] == [(f"{NET}/rev/alice/{stmt}", b"alice's own")]
 
 
@@ -113,7 +115,7 @@ async def test_transfer_topics_are_shared_and_nothing_else_is_granted(
     tid = os.urandom(16).hex()
     chunks = await bob.subscribe(f"{NET}/x/{tid}", timeout=5)
     await alice.publish(f"{NET}/x/{tid}", b"ciphertext", qos=1)
-    assert [m.payload for m in await drain(chunks)] == [b"ciphertext"]
+    assert [m.payload for m in await drain(chunks, 1)] == [b"ciphertext"]
 
     outside = await bob.subscribe("elsewhere/#", timeout=5)
     sys_tree = await bob.subscribe("$SYS/#", timeout=5)
@@ -135,7 +137,7 @@ async def test_a_client_cannot_claim_another_nodes_id(
         snoop = await mallory.subscribe(f"{NET}/in/bob", timeout=5)
         await nodes["carol"].publish(f"{NET}/in/bob", b"for bob only", qos=1)
         assert await drain(snoop) == []
-        assert [m.payload for m in await drain(bobs)] == [b"for bob only"]
+        assert [m.payload for m in await drain(bobs, 1)] == [b"for bob only"]
     # Bob's connection was not taken over (a same-id connect would have kicked him off).
     assert states == []
     assert bob.connected

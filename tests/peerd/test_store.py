@@ -198,19 +198,21 @@ async def test_a_migration_is_one_function(tmp_path: Path) -> None:
     path = tmp_path / "peerd.db"
     await (await _open(path, create=True)).close()
 
-    async def v2(db: aiosqlite.Connection) -> None:
-        await db.execute("CREATE TABLE outbox (id INTEGER PRIMARY KEY, body BLOB NOT NULL)")
+    async def extension(db: aiosqlite.Connection) -> None:
+        await db.execute("CREATE TABLE test_extension (id INTEGER PRIMARY KEY, body BLOB)")
 
-    MIGRATIONS.append(v2)
+    known = len(MIGRATIONS)
+    MIGRATIONS.append(extension)
     try:
         s = await _open(path)
-        assert s.schema_version == 2
+        assert s.schema_version == known + 1
         async with s.transaction(NOW) as tx:
-            await tx.execute("INSERT INTO outbox (body) VALUES (x'00')")
-            await tx.log("outbox-queued", None, {"n": 1})
+            await tx.execute("INSERT INTO test_extension (body) VALUES (x'00')")
+            await tx.log("extension-used", None, {"n": 1})
+        await s.verify_log()
         await s.close()
     finally:
-        MIGRATIONS.remove(v2)
+        MIGRATIONS.remove(extension)
     # This peerd (without v2) now refuses the upgraded file.
     with pytest.raises(StoreVersionError):
         await _open(path)
@@ -232,7 +234,9 @@ async def test_a_failing_migration_leaves_the_old_version(tmp_path: Path) -> Non
     finally:
         MIGRATIONS.remove(broken)
     assert snapshot(path) == before
-    assert (await _open(path)).schema_version == 1
+    s = await _open(path)
+    assert s.schema_version == len(MIGRATIONS)
+    await s.close()
 
 
 async def test_a_store_belongs_to_one_node(store: Store) -> None:

@@ -617,7 +617,8 @@ class Keystore:
         return link
 
     def revoke_static(self, now: float, *, through: int, reason: str = "") -> Revocation:
-        """A statement revoking every certificate of this node up to serial `through`.
+        """A statement revoking every certificate of this node up to serial `through`; the
+        private keys it revokes are erased at once (no overlap for a revoked key).
 
         Rotate first: revoking the current serial would leave the node without a usable key.
         """
@@ -626,7 +627,7 @@ class Keystore:
                 f"revoking certificate {through} would revoke the current key ({self.serial})",
                 hint="rotate first (`peerd rotate`), then revoke the old serials",
             )
-        return issue_revocation(
+        statement = issue_revocation(
             self._identity_seed,
             peer_id=self.peer_id,
             kind=REVOKE_STATIC,
@@ -634,6 +635,15 @@ class Keystore:
             now=now,
             reason=reason,
         )
+        revoked = [serial for serial in self._statics if serial <= through]
+        for serial in revoked:
+            for name in (f"static-{serial}.key", f"cert-{serial}"):
+                with contextlib.suppress(FileNotFoundError):
+                    (self.dir / name).unlink()
+            del self._statics[serial]
+        if revoked:
+            _fsync_dir(self.dir)
+        return statement
 
     def revoke_identity(self, now: float, *, reason: str = "") -> Revocation:
         """A statement revoking this node's peer id for good."""

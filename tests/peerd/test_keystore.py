@@ -236,6 +236,10 @@ def test_revocation_statements(tmp_path: Path) -> None:
     statement = ks.revoke_static(NOW, through=1, reason="laptop stolen")
     statement.verify_signature()
     assert (statement.kind, statement.serial, statement.peer_id) == ("static", 1, ks.peer_id)
+    # A revoked key gets no overlap: it is erased at once.
+    assert ks.static_for(1) is None
+    assert not (ks.dir / "static-1.key").exists()
+    assert [c.serial for c in Keystore.load(ks.dir, now=NOW).certificates()] == [2]
     whole = ks.revoke_identity(NOW)
     whole.verify_signature()
     assert whole.kind == "identity"

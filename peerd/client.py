@@ -20,16 +20,18 @@ and hint. A daemon that is not running is `DaemonNotRunning`; a refused caller
 from __future__ import annotations
 
 import asyncio
+import base64
 import inspect
 import logging
 import os
 import threading
+import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
 from peerd import control
 from peerd.config import DEFAULT_CONFIG_PATH, SOCKET_NAME, NodeConfig, load_config
@@ -233,6 +235,16 @@ def socket_path_from_config(config_path: str | os.PathLike[str] | None = None) -
 
 
 # --- the async client ---------------------------------------------------------------------------
+
+
+class ReceivedMessage(NamedTuple):
+    """A message from a peer's channel (see `Client.messages`)."""
+
+    id: int
+    peer: str
+    channel: str
+    seq: int
+    data: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -485,6 +497,107 @@ class Client:
         those whose payload has the fields in `filter`. Use with `async with`."""
         names = [events] if isinstance(events, str) else list(events)
         return EventStream(self, names, filter, max_pending)
+
+    # The API for programs: one method per daemon method.
+
+    async def status(self) -> dict[str, Any]:
+        """The daemon's state: identity, broker, sessions, counters of rejections."""
+        return await self.call_as(dict, "v1.status")
+
+    async def peers(self) -> list[dict[str, Any]]:
+        return await self.call_as(list, "v1.peers")
+
+    async def send(
+        self,
+        path: str | os.PathLike[str],
+        to: str | Iterable[str],
+        *,
+        wait: bool = False,
+        timeout: float | None = None,  # noqa: ASYNC109 (how long receivers have to accept)
+    ) -> dict[str, Any]:
+        """Send a file to one or more trusted peers. Returns the transfer (its "id" among
+        others) at once, or with `wait=True` once every receiver has verified the file (or
+        failed: see "receivers" and "state")."""
+        peers = [to] if isinstance(to, str) else list(to)
+        # abspath only joins the cwd: the daemon needs the path as the caller means it.
+        params: dict[str, Any] = {"path": os.path.abspath(path), "to": peers}  # noqa: ASYNC240
+        if timeout is not None:
+            params["timeout"] = timeout
+        started: dict[str, Any] = await self.request("v1.send", params)
+        if not wait:
+            return started
+        return await self.wait(started["id"])
+
+    async def transfers(self) -> list[dict[str, Any]]:
+        return await self.call_as(list, "v1.transfers")
+
+    async def cancel(self, transfer_id: str) -> dict[str, Any]:
+        return await self.call_as(dict, "v1.cancel", id=transfer_id)
+
+    async def wait(
+        self,
+        transfer_id: str,
+        timeout: float | None = None,  # noqa: ASYNC109 (a per-call deadline)
+    ) -> dict[str, Any]:
+        """Until the transfer ends, on either side; its final record."""
+        params: dict[str, Any] = {"id": transfer_id}
+        if timeout is not None:
+            params["timeout"] = timeout
+        result: dict[str, Any] = await self.request("v1.transfer.wait", params, timeout=None)
+        return result
+
+    async def receive_file(
+        self,
+        *,
+        peer: str | None = None,
+        name: str | None = None,
+        since: float | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (a per-call deadline)
+    ) -> str:
+        """The path of the next file received and verified (from `peer`, named `name`) after
+        `since` (default: now). Raises `Timeout` if none arrives within `timeout` seconds."""
+        params: dict[str, Any] = {
+            "since": time.time() if since is None else since,
+            "wait": 24 * 3600.0 if timeout is None else timeout,
+        }
+        if peer is not None:
+            params["peer"] = peer
+        if name is not None:
+            params["name"] = name
+        while True:
+            found = await self.request("v1.transfer.received", params, timeout=None)
+            if found is not None:
+                return str(found["path"])
+            if timeout is not None:
+                raise Timeout(f"no file arrived within {timeout} s")
+
+    async def send_message(
+        self, peer: str, channel: str, data: bytes, *, ttl: float | None = None
+    ) -> int:
+        """Queue a message for `peer` on `channel` (delivered exactly once, in order, even if
+        the peer is offline now); its sequence number."""
+        params: dict[str, Any] = {
+            "peer": peer,
+            "channel": channel,
+            "data_b64": base64.b64encode(data).decode("ascii"),
+        }
+        if ttl is not None:
+            params["ttl"] = ttl
+        result = await self.request("v1.msg.send", params)
+        return int(result["seq"])
+
+    async def messages(self, channel: str, *, wait: float = 30.0) -> AsyncIterator[ReceivedMessage]:
+        """Messages arriving on `channel`, each acknowledged (removed from the daemon's inbox)
+        once the loop body has run for it: a crash repeats at most the message at hand."""
+        while True:
+            batch = await self.request(
+                "v1.msg.recv", {"channel": channel, "wait": wait}, timeout=wait + 30
+            )
+            for m in batch:
+                yield ReceivedMessage(
+                    m["id"], m["peer"], m["channel"], m["seq"], base64.b64decode(m["data_b64"])
+                )
+                await self.request("v1.msg.ack", {"ids": [m["id"]]})
 
     # Internals.
 

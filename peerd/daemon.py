@@ -34,6 +34,7 @@ from peerd.messages import Messenger
 from peerd.mqtt import BrokerError, BrokerQueueFull, BrokerSettings, Message, MqttLink, Topics
 from peerd.store import Store, open_store
 from peerd.systemd import Notifier, watchdog_interval, watchdog_loop
+from peerd.transfers import Transfers
 from protocol.errors import RemoteProtocolError
 from protocol.identity import (
     InviteToken,
@@ -234,6 +235,7 @@ class Daemon:
         self.messenger = Messenger(self.store, self._transmit)
         self.control = ControlServer(cfg.node.socket, group=cfg.control.group, events=EVENTS)
         self._register_methods()
+        Transfers(self)  # registers itself as an extension: methods, hooks, a task
         self.store.add_listener(lambda _event: self._trust_changed())
 
     async def run(self) -> None:
@@ -304,7 +306,7 @@ class Daemon:
         task = asyncio.ensure_future(coro)
         task.add_done_callback(self._task_done)
 
-    def _task_done(self, task: asyncio.Future[None]) -> None:
+    def _task_done(self, task: asyncio.Future[Any]) -> None:
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
             log.error("background work failed: %s", exc, exc_info=exc)
@@ -771,6 +773,24 @@ class Daemon:
                 "outbox": await self.messenger.outbox(),
                 "inbox": await self.messenger.inbox(),
             }
+
+        @m("v1.debug.tasks")
+        async def _tasks(params: dict[str, Any], conn: Connection) -> list[dict[str, Any]]:
+            """Every asyncio task and where it waits: for diagnosing a stuck daemon."""
+            out = []
+            for task in asyncio.all_tasks():
+                frames = task.get_stack(limit=8)
+                out.append(
+                    {
+                        "name": task.get_name(),
+                        "stack": [
+                            f"{f.f_code.co_filename.rsplit('/', 2)[-1]}:{f.f_lineno} "
+                            f"{f.f_code.co_name}"
+                            for f in frames
+                        ],
+                    }
+                )
+            return out
 
         @m("v1.audit.verify")
         async def _audit(params: dict[str, Any], conn: Connection) -> dict[str, Any]:

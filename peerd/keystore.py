@@ -37,6 +37,7 @@ import msgpack
 import nacl.exceptions
 import nacl.pwhash
 import nacl.secret
+import nacl.signing
 import nacl.utils
 
 from peerd.errors import PeerdError
@@ -364,6 +365,10 @@ class Keystore:
     def static(self) -> KeyPair:
         """The current Noise static key pair."""
         return self._statics[self.serial][0]
+
+    def signing_key(self) -> nacl.signing.SigningKey:
+        """The identity key, for signing what this node vouches for (transfer manifests)."""
+        return nacl.signing.SigningKey(self._identity_seed)
 
     @property
     def sealed(self) -> bool:

@@ -137,7 +137,10 @@ def _when(ts: float | None) -> str:
 
 
 def _client_call(
-    args: argparse.Namespace, work: Callable[[Client], Awaitable[Any]], *, timeout: float = 60.0
+    args: argparse.Namespace,
+    work: Callable[[Client], Awaitable[Any]],
+    *,
+    timeout: float | None = 60.0,
 ) -> Any:
     async def go() -> Any:
         client = await Client.connect(
@@ -176,6 +179,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if journald
         else "%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # aiosqlite logs every statement at DEBUG: that is its debugging, not ours.
+    logging.getLogger("aiosqlite").setLevel(max(level, logging.INFO))
     asyncio.run(Daemon(config).run())
     return common.EXIT_OK
 
@@ -370,7 +375,7 @@ def cmd_msg_listen(args: argparse.Namespace) -> int:
                 seen += 1
         return common.EXIT_OK
 
-    code: int = _client_call(args, listen, timeout=None)  # type: ignore[arg-type]
+    code: int = _client_call(args, listen, timeout=None)
     return code
 
 

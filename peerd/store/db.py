@@ -234,6 +234,9 @@ class Store:
         if str(mode).lower() != "wal":
             raise StoreError(f"the store {self.path} cannot use WAL mode (got {mode})")
         await db.execute("PRAGMA synchronous = FULL")
+        # Erased secrets (an invite's PSK, a finished transfer's content key) are overwritten
+        # in the file, not left in free pages.
+        await db.execute("PRAGMA secure_delete = ON")
         await db.execute("PRAGMA foreign_keys = ON")
         while version < len(MIGRATIONS):
             await db.execute("BEGIN IMMEDIATE")

@@ -196,4 +196,36 @@ async def _v2_messages(db: aiosqlite.Connection) -> None:
     )
 
 
+@migration
+async def _v3_transfers(db: aiosqlite.Connection) -> None:
+    """File transfers, both directions, resumable (peerd/transfers.py). `snapshot` holds the
+    state machine's resumable state, content key included: it is set to NULL (and, with
+    secure_delete, overwritten) as soon as the transfer ends."""
+    await _run(
+        db,
+        """
+        CREATE TABLE transfers (
+            transfer_id BLOB PRIMARY KEY CHECK (length(transfer_id) = 16),
+            role TEXT NOT NULL CHECK (role IN ('send', 'receive')),
+            peers TEXT NOT NULL,
+            name TEXT NOT NULL,
+            size INTEGER NOT NULL CHECK (size >= 0),
+            path TEXT NOT NULL,
+            temp_path TEXT,
+            state TEXT NOT NULL CHECK (state IN ('active', 'verified', 'failed', 'cancelled')),
+            reason TEXT,
+            detail TEXT,
+            snapshot BLOB,
+            source_stat TEXT,
+            file_hash BLOB,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            finished_at REAL,
+            deadline REAL
+        )
+        """,
+        "CREATE INDEX transfers_state ON transfers (state, finished_at)",
+    )
+
+
 __all__ = ["APPLICATION_ID", "MIGRATIONS", "Migration", "migration"]

@@ -263,6 +263,10 @@ class ReceiverTransfer:
         actions, self._actions = self._actions, []
         return actions
 
+    def has_actions(self) -> bool:
+        """Whether `take_actions` would return anything (cheap; for the shell's data path)."""
+        return bool(self._actions)
+
     def next_deadline(self) -> float | None:
         if self.state != RECEIVING:
             return None

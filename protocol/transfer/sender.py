@@ -305,6 +305,10 @@ class SenderTransfer:
         actions, self._actions = self._actions, []
         return actions
 
+    def has_actions(self) -> bool:
+        """Whether `take_actions` would return anything (cheap; for the shell's data path)."""
+        return bool(self._actions)
+
     def next_deadline(self) -> float | None:
         """When `on_timer` must next be called, or None."""
         if self._finished:
@@ -620,6 +624,14 @@ class SenderTransfer:
         if r.state in (OFFERED, ACTIVE):
             self._fail(r, reason, safe_detail(detail), remote=False, notify=True)
             self._check_finished()
+
+    def peer_reachable(self, peer: str, now: float) -> None:
+        """The shell has a session with `peer` again (it came online, or restarted): probe it
+        at the next `on_timer` instead of waiting out the backed-off probe interval."""
+        r = self._receivers.get(peer)
+        if r is not None and r.state in (OFFERED, ACTIVE):
+            r.probe_interval = 0.0
+            r.next_probe = now
 
     def on_timer(self, now: float) -> None:
         if self._finished:

@@ -1,0 +1,244 @@
+"""`peerd send`, `peerd transfers`, `peerd cancel`, `peerd receive`: model files."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from typing import Any
+
+from peerd.cli import common
+from peerd.cli.daemon import _call, _client_call, _duration, _when
+from peerd.client import Client, Timeout
+from peerd.errors import PeerdError, UsageError
+from protocol.identity import format_peer_id
+
+
+class TransferFailed(PeerdError):
+    """A transfer ended without every receiver verifying the file."""
+
+
+common.EXIT_CODES.setdefault("TransferFailed", common.EXIT_FAILURE)
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "send",
+        help="send a file to trusted peers, end to end encrypted",
+        description="Send FILE to one or more trusted peers. It is encrypted once and published "
+        "once, whatever the number of receivers; each verifies the whole file and the "
+        "sender's signature before it appears in its inbox. Offline peers get it when they "
+        "come online (the transfer survives restarts), unless --timeout says otherwise.",
+    )
+    p.add_argument("file", help="the file to send")
+    p.add_argument("--to", required=True, help="peer id(s), comma-separated")
+    p.add_argument(
+        "--wait", action="store_true", help="block until every receiver has verified the file"
+    )
+    p.add_argument(
+        "--timeout",
+        type=_duration,
+        default=None,
+        help="receivers that have not accepted within this time are dropped (e.g. 10m)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress display")
+    common.add_json_option(p)
+    p.set_defaults(func=cmd_send)
+
+    p = subparsers.add_parser("transfers", help="list transfers with their state and progress")
+    common.add_json_option(p)
+    p.set_defaults(func=cmd_transfers)
+
+    p = subparsers.add_parser("cancel", help="cancel a transfer (either side)")
+    p.add_argument("id", help="the transfer id (from `peerd send` or `peerd transfers`)")
+    common.add_json_option(p)
+    p.set_defaults(func=cmd_cancel)
+
+    p = subparsers.add_parser("receive", help="wait for the next verified file and print its path")
+    p.add_argument("--from", dest="peer", help="only from this peer")
+    p.add_argument("--name", help="only a file of this name")
+    p.add_argument("--timeout", type=_duration, default=None, help="give up after (e.g. 10m)")
+    common.add_json_option(p)
+    p.set_defaults(func=cmd_receive)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+class _Progress:
+    """A live, in-place progress display on stderr: one line per receiver."""
+
+    def __init__(self, transfer: dict[str, Any]) -> None:
+        self.size = max(1, transfer["size"])
+        self.peers = transfer["peers"]
+        self.start = time.monotonic()
+        self.bytes = dict.fromkeys(self.peers, 0)
+        self.state = dict.fromkeys(self.peers, "offered")
+        self.drawn = 0
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+
+    def update(self, data: dict[str, Any]) -> None:
+        peer = data.get("peer")
+        if peer not in self.bytes:
+            return
+        if "bytes" in data:
+            self.bytes[peer] = data["bytes"]
+        if data.get("accepted"):
+            self.state[peer] = "sending"
+        if data.get("verified"):
+            self.state[peer] = "verified"
+        if data.get("failed"):
+            self.state[peer] = f"failed: {data.get('detail') or data['failed']}"
+        self.draw()
+
+    def draw(self, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and now - self.last < 0.1:
+            return
+        self.last = now
+        elapsed = max(now - self.start, 1e-6)
+        lines = []
+        for peer in self.peers:
+            done = self.bytes[peer]
+            rate = done / elapsed
+            frac = min(done / self.size, 1.0)
+            bar = "#" * int(frac * 30)
+            eta = (self.size - done) / rate if rate > 0 and done < self.size else 0
+            state = self.state[peer]
+            if state == "sending" and done < self.size:
+                state = f"{_size(rate)}/s, ETA {eta:.0f}s"
+            lines.append(f"{format_peer_id(peer)[:23]:23} [{bar:30}] {frac * 100:5.1f}%  {state}")
+        if self.tty:
+            if self.drawn:
+                sys.stderr.write(f"\x1b[{self.drawn}F")
+            sys.stderr.write("".join(f"\x1b[2K{line}\n" for line in lines))
+            self.drawn = len(lines)
+        elif final:
+            sys.stderr.write("".join(f"{line}\n" for line in lines))
+        sys.stderr.flush()
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    peers = [p.strip() for p in args.to.split(",") if p.strip()]
+    if not peers:
+        raise UsageError("--to names no peer")
+    path = os.path.abspath(args.file)
+    if not os.path.isfile(path):
+        raise UsageError(f"{args.file} is not a file")
+    params: dict[str, Any] = {"path": path, "to": peers}
+    if args.timeout is not None:
+        params["timeout"] = args.timeout
+    show = not args.no_progress and not args.json
+
+    async def go(client: Client) -> Any:
+        if not args.wait and not show:
+            return await client.request("v1.send", params)
+        async with client.subscribe(["transfer.progress"]) as events:
+            started = await client.request("v1.send", params)
+            progress = _Progress(started) if show else None
+            waiter = asyncio.ensure_future(
+                client.request("v1.transfer.wait", {"id": started["id"]}, timeout=None)
+            )
+            try:
+                while not waiter.done():
+                    try:
+                        ev = await events.get(timeout=0.2)
+                    except Timeout:
+                        continue
+                    if progress is not None and ev.data.get("id") == started["id"]:
+                        progress.update(ev.data)
+                result = waiter.result()
+            finally:
+                waiter.cancel()
+            if progress is not None:
+                for peer, rec in result.get("receivers", {}).items():
+                    progress.bytes[peer] = rec.get("bytes", progress.bytes[peer])
+                    progress.state[peer] = rec.get("state", progress.state[peer])
+                progress.draw(final=True)
+            return result
+
+    result = _client_call(args, go, timeout=None)
+    if args.json:
+        common.print_json(result)
+    else:
+        state = result.get("state", "active")
+        print(f"transfer {result['id']}: {state}")
+    if (args.wait or show) and result.get("state") != "verified":
+        failed = {
+            p: r["state"]
+            for p, r in result.get("receivers", {}).items()
+            if r["state"] != "verified"
+        }
+        raise TransferFailed(
+            "not every receiver verified the file: "
+            + ", ".join(f"{format_peer_id(p)} {s}" for p, s in failed.items())
+        )
+    return common.EXIT_OK
+
+
+def cmd_transfers(args: argparse.Namespace) -> int:
+    items = _call(args, "v1.transfers")
+    if args.json:
+        common.print_json(items)
+        return common.EXIT_OK
+    rows = []
+    for t in items:
+        if t["direction"] == "send":
+            receivers = t.get("receivers", {})
+            done = sum(r.get("bytes", 0) for r in receivers.values())
+            total = max(1, t["size"] * max(1, len(receivers)))
+            who = ",".join(format_peer_id(p)[:11] for p in t["peers"])
+        else:
+            done, total = t.get("bytes", 0), max(1, t["size"])
+            who = format_peer_id(t["peers"][0])[:11]
+        pct = 100.0 if t["state"] == "verified" else min(100.0, 100.0 * done / total)
+        rows.append(
+            [
+                t["id"],
+                t["direction"],
+                t["name"],
+                _size(t["size"]),
+                who,
+                t["state"],
+                f"{pct:.0f}%",
+                _when(t.get("started_at")),
+            ]
+        )
+    common.print_table(["id", "dir", "name", "size", "peers", "state", "done", "started"], rows)
+    return common.EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    result = _call(args, "v1.cancel", {"id": args.id})
+    if args.json:
+        common.print_json(result)
+    else:
+        print(f"transfer {result['id']}: cancelled")
+    return common.EXIT_OK
+
+
+def cmd_receive(args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {
+        "since": time.time(),
+        "wait": args.timeout if args.timeout is not None else 24 * 3600.0,
+    }
+    if args.peer:
+        params["peer"] = args.peer
+    if args.name:
+        params["name"] = args.name
+    result = _call(args, "v1.transfer.received", params, within=params["wait"] + 30)
+    if result is None:
+        raise Timeout("no file arrived in time")
+    if args.json:
+        common.print_json(result)
+    else:
+        print(result["path"])
+    return common.EXIT_OK

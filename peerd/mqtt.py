@@ -380,8 +380,8 @@ def statement_id(statement: bytes) -> str:
 class Topics:
     """The topic layout of one network (protocol/SPEC.md section 2).
 
-    `in/<peer-id>` inboxes, `rev/<issuer>/<statement-id>` retained revocations, `x/<transfer-id>`
-    chunk topics, all under `peerd/v1/<network>/`.
+    `in/<peer-id>` inboxes, `rev/<issuer>/<statement-id>` retained revocations,
+    `x/<sender>/<transfer-id>` chunk topics, all under `peerd/v1/<network>/`.
     """
 
     def __init__(self, network: str) -> None:
@@ -402,14 +402,17 @@ class Topics:
         _check_peer_id(issuer)
         return f"{self.prefix}rev/{issuer}/{statement_id(statement)}"
 
-    def transfer(self, transfer_id: bytes) -> str:
+    def transfer(self, sender: str, transfer_id: bytes) -> str:
+        """A transfer's chunk topic. The sender's id is a level of its own so that a broker
+        ACL can let only the sender publish there (`pattern write .../x/%u/+`)."""
+        _check_peer_id(sender)
         if len(transfer_id) != 16:
             raise ValueError("a transfer id is 16 bytes")
-        return f"{self.prefix}x/{transfer_id.hex()}"
+        return f"{self.prefix}x/{sender}/{transfer_id.hex()}"
 
     def parse(self, topic: str) -> tuple[str, tuple[str, ...]] | None:
-        """("in", (peer,)), ("rev", (issuer, statement id)) or ("x", (transfer id hex,));
-        None for anything else (not ours, or malformed)."""
+        """("in", (peer,)), ("rev", (issuer, statement id)) or ("x", (sender, transfer id
+        hex)); None for anything else (not ours, or malformed)."""
         if not topic.startswith(self.prefix):
             return None
         parts = topic[len(self.prefix) :].split("/")
@@ -418,7 +421,7 @@ class Topics:
             return kind, rest
         if kind == "rev" and len(rest) == 2 and _CLIENT_ID.match(rest[0]) and _HEX32.match(rest[1]):
             return kind, rest
-        if kind == "x" and len(rest) == 1 and _HEX32.match(rest[0]):
+        if kind == "x" and len(rest) == 2 and _CLIENT_ID.match(rest[0]) and _HEX32.match(rest[1]):
             return kind, rest
         return None
 

@@ -136,8 +136,8 @@ def run_plain_transfer(
     `users`: ((publisher, pw), (subscriber, pw)) for a broker that authenticates.
     """
     size = path.stat().st_size
-    topic = f"peerd/v1/bench/x/{os.urandom(16).hex()}"
     (pu, pp), (su, sp) = users or (("benchpub", ""), ("benchsub", ""))
+    topic = f"peerd/v1/bench/x/{pu}/{os.urandom(16).hex()}"  # the shipped ACL: sender's level
     with tempfile.TemporaryDirectory(dir=out_dir or path.parent) as tmp:
         out = Path(tmp) / "received"
         sub = _worker(
@@ -190,8 +190,8 @@ def run_small_messages(
     users: tuple[tuple[str, str], tuple[str, str]] | None = None,
 ) -> dict[str, Any]:
     """`count` QoS 0 messages one way; CPU microseconds per message in each process."""
-    topic = f"peerd/v1/bench/x/{os.urandom(16).hex()}"
     (pu, pp), (su, sp) = users or (("benchpub", ""), ("benchsub", ""))
+    topic = f"peerd/v1/bench/x/{pu}/{os.urandom(16).hex()}"  # the shipped ACL: sender's level
     sub = _worker(
         "count",
         _with_user(broker_url, su, sp) if users else broker_url,

@@ -27,6 +27,9 @@ EXIT_CODES: dict[str, int] = {
     "AccessDenied": EXIT_DENIED,
     "TrustError": EXIT_DENIED,
     "Timeout": EXIT_TIMEOUT,
+    "BrokerTimeout": EXIT_TIMEOUT,
+    "InvalidText": EXIT_USAGE,  # a mistyped peer id, fingerprint or token
+    "InvalidParams": EXIT_USAGE,
 }
 
 DEFAULT_CONFIG = "/etc/peerd/peerd.toml"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -275,3 +276,35 @@ def test_cli_says_clearly_when_the_daemon_is_not_running(tmp_path: Path, broker:
     assert result.returncode == 4
     assert "not running" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_daemons_work_under_the_shipped_broker_config_and_acl(tmp_path: Path) -> None:
+    """The broker as shipped (authentication, ACL confining inboxes and chunk topics): pairing,
+    messages and a transfer all work, each node logged in as its peer id."""
+    nodes = make_nodes(tmp_path, "mqtt://127.0.0.1:1", ["alice", "bob"])
+    users = {n.peer_id: f"pw-{n.name}" for n in nodes}
+    with Broker(tmp_path / "shipped", shipped=True, users=users) as broker:
+        for n in nodes:
+            secret = n.dir / "broker-password"
+            secret.write_text(users[n.peer_id] + "\n")
+            secret.chmod(0o600)
+            conf = n.config.read_text().replace("mqtt://127.0.0.1:1", broker.url)
+            conf = conf.replace(
+                "[broker]\n", f'[broker]\nusername = "{n.peer_id}"\npassword_file = "{secret}"\n', 1
+            )
+            n.config.write_text(conf)
+            n.start()
+        try:
+            a, b = nodes
+            pair(a, b)
+            a.cli("msg", "send", b.peer_id, "acl", "through the shipped broker")
+            out = b.cli("msg", "listen", "acl", "--count", "1", "--timeout", "20", timeout=40)
+            assert out.strip() == "through the shipped broker"
+            src = tmp_path / "weights.bin"
+            src.write_bytes(os.urandom(3 * 256 * 1024 + 11))
+            assert a.json("send", str(src), "--to", b.peer_id, "--wait")["state"] == "verified"
+            got = b.dir / "inbox" / a.peer_id / "weights.bin"
+            assert got.read_bytes() == src.read_bytes()
+        finally:
+            for n in nodes:
+                n.kill()

@@ -460,7 +460,7 @@ def test_replayed_and_injected_chunks_are_rejected(tmp_path: Path, broker: Broke
             hold = proxy.add_rule(TO_CLIENT, "peerd/v1/+/x/#", Hold())
             started = a.json("send", str(second), "--to", b.peer_id)
             wait_until(lambda: hold.applied > 0, 20, what="the second transfer under way")
-            topic = f"peerd/v1/test/x/{started['id']}"
+            topic = f"peerd/v1/test/x/{a.peer_id}/{started['id']}"
             for pkt in recorded:
                 proxy.inject(TO_CLIENT, topic, pkt.payload)
             proxy.inject(TO_CLIENT, topic, os.urandom(CHUNK + 64))

@@ -191,10 +191,13 @@ def test_topic_layout_of_a_network() -> None:
     assert t.inbox("alice1") == "peerd/v1/lab-1/in/alice1"
     assert t.revocation("alice1", stmt) == f"peerd/v1/lab-1/rev/alice1/{sid}"
     assert t.revocations == "peerd/v1/lab-1/rev/#"
-    assert t.transfer(bytes(range(16))) == "peerd/v1/lab-1/x/000102030405060708090a0b0c0d0e0f"
+    assert (
+        t.transfer("alice1", bytes(range(16)))
+        == "peerd/v1/lab-1/x/alice1/000102030405060708090a0b0c0d0e0f"
+    )
     assert t.parse(t.inbox("bob")) == ("in", ("bob",))
     assert t.parse(t.revocation("bob", stmt)) == ("rev", ("bob", sid))
-    assert t.parse(t.transfer(bytes(16))) == ("x", ("0" * 32,))
+    assert t.parse(t.transfer("alice1", bytes(16))) == ("x", ("alice1", "0" * 32))
     for bad in (
         "peerd/v1/other/in/bob",
         "peerd/v1/lab-1/in/Bob",
@@ -212,7 +215,7 @@ def test_topic_layout_of_a_network() -> None:
     # Every topic it builds is matched by the filters the shipped ACL uses.
     assert topic_matches("peerd/v1/+/in/+", t.inbox("bob"))
     assert topic_matches("peerd/v1/+/rev/#", t.revocation("bob", stmt))
-    assert topic_matches("peerd/v1/+/x/+", t.transfer(bytes(16)))
+    assert topic_matches("peerd/v1/+/x/+/+", t.transfer("alice1", bytes(16)))
 
 
 # --- delivery ----------------------------------------------------------------------------------

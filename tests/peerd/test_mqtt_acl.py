@@ -108,13 +108,14 @@ async def test_only_the_issuer_writes_its_revocations_and_everyone_reads_them(
     assert [(m.topic, m.payload) for m in got] == [(f"{NET}/rev/alice/{stmt}", b"alice's own")]
 
 
-async def test_transfer_topics_are_shared_and_nothing_else_is_granted(
+async def test_only_the_sender_publishes_into_its_transfer_topic(
     nodes: dict[str, MqttLink],
 ) -> None:
     alice, bob = nodes["alice"], nodes["bob"]
     tid = os.urandom(16).hex()
-    chunks = await bob.subscribe(f"{NET}/x/{tid}", timeout=5)
-    await alice.publish(f"{NET}/x/{tid}", b"ciphertext", qos=1)
+    chunks = await bob.subscribe(f"{NET}/x/alice/{tid}", timeout=5)
+    await bob.publish(f"{NET}/x/alice/{tid}", b"forged by bob", qos=1)  # not bob's to write
+    await alice.publish(f"{NET}/x/alice/{tid}", b"ciphertext", qos=1)
     assert [m.payload for m in await drain(chunks, 1)] == [b"ciphertext"]
 
     outside = await bob.subscribe("elsewhere/#", timeout=5)

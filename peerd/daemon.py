@@ -170,6 +170,7 @@ class Daemon:
         self.messenger: Messenger
         self.topics = Topics(config.node.network)
         self._extensions: list[Any] = []
+        self.notifier = Notifier(None)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -242,7 +243,7 @@ class Daemon:
         """Run until SIGTERM/SIGINT or `stop()`; returns after a clean shutdown."""
         await self._open()
         loop = asyncio.get_running_loop()
-        notifier = Notifier.from_environ()
+        notifier = self.notifier = Notifier.from_environ()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
         loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self._reload()))
@@ -268,7 +269,7 @@ class Daemon:
                     interval = watchdog_interval()
                     if interval:
                         tg.create_task(watchdog_loop(notifier, interval), name="watchdog")
-                    notifier.ready(f"node {self.peer_id}, waiting for the broker")
+                    notifier.ready(self._status_line())
                     await self._stop.wait()
                     notifier.stopping()
                     await self._drain()
@@ -342,7 +343,14 @@ class Daemon:
             self.topics.revocations, qos=1, handler=self._on_revocation_message
         )
 
+    def _status_line(self) -> str:
+        """The one line `systemctl status` shows."""
+        broker = "broker connected" if self.link.connected else "waiting for the broker"
+        sessions = len(self.sessions.connected_peers())
+        return f"node {self.peer_id}: {broker}, {sessions} session(s)"
+
     def _on_link_state(self, up: bool) -> None:
+        self.notifier.status(self._status_line())
         log.info("broker %s: %s", self.link.settings.url, "connected" if up else "disconnected")
         self._publish_event("broker." + ("up" if up else "down"), {"url": self.link.settings.url})
         if up:
@@ -470,6 +478,7 @@ class Daemon:
             waiter.set_result(up)
         if not up.rekey:
             log.info("session with %s up", up.peer_id)
+            self.notifier.status(self._status_line())
         self._publish_event("session.up", record)
         await self.messenger.pump(up.peer_id, now=now, reset=True)
         for ext in self._extensions:
@@ -479,6 +488,7 @@ class Daemon:
     def _on_session_down(self, down: SessionDown) -> None:
         self._session_since.pop(down.peer_id, None)
         log.info("session with %s down: %s", down.peer_id, down.reason)
+        self.notifier.status(self._status_line())
         self._publish_event("session.down", {"peer": down.peer_id, "reason": down.reason})
         for ext in self._extensions:
             if hasattr(ext, "session_down"):

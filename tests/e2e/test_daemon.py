@@ -308,3 +308,35 @@ def test_daemons_work_under_the_shipped_broker_config_and_acl(tmp_path: Path) ->
         finally:
             for n in nodes:
                 n.kill()
+
+
+def test_systemd_notifications_from_a_real_daemon(tmp_path: Path, broker: Broker) -> None:
+    """With NOTIFY_SOCKET set (as systemd does for Type=notify), the daemon says READY once it
+    serves, keeps STATUS current, pings the watchdog, and says STOPPING on SIGTERM."""
+    import socket  # noqa: PLC0415
+
+    (a,) = make_nodes(tmp_path, broker.url, ["alice"])
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(0.2)
+    messages: list[str] = []
+
+    def collect() -> list[str]:
+        try:
+            while True:
+                messages.append(sock.recv(4096).decode())
+        except TimeoutError:
+            return messages
+
+    try:
+        a.start(extra_env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "2000000"})
+        wait_until(lambda: any("READY=1" in m for m in collect()), 10, what="READY=1")
+        wait_until(lambda: sum("WATCHDOG=1" in m for m in collect()) >= 2, 10, what="pings")
+        assert any("STATUS=node " in m for m in messages)
+        assert a.stop() == 0
+        collect()
+        assert any("STOPPING=1" in m for m in messages)
+    finally:
+        a.kill()
+        sock.close()

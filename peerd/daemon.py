@@ -322,12 +322,20 @@ class Daemon:
         except PeerdError as exc:
             log.error("reload: %s; keeping the running configuration", exc.one_line())
             return
+        # Live: [receive] limits, [keys] overlap and rotation schedule, the authority key.
+        # The rest names sockets, files and the broker connection: those need a restart.
         restart = [
             name
-            for name in ("node", "broker", "keys", "network", "control")
+            for name in ("node", "broker", "control")
             if getattr(new, name) != getattr(self.config, name)
         ]
+        if new.network.psk_file != self.config.network.psk_file:
+            restart.append("network")
+        self.store.view().configure(
+            overlap=new.keys.overlap_seconds, authority_key=new.network.authority_public
+        )
         self.config = new
+        self._trust_changed()  # a new authority key or overlap may end some sessions
         for ext in self._extensions:
             if hasattr(ext, "reload"):
                 ext.reload(new)

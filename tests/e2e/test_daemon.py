@@ -340,3 +340,24 @@ def test_systemd_notifications_from_a_real_daemon(tmp_path: Path, broker: Broker
     finally:
         a.kill()
         sock.close()
+
+
+def test_sighup_reloads_the_receive_limits(paired: tuple[Node, Node], tmp_path: Path) -> None:
+    import signal  # noqa: PLC0415
+
+    a, b = paired
+    src = tmp_path / "two-mib.bin"
+    src.write_bytes(os.urandom(2 * 1024 * 1024))
+    config = b.config.read_text()
+    b.config.write_text(config.replace('max_file_size = "100GiB"', 'max_file_size = "1MiB"'))
+    assert b.proc is not None
+    b.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "configuration reloaded" in b.log(), 10, what="the reload")
+    refused = a.run_cli("send", str(src), "--to", b.peer_id, "--wait")
+    assert refused.returncode == 1
+    assert "too-large" in refused.stderr or "limit" in refused.stderr
+    b.config.write_text(config)
+    b.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: b.log().count("configuration reloaded") == 2, 10, what="second reload")
+    assert a.json("send", str(src), "--to", b.peer_id, "--wait")["state"] == "verified"
+    assert b.running  # SIGHUP never stops the daemon

@@ -682,12 +682,17 @@ class Credentials:
         Says nothing about whether the peer is trusted (that is `TrustView.authenticate`) nor
         about the membership (checked against the configured authority key there).
         """
+        keys = self.verify_signatures()
+        self.certificate.check_validity(now)
+        return keys
+
+    def verify_signatures(self) -> tuple[bytes, ...]:
+        """The time-independent part of `verify`: chain and certificate signatures."""
         cert = self.certificate
         keys = verify_chain(cert.peer_id, self.successions, self.first_identity())
         if cert.identity_public != keys[-1]:
             raise Conflict("the certificate is not signed by the current identity key")
         cert.verify_signature()
-        cert.check_validity(now)
         return keys
 
 

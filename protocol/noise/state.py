@@ -9,6 +9,7 @@ keys are dropped, so a failed handshake can never be continued by mistake.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 from protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
@@ -154,6 +155,7 @@ class SymmetricState:
         )
 
 
+@functools.lru_cache(maxsize=64)  # every handshake parses its name: the table is constant
 def parse_protocol_name(name: str) -> tuple[HandshakePattern, str, Cipher, Hash]:
     """`Noise_XXpsk3_25519_ChaChaPoly_BLAKE2b` -> (pattern, dh name, cipher, hash)."""
     parts = name.split("_")

@@ -132,6 +132,8 @@ def _broker_url(value: str) -> str:
         raise ValueError(f"{value!r}: bad port") from exc
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ValueError(f"{value!r}: only mqtt[s]://host[:port] is allowed")
+    if parts.netloc.endswith(":"):
+        raise ValueError(f"{value!r}: a ':' with no port after it")
     if parts.username or parts.password:
         raise ValueError(f"{value!r}: put credentials in username / password_file, not the URL")
     return value
@@ -282,7 +284,41 @@ class ReceiveConfig:
 
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
-    """Resource limits of the daemon (sessions, transfers, queues); filled by the daemon."""
+    """Resource limits of the daemon: every queue and table it keeps is bounded by one."""
+
+    outbox_messages_per_peer: int = key(
+        10_000,
+        doc="messages waiting for one peer (beyond: `msg send` fails with 'outbox full')",
+        check=_between(1, 10_000_000),
+    )
+    outbox_size: int = key(
+        256 * 1024**2, doc="bytes of messages waiting for all peers together", kind="size"
+    )
+    inbox_size: int = key(
+        256 * 1024**2,
+        doc="bytes of received messages not yet read (beyond: peers wait, nothing is lost)",
+        kind="size",
+    )
+    message_ttl_days: float = key(
+        7.0, doc="default time to live of an undelivered message, days", check=_between(0.001, 365)
+    )
+    handshakes_per_second: float = key(
+        2000.0, doc="handshakes answered per second, all peers together", check=_between(1, 1e6)
+    )
+    handshakes_per_second_per_peer: float = key(
+        20.0, doc="handshakes answered per second claiming one peer", check=_between(0.1, 1e6)
+    )
+    half_open_handshakes: int = key(
+        1024,
+        doc="handshakes waiting for their third message (the oldest is dropped beyond)",
+        check=_between(16, 1_000_000),
+    )
+    active_sends: int = key(64, doc="transfers being sent at once", check=_between(1, 10_000))
+    active_receives: int = key(
+        64,
+        doc="transfers being received at once (more are refused: 'busy')",
+        check=_between(1, 10_000),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -502,8 +538,6 @@ def render_config(config: Config) -> str:
         section = getattr(config, name)
         fields = dataclasses.fields(section)
         lines.append(f"[{name}]")
-        if not fields:
-            lines.append("# (settings of the daemon's resource limits go here)")
         for f in fields:
             value = getattr(section, f.name)
             lines.append(f"# {f.metadata['doc']}")

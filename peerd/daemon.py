@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from peerd import __version__
+from peerd.authority import Authority
 from peerd.config import Config, load_config
 from peerd.control import Connection, ControlServer, optional, require
 from peerd.errors import PeerdError, UsageError
 from peerd.keystore import Keystore, read_passphrase
-from peerd.messages import Messenger
+from peerd.messages import Messenger, OutboxLimits
 from peerd.mqtt import BrokerError, BrokerQueueFull, BrokerSettings, Message, MqttLink, Topics
 from peerd.store import Store, open_store
 from peerd.systemd import Notifier, watchdog_interval, watchdog_loop
@@ -213,7 +214,13 @@ class Daemon:
             credentials=self.keys.credentials(),
             trust=_Trust(self.store.view()),
             network_psk=network_psk,
-            limits=SessionLimits(),
+            limits=SessionLimits(
+                hello_rate=cfg.limits.handshakes_per_second,
+                hello_burst=2 * cfg.limits.handshakes_per_second,
+                hello_rate_per_peer=cfg.limits.handshakes_per_second_per_peer,
+                hello_burst_per_peer=2 * cfg.limits.handshakes_per_second_per_peer,
+                max_half_open=cfg.limits.half_open_handshakes,
+            ),
         )
         b = cfg.broker
         password = None
@@ -233,10 +240,19 @@ class Daemon:
             keepalive=b.keepalive,
         )
         self.link = MqttLink(settings, on_state=self._on_link_state)
-        self.messenger = Messenger(self.store, self._transmit)
+        self.messenger = Messenger(
+            self.store,
+            self._transmit,
+            OutboxLimits(
+                max_messages_per_peer=cfg.limits.outbox_messages_per_peer,
+                max_bytes=cfg.limits.outbox_size,
+                max_inbox_bytes=cfg.limits.inbox_size,
+            ),
+        )
         self.control = ControlServer(cfg.node.socket, group=cfg.control.group, events=EVENTS)
         self._register_methods()
         Transfers(self)  # registers itself as an extension: methods, hooks, a task
+        Authority(self)  # membership, relayed revocations, succession, retirement
         self.store.add_listener(lambda _event: self._trust_changed())
 
     async def run(self) -> None:
@@ -763,7 +779,7 @@ class Daemon:
             peer = parse_peer_id(require(params, "peer", str))
             channel = require(params, "channel", str)
             data = base64.b64decode(require(params, "data_b64", str), validate=True)
-            ttl = optional(params, "ttl", float, 7 * 24 * 3600.0)
+            ttl = optional(params, "ttl", float, self.config.limits.message_ttl_days * 86400)
             record = self.store.view().peer(peer)
             if record is None or record.state not in (PeerState.TRUSTED, PeerState.PENDING):
                 raise TrustError(f"peer {peer} is not trusted", reason="unknown-peer")

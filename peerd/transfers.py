@@ -72,8 +72,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("peerd.transfers")
 
-MAX_ACTIVE_SENDS = 64
-MAX_ACTIVE_RECEIVES = 64
 KEEP_FINISHED = 24 * 3600.0  # finished transfers are listed (and late Seals answered) this long
 YIELD_EVERY = 4  # chunks published before the sender lets the event loop read acknowledgements
 
@@ -275,8 +273,12 @@ class Transfers:
     ) -> dict[str, Any]:
         """Offer the file at `path` (absolute) to `receivers`; those that have not accepted
         within `answer_within` seconds (if given) are dropped with reason "timeout"."""
-        if len(self.out) >= MAX_ACTIVE_SENDS:
-            raise TransferError(f"{MAX_ACTIVE_SENDS} transfers are already being sent")
+        most = self.d.config.limits.active_sends
+        if len(self.out) >= most:
+            raise TransferError(
+                f"{most} transfers are already being sent",
+                hint="wait for one to finish, or raise [limits] active_sends",
+            )
         view = self.d.store.view()
         for peer in receivers:
             record = view.peer(peer)
@@ -522,7 +524,7 @@ class Transfers:
                 peer, Abort(offer.transfer_id, "not-trusted", "not a trusted peer").encode()
             )
             return
-        if len(self.inc) >= MAX_ACTIVE_RECEIVES:
+        if len(self.inc) >= self.d.config.limits.active_receives:
             self.d._transmit(
                 peer, Abort(offer.transfer_id, "busy", "too many transfers at once").encode()
             )

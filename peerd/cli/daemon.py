@@ -76,8 +76,15 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser(
         "revoke",
-        help="revoke this node's current static key (e.g. after a compromise) and rotate",
+        help="revoke this node's static key and rotate (default), or its whole identity",
+        description="--static (the default): rotate to a fresh static key and revoke every "
+        "older one. --identity --yes: revoke the node for good (every peer refuses it from "
+        "then on; the daemon stops and never starts again).",
     )
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--static", action="store_true", help="the static key (default)")
+    which.add_argument("--identity", action="store_true", help="the whole node, for good")
+    p.add_argument("--yes", action="store_true", help="confirm --identity")
     p.add_argument("--reason", default="", help="why (kept in the signed statement)")
     common.add_json_option(p)
     p.set_defaults(func=cmd_revoke)
@@ -93,7 +100,12 @@ def register(subparsers: Any) -> None:
     s.add_argument("peer", help="the peer id")
     s.add_argument("channel", help="the channel name (letters, digits, . _ / -)")
     s.add_argument("data", nargs="?", default="-", help="the message, or - for stdin (default)")
-    s.add_argument("--ttl", type=_duration, default=7 * 86400.0, help="expire after (default 7d)")
+    s.add_argument(
+        "--ttl",
+        type=_duration,
+        default=None,
+        help="expire if undelivered after (default: [limits] message_ttl_days, 7d)",
+    )
     common.add_json_option(s)
     s.set_defaults(func=cmd_msg_send)
     s = actions.add_parser("listen", help="print messages arriving on a channel")
@@ -300,6 +312,10 @@ def cmd_rotate(args: argparse.Namespace) -> int:
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
+    if args.identity:
+        from peerd.cli.authority import cmd_revoke_identity  # noqa: PLC0415 - imports this module
+
+        return cmd_revoke_identity(args)
     result = _call(args, "v1.revoke", {"reason": args.reason})
     if args.json:
         common.print_json(result)
@@ -332,7 +348,7 @@ def cmd_msg_send(args: argparse.Namespace) -> int:
             "peer": args.peer,
             "channel": args.channel,
             "data_b64": base64.b64encode(data).decode("ascii"),
-            "ttl": args.ttl,
+            **({} if args.ttl is None else {"ttl": args.ttl}),
         },
     )
     if args.json:

@@ -9,6 +9,8 @@ Layout of the keys directory (mode 0700; private key files mode 0600):
     cert-<serial>         the key certificate <serial> (public)
     succession-<index>    the node's identity succession chain (public)
     membership            the authority's membership certificate, if any (public)
+    revoked               this node's identity revocation statement, once it is retired: its
+                          presence makes `load` refuse (the node never runs again)
 
 A key file is a msgpack array `[1, kind, public key, seal, secret]`. Without a passphrase
 `seal` is nil and `secret` the raw 32-byte private key. With one, `seal` is
@@ -74,6 +76,7 @@ _MAX_LIMITS: Final = (ARGON.OPSLIMIT_SENSITIVE, ARGON.MEMLIMIT_SENSITIVE)
 _IDENTITY = "identity.key"
 _IDENTITY_NEXT = "identity-next.key"
 _MEMBERSHIP = "membership"
+_REVOKED = "revoked"
 _STATIC_RE = re.compile(r"static-(\d{1,19})\.key")
 _CERT_RE = re.compile(r"cert-(\d{1,19})")
 _SUCCESSION_RE = re.compile(r"succession-(\d{1,3})")
@@ -95,6 +98,10 @@ class NoIdentity(KeystoreError):
 
 class WrongPassphrase(KeystoreError):
     hint = "check [keys] passphrase_file"
+
+
+class IdentityRevoked(KeystoreError):
+    hint = "this node was retired for good; make a new node (peerd init --state-dir DIR)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,6 +324,55 @@ def _read_cert(directory: Path, serial: int) -> KeyCertificate:
         raise KeystoreError(f"{directory}/cert-{serial} is damaged: {exc}") from exc
 
 
+def write_key_file(
+    path: Path,
+    kind: str,
+    public: bytes,
+    secret: bytes,
+    *,
+    passphrase: bytes | None = None,
+    seal_limits: tuple[int, int] = DEFAULT_SEAL_LIMITS,
+) -> None:
+    """One private key file in the keystore's format (sealed if `passphrase`), mode 0600.
+    For keys that are not a node's, such as the network authority's."""
+    try:
+        write_file_atomic(path, _Sealer(passphrase, seal_limits).seal(kind, public, secret))
+    except OSError as exc:
+        raise KeystoreError(f"cannot write {path}: {exc.strerror}") from exc
+
+
+def load_key_file(path: Path, kind: str, *, passphrase: bytes | None = None) -> tuple[bytes, bytes]:
+    """(private, public) of a key file written by `write_key_file`, unsealed and checked."""
+    try:
+        return _load_key(path, kind, _Sealer(passphrase, DEFAULT_SEAL_LIMITS))
+    except OSError as exc:
+        raise KeystoreError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def read_key_file_public(path: Path, kind: str) -> tuple[bytes, bool]:
+    """(public key, sealed?) of a key file, without unsealing it."""
+    return _read_public_key(path, kind)
+
+
+def read_membership(directory: str | os.PathLike[str]) -> Membership | None:
+    """The membership certificate kept in a keys directory, without unsealing anything."""
+    path = Path(directory) / _MEMBERSHIP
+    if not path.exists():
+        return None
+    try:
+        return Membership.decode(_read_small(path, private=False))
+    except TrustError as exc:
+        raise KeystoreError(f"{path} is damaged: {exc}") from exc
+
+
+def read_retirement(directory: str | os.PathLike[str]) -> bytes | None:
+    """The identity revocation statement of a retired node (None: not retired)."""
+    path = Path(directory) / _REVOKED
+    if not path.exists():
+        return None
+    return _read_small(path, private=False)
+
+
 # -- the keystore -----------------------------------------------------------------------------
 
 
@@ -489,6 +545,8 @@ class Keystore:
     def _load(
         cls, d: Path, now: float, passphrase: bytes | None, certificate_days: int
     ) -> Keystore:
+        if (d / _REVOKED).exists():
+            raise IdentityRevoked(f"the identity in {d} is revoked: this node cannot run again")
         sealer = _Sealer(passphrase, DEFAULT_SEAL_LIMITS)
         seed, _ = _load_key(d / _IDENTITY, "ed25519", sealer)
         chain = _read_chain(d)
@@ -656,6 +714,17 @@ class Keystore:
             self._identity_seed, peer_id=self.peer_id, kind=REVOKE_IDENTITY, now=now, reason=reason
         )
 
+    def retire(self, statement: Revocation) -> None:
+        """Mark this node as retired by its identity revocation `statement`: from now on
+        `load` refuses these keys. Written before the statement leaves the node, so a node whose
+        revocation may be out is never started again by accident."""
+        if statement.kind != REVOKE_IDENTITY or statement.peer_id != self.peer_id:
+            raise KeystoreError("not an identity revocation of this node")
+        try:
+            write_file_atomic(self.dir / _REVOKED, statement.encode(), mode=0o644)
+        except OSError as exc:
+            raise KeystoreError(f"cannot write {self.dir / _REVOKED}: {exc.strerror}") from exc
+
     def set_membership(self, data: bytes, *, authority_key: bytes | None = None) -> Membership:
         """Keep the authority's membership certificate for this node (checked first)."""
         membership = Membership.decode(data)
@@ -675,11 +744,17 @@ class Keystore:
 __all__ = [
     "DEFAULT_SEAL_LIMITS",
     "IdentityExists",
+    "IdentityRevoked",
     "Keystore",
     "KeystoreError",
     "NoIdentity",
     "PublicIdentity",
     "WrongPassphrase",
+    "load_key_file",
+    "read_key_file_public",
+    "read_membership",
     "read_passphrase",
+    "read_retirement",
     "write_file_atomic",
+    "write_key_file",
 ]

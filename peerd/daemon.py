@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from peerd import __version__
+from peerd.authority import Authority
 from peerd.config import Config, load_config
 from peerd.control import Connection, ControlServer, optional, require
 from peerd.errors import PeerdError, UsageError
@@ -251,6 +252,7 @@ class Daemon:
         self.control = ControlServer(cfg.node.socket, group=cfg.control.group, events=EVENTS)
         self._register_methods()
         Transfers(self)  # registers itself as an extension: methods, hooks, a task
+        Authority(self)  # membership, relayed revocations, succession, retirement
         self.store.add_listener(lambda _event: self._trust_changed())
 
     async def run(self) -> None:

@@ -76,8 +76,15 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser(
         "revoke",
-        help="revoke this node's current static key (e.g. after a compromise) and rotate",
+        help="revoke this node's static key and rotate (default), or its whole identity",
+        description="--static (the default): rotate to a fresh static key and revoke every "
+        "older one. --identity --yes: revoke the node for good (every peer refuses it from "
+        "then on; the daemon stops and never starts again).",
     )
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--static", action="store_true", help="the static key (default)")
+    which.add_argument("--identity", action="store_true", help="the whole node, for good")
+    p.add_argument("--yes", action="store_true", help="confirm --identity")
     p.add_argument("--reason", default="", help="why (kept in the signed statement)")
     common.add_json_option(p)
     p.set_defaults(func=cmd_revoke)
@@ -305,6 +312,10 @@ def cmd_rotate(args: argparse.Namespace) -> int:
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
+    if args.identity:
+        from peerd.cli.authority import cmd_revoke_identity  # noqa: PLC0415 - imports this module
+
+        return cmd_revoke_identity(args)
     result = _call(args, "v1.revoke", {"reason": args.reason})
     if args.json:
         common.print_json(result)

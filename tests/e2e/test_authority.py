@@ -258,6 +258,58 @@ def test_a_foreign_or_damaged_statement_is_refused_and_changes_nothing(
     assert a.peers()[b.peer_id]["state"] == "revoked"
 
 
+def test_relayed_expulsion_under_the_shipped_acl_survives_a_broker_losing_its_database(
+    tmp_path: Path, authority: Authority
+) -> None:
+    """The authority is no node, so the relaying node retains the statement under its own
+    rev/<peer id>/ (the only place the shipped ACL lets it), and publishes it again after a
+    reconnect: a broker that lost its database relearns it, and a node that connects later still
+    refuses the expelled member."""
+    nodes = make_nodes(
+        tmp_path, "mqtt://127.0.0.1:1", ["alice", "bob", "carol"], authority_key=authority.key
+    )
+    users = {n.peer_id: f"pw-{n.name}" for n in nodes}
+    a, b, c = nodes
+    with Broker(tmp_path / "shipped", shipped=True, users=users) as broker:
+        for n in nodes:
+            secret = n.dir / "broker-password"
+            secret.write_text(users[n.peer_id] + "\n")
+            secret.chmod(0o600)
+            conf = n.config.read_text().replace("mqtt://127.0.0.1:1", broker.url)
+            conf = conf.replace(
+                "[broker]\n", f'[broker]\nusername = "{n.peer_id}"\npassword_file = "{secret}"\n', 1
+            )
+            n.config.write_text(conf)
+            authority.admit(n)
+        try:
+            a.start()
+            b.start()
+            b.cli("connect", a.peer_id)
+            a.wait_connected(b)
+            out = a.cli("authority", "revoke", b.peer_id, "--dir", str(authority.dir), "--json")
+            assert json.loads(out)["daemon"]["topic"].startswith(
+                f"peerd/v1/{a.network}/rev/{a.peer_id}/"
+            )
+            wait_until(lambda: b.status()["revoked"], 10, what="b hearing the retained copy")
+            b.stop()  # b holds the statement too: only a may bring it back here
+            broker.stop()
+            (broker.dir / "mosquitto.db").unlink()
+            broker.start()
+            c.start()
+            wait_until(
+                lambda: c.peers().get(b.peer_id, {}).get("state") == "revoked",
+                15,
+                what="carol learning the expulsion from the republished statement",
+            )
+            b.start()
+            b.cli("connect", c.peer_id)
+            wait_until(lambda: c.status()["rejections"].get("revoked"), 15, what="c refusing b")
+            assert not c.connected_to(b)
+        finally:
+            for n in nodes:
+                n.kill()
+
+
 # -- identity succession ---------------------------------------------------------------------
 
 

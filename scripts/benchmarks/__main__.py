@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 # name -> (module under scripts.benchmarks, one-line description)
 BENCHMARKS = {
     "noise": ("noise", "in-memory XX handshake: ours vs the noiseprotocol package"),
+    "handshake": ("handshake", "sessions between daemons: latency vs the MQTT floor, 200 peers"),
 }
 
 

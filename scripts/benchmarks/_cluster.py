@@ -1,0 +1,127 @@
+"""Helpers the daemon benchmarks share: real nodes on a private Mosquitto configured as shipped,
+and what /proc says about a process (memory, CPU).
+
+The shipped broker config authenticates every client and its ACL confines a node to the inbox
+named by its username, so each node connects with its peer id as username and a password of its
+own (written to `[broker] password_file` in the node's config), exactly as an operator sets it up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from tests.support.broker import Broker
+from tests.support.cluster import Node, make_nodes
+
+NETWORK = "bench"
+PAGE = os.sysconf("SC_PAGE_SIZE")
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A temporary directory on the disk the transfers use (not a tmpfs), removed by the
+    caller."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("PEERD_BENCH_DIR")))
+
+
+def set_broker_credentials(node: Node, password: str) -> None:
+    """Point the node's config at its broker account: username = peer id (the shipped ACL)."""
+    secret = node.dir / "broker-password"
+    secret.write_text(password + "\n")
+    secret.chmod(0o600)
+    text = node.config.read_text()
+    url_line = next(line for line in text.splitlines() if line.startswith("url = "))
+    text = text.replace(
+        url_line,
+        f'{url_line}\nusername = "{node.peer_id}"\npassword_file = "{secret}"',
+        1,
+    )
+    node.config.write_text(text)
+
+
+@contextlib.contextmanager
+def shipped_cluster(
+    names: list[str],
+    *,
+    extra_users: Mapping[str, str] | None = None,
+    extra_conf: str = "",
+    start: bool = True,
+) -> Iterator[tuple[Broker, list[Node]]]:
+    """A private Mosquitto running the shipped config and one node per name (started unless
+    `start` is false), each authenticated as its peer id. `extra_users` (name -> password) are
+    broker accounts for other clients of the benchmark (plaintext baselines, load generators)."""
+    root = scratch_dir("peerd-bench-")
+    broker = Broker(root / "broker", shipped=True, extra_conf=extra_conf)
+    nodes: list[Node] = []
+    try:
+        nodes = make_nodes(root, broker.url, names, network=NETWORK)
+        for node in nodes:
+            password = secrets.token_hex(12)
+            broker.add_user(node.peer_id, password)
+            set_broker_credentials(node, password)
+        for user, password in (extra_users or {}).items():
+            broker.add_user(user, password)
+        broker.start()
+        if start:
+            for node in nodes:
+                node.start()
+        yield broker, nodes
+    finally:
+        for node in nodes:
+            node.kill()
+        broker.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def with_credentials(url: str, user: str, password: str) -> str:
+    return url.replace("mqtt://", f"mqtt://{user}:{password}@", 1)
+
+
+# -- /proc ---------------------------------------------------------------------------------------
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """The kB fields of /proc/<pid>/status (VmRSS, VmHWM, ...), in bytes."""
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            parts = value.split()
+            if len(parts) == 2 and parts[1] == "kB":
+                out[key] = int(parts[0]) * 1024
+    return out
+
+
+def rss(pid: int) -> int:
+    return proc_status(pid)["VmRSS"]
+
+
+def hwm(pid: int) -> int:
+    return proc_status(pid)["VmHWM"]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def load_average() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"
+
+
+def mb(n: float) -> str:
+    return f"{n / 1e6:.1f}"
+
+
+def node_pid(node: Node) -> int:
+    assert node.proc is not None, f"{node.name} is not running"
+    return node.proc.pid

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 BENCHMARKS = {
     "noise": ("noise", "in-memory XX handshake: ours vs the noiseprotocol package"),
     "handshake": ("handshake", "sessions between daemons: latency vs the MQTT floor, 200 peers"),
+    "transfer": ("transfer", "files between daemons: vs aiomqtt and scp, memory, fan-out, resume"),
 }
 
 

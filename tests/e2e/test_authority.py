@@ -449,3 +449,43 @@ def test_revoke_identity_makes_every_peer_refuse_the_node_for_good(
     finally:
         for n in (a, b, c):
             n.kill()
+
+
+def test_identity_commands_work_on_the_files_when_no_daemon_runs(
+    trio: list[Node], authority: Authority
+) -> None:
+    a, b, c = trio
+    authority.admit(a)
+    authority.admit(b)  # offline: no daemon runs anywhere yet
+    assert b.json("membership", "show")["usable"] is True
+    result = b.json("succeed-identity")
+    assert result["daemon"] is False
+    assert result["membership_lost"] is True
+    assert b.json("id")["fingerprint"] == result["fingerprint"]
+    assert b.json("membership", "show")["problems"] == [
+        "issued for an identity key this node has since replaced"
+    ]
+    b.cli("membership", "install", authority.run("issue", result["membership_request"]))
+    assert b.json("membership", "show")["usable"] is True
+
+    retired = c.json("revoke", "--identity", "--reason", "decommissioned", "--yes")
+    assert retired["daemon"] is False
+    assert retired["published"] is False
+    run = c.run_cli("run", timeout=30)
+    assert run.returncode == 1
+    assert "revoked" in run.stderr
+    # Carried by hand to a running node, the statement is enforced and retained there.
+    a.start()
+    published = a.json("revocation", "publish", retired["statement"])
+    assert (published["peer"], published["kind"], published["changed"]) == (
+        c.peer_id,
+        "identity",
+        True,
+    )
+    assert a.peers()[c.peer_id]["state"] == "revoked"
+    assert a.json("revocation", "publish", retired["statement"])["changed"] is False
+    # b, with its new key and new membership, is a member as soon as it runs.
+    b.start()
+    b.cli("connect", a.peer_id)
+    a.wait_connected(b)
+    assert a.peers()[b.peer_id]["fingerprint"] == result["fingerprint"]

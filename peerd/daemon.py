@@ -44,7 +44,7 @@ from protocol.identity import (
     parse_fingerprint,
     parse_peer_id,
 )
-from protocol.identity.trust import Authenticated, PeerState, TrustView
+from protocol.identity.trust import Authenticated, TrustView
 from protocol.messaging import (
     ChannelAck,
     ChannelMessage,
@@ -425,8 +425,8 @@ class Daemon:
     def _connect(self, peer: str, now: float) -> None:
         if peer == self.peer_id or self.sessions.is_connecting(peer):
             return
-        record = self.store.view().peer(peer)
-        if record is None or record.state not in (PeerState.TRUSTED, PeerState.PENDING):
+        # Trusted and pending peers, and (with an authority) anyone who may be a member.
+        if not self.store.view().could_accept(peer):
             return
         self._handle(self.sessions.connect(peer, now), now)
 
@@ -631,6 +631,8 @@ class Daemon:
             try:
                 await self.store.expire_invites(now=now)
                 await self.messenger.expire(now=now)
+                # Certificates and memberships expire on their own: end those sessions.
+                self._trust_changed()
                 if self.keys.needs_rotation(
                     now, rotate_before_days=self.config.keys.rotate_before_days
                 ):
@@ -780,9 +782,12 @@ class Daemon:
             channel = require(params, "channel", str)
             data = base64.b64decode(require(params, "data_b64", str), validate=True)
             ttl = optional(params, "ttl", float, self.config.limits.message_ttl_days * 86400)
-            record = self.store.view().peer(peer)
-            if record is None or record.state not in (PeerState.TRUSTED, PeerState.PENDING):
-                raise TrustError(f"peer {peer} is not trusted", reason="unknown-peer")
+            if not self.store.view().could_accept(peer):
+                raise TrustError(
+                    f"peer {peer} is not trusted",
+                    reason="unknown-peer",
+                    hint="pair with it first (peerd invite / peerd join)",
+                )
             seq = await self.messenger.send(peer, channel, data, ttl=ttl, now=time.time())
             return {"peer": peer, "channel": channel, "seq": seq}
 

@@ -282,7 +282,8 @@ class Transfers:
         view = self.d.store.view()
         for peer in receivers:
             record = view.peer(peer)
-            if record is None or record.state is not PeerState.TRUSTED:
+            # A trusted peer, or (with an authority) a member met at its first handshake.
+            if not view.is_trusted(peer) and not (record is None and view.could_accept(peer)):
                 state = "unknown" if record is None else record.state.value
                 raise TrustError(
                     f"peer {peer} is {state}; files go only to trusted peers",

@@ -18,6 +18,7 @@ EXIT_CONFIG = 3  # configuration missing or invalid
 EXIT_NOT_RUNNING = 4  # the daemon is not running / the control socket is unreachable
 EXIT_DENIED = 5  # refused: not trusted, not allowed, revoked
 EXIT_TIMEOUT = 6  # a --timeout or --wait deadline passed
+EXIT_RETIRED = 7  # this node's identity is revoked: it can never run again (systemd: no restart)
 
 # Error class name -> exit code, so modules can add codes without importing each other.
 EXIT_CODES: dict[str, int] = {
@@ -30,6 +31,7 @@ EXIT_CODES: dict[str, int] = {
     "BrokerTimeout": EXIT_TIMEOUT,
     "InvalidText": EXIT_USAGE,  # a mistyped peer id, fingerprint or token
     "InvalidParams": EXIT_USAGE,
+    "IdentityRevoked": EXIT_RETIRED,
 }
 
 DEFAULT_CONFIG = "/etc/peerd/peerd.toml"

@@ -424,7 +424,7 @@ def test_revoke_identity_makes_every_peer_refuse_the_node_for_good(
         assert own["detail"]["kind"] == "identity"
         assert closed["at"] - own["at"] < 1.0
         run = b.run_cli("run", timeout=30)
-        assert run.returncode == 1
+        assert run.returncode == 7  # retired: systemd must not restart it
         assert "revoked" in run.stderr
         assert "Traceback" not in run.stderr
         wait_until(lambda: a.peers()[b.peer_id]["state"] == "revoked", 5, what="a revoked b")
@@ -472,7 +472,7 @@ def test_identity_commands_work_on_the_files_when_no_daemon_runs(
     assert retired["daemon"] is False
     assert retired["published"] is False
     run = c.run_cli("run", timeout=30)
-    assert run.returncode == 1
+    assert run.returncode == 7
     assert "revoked" in run.stderr
     # Carried by hand to a running node, the statement is enforced and retained there.
     a.start()

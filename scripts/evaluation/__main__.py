@@ -1,0 +1,144 @@
+"""`python -m scripts.evaluation [--quick] [--out DIR]`: run every experiment, write the page.
+
+The full run writes docs/evaluation.md, docs/figures/*.png and docs/data/*.csv; --quick runs a
+reduced plan (CI) and --out puts the page, figures and data elsewhere. Exit status 0 only if
+every experiment ran and every check held (verified transfers, bit-identical federated runs).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before numpy loads: one BLAS thread, so results do not depend on thread scheduling and the
+# training does not compete with the daemons for the cores.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import datetime  # noqa: E402
+import platform  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from importlib.metadata import version  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from scripts.evaluation.experiments import ROOT, Bench, Plan  # noqa: E402
+from scripts.evaluation.report import Results, write  # noqa: E402
+from tests.support.broker import mosquitto_binary  # noqa: E402
+
+_T0 = time.perf_counter()
+
+
+def log(text: str) -> None:
+    print(f"[{time.perf_counter() - _T0:6.1f} s] {text}", flush=True)
+
+
+def environment(quick: bool) -> dict[str, str]:
+    cpu = "unknown CPU"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        mem_kb = int(f.readline().split()[1])
+    mosquitto = subprocess.run(
+        [mosquitto_binary(), "-h"], capture_output=True, text=True, check=False
+    ).stdout.splitlines()[0]
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    ).stdout.strip()
+    cores = str(os.cpu_count())
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{cpu}, {cores} cores, {mem_kb / 1024**2:.0f} GiB, Linux {platform.release()}",
+        "cores": cores,
+        "versions": (
+            f"peerd {version('peerd')} (commit {commit or 'unknown'}),"
+            f" Python {platform.python_version()}, {mosquitto.replace('version ', '')},"
+            f" PyNaCl {version('pynacl')}, numpy {version('numpy')},"
+            f" scikit-learn {version('scikit-learn')}, matplotlib {version('matplotlib')}"
+        ),
+        "load_before": " / ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "quick": "yes" if quick else "no",
+    }
+
+
+async def experiments(bench: Bench, results: Results) -> None:
+    async def step(name: str, coro: object) -> object:
+        log(name)
+        t = time.perf_counter()
+        value = await coro  # type: ignore[misc]
+        results.seconds[name] = time.perf_counter() - t
+        return value
+
+    try:
+        await bench.start(log)
+        results.frame_sizes = bench.frame_sizes
+        results.handshakes, results.handshake_summary = await step(  # type: ignore[misc]
+            "key exchange: handshake times", bench.handshake_distribution()
+        )
+        for row in results.handshake_summary:
+            log(
+                f"    {row['mode']:<9} p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms,"
+                f" {row['wire_bytes_per_handshake']:.0f} bytes on the wire"
+            )
+        results.scaling = await step(  # type: ignore[assignment]
+            "key exchange: 1 to N peers at once", bench.handshake_scaling()
+        )
+        results.transfers = await step(  # type: ignore[assignment]
+            "CPU and bytes: one file, one receiver", bench.transfers(log)
+        )
+        results.fanout = await step("fan-out", bench.fanout(log))  # type: ignore[assignment]
+        results.federated = await step(  # type: ignore[assignment]
+            "federated averaging", bench.federated(log)
+        )
+    finally:
+        await bench.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="scripts/evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the reduced run CI makes")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "docs", help="where evaluation.md, figures/, data/ go"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args()
+    plan = Plan.quick() if args.quick else Plan()
+    results = Results(plan, environment(args.quick))
+    # Short: the daemons' control sockets live under it (a Unix socket path has 107 bytes).
+    work = Path(tempfile.mkdtemp(prefix="peerd-eval-", dir="/tmp"))
+    log(f"evaluation ({'quick' if args.quick else 'full'}) in {work}")
+    bench = None
+    try:
+        bench = Bench.create(plan, work, log)
+        asyncio.run(experiments(bench, results))
+    except Exception as exc:  # noqa: BLE001 - one clear line, then the exit status
+        log(f"evaluation FAILED: {type(exc).__name__}: {exc}")
+        return 1
+    finally:
+        if bench is not None:
+            bench.lab.close()
+        if args.keep:
+            log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    results.env["load_after"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    for path in write(results, args.out):
+        size = path.stat().st_size
+        log(f"wrote {path} ({size / 1024:.0f} KiB)")
+    log("evaluation: OK")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Fuzzing the MQTT link with what a hostile broker may send: after a genuine CONNACK and SUBACK,
+a byte stream made of valid packets (PUBLISH at QoS 0 and 1 on subscribed and foreign topics,
+PUBACK, SUBACK, UNSUBACK, PINGRESP, a second CONNACK), mutated, spliced and cut anywhere.
+
+The link must never raise out of its task, must deliver to a subscription only messages whose
+topic matches it, must count what it refuses (`LinkStats`), and must come back on the next
+connection: the fake broker's second connection behaves and its message is delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from peerd.mqtt import Backoff, BrokerSettings, Message, MqttLink, topic_matches
+from tests.fuzz.corpus import _mutate
+
+EXAMPLES = int(os.environ.get("PEERD_FUZZ_EXAMPLES", "300")) // 3
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,  # real sockets; hangs are caught by asyncio timeouts below
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    database=None,
+)
+
+FILTER = "peerd/v1/lab/in/+"
+TOPIC = "peerd/v1/lab/in/fuzz"
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def publish(topic: str, payload: bytes, *, qos: int = 0, mid: int = 1, dup: bool = False) -> bytes:
+    t = topic.encode()
+    body = len(t).to_bytes(2, "big") + t + (mid.to_bytes(2, "big") if qos else b"") + payload
+    return bytes([0x30 | dup << 3 | qos << 1]) + _varint(len(body)) + body
+
+
+PACKETS = [
+    publish(TOPIC, b"hello"),
+    publish(TOPIC, b"q1", qos=1, mid=7),
+    publish(TOPIC, bytes(300), qos=1, mid=8, dup=True),
+    publish("peerd/v1/lab/in/other", b"x"),
+    publish("peerd/v1/lab/rev/a/b", b"not subscribed", qos=1, mid=9),
+    publish("peerd/v1/lab/in/+", b"wildcard in a topic name"),
+    b"\x40\x02\x00\x07",  # PUBACK for a publish never sent
+    b"\x90\x03\x00\x05\x00",  # SUBACK for nothing
+    b"\xb0\x02\x00\x05",  # UNSUBACK
+    b"\xd0\x00",  # PINGRESP
+    b"\x20\x02\x00\x00",  # a second CONNACK
+]
+
+
+@st.composite
+def streams(draw: st.DrawFn) -> bytes:
+    packets = draw(st.lists(st.sampled_from(PACKETS), min_size=1, max_size=8))
+    stream = b"".join(packets)
+    if draw(st.booleans()):
+        stream = _mutate(stream, draw, draw(st.sampled_from(PACKETS)))
+    return stream
+
+
+async def _read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    first = (await reader.readexactly(1))[0]
+    length, shift = 0, 0
+    while True:
+        b = (await reader.readexactly(1))[0]
+        length |= (b & 0x7F) << shift
+        shift += 7
+        if b < 0x80:
+            break
+    return first, await reader.readexactly(length)
+
+
+async def _scenario(stream: bytes) -> list[Message]:
+    delivered: list[Message] = []
+    connections = 0
+    second_done = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            await _read_packet(reader)  # CONNECT
+            writer.write(b"\x20\x02\x00\x00")
+            while True:
+                first, body = await _read_packet(reader)
+                if first >> 4 == 8:  # SUBSCRIBE: acknowledge it at QoS 1
+                    writer.write(b"\x90\x03" + body[:2] + b"\x01")
+                    break
+            if connections == 1:
+                writer.write(stream)
+                await writer.drain()
+                await asyncio.sleep(0.01)
+            else:
+                writer.write(publish(TOPIC, b"after"))
+                await writer.drain()
+                second_done.set()
+                await reader.read()  # until the link closes
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings_ = BrokerSettings.from_url(f"mqtt://127.0.0.1:{port}", client_id="fuzz")
+    link = MqttLink(settings_, backoff=Backoff(initial=0.001, maximum=0.001))
+    try:
+        async with asyncio.timeout(20):
+            task = asyncio.create_task(link.run())
+            await link.subscribe(FILTER, qos=1, handler=delivered.append)
+            await second_done.wait()
+            while not any(m.payload == b"after" for m in delivered):  # noqa: ASYNC110
+                await asyncio.sleep(0.001)
+        assert not task.done(), "the link task ended"
+    finally:
+        await link.close()
+        server.close()
+        await server.wait_closed()
+    assert task.done()
+    assert task.exception() is None
+    assert all(topic_matches(FILTER, m.topic) for m in delivered), delivered
+    stats = link.stats
+    assert stats.received >= len(delivered)
+    assert stats.handler_errors == 0
+    return delivered
+
+
+@FUZZ
+@given(streams())
+def test_hostile_broker_byte_stream(stream: bytes) -> None:
+    asyncio.run(_scenario(stream))
+
+
+def test_a_valid_stream_is_delivered_in_full() -> None:
+    """The check that makes the fuzz meaningful: unmutated packets do arrive."""
+    stream = PACKETS[0] + PACKETS[1] + PACKETS[3] + PACKETS[4]
+    delivered = asyncio.run(_scenario(stream))
+    assert [m.payload for m in delivered] == [b"hello", b"q1", b"x", b"after"]

@@ -53,6 +53,7 @@ from protocol.transfer import (
     ReceiverFailed,
     ReceiverTransfer,
     ReceiverVerified,
+    Refuse,
     Seal,
     Sealed,
     SendControl,
@@ -72,6 +73,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("peerd.transfers")
 
+# Reasons for which a receiver itself refuses a file it has received in full.
+CONTENT_REJECTIONS = frozenset(
+    {"hash-mismatch", "bad-signature", "manifest-mismatch", "bad-content", "bad-safetensors"}
+)
 KEEP_FINISHED = 24 * 3600.0  # finished transfers are listed (and late Seals answered) this long
 YIELD_EVERY = 4  # chunks published before the sender lets the event loop read acknowledgements
 
@@ -245,6 +250,12 @@ class Transfers:
         self.d.sessions.rejections[f"transfer-{reason}"] += 1
         log.debug("transfer message from %s rejected (%s): %s", peer, reason, detail)
 
+    def _refuse(self, peer: str, message: Abort | Refuse) -> None:
+        """Answer an Offer (or a message for no transfer) with a refusal, and count it: an
+        operator sees offers refused by policy, and probes for transfers that do not exist."""
+        self.d.sessions.rejections[f"transfer-refused-{message.reason}"] += 1
+        self.d._transmit(peer, message.encode())
+
     async def _unknown_transfer(self, peer: str, msg: ControlMessage) -> None:
         tid = msg.transfer_id
         if tid in self.inc or tid in self.out:
@@ -264,7 +275,7 @@ class Transfers:
         if isinstance(msg, Offer):
             await self._accept_offer(peer, msg)
         elif not isinstance(msg, Abort):
-            self.d._transmit(peer, Abort(tid, "unknown-transfer", "").encode())
+            self._refuse(peer, Abort(tid, "unknown-transfer", ""))
 
     # -- sending -----------------------------------------------------------------------------
 
@@ -521,14 +532,10 @@ class Transfers:
         now = time.time()
         identity = None if record is None else record.identity
         if record is None or record.state is not PeerState.TRUSTED or identity is None:
-            self.d._transmit(
-                peer, Abort(offer.transfer_id, "not-trusted", "not a trusted peer").encode()
-            )
+            self._refuse(peer, Abort(offer.transfer_id, "not-trusted", "not a trusted peer"))
             return
         if len(self.inc) >= self.d.config.limits.active_receives:
-            self.d._transmit(
-                peer, Abort(offer.transfer_id, "busy", "too many transfers at once").encode()
-            )
+            self._refuse(peer, Abort(offer.transfer_id, "busy", "too many transfers at once"))
             return
         cfg = self.d.config.receive
         directory = self.d.config.node.inbox_dir / peer
@@ -549,7 +556,7 @@ class Transfers:
         refusal = check_offer(offer, policy)
         if refusal is not None:
             log.warning("refused %s from %s: %s", offer.name, peer, refusal.detail)
-            self.d._transmit(peer, refusal.encode())
+            self._refuse(peer, refusal)
             refused: dict[str, Any] = {
                 "id": offer.transfer_id.hex(),
                 "direction": "receive",
@@ -749,6 +756,10 @@ class Transfers:
         log.warning(
             "receiving %s from %s failed: %s (%s)", i.name, i.sender, failed.reason, failed.detail
         )
+        if not failed.remote and failed.reason in CONTENT_REJECTIONS:
+            # This node refused the file itself: forged chunks (a co-receiver holds the content
+            # key), a bad Seal, or bad content. Counted so an operator sees the attack.
+            self.d.sessions.rejections[f"transfer-failed-{failed.reason}"] += 1
         await self._end_incoming(i, "failed", reason=failed.reason, detail=failed.detail)
 
     async def _end_incoming(self, i: _Incoming, state: str, **extra: Any) -> None:

@@ -52,9 +52,10 @@ class Plan:
     scaling_daemons: tuple[int, ...] = (1, 2, 4, 8)
     scaling_reps: int = 5
     transfer_mb: int = 1000
-    transfer_runs: int = 3
+    transfer_runs: int = 5
     fanout: tuple[int, ...] = (1, 2, 4, 8)
     fanout_mb: int = 256
+    fanout_runs: int = 2
     fl_rounds: int = 30
     fl_target: float = 0.95
     seed: int = 20240601
@@ -70,6 +71,7 @@ class Plan:
             transfer_runs=1,
             fanout=(1, 2),
             fanout_mb=16,
+            fanout_runs=1,
             fl_rounds=4,
         )
 
@@ -427,9 +429,12 @@ class Bench:
         return _transfer_row("plaintext", size, len(sinks), meter.usage)
 
     async def transfers(self, log: Any = print) -> list[dict[str, Any]]:
-        """One file, sender -> one receiver, `transfer_runs` times each way."""
+        """One file, sender -> one receiver, `transfer_runs` times each way, after one
+        unmeasured transfer each way (first-use costs: page cache, allocator, broker)."""
         plan = self.plan
         path, size = self.model_file(plan.transfer_mb)
+        await self.peerd_transfer(path, size, self.receivers[:1])
+        await self.plain_transfer(path, size, self.sinks[:1])
         rows = []
         for run in range(plan.transfer_runs):
             for row in (
@@ -448,16 +453,17 @@ class Bench:
         plan = self.plan
         path, size = self.model_file(plan.fanout_mb)
         rows = []
-        for k in plan.fanout:
-            for row in (
-                await self.peerd_transfer(path, size, self.receivers[:k]),
-                await self.plain_transfer(path, size, self.sinks[:k]),
-            ):
-                rows.append(row)
-                log(
-                    f"    {k} receivers, {row['mode']:<9} {row['seconds']:.2f} s,"
-                    f" sender sent {row['sender_sent_bytes'] / MB:.1f} MB"
-                )
+        for run in range(plan.fanout_runs):
+            for k in plan.fanout:
+                for row in (
+                    await self.peerd_transfer(path, size, self.receivers[:k]),
+                    await self.plain_transfer(path, size, self.sinks[:k]),
+                ):
+                    rows.append({"run": run, **row})
+                    log(
+                        f"    {k} receivers, {row['mode']:<9} {row['seconds']:.2f} s,"
+                        f" sender sent {row['sender_sent_bytes'] / MB:.1f} MB"
+                    )
         return rows
 
     def model_file(self, size_mb: int) -> tuple[Path, int]:

@@ -53,12 +53,15 @@ _SS_RECV = re.compile(r"bytes_received:(\d+)")
 
 def wire_bytes(port: int) -> dict[int, tuple[int, int]]:
     """(bytes sent, bytes received) per client process over its connections to `port`."""
-    out = subprocess.run(
-        ["ss", "-tinpH", "state", "established", f"( dport = :{port} )"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    try:
+        out = subprocess.run(
+            ["ss", "-tinpH", "state", "established", f"( dport = :{port} )"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except FileNotFoundError:
+        raise RuntimeError("counting bytes on the wire needs `ss` (apt install iproute2)") from None
     totals: dict[int, tuple[int, int]] = {}
     # ss prints each socket on two lines: addresses and process, then the TCP info.
     lines = out.splitlines()

@@ -123,6 +123,16 @@ def per_gb(results: Results) -> dict[str, dict[str, float]]:
     return out
 
 
+def fanout_medians(results: Results, mode: str) -> list[dict[str, Any]]:
+    """Per number of receivers, the median of every measured value over the runs."""
+    out = []
+    for k in sorted({r["receivers"] for r in results.fanout}):
+        rows = [r for r in results.fanout if r["mode"] == mode and r["receivers"] == k]
+        keys = [key for key, v in rows[0].items() if isinstance(v, int | float) and key != "run"]
+        out.append({key: statistics.median(r[key] for r in rows) for key in keys})
+    return out
+
+
 def _summary(results: Results, mode: str) -> dict[str, Any]:
     return next(r for r in results.handshake_summary if r["mode"] == mode)
 
@@ -204,9 +214,12 @@ def fig_handshake_scaling(results: Results, path: Path) -> None:
                     )
         _style(each, "Median handshake time, N at once", "peers N (log scale)", "milliseconds")
         _style(total, "Until all N sessions are up", "peers N (log scale)", "milliseconds")
+        ticks = sorted({*plan.scaling_peers, *plan.scaling_daemons})
         for ax in axes:
             ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.set_xticks(ticks, [str(n) for n in ticks])
+            ax.minorticks_off()
         total.legend(fontsize=7)
 
     _figure(path, draw)
@@ -214,7 +227,6 @@ def fig_handshake_scaling(results: Results, path: Path) -> None:
 
 def fig_cpu(results: Results, path: Path) -> None:
     g = per_gb(results)
-    fan = results.fanout
 
     def draw(axes: list[Axes]) -> None:
         bars, scale = axes
@@ -228,12 +240,12 @@ def fig_cpu(results: Results, path: Path) -> None:
         _style(bars, "CPU seconds per GB (one receiver)", "", "CPU s / GB")
         bars.legend(fontsize=8)
         for mode, color in COLORS.items():
-            rows = sorted(_by_mode(fan, mode), key=lambda r: r["receivers"])
+            rows = fanout_medians(results, mode)
             scale.plot(
                 [r["receivers"] for r in rows],
                 [
                     (r["cpu_sender_s"] + r["cpu_receivers_s"] + r["cpu_broker_s"])
-                    / (r["bytes"] / GB)
+                    / (r["bytes"] * r["receivers"] / GB)
                     for r in rows
                 ],
                 "-o",
@@ -241,7 +253,9 @@ def fig_cpu(results: Results, path: Path) -> None:
                 markersize=4,
                 label=mode,
             )
-        _style(scale, "All processes, by number of receivers", "receivers", "CPU s / GB sent")
+        _style(scale, "All processes, k receivers", "receivers k", "CPU s / GB delivered")
+        scale.set_xticks(sorted({r["receivers"] for r in results.fanout}))
+        scale.set_ylim(bottom=0)
         scale.legend(fontsize=8)
 
     _figure(path, draw)
@@ -312,7 +326,7 @@ def fig_fanout(results: Results, path: Path) -> None:
     def draw(axes: list[Axes]) -> None:
         time_ax, bytes_ax = axes
         for mode, color in COLORS.items():
-            rows = sorted(_by_mode(results.fanout, mode), key=lambda r: r["receivers"])
+            rows = fanout_medians(results, mode)
             ks = [r["receivers"] for r in rows]
             time_ax.plot(ks, [r["seconds"] for r in rows], "-o", color=color, label=mode)
             bytes_ax.plot(
@@ -376,7 +390,7 @@ def markdown(results: Results) -> str:
     ) and len({(r["round"], r["model_sha256"]) for r in results.federated}) == len(fl_peerd)
     r_peerd = _rounds_to(fl_peerd, plan.fl_target)
     r_plain = _rounds_to(fl_plain, plan.fl_target)
-    fan = {(r["mode"], r["receivers"]): r for r in results.fanout}
+    fan = {(m, r["receivers"]): r for m in COLORS for r in fanout_medians(results, m)}
     fs = results.frame_sizes
     scaled_up = _scaling_median(results, "peerd", "load generator", n_max, "all_up_ms")
     scaled_plain = _scaling_median(results, "plaintext", "load generator", n_max, "all_up_ms")
@@ -389,7 +403,7 @@ def markdown(results: Results) -> str:
         " and convergence. This page measures each claim on one machine, each time against the"
         " same work done without security: the same messages, files and updates published in"
         " plaintext MQTT through the same broker, in the same run. Regenerate it with"
-        " `./scripts/evaluate` (about ten minutes; `--quick` is the reduced run CI makes).",
+        " `./scripts/evaluate` (about four minutes; `--quick` is the reduced run CI makes).",
         "",
         f"*Measured {env['date']} on {env['machine']}. {env['versions']}."
         f" Load average {env['load_before']} before the run, {env['load_after']} after."
@@ -492,7 +506,8 @@ def markdown(results: Results) -> str:
         "",
         "![CPU seconds per GB](figures/cpu_per_gb.png)",
         "",
-        f"A {plan.transfer_mb} MB safetensors model goes from one daemon to another"
+        f"A {results.transfers[0]['bytes'] / MB:.0f} MB safetensors model goes from one"
+        " daemon to another"
         f" ({plan.transfer_runs} run{'s, medians' if plan.transfer_runs > 1 else ''})"
         " and, as the baseline, from one plaintext process"
         " to another in 256 KiB QoS 1 publishes, 16 in flight, written at their offsets and"
@@ -502,8 +517,10 @@ def markdown(results: Results) -> str:
         f" {g['plaintext']['cpu_receiver']:.2f} / {g['plaintext']['cpu_broker']:.2f} s): the"
         " difference is encryption and decryption, the whole-file hash on both sides, the"
         " sender's signature check at the receiver and the credit and acknowledgement messages."
-        " Right: all processes together per GB sent, as the number of receivers grows (each"
-        " receiver decrypts and verifies its own copy, each plaintext receiver only writes it).",
+        " Right: all processes together per GB delivered, for 1 to"
+        f" {max(plan.fanout)} receivers of one transfer (each peerd"
+        " receiver decrypts and verifies its own copy, each plaintext receiver only writes it;"
+        " with more processes than cores, the contention shows in both).",
         "",
         "## Communication overhead",
         "",
@@ -546,13 +563,17 @@ def markdown(results: Results) -> str:
         "",
         "![Fan-out](figures/fanout.png)",
         "",
-        f"One {plan.fanout_mb} MB model to k = {', '.join(str(k) for k in plan.fanout)}"
-        " receivers in one transfer, against one plaintext publish to k subscribers. peerd"
+        f"One {fan['peerd', 1]['bytes'] / MB:.0f} MB model to k ="
+        f" {', '.join(str(k) for k in plan.fanout)} receivers in one transfer, against one"
+        " plaintext publish to k subscribers"
+        f" ({plan.fanout_runs} run{'s, medians' if plan.fanout_runs > 1 else ''}). peerd"
         " encrypts each chunk once and publishes it once on a topic all receivers read, so"
         f" the sender uploads {fan['peerd', k_max]['sender_sent_bytes'] / MB:.0f} MB for"
         f" {k_max} receivers against {fan['peerd', 1]['sender_sent_bytes'] / MB:.0f} MB for"
-        " one, as the plaintext publisher does; the time grows with k because every receiver's"
-        f" decryption and verification shares the machine's {env['cores']} cores (left).",
+        " one, as the plaintext publisher does (right). The time grows with k in both cases"
+        " because every receiver is a process of its own on the machine's"
+        f" {env['cores']} cores, and peerd's receivers also decrypt and verify their copy"
+        " (left).",
         "",
         "## Data",
         "",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,12 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TTL = 7 * 24 * 3600.0
 MAX_TTL = 365 * 24 * 3600.0
+# Receiving state cached per (peer, channel): a peer names channels, so the cache is bounded
+# (an evicted entry reloads its last number from the store; what it buffered is sent again).
+MAX_INBOUND_CACHE = 4096
+# Each stored message counts this much besides its data against the inbox bound, so that a
+# peer cannot fill the disk with empty messages.
+ROW_OVERHEAD = 64
 
 
 class OutboxFull(PeerdError):
@@ -88,6 +95,8 @@ class Messenger:
         self._arrived = asyncio.Condition()
         self._lock = asyncio.Lock()  # inbound state: one message processed at a time
         self.counters = {"sent": 0, "resent": 0, "received": 0, "duplicates": 0, "expired": 0}
+        # What peers sent that was refused, by reason (shown in `peerd status`).
+        self.rejections: Counter[str] = Counter()
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -164,6 +173,16 @@ class Messenger:
                 self.counters["sent"] += 1
 
     async def on_ack(self, peer: str, ack: ChannelAck, *, now: float) -> None:
+        if (peer, ack.channel) not in self._out:
+            row = await self.store.fetchone(
+                "SELECT next_seq FROM channels_out WHERE peer_id = ? AND channel = ?",
+                (peer, ack.channel),
+            )
+            if row is None or ack.seq >= row[0]:
+                # A channel never used, or numbers never sent: refused before anything is
+                # cached, so a peer's ACKs cannot grow our state.
+                self.rejections["bad-ack"] += 1
+                return
         out = await self._outbound(peer, ack.channel)
         if not out.ack(ack.seq):
             return
@@ -212,17 +231,21 @@ class Messenger:
                 row = await self.store.fetchone(
                     "SELECT last_seq FROM channels_in WHERE peer_id = ? AND channel = ?", key
                 )
+                self._evict_inbound()
                 inbound = self._in[key] = InboundChannel(last=row[0] if row else 0)
+            if msg.seq > inbound.last + inbound.max_ahead:
+                self.rejections["too-far-ahead"] += 1
             result = inbound.receive(msg)
             if result.duplicate:
                 self.counters["duplicates"] += 1
             if result.deliver:
                 total = await self.store.fetchone(
-                    "SELECT COALESCE(SUM(length(data)), 0) FROM inbox"
+                    "SELECT COALESCE(SUM(length(data) + ?), 0) FROM inbox", (ROW_OVERHEAD,)
                 )
                 if total[0] > self.limits.max_inbox_bytes:
                     # Do not acknowledge: the sender keeps it until the application catches up.
                     inbound.last -= len(result.deliver)
+                    self.rejections["inbox-full"] += 1
                     log.warning("inbox full: not accepting messages from %s for now", peer)
                     return
                 async with self.store.transaction(now) as tx:
@@ -243,6 +266,12 @@ class Messenger:
                     self._arrived.notify_all()
         # Acknowledge only what is durable: after the commit above (or a duplicate's old state).
         self.transmit(peer, ChannelAck(msg.channel, result.ack).encode())
+
+    def _evict_inbound(self) -> None:
+        if len(self._in) < MAX_INBOUND_CACHE:
+            return
+        idle = next((k for k, v in self._in.items() if not v.buffered), None)
+        del self._in[idle if idle is not None else next(iter(self._in))]
 
     async def receive(self, channel: str, *, limit: int = 100, wait: float = 0.0) -> list[Received]:
         """Up to `limit` messages of `channel`, oldest first; wait up to `wait` seconds for one."""

@@ -82,6 +82,7 @@ EVENTS = (
 )
 EVENT_QUEUE = 10_000  # store work waiting for the event task; beyond it: drop and count
 JOIN_TIMEOUT = 30.0
+MAX_TOKEN_TEXT = 4096  # an invite token is ~230 characters, more with line breaks
 HOUSEKEEPING_EVERY = 60.0
 
 
@@ -529,7 +530,8 @@ class Daemon:
         try:
             app = decode_app(msg.payload)
         except RemoteProtocolError as exc:
-            self.sessions.rejections[exc.reason] += 1
+            # Inside an authenticated session: a peer's bug or malice, not a broker's.
+            self.sessions.rejections[f"app-{exc.reason}"] += 1
             return
         peer = msg.peer_id
         if isinstance(app, ChannelMessage):
@@ -673,6 +675,13 @@ class Daemon:
 
     async def join(self, token_text: str, within: float) -> dict[str, Any]:
         now = time.time()
+        if len(token_text) > MAX_TOKEN_TEXT:
+            # Parsing runs on the event loop and its cost grows with the square of the length
+            # (a megabyte would stall every session for a minute): refuse what no token is.
+            raise UsageError(
+                f"an invite token is a few hundred characters, not {len(token_text)}",
+                hint="copy only the line `peerd invite` printed",
+            )
         token = InviteToken.from_text(token_text)
         if token.inviter in self._joins:
             raise UsageError(f"already joining {token.inviter}")
@@ -843,6 +852,9 @@ class Daemon:
         states = Counter(p.state.value for p in view.peers())
         rejections = dict(self.sessions.rejections)
         rejections.update({k: v for k, v in self.counters.items() if v})
+        rejections.update(
+            local_refusals(self.control.stats(), self.link.stats.as_dict(), self.messenger)
+        )
         return {
             "version": __version__,
             "peer_id": self.peer_id,
@@ -880,6 +892,32 @@ class Daemon:
             item["session_since"] = self._session_since.get(record.peer_id)
             out.append(item)
         return out
+
+
+# Refusals counted outside the session layer, under the labels `peerd status` shows.
+_LINK_DROPS = {
+    "dropped_queue_full": "broker-queue-full",
+    "dropped_oversize": "broker-oversize",
+    "dropped_unsolicited": "broker-unsolicited",
+    "dropped_bad_topic": "broker-bad-topic",
+    "protocol_errors": "broker-protocol-error",
+    "handler_errors": "broker-handler-error",
+}
+_CONTROL_ERRORS = {"-32700": "control-parse-error", "-32600": "control-invalid-request"}
+
+
+def local_refusals(
+    control: dict[str, Any], link: dict[str, int], messenger: Messenger
+) -> dict[str, int]:
+    """The control socket's refused callers and bad lines, the broker link's dropped packets
+    and the messenger's refused messages, as `rejections` entries (zeros left out)."""
+    out = {f"control-{k}": v for k, v in control["refused"].items()}
+    out["control-closed-for-garbage"] = control["closed_for_garbage"]
+    out["control-subscriber-dropped"] = control["subscribers_dropped"]
+    out.update({label: control["errors"].get(code, 0) for code, label in _CONTROL_ERRORS.items()})
+    out.update({label: link.get(name, 0) for name, label in _LINK_DROPS.items()})
+    out.update({f"message-{k}": v for k, v in messenger.rejections.items()})
+    return {k: v for k, v in out.items() if v}
 
 
 def _peer_json(record: Any, *, connected: bool) -> dict[str, Any]:

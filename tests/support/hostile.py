@@ -55,6 +55,7 @@ __all__ = [
     "Mutate",
     "Packet",
     "Record",
+    "Rewrite",
     "Rule",
     "SwapAdjacent",
     "SwapPayloads",
@@ -298,6 +299,25 @@ class Mutate(Action):
     def apply(self, proxy: HostileProxy, rule: Rule, pkt: Packet) -> list[Packet]:
         proxy.stats["mutated"] += 1
         return [pkt.changed(payload=self.fn(pkt.payload))]
+
+
+@dataclasses.dataclass
+class Rewrite(Action):
+    """Replace the packet by whatever `fn(proxy, packet)` returns: zero or more packets, on any
+    topic (`packet.changed(topic=..., payload=...)`), passed on in the packet's connection. `fn`
+    may also `inject` answers elsewhere: a man in the middle that terminates a handshake, say.
+    It runs on the proxy's loop; exceptions it raises drop the packet and are kept in
+    `HostileProxy.errors` for the test to check."""
+
+    fn: Callable[[HostileProxy, Packet], list[Packet]]
+
+    def apply(self, proxy: HostileProxy, rule: Rule, pkt: Packet) -> list[Packet]:
+        proxy.stats["rewritten"] += 1
+        try:
+            return list(self.fn(proxy, pkt))
+        except Exception as exc:
+            proxy.errors.append(exc)
+            return []
 
 
 @dataclasses.dataclass
@@ -554,6 +574,7 @@ class HostileProxy:
         self.rng = random.Random(seed)
         self.rules: list[Rule] = []
         self.recorded: list[Packet] = []
+        self.errors: list[Exception] = []  # raised by `Rewrite` functions
         self.stats: Counter[str] = Counter()
         self.log: deque[tuple[Direction, str, int]] = deque(maxlen=1000)
         self.refuse_connections = False

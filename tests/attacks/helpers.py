@@ -297,7 +297,14 @@ class Rogue:
                     self.on_message(out.peer_id, out.payload)
 
     def connect(self, target: str) -> None:
-        self.wire.call(lambda: self._handle(self.manager.connect(target, time.time())))
+        """A fresh handshake with `target` (whatever the last attempt left behind)."""
+
+        def go() -> None:
+            now = time.time()
+            self.manager.close(target, "again", now, notify=False)
+            self._handle(self.manager.connect(target, now))
+
+        self.wire.call(go)
 
     def send(self, peer: str, payload: bytes) -> None:
         self.wire.call(lambda: self._handle(self.manager.send(peer, payload, time.time())))

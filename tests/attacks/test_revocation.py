@@ -72,7 +72,7 @@ def test_rollback_and_revoked_keys_are_refused_for_good(
 
             # Replayed revocation state changes nothing and is no error; forged statements
             # are refused and counted; clearing the retained copy un-revokes nothing.
-            (statement,) = [p for p in proxy.recordings("peerd/v1/+/rev/#")]
+            (statement,) = proxy.recordings("peerd/v1/+/rev/#")
             log_before = a.call("v1.audit.verify")["entries"]
             refused_before = {k: v for k, v in a.rejections().items() if "revocation" in k}
             proxy.replay([statement], direction=TO_CLIENT, client=alice.peer_id)

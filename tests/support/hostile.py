@@ -57,6 +57,7 @@ __all__ = [
     "Record",
     "Rewrite",
     "Rule",
+    "SwapAcrossTopics",
     "SwapAdjacent",
     "SwapPayloads",
     "Truncate",
@@ -250,6 +251,38 @@ class SwapPayloads(Action):
             if waiting is pkt:
                 del self._waiting[side]
                 proxy._forward(pkt)
+
+
+@dataclasses.dataclass
+class SwapAcrossTopics(Action):
+    """Pair a packet with the next one on a *different* topic matching the rule (two transfers'
+    chunk topics, whatever their names) and swap their payloads. Use
+    `HostileProxy.swap_across()`. One left unpaired is released after `timeout`."""
+
+    timeout: float = 1.0
+    pairs: int | None = None  # swap at most this many pairs, then pass everything on
+    _waiting: Packet | None = dataclasses.field(default=None, repr=False)
+
+    def apply(self, proxy: HostileProxy, rule: Rule, pkt: Packet) -> list[Packet]:
+        if self.pairs is not None and self.pairs <= 0:
+            return [pkt]
+        first = self._waiting
+        if first is None or first.topic == pkt.topic:
+            if first is not None:
+                proxy._forward(first)
+            self._waiting = pkt
+            proxy._loop_call_later(self.timeout, self._expire, proxy, pkt)
+            return []
+        self._waiting = None
+        proxy.stats["swapped"] += 1
+        if self.pairs is not None:
+            self.pairs -= 1
+        return [first.changed(payload=pkt.payload), pkt.changed(payload=first.payload)]
+
+    def _expire(self, proxy: HostileProxy, pkt: Packet) -> None:
+        if self._waiting is pkt:
+            self._waiting = None
+            proxy._forward(pkt)
 
 
 @dataclasses.dataclass
@@ -709,6 +742,13 @@ class HostileProxy:
             where=lambda p: topic_matches(topic_a, p.topic) or topic_matches(topic_b, p.topic),
             count=None if count is None else 2 * count,
         )
+
+    def swap_across(
+        self, direction: Direction, topic: str, *, pairs: int | None = None, timeout: float = 1.0
+    ) -> Rule:
+        """Swap the payloads of packets on different topics matching `topic`, pairwise (the
+        chunks of two concurrent transfers, say); at most `pairs` pairs."""
+        return self.add_rule(direction, topic, SwapAcrossTopics(timeout, pairs))
 
     def remove_rule(self, rule: Rule) -> None:
         self._call(lambda: self.rules.remove(rule) if rule in self.rules else None)

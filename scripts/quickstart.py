@@ -34,7 +34,7 @@ from protocol.safetensors import header_length, parse_header
 from scripts.evaluation.lab import Lab
 from scripts.evaluation.model import ModelFile, sha256_file, write_model
 from tests.support.broker import mosquitto_binary
-from tests.support.cluster import CliError, Node
+from tests.support.cluster import CliError, Node, wait_until
 
 MB = 1_000_000
 
@@ -128,6 +128,14 @@ def run(root: Path, size_mb: float) -> None:
         for joiner in (bob, carol):
             token = alice.cli("invite", "--note", joiner.name).strip()
             joiner.cli("join", token)
+        # `join` returns when the joiner is paired; alice records the new peer a moment later.
+        wait_until(
+            lambda: all(
+                alice.peers().get(n.peer_id, {}).get("state") == "trusted" for n in (bob, carol)
+            ),
+            30,
+            what="alice to record bob and carol as trusted",
+        )
         shakes = [_join_handshake_ms(n, alice) for n in (bob, carol)]
         _say(
             "paired",

@@ -112,6 +112,7 @@ def main() -> int:
         "--out", type=Path, default=ROOT / "docs", help="where evaluation.md, figures/, data/ go"
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     args = parser.parse_args()
     plan = Plan.quick() if args.quick else Plan()
     results = Results(plan, environment(args.quick))
@@ -122,8 +123,10 @@ def main() -> int:
     try:
         bench = Bench.create(plan, work, log)
         asyncio.run(experiments(bench, results))
-    except Exception as exc:  # noqa: BLE001 - one clear line, then the exit status
-        log(f"evaluation FAILED: {type(exc).__name__}: {exc}")
+    except Exception as exc:
+        if args.debug:
+            raise
+        log(f"evaluation FAILED: {type(exc).__name__}: {exc} (--debug shows where)")
         return 1
     finally:
         if bench is not None:

@@ -165,25 +165,29 @@ class Bench:
     def create(cls, plan: Plan, root: Path, log: Any = print) -> Bench:
         """Everything that needs a broker user, then the broker and the daemons."""
         lab = Lab(root, network="eval", queue_limits=False)
-        names = ["a", *(f"r{i}" for i in range(1, plan.receivers + 1))]
-        log(f"  {len(names)} daemons: peerd init")
-        nodes = lab.add_nodes(names)
-        for i in range(plan.receivers + 1):
-            lab.user(plain_name(f"plain{i}"))
-        fl_users = [plain_name(f"flparty{i}") for i in range(fl.PARTIES)]
-        for user in fl_users:
-            lab.user(user)
-        n = max(plan.scaling_peers)
-        log(f"  {n} load-generator identities")
-        now = time.time()
-        keys = [root / "loadgen" / f"p{i}" for i in range(n)]
-        # Each identity is three fsynced files: write them from a few threads at once.
-        with ThreadPoolExecutor(8) as pool:
-            made = pool.map(lambda d: Keystore.create(d, now=now, certificate_days=30), keys)
-            for keystore in made:
-                lab.user(keystore.peer_id)
-        lab.start_broker()
-        lab.start_nodes(nodes)
+        try:
+            names = ["a", *(f"r{i}" for i in range(1, plan.receivers + 1))]
+            log(f"  {len(names)} daemons: peerd init")
+            nodes = lab.add_nodes(names)
+            for i in range(plan.receivers + 1):
+                lab.user(plain_name(f"plain{i}"))
+            fl_users = [plain_name(f"flparty{i}") for i in range(fl.PARTIES)]
+            for user in fl_users:
+                lab.user(user)
+            n = max(plan.scaling_peers)
+            log(f"  {n} load-generator identities")
+            now = time.time()
+            keys = [root / "loadgen" / f"p{i}" for i in range(n)]
+            # Each identity is three fsynced files: write them from a few threads at once.
+            with ThreadPoolExecutor(8) as pool:
+                made = pool.map(lambda d: Keystore.create(d, now=now, certificate_days=30), keys)
+                for keystore in made:
+                    lab.user(keystore.peer_id)
+            lab.start_broker()
+            lab.start_nodes(nodes)
+        except BaseException:
+            lab.close()
+            raise
         return cls(plan, root, lab, nodes[0], nodes[1:], keys, fl_users)
 
     async def start(self, log: Any = print) -> None:
@@ -197,6 +201,19 @@ class Bench:
             await self.clients[joiner].request(
                 "v1.join", {"token": invite["token"], "timeout": 60.0}, timeout=90
             )
+        # A join returns when the joiner has the session; the inviter records the new peer a
+        # moment later, from its own event queue.
+        by_name = {n.name: n for n in [self.a, *self.receivers]}
+        for inviter, joiner in pairs:
+            for _ in range(600):
+                peers = await self.clients[inviter].peers()
+                if any(
+                    p["peer"] == by_name[joiner].peer_id and p["state"] == "trusted" for p in peers
+                ):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise RuntimeError(f"{inviter} did not record {joiner} after the join")
         log(f"  {self.plan.receivers + 1} plaintext workers, the load generator")
         self.workers = list(
             await asyncio.gather(
@@ -399,6 +416,8 @@ class Bench:
             sender=self.node_pid(self.a),
             **{f"receiver{i}": self.node_pid(r) for i, r in enumerate(receivers)},
         )
+        # Write back what earlier runs left dirty, so no run pays for another's writeback.
+        await asyncio.to_thread(os.sync)
         with self.lab.measure(pids) as meter:
             result = await self.clients["a"].send(path, [r.peer_id for r in receivers], wait=True)
         states = {p: r["state"] for p, r in result["receivers"].items()}
@@ -418,6 +437,7 @@ class Bench:
         pids = self.pids(
             sender=self.hub.pid, **{f"receiver{i}": w.pid for i, w in enumerate(sinks)}
         )
+        await asyncio.to_thread(os.sync)
         with self.lab.measure(pids) as meter:
             self.hub.send(op="source", topic=topic, path=str(path), inflight=16)
             done = await asyncio.gather(*(w.read() for w in sinks))
@@ -664,6 +684,9 @@ def _transfer_row(mode: str, size: int, receivers: int, usage: Usage | None) -> 
         "cpu_sender_s": u.cpu["sender"],
         "cpu_receivers_s": sum(u.cpu[n] for n in names),
         "cpu_broker_s": u.cpu["broker"],
+        "cpu_sender_system_s": u.cpu_system["sender"],
+        "cpu_receivers_system_s": sum(u.cpu_system[n] for n in names),
+        "cpu_broker_system_s": u.cpu_system["broker"],
         "sender_sent_bytes": u.sent["sender"],
         "sender_received_bytes": u.received["sender"],
         "receivers_sent_bytes": sum(u.sent[n] for n in names),

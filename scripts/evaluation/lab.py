@@ -39,11 +39,17 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 NO_QUEUE_LIMITS = "max_queued_messages 0\nmax_queued_bytes 0\n"
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a process used so far (all threads)."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds a process used so far (all its threads)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process used so far (all its threads)."""
+    user, system = cpu_times(pid)
+    return user + system
 
 
 _SS_PID = re.compile(r"pid=(\d+)")
@@ -84,7 +90,8 @@ class Usage:
     """What a set of processes used between two readings."""
 
     seconds: float
-    cpu: dict[str, float]
+    cpu: dict[str, float]  # user + system
+    cpu_system: dict[str, float]  # the system part: the kernel's work (I/O, fsync, sockets)
     sent: dict[str, int]
     received: dict[str, int]
 
@@ -102,24 +109,26 @@ class Meter:
     pids: dict[str, int]
     usage: Usage | None = None
     _t0: float = 0.0
-    _cpu0: dict[str, float] = field(default_factory=dict)
+    _cpu0: dict[str, tuple[float, float]] = field(default_factory=dict)
     _wire0: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     def start(self) -> None:
         self._wire0 = wire_bytes(self.port)
-        self._cpu0 = {n: cpu_seconds(p) for n, p in self.pids.items()}
+        self._cpu0 = {n: cpu_times(p) for n, p in self.pids.items()}
         self._t0 = time.perf_counter()
 
     def stop(self) -> Usage:
         seconds = time.perf_counter() - self._t0
-        cpu = {n: cpu_seconds(p) - self._cpu0[n] for n, p in self.pids.items()}
+        now = {n: cpu_times(p) for n, p in self.pids.items()}
+        cpu = {n: sum(now[n]) - sum(self._cpu0[n]) for n in self.pids}
+        cpu_system = {n: now[n][1] - self._cpu0[n][1] for n in self.pids}
         wire = wire_bytes(self.port)
         sent, received = {}, {}
         for name, pid in self.pids.items():
             s1, r1 = wire.get(pid, (0, 0))
             s0, r0 = self._wire0.get(pid, (0, 0))
             sent[name], received[name] = s1 - s0, r1 - r0
-        self.usage = Usage(seconds, cpu, sent, received)
+        self.usage = Usage(seconds, cpu, cpu_system, sent, received)
         return self.usage
 
 

@@ -20,8 +20,6 @@ import json
 import os
 import re
 import secrets
-import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Iterable, Iterator
@@ -161,7 +159,6 @@ class Lab:
             extra_conf="" if queue_limits else NO_QUEUE_LIMITS,
         )
         self.nodes: dict[str, Node] = {}
-        self.workers: list[subprocess.Popen[bytes] | subprocess.Popen[str]] = []
 
     @property
     def url(self) -> str:
@@ -243,22 +240,13 @@ class Lab:
         meter.stop()
 
     def close(self) -> None:
-        """Stop every daemon and worker this lab started, then the broker; never raises."""
+        """Stop every daemon this lab started, then the broker; never raises."""
         for node in self.nodes.values():
             with contextlib.suppress(Exception):
                 if node.running:
                     node.stop(timeout=10)
             with contextlib.suppress(Exception):
                 node.kill()
-        for proc in self.workers:
-            with contextlib.suppress(Exception):
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-                    try:
-                        proc.wait(5)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        proc.wait()
         with contextlib.suppress(Exception):
             self.broker.stop()
 
@@ -273,7 +261,3 @@ def _peerd() -> list[str]:
     from tests.support.cluster import PEERD  # noqa: PLC0415
 
     return list(PEERD)
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

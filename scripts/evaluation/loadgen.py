@@ -25,7 +25,6 @@ from typing import Any
 
 from peerd.keystore import Keystore
 from peerd.mqtt import BrokerSettings, Message, MqttLink, Topics
-from protocol.errors import RemoteProtocolError
 from protocol.identity import parse_fingerprint
 from protocol.identity.trust import Authenticated, TrustView
 from protocol.session import SendFrame, SessionLimits, SessionManager
@@ -79,7 +78,6 @@ class Peer:
             config["url"], client_id=keys.peer_id, username=keys.peer_id, password=password
         )
         self.link = MqttLink(settings)
-        self.rejected = 0
 
     def on_inbox(self, msg: Message) -> None:
         if answer_exchange(self.link, self.topics, self.id, msg.payload):
@@ -118,10 +116,7 @@ async def serve(config: dict[str, Any]) -> None:
         # Timers of the session layer (expiry of half-open handshakes, superseded sessions).
         now = time.time()
         for peer in peers:
-            try:
-                peer.handle(peer.manager.on_timer(now))
-            except RemoteProtocolError:
-                peer.rejected += 1
+            peer.handle(peer.manager.on_timer(now))
         await asyncio.wait([eof], timeout=0.2)
     for peer in peers:
         await peer.link.close()

@@ -101,11 +101,19 @@ async def _send(sender: Node, path: Path, receivers: list[Node]) -> tuple[float,
 
 
 def peerd_send(
-    sender: Node, path: Path, receivers: list[Node], *, check: bool = True
+    sender: Node,
+    path: Path,
+    receivers: list[Node],
+    *,
+    check: bool = True,
+    broker_pid: int | None = None,
 ) -> dict[str, Any]:
-    """One timed transfer; the received copies are checked and deleted."""
+    """One timed transfer; the received copies are checked and deleted. CPU seconds of each
+    daemon (and of the broker, if its pid is given) during the transfer under "cpu"."""
     _clear_inbox(receivers, sender)
     pids = {"sender": node_pid(sender), **{r.name: node_pid(r) for r in receivers}}
+    if broker_pid is not None:
+        pids["broker"] = broker_pid
     cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
     published0 = sender.status()["broker"]["stats"]["published_bytes"]
     seconds, result = asyncio.run(_send(sender, path, receivers))
@@ -230,7 +238,7 @@ def _runs(xs: list[float]) -> str:
 
 
 def throughput(
-    sender: Node, receiver: Node, path: Path, runs: int, info_runs: int
+    sender: Node, receiver: Node, path: Path, runs: int, info_runs: int, broker_pid: int
 ) -> tuple[bool, str]:
     size = path.stat().st_size
     users = {"benchpub": secrets.token_hex(8), "benchsub": secrets.token_hex(8)}
@@ -249,9 +257,9 @@ def throughput(
         ):
             dest = out_dir / "scp-copy"
             for _ in range(runs):
-                r = peerd_send(sender, path, [receiver])
+                r = peerd_send(sender, path, [receiver], broker_pid=broker_pid)
                 add("peerd", r["mb_s"])
-                cpu.append(r["cpu"])
+                cpu.append({**r["cpu"], "seconds": r["seconds"]})
                 p = run_plain_transfer(
                     plain_url, path, inflight=16, qos=1, users=pair_ps, out_dir=out_dir
                 )
@@ -315,10 +323,11 @@ def throughput(
         "fsynced, median of the runs (interleaved).\n"
     )
     table(["transfer", "MB/s", "runs", "peerd / this", "goal"], rows)
-    mid = sorted(cpu, key=lambda c: c["sender"])[len(cpu) // 2]
+    mid = sorted(cpu, key=lambda c: c["seconds"])[len(cpu) // 2]
     print(
-        f"\nCPU seconds during a peerd run: sender daemon {mid['sender']:.2f}, receiver daemon "
-        f"{mid[receiver.name]:.2f} (of {size / rates['peerd'][0] / 1e6:.2f} s wall)."
+        f"\nCPU seconds during the median peerd run ({mid['seconds']:.2f} s wall): sender "
+        f"daemon {mid['sender']:.2f}, receiver daemon {mid[receiver.name]:.2f}, broker "
+        f"{mid['broker']:.2f}."
     )
     summary = (
         f"peerd {ours:.0f} MB/s: {vs_aiomqtt:.2f}x aiomqtt-16 (goal >= {GOAL_VS_AIOMQTT}: "
@@ -369,10 +378,12 @@ def memory(sender: Node, receiver: Node, small: Path, large: Path) -> tuple[bool
     return ok, f"peak RSS at most {worst / 1e6:.0f} MB: {verdict(ok)}"
 
 
-def fanout(sender: Node, receivers: list[Node], path: Path, runs: int) -> tuple[bool, str]:
+def fanout(
+    sender: Node, receivers: list[Node], path: Path, runs: int, broker_pid: int
+) -> tuple[bool, str]:
     size = path.stat().st_size
-    single = [peerd_send(sender, path, receivers[:1]) for _ in range(runs)]
-    many = [peerd_send(sender, path, receivers) for _ in range(runs)]
+    single = [peerd_send(sender, path, receivers[:1], broker_pid=broker_pid) for _ in range(runs)]
+    many = [peerd_send(sender, path, receivers, broker_pid=broker_pid) for _ in range(runs)]
     t1 = _median([r["seconds"] for r in single])
     t8 = _median([r["seconds"] for r in many])
     published = max(r["published_bytes"] for r in many)
@@ -380,6 +391,7 @@ def fanout(sender: Node, receivers: list[Node], path: Path, runs: int) -> tuple[
     ok_bytes = published / size <= GOAL_FANOUT_BYTES and on_link / size <= GOAL_FANOUT_BYTES
     ok_time = t8 / t1 <= GOAL_FANOUT_TIME
     cpu = sorted(many, key=lambda r: r["seconds"])[len(many) // 2]["cpu"]
+    cpu1 = sorted(single, key=lambda r: r["seconds"])[len(single) // 2]["cpu"]
     print(
         f"\nFan-out: one {size >> 20} MiB file to {len(receivers)} receivers at once (each chunk "
         f"encrypted once, published once to the transfer's topic), median of {runs} runs.\n"
@@ -407,10 +419,15 @@ def fanout(sender: Node, receivers: list[Node], path: Path, runs: int) -> tuple[
             ],
         ],
     )
-    receivers_cpu = sum(v for k, v in cpu.items() if k != "sender")
+    receivers_cpu = sum(v for k, v in cpu.items() if k not in ("sender", "broker"))
+    total = sum(cpu.values())
     print(
-        f"\nCPU seconds in a fan-out run: sender {cpu['sender']:.2f}, the {len(receivers)} "
-        f"receivers together {receivers_cpu:.2f} ({os.cpu_count()} CPUs)."
+        f"\nCPU seconds in the median fan-out run: sender {cpu['sender']:.2f}, the "
+        f"{len(receivers)} receivers together {receivers_cpu:.2f}, broker {cpu['broker']:.2f}: "
+        f"{total:.2f} in all, which {os.cpu_count()} CPUs need at least "
+        f"{total / (os.cpu_count() or 1):.2f} s of wall time for. To one receiver: sender "
+        f"{cpu1['sender']:.2f}, receiver {cpu1[receivers[0].name]:.2f}, broker "
+        f"{cpu1['broker']:.2f}."
     )
     return ok_bytes and ok_time, (
         f"fan-out {published / size:.3f}x bytes, {t8 / t1:.2f}x time: "
@@ -495,13 +512,15 @@ def run(quick: bool = False) -> bool:
             pair(sender, receivers[0])
             pair(sender, resumer)
             peerd_send(sender, files[fan], [receivers[0]])  # warm-up: session, caches
-            results.append(throughput(sender, receivers[0], files[big], runs, info_runs))
+            assert broker.proc is not None
+            bpid = broker.proc.pid
+            results.append(throughput(sender, receivers[0], files[big], runs, info_runs, bpid))
             results.append(resume(sender, resumer, proxy, files[half]))
             resumer.kill()
             results.append(memory(sender, receivers[0], files[small], files[large]))
             for r in receivers[1:]:
                 r.start()
                 pair(sender, r)
-            results.append(fanout(sender, receivers, files[fan], fan_runs))
+            results.append(fanout(sender, receivers, files[fan], fan_runs, bpid))
     print("\nSummary: " + "; ".join(s for _, s in results) + ".")
     return all(ok for ok, _ in results)

@@ -496,104 +496,110 @@ def markdown(results: Results) -> str:
         "",
         "![Handshake time distribution](figures/handshake_time.png)",
         "",
-        f"{plan.handshakes} sessions opened one after the other by one daemon with two others"
-        f" (alternating, {plan.handshake_interval * 1e3:.0f} ms apart): each is a complete"
-        " Noise_XX_25519_ChaChaPoly_BLAKE2b handshake with certificate checks, carried as HELLO,"
-        " REPLY and FINISH and confirmed by the responder's first transport message. The baseline"
-        f" sends four plaintext messages of exactly the same sizes ({fs[0]}, {fs[1]}, {fs[2]} and"
-        f" {fs[3]} bytes) the same way between two plaintext processes, so the difference"
-        f" (median {hp['p50_ms']:.2f} ms against {hq['p50_ms']:.2f} ms) is the cryptography,"
+        f"One daemon opened {plan.handshakes} sessions one after the other with two real"
+        f" daemons, alternating, {plan.handshake_interval * 1e3:.0f} ms apart (each a complete"
+        " Noise_XX_25519_ChaChaPoly_BLAKE2b handshake with certificate checks: HELLO, REPLY,"
+        " FINISH and the responder's confirmation), and two plaintext processes exchanged four"
+        f" messages of exactly the same sizes ({fs[0]}, {fs[1]}, {fs[2]} and {fs[3]} bytes)"
+        " the same way."
+        f" peerd's median is {hp['p50_ms']:.2f} ms against {hq['p50_ms']:.2f} ms in plaintext"
+        f" (p99 {hp['p99_ms']:.2f} against {hq['p99_ms']:.2f} ms): the"
+        f" {hp['p50_ms'] - hq['p50_ms']:.2f} ms between them are the public-key cryptography,"
         " the trust decisions and the daemon's own handling.",
         "",
         "![Handshake time with the number of peers](figures/handshake_scaling.png)",
         "",
-        f"The daemon under test opens sessions with N peers at once, N = 1 to {n_max}: peers"
-        " played by a load generator (one process running the same protocol library, each peer"
-        " with its own identity, its own MQTT login and its own session state machine, pinned"
-        " by fingerprint in the daemon's trust store) and, for small N, real daemons; the"
-        " baseline runs N plaintext four-message exchanges at once. Left: the median time of"
-        " one handshake among the N; right: from the first HELLO to the last session up, which"
-        " grows with N because one daemon on one core does every handshake's public-key work"
-        f" ({n_max} peers: {scaled_up:.0f} ms against {scaled_plain:.0f} ms in plaintext;"
-        " the daemon's time includes receiving the N `connect` requests on its control socket).",
+        "The daemon under test opened sessions with N peers at once, peers played by a load"
+        " generator (one process running the same protocol library, each peer with its own"
+        " identity, MQTT login and session state machine, pinned by fingerprint in the daemon's"
+        f" trust store) for N up to {n_max} and real daemons for N up to"
+        f" {max(plan.scaling_daemons)}, while the baseline ran N plaintext four-message"
+        f" exchanges at once ({plan.scaling_reps} repetitions, medians)."
+        " Left is the median time of one handshake among the N, right the time from the first"
+        f" HELLO to the last session up ({scaled_up:.0f} ms against {scaled_plain:.0f} ms for"
+        f" {n_max} peers), which grows about linearly with N because one daemon does every"
+        " handshake's public-key work on one core (and receives the N `connect` requests on its"
+        " control socket).",
         "",
         "## Computational overhead",
         "",
         "![CPU seconds per GB](figures/cpu_per_gb.png)",
         "",
-        f"A {results.transfers[0]['bytes'] / MB:.0f} MB safetensors model goes from one"
-        " daemon to another"
-        f" ({plan.transfer_runs} run{'s, medians' if plan.transfer_runs > 1 else ''})"
-        " and, as the baseline, from one plaintext process"
-        " to another in 256 KiB QoS 1 publishes, 16 in flight, written at their offsets and"
-        " fsynced once at the end. Left: CPU seconds per GB of each side and of the broker"
-        f" (peerd {g['peerd']['cpu_sender']:.2f} / {g['peerd']['cpu_receiver']:.2f} /"
-        f" {g['peerd']['cpu_broker']:.2f} s, plaintext {g['plaintext']['cpu_sender']:.2f} /"
-        f" {g['plaintext']['cpu_receiver']:.2f} / {g['plaintext']['cpu_broker']:.2f} s),"
-        " split into user time (solid: encryption, decryption, the whole-file hash on both"
-        " sides, the protocol) and system time (hatched: the kernel's socket and file work)."
-        " peerd's receiver makes its progress durable as it goes (an fdatasync every few MB),"
-        " so that a transfer resumes after a crash; the kernel's writeback then runs on the"
-        " daemon's clock instead of in the background, which is most of the receiver's extra"
-        f" system time ({g['peerd']['sys_receiver']:.2f} s against"
-        f" {g['plaintext']['sys_receiver']:.2f} s per GB)."
-        " Right: all processes together per GB delivered, for 1 to"
-        f" {max(plan.fanout)} receivers of one transfer (each peerd"
-        " receiver decrypts and verifies its own copy, each plaintext receiver only writes it;"
-        " with more processes than cores, the contention shows in both).",
+        f"A {results.transfers[0]['bytes'] / MB:.0f} MB safetensors model went from one daemon"
+        " to another ("
+        + (
+            f"{plan.transfer_runs} runs after a warm-up, medians"
+            if plan.transfer_runs > 1
+            else "one run after a warm-up"
+        )
+        + ") and, as the baseline, from one plaintext process to another in"
+        " 256 KiB QoS 1 publishes, 16 in flight, written at their offsets and fsynced at the"
+        " end; left is the CPU time per GB of each side and of the broker, split into user time"
+        " (encryption, decryption, hashing, the protocol) and kernel time, right the sum over all"
+        f" processes per GB delivered for 1 to {k_max} receivers of one transfer."
+        f" peerd costs {g['peerd']['cpu_sender']:.2f} / {g['peerd']['cpu_receiver']:.2f} /"
+        f" {g['peerd']['cpu_broker']:.2f} s per GB (sender / receiver / broker) against"
+        f" {g['plaintext']['cpu_sender']:.2f} / {g['plaintext']['cpu_receiver']:.2f} /"
+        f" {g['plaintext']['cpu_broker']:.2f} s; the receiver's kernel time"
+        f" ({g['peerd']['sys_receiver']:.2f} against {g['plaintext']['sys_receiver']:.2f} s)"
+        " includes making its progress durable as it goes (an fdatasync every few MB, so that"
+        " a transfer resumes after a crash), which puts part of the kernel's writeback on the"
+        " daemon's clock instead of the kernel's background threads.",
         "",
         "## Communication overhead",
         "",
         "![Bytes on the wire](figures/wire_bytes.png)",
         "",
-        "Bytes that crossed the sender's and the receiver's connections per GB of model, in"
-        f" both directions (left: peerd {g['peerd']['up']:.1f} + {g['peerd']['down']:.1f} MB,"
-        f" plaintext {g['plaintext']['up']:.1f} + {g['plaintext']['down']:.1f} MB), and what"
-        " that is beyond the model's own bytes (middle): MQTT headers and topics in both cases;"
-        " peerd adds each chunk's frame header and authentication tag, the offer and the"
-        " receiver's credit and acknowledgement messages. Right: bytes per handshake over both"
-        " daemons' connections (four messages, each published to the broker and delivered by"
-        " it) against the same four sizes in plaintext, so the handshake costs no byte beyond"
-        " its messages (small differences are MQTT keepalives during the run).",
+        "Left and middle: the bytes that crossed the sender's and the receiver's connections"
+        " per GB of model, both directions, in total and beyond the model's own bytes (MQTT"
+        " headers and topics in both cases, plus peerd's chunk headers, authentication tags,"
+        " offer, credits and acknowledgements); right: the bytes per handshake over both"
+        " peers' connections."
+        f" peerd adds {(g['peerd']['wire'] / g['plaintext']['wire'] - 1) * 100:.2f} % to the"
+        " bytes"
+        f" of a transfer ({g['peerd']['wire'] - 2 * GB / MB:.1f} MB per GB beyond the model"
+        f" against {g['plaintext']['wire'] - 2 * GB / MB:.1f} MB), and a handshake costs its"
+        f" four messages and nothing more ({hp['wire_bytes_per_handshake']:.0f} bytes against"
+        f" {hq['wire_bytes_per_handshake']:.0f} for the same sizes in plaintext; the difference"
+        " is MQTT keepalives).",
         "",
         "## Federated training",
         "",
         "![Federated averaging](figures/federated.png)",
         "",
-        "Three daemons run federated averaging of a small multilayer perceptron (64-32-10, ReLU,"
-        " softmax) on scikit-learn's bundled digits (1,797 8x8 images shipped with the package,"
-        f" 30 % held out for testing; the rest split between the three parties) for"
-        f" {plan.fl_rounds} rounds: each round every party trains one epoch of minibatch SGD from"
-        " the global model, sends its model as a safetensors file inside a peerd message to the"
-        f" two others ({fl_peerd[0]['update_bytes']:,} bytes each), and averages the three by"
-        " sample count; the baseline exchanges the same bytes as plaintext MQTT messages. Left:"
-        " test accuracy of the global model per round for two peerd runs and one plaintext run"
-        f" with the same seed ({plan.seed}): the curves lie on each other because they are"
-        " equal to the last bit (the evaluation checks accuracy, loss and a hash of every"
-        " party's global model at every round), so security changes neither accuracy nor"
+        "Three daemons ran federated averaging of a small multilayer perceptron (64-32-10) on"
+        " scikit-learn's bundled digits (1,797 images that ship with the package, 30 % held"
+        f" out) for {plan.fl_rounds} rounds, each party training one epoch per round on its"
+        " third of the training set and sending its model (a"
+        f" {fl_peerd[0]['update_bytes']:,}-byte safetensors file) in a peerd message to the two"
+        " others, which averaged the three by sample count; the baseline exchanged the same"
+        " bytes as plaintext MQTT messages, and all three runs (two through peerd) used the"
+        f" seed {plan.seed}."
+        " The accuracy curves lie on each other because they are equal to the last bit (the"
+        " evaluation checks accuracy, loss and a hash of every party's global model at every"
+        " round; "
         + (
-            f" convergence ({r_peerd} rounds to {plan.fl_target:.0%} in every run). Right:"
+            f"{r_peerd} rounds to {plan.fl_target:.0%} in every run"
             if r_peerd
-            else f" convergence ({plan.fl_target:.0%} is not reached in so few rounds). Right:"
+            else f"{plan.fl_target:.0%} is not reached in so few rounds"
         )
-        + " wall time per round; a peerd message is durable (stored in the sender's outbox until"
-        " the receiver acknowledges it), which costs milliseconds per round on this disk.",
+        + f"), while a round takes {_median(fl_peerd, 'seconds') * 1e3:.0f} ms against"
+        f" {_median(fl_plain, 'seconds') * 1e3:.1f} ms because a peerd message is stored"
+        " durably until its receiver acknowledges it.",
         "",
         "## Scalability of fan-out",
         "",
         "![Fan-out](figures/fanout.png)",
         "",
-        f"One {fan['peerd', 1]['bytes'] / MB:.0f} MB model to k ="
+        f"One {fan['peerd', 1]['bytes'] / MB:.0f} MB model went to k ="
         f" {', '.join(str(k) for k in plan.fanout)} receivers in one transfer, against one"
         " plaintext publish to k subscribers"
-        f" ({plan.fanout_runs} run{'s, medians' if plan.fanout_runs > 1 else ''}). peerd"
-        " encrypts each chunk once and publishes it once on a topic all receivers read, so"
-        f" the sender uploads {fan['peerd', k_max]['sender_sent_bytes'] / MB:.0f} MB for"
-        f" {k_max} receivers against {fan['peerd', 1]['sender_sent_bytes'] / MB:.0f} MB for"
-        " one, as the plaintext publisher does (right). The time grows with k in both cases"
-        " because every receiver is a process of its own on the machine's"
-        f" {env['cores']} cores, and peerd's receivers also decrypt and verify their copy"
-        " (left).",
+        f" ({plan.fanout_runs} run{'s, medians' if plan.fanout_runs > 1 else ''})."
+        " peerd encrypts each chunk once and publishes it once on a topic all its receivers"
+        f" read, so the sender uploads {fan['peerd', k_max]['sender_sent_bytes'] / MB:.0f} MB"
+        f" for {k_max} receivers as for one, like the plaintext publisher (right), while the"
+        " time grows with k in both because each receiver is a process of its own on the"
+        f" machine's {env['cores']} cores, and peerd's also decrypt and verify (left).",
         "",
         "## Data",
         "",

@@ -165,6 +165,11 @@ def _received(node: Node, sender: Node, name: str) -> list[Path]:
     return sorted(inbox.glob(f"{stem}*.bin")) if inbox.exists() else []
 
 
+def _messages(w: World, sender: Node, receiver: Node) -> list[bytes]:
+    items = w.api(receiver).call("v1.msg.recv", channel=f"soak/{sender.name}", limit=1000)
+    return [base64.b64decode(m["data_b64"]) for m in items if m["peer"] == sender.peer_id]
+
+
 def _check(w: World, rss_before: int) -> None:
     # Transfers: verified and exact, or cleanly failed.
     outcomes: dict[str, int] = {}
@@ -185,16 +190,14 @@ def _check(w: World, rss_before: int) -> None:
 
     # Messages: exactly once, in order, per (sender, receiver).
     for (src, dst), expected in w.messages.items():
+        sender = next(n for n in w.nodes if n.name == src)
         receiver = next(n for n in w.nodes if n.name == dst)
-        channel = f"soak/{src}"
 
-        def got(receiver: Node = receiver, channel: str = channel, src: str = src) -> list[bytes]:
-            items = w.api(receiver).call("v1.msg.recv", channel=channel, limit=1000)
-            sender = next(n for n in w.nodes if n.name == src)
-            return [base64.b64decode(m["data_b64"]) for m in items if m["peer"] == sender.peer_id]
+        def arrived(s: Node = sender, r: Node = receiver, e: list[bytes] = expected) -> bool:
+            return len(_messages(w, s, r)) >= len(e)
 
-        wait_until(lambda e=expected, g=got: len(g()) >= len(e), SETTLE, what=f"{src}->{dst}")
-        assert got() == expected
+        wait_until(arrived, SETTLE, what=f"messages {src}->{dst}")
+        assert _messages(w, sender, receiver) == expected
 
     # Memory of the daemon that ran throughout.
     grown = rss(w.steady) - rss_before

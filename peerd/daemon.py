@@ -571,6 +571,11 @@ class Daemon:
 
     def _on_revocation_message(self, msg: Message) -> None:
         statement = msg.payload
+        if not statement:
+            # Someone cleared a retained statement: it un-revokes nothing (the store keeps
+            # what it learned), but an operator should see the attempt.
+            self.sessions.rejections["revocation-cleared"] += 1
+            return
         self._queue(lambda: self._learn_revocation(statement, source="broker"))
 
     async def _learn_revocation(self, statement: bytes, *, source: str) -> None:

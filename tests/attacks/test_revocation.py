@@ -97,14 +97,17 @@ def test_rollback_and_revoked_keys_are_refused_for_good(
                 "revocation-malformed",
             }
             proxy.inject(TO_BROKER, statement.topic, b"", client=bob.peer_id, retain=True)
+            a.wait_rejected("revocation-cleared")
             alice.stop()
             alice.start()
             _stolen_handshake(thief, alice, a, "revoked")
-            # The real bob, on his new key, is welcome.
-            a.call("v1.connect", peer=bob.peer_id)
-            wait_until(lambda: a.connected(bob), SOON, what="alice and bob on serial 3")
         finally:
             thief.close()
+        # The real bob, on his new key, is welcome. (Not while the thief listens on bob's inbox
+        # - possible here, the test broker has no ACL: it would answer alice's HELLOs to bob
+        # with the revoked key, and alice aborts at the first wrong answer - SECURITY.md 4.)
+        a.call("v1.connect", peer=bob.peer_id)
+        wait_until(lambda: a.connected(bob), SOON, what="alice and bob on serial 3")
     finally:
         for api in (a, b, c):
             api.close()

@@ -131,7 +131,8 @@ class _TextForm:
         if not cleaned.startswith(self.prefix):
             raise InvalidText(f"this is not a {self.what} ({self.prefix}...)", hint=self.hint)
         version, sep, body = cleaned[len(self.prefix) :].partition("-")
-        if not sep or not version.isdigit():
+        # ASCII digits only, and few (see InviteToken.from_text: found by fuzzing).
+        if not sep or not (version.isascii() and version.isdigit()) or len(version) > 6:
             raise InvalidText(f"the {self.what} has no version", hint=self.hint)
         if int(version) != TEXT_VERSION:
             raise InvalidText(

@@ -108,7 +108,13 @@ class InviteToken:
         if not cleaned.startswith(TOKEN_PREFIX):
             raise InvalidText("this is not a peerd invite token", hint=_HINT)
         version_text, sep, body = cleaned[len(TOKEN_PREFIX) :].partition("-")
-        if not sep or not version_text.isdigit():
+        # ASCII digits only, and few: str.isdigit() also takes '²', which int() refuses, and
+        # int() refuses more than 4300 digits (found by fuzzing).
+        if (
+            not sep
+            or not (version_text.isascii() and version_text.isdigit())
+            or (len(version_text) > 6)
+        ):
             raise InvalidText("the invite token has no version", hint=_HINT)
         if int(version_text) != TOKEN_VERSION:
             raise InvalidText(

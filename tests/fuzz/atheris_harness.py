@@ -19,6 +19,7 @@ from pathlib import Path
 import atheris  # type: ignore[import-untyped]
 
 with atheris.instrument_imports():
+    from peerd.authority import MembershipRequest, membership_from_text, statement_from_text
     from peerd.control import decode_line
     from protocol import frames
     from protocol.identity import (
@@ -75,6 +76,9 @@ TARGETS: list[Callable[[bytes], object]] = [
     _text(parse_peer_id),
     _text(parse_fingerprint),
     _control_line,
+    _text(MembershipRequest.from_text),
+    _text(membership_from_text),
+    _text(statement_from_text),
 ]
 
 

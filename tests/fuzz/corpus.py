@@ -278,6 +278,26 @@ def _invite_texts() -> list[str]:
     return [text, text.upper(), " ".join(text[i : i + 20] for i in range(0, len(text), 20))]
 
 
+def _authority_texts() -> list[bytes]:
+    """The text forms people carry between an authority and its members."""
+    from peerd.authority import (  # noqa: PLC0415 - the shell's module, only for its seeds
+        MembershipRequest,
+        membership_to_text,
+        statement_to_text,
+    )
+
+    node = Node(bytes(range(32)))
+    member = node.join_authority(AUTHORITY_SEED, NETWORK)
+    expel = issue_authority_revocation(
+        AUTHORITY_SEED, network=NETWORK, peer_id=node.peer_id, now=NOW, reason="left"
+    )
+    return [
+        MembershipRequest(NETWORK, node.peer_id, node.identity_public).to_text().encode(),
+        membership_to_text(member).encode(),
+        statement_to_text(expel.encode()).encode(),
+    ]
+
+
 def _safetensors() -> list[bytes]:
     def blob(header: dict[str, Any], data_len: int) -> bytes:
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -338,6 +358,7 @@ def seeds() -> dict[str, list[bytes]]:
         "signature": [sig],
         **signed,
         "invite": [t.encode() for t in _invite_texts()],
+        "authority_text": _authority_texts(),
         "authority_key": [format_authority_key(ed25519_public(AUTHORITY_SEED)).encode()],
         "peer_id": [_pid(0).encode(), b"x8gbj-hzgqj-rdsnf-tppjh", b"X8GBJ HZGQJ RDSNF TPPJH"],
         "fingerprint": [b"7c16z-v2gq3-ce4n2-eb8pw-vb0j9-kwwdx"],

@@ -19,6 +19,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from peerd.authority import (
+    MembershipRequest,
+    membership_from_text,
+    membership_to_text,
+    statement_from_text,
+    statement_to_text,
+)
 from protocol import frames
 from protocol.errors import RemoteProtocolError
 from protocol.identity import (
@@ -265,7 +272,7 @@ def test_credentials_against_a_trust_view(data: bytes, allow_unknown: bool) -> N
 
 
 @FUZZ
-@given(texts("invite", "authority_key", "peer_id", "fingerprint"))
+@given(texts("invite", "authority_key", "peer_id", "fingerprint", "authority_text"))
 def test_pasted_text(text: str) -> None:
     token, _ = attempt(InviteToken.from_text, text, errors=InvalidText)
     if token is not None:
@@ -273,6 +280,16 @@ def test_pasted_text(text: str) -> None:
         assert InviteToken.decode(token.encode()) == token
     for parse in (parse_authority_key, parse_peer_id, parse_fingerprint):
         attempt(parse, text, errors=InvalidText)
+    # The authority's text forms (membership request, membership, revocation statement).
+    request, _ = attempt(MembershipRequest.from_text, text, errors=InvalidText)
+    if request is not None:
+        assert MembershipRequest.from_text(request.to_text()) == request
+    membership, _ = attempt(membership_from_text, text, errors=InvalidText)
+    if membership is not None:
+        assert membership_from_text(membership_to_text(membership)) == membership
+    statement, _ = attempt(statement_from_text, text, errors=InvalidText)
+    if statement is not None:
+        assert statement_from_text(statement_to_text(statement)) == statement
 
 
 # -- safetensors headers ------------------------------------------------------------------------

@@ -3,8 +3,10 @@
 Clients (daemons, usually subprocesses) connect to the proxy's port; the proxy connects each one
 to the real broker and forwards both directions byte for byte, except PUBLISH packets that match
 a rule of the test's script, which it can drop, delay, duplicate, hold and release (reorder),
-swap with a neighbour, bit-flip, truncate, mutate, record for replay, or swap the payloads of
-between two topics. It can also inject forged PUBLISH packets toward a client or the broker,
+swap with a neighbour, bit-flip, truncate, mutate, rewrite (into any packets on any topics:
+`Rewrite`, e.g. a man in the middle), record for replay, or swap the payloads between two
+topics (`swap_payloads`) or across any two topics matching a filter (`swap_across`). It can
+also inject forged PUBLISH packets toward a client or the broker,
 replay recorded ones (in the same connection, after the client reconnected, or after the broker
 restarted) and cut every connection at once.
 

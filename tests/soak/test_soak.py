@@ -201,6 +201,7 @@ def _check(w: World, rss_before: int) -> None:
 
     # Memory of the daemon that ran throughout.
     grown = rss(w.steady) - rss_before
+    print(f"soak: {w.steady.name} grew by {grown / MIB:.1f} MiB")
     assert grown < RSS_GROWTH_BOUND, f"{w.steady.name} grew by {grown >> 20} MiB"
 
     # Stores and temporary files, after a clean stop.

@@ -52,11 +52,13 @@ class Api:
         self._client: SyncClient | None = None
 
     def call(self, method: str, **params: Any) -> Any:
+        # A call that waits on the daemon's side (`timeout` param) gets that long and more.
+        limit = SOON + float(params.get("timeout") or 0.0)
         for attempt in (1, 2):
             if self._client is None:
                 self._client = SyncClient(socket_path=self.node.socket, timeout=SOON)
             try:
-                return self._client.call(method, **params)
+                return self._client.request(method, params, timeout=limit)
             except PeerdError:
                 self.close()
                 if attempt == 2:

@@ -31,9 +31,10 @@ from tests.support.cluster import wait_until
 from tests.support.hostile import HostileProxy
 
 MIB = 1 << 20
-# What the flood may add to a daemon's resident memory. The flood itself is ~190 MiB (and the
-# transfer 24 MiB): a daemon that kept any of it, or queued it, would exceed this at once.
+# What the flood may add to a daemon's resident memory. The flood lasts for the whole transfer
+# and for at least FLOOD_BYTES: a daemon that kept or queued a fraction of it would exceed this.
 RSS_BOUND = 48 * MIB
+FLOOD_BYTES = 4 * RSS_BOUND
 
 
 class Junk:
@@ -43,12 +44,15 @@ class Junk:
         self.topics, self.victim, self.trusted = topics, victim, trusted
         self.rng = random.Random(seed)
         self.sent = 0
+        self.bytes = 0
         self.stop = threading.Event()
 
     def __iter__(self) -> Iterator[tuple[str, bytes]]:
-        while not self.stop.is_set() and self.sent < 1_000_000:
-            yield self._next(self.sent)
+        while self.sent < 1_000_000 and not (self.stop.is_set() and self.bytes >= FLOOD_BYTES):
+            topic, payload = self._next(self.sent)
+            yield topic, payload
             self.sent += 1
+            self.bytes += len(payload)
 
     def _hello(self, claim: str) -> bytes:
         rt = claim.encode()
@@ -67,7 +71,7 @@ class Junk:
             return inbox, rng.randbytes(rng.randrange(1, 80))
         if kind == 4 and i % 60 == 4:
             return inbox, b"\x01\x05" + bytes(100 * 1024)  # over the inbox frame limit
-        if kind == 5 and i % 120 == 5:
+        if kind == 5 and i % 600 == 5:
             return inbox, bytes(MIB + 512 * 1024)  # over the MQTT packet limit
         return self.topics.inbox(trusted), rng.randbytes(rng.randrange(1, 80))
 
@@ -104,7 +108,7 @@ def test_flood_while_a_transfer_runs(
         flood = threading.Thread(target=wire.flood, args=(junk,), daemon=True)
         flood.start()
         # The whole transfer runs inside the flood: it starts once the flood is under way
-        # and the flood stops only once the transfer has ended.
+        # and the flood stops only once the transfer has ended (and FLOOD_BYTES went out).
         wait_until(lambda: junk.sent > 2000, SOON, what="the flood under way")
         started = a.call("v1.send", path=str(src), to=[bob.peer_id])
         result = a.call("v1.transfer.wait", id=started["id"], timeout=120.0)
@@ -115,7 +119,7 @@ def test_flood_while_a_transfer_runs(
         assert not poller.is_alive()
         assert not flood.is_alive()
 
-        assert junk.sent > 2000
+        assert junk.bytes >= FLOOD_BYTES
         assert answered > 0
         assert result["state"] == "verified"
         got = [p for p in received_files(bob, alice) if p.name == "model.bin"]

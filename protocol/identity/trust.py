@@ -61,6 +61,10 @@ MAX_SUPERSEDED = 8  # superseded certificates remembered per peer for sessions i
 MAX_PEERS = 100_000  # the view refuses to grow beyond this (a bound, not a product limit)
 MAX_INVITES = 1000
 VERIFIED_CACHE = 512  # credentials whose signatures are known good (LRU)
+# Owner-signed revocations of peers this node has never met are kept (a peer met later is held
+# to them), but anyone can mint identities and retain their self-revocations on the broker: past
+# this many, further ones are refused (counted), so junk cannot fill the peer table.
+MAX_UNMET_REVOCATIONS = 4096
 
 
 class PeerState(StrEnum):
@@ -180,6 +184,7 @@ class TrustView:
         # the cost of `authenticate` (~40 us of ~80): only the time-independent checks are
         # cached, the validity window and every trust rule are applied each time.
         self._verified: OrderedDict[bytes, tuple[Credentials, tuple[bytes, ...]]] = OrderedDict()
+        self._unmet_revoked: set[str] = set()  # revoked before we ever saw their key
 
     def configure(self, *, overlap: float, authority_key: bytes | None) -> None:
         """Settings from the configuration (the daemon calls this again on reload)."""
@@ -561,6 +566,15 @@ class TrustView:
                 parsed, bytes(statement), self._revoked_record(record, peer_id, now), None
             )
         known = record.identities if record is not None else ()
+        if (
+            not known
+            and peer_id not in self._unmet_revoked
+            and len(self._unmet_revoked) >= MAX_UNMET_REVOCATIONS
+        ):
+            raise TrustError(
+                f"already {MAX_UNMET_REVOCATIONS} revocations of peers never met are kept",
+                reason="unmet-revocations-full",
+            )
         if parsed.signer not in known and peer_id_for(parsed.signer) != peer_id:
             raise TrustError(
                 f"the revocation of {peer_id} is signed by a key not known to be its own",
@@ -600,9 +614,16 @@ class TrustView:
             if existing is not None and existing.state is PeerState.REVOKED:
                 raise LocalProtocolError(f"peer {record.peer_id} is revoked; cannot un-revoke")
         self._peers[record.peer_id] = record
+        if record.identities:
+            self._unmet_revoked.discard(record.peer_id)
+        elif record.state is PeerState.REVOKED:
+            self._unmet_revoked.add(record.peer_id)
 
     def put_revoked_through(self, peer_id: str, serial: int) -> None:
         self._revoked_through[peer_id] = max(serial, self._revoked_through.get(peer_id, 0))
+        record = self._peers.get(peer_id)
+        if record is None or not record.identities:
+            self._unmet_revoked.add(peer_id)
 
     def put_invite(self, grant: InviteGrant) -> None:
         if len(grant.invite_id) != INVITE_ID_BYTES or len(grant.psk) != PSK_BYTES:

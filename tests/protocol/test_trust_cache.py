@@ -68,3 +68,32 @@ def test_a_forgery_is_never_cached() -> None:
         with pytest.raises(BadSignature):
             view.authenticate(bytes(forged), static.public, NOW + 10)
     assert view.authenticate(creds, static.public, NOW + 10).peer_id == pid
+
+
+def test_revocations_of_never_met_peers_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Anyone can mint identities and retain their self-revocations: beyond the bound they are
+    refused with a reason, and peers already met are never affected."""
+    import protocol.identity.trust as trust_module  # noqa: PLC0415
+    from protocol.identity import TrustError  # noqa: PLC0415
+
+    monkeypatch.setattr(trust_module, "MAX_UNMET_REVOCATIONS", 3)
+    seed, pid, static, creds = _peer()
+    view = _view(pid, ed25519_public(seed))
+    for _ in range(3):
+        junk_seed, junk_pid, _, _ = _peer()
+        statement = issue_revocation(junk_seed, peer_id=junk_pid, kind=REVOKE_IDENTITY, now=NOW)
+        plan = view.plan_revocation(statement.encode(), NOW)
+        assert plan.peer is not None
+        view.put_peer(plan.peer)
+    junk_seed, junk_pid, _, _ = _peer()
+    statement = issue_revocation(junk_seed, peer_id=junk_pid, kind=REVOKE_IDENTITY, now=NOW)
+    with pytest.raises(TrustError) as info:
+        view.plan_revocation(statement.encode(), NOW)
+    assert info.value.reason == "unmet-revocations-full"
+    # The peer we know can still be revoked: the bound is only for strangers.
+    real = issue_revocation(seed, peer_id=pid, kind=REVOKE_IDENTITY, now=NOW)
+    plan = view.plan_revocation(real.encode(), NOW)
+    assert plan.peer is not None
+    view.put_peer(plan.peer)
+    with pytest.raises(Revoked):
+        view.authenticate(creds, static.public, NOW + 10)

@@ -37,6 +37,21 @@ def log(text: str) -> None:
     print(f"[{time.perf_counter() - _T0:6.1f} s] {text}", flush=True)
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all processes of the machine spent busy so far (/proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_seconds() -> float:
+    """CPU seconds of this process and of every child it waited for (daemons, broker,
+    workers, CLI calls: all of them are waited for by the time the run ends)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def environment(quick: bool) -> dict[str, str]:
     cpu = "unknown CPU"
     with open("/proc/cpuinfo") as f:
@@ -116,6 +131,7 @@ def main() -> int:
     args = parser.parse_args()
     plan = Plan.quick() if args.quick else Plan()
     results = Results(plan, environment(args.quick))
+    started, busy0, own0 = time.perf_counter(), machine_busy_seconds(), own_seconds()
     # Short: the daemons' control sockets live under it (a Unix socket path has 107 bytes).
     work = Path(tempfile.mkdtemp(prefix="peerd-eval-", dir="/tmp"))
     log(f"evaluation ({'quick' if args.quick else 'full'}) in {work}")
@@ -135,7 +151,14 @@ def main() -> int:
             log(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    results.env["load_after"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    # How quiet the machine was: what everything else on it used while the evaluation ran.
+    elapsed = time.perf_counter() - started
+    others = max(0.0, (machine_busy_seconds() - busy0) - (own_seconds() - own0))
+    share = others / (elapsed * (os.cpu_count() or 1)) * 100
+    results.env["others"] = (
+        f"other processes used {others:.0f} CPU seconds during the {elapsed:.0f} s run"
+        f" ({share:.0f} % of the machine)"
+    )
     for path in write(results, args.out):
         size = path.stat().st_size
         log(f"wrote {path} ({size / 1024:.0f} KiB)")

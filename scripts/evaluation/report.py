@@ -418,10 +418,10 @@ def markdown(results: Results) -> str:
         " and convergence. This page measures each claim on one machine, each time against the"
         " same work done without security: the same messages, files and updates published in"
         " plaintext MQTT through the same broker, in the same run. Regenerate it with"
-        " `./scripts/evaluate` (about four minutes; `--quick` is the reduced run CI makes).",
+        " `./scripts/evaluate` (about three minutes; `--quick` is the reduced run CI makes).",
         "",
         f"*Measured {env['date']} on {env['machine']}. {env['versions']}."
-        f" Load average {env['load_before']} before the run, {env['load_after']} after."
+        f" Load average {env['load_before']} before the run; {env['others']}."
         + (" Reduced (--quick) run." if env.get("quick") == "yes" else "")
         + "*",
         "",

@@ -188,6 +188,11 @@ def fig_handshake_time(results: Results, path: Path) -> None:
         hist.legend(fontsize=7)
         _style(cdf, "Cumulative distribution", "milliseconds (log scale)", "fraction")
         cdf.set_xscale("log")
+        low = min(v[0] for v in series.values())
+        high = max(v[-1] for v in series.values())
+        ticks = [x for x in (0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200) if low / 2 <= x <= high * 2]
+        cdf.set_xticks(ticks, [f"{x:g}" for x in ticks])
+        cdf.minorticks_off()
         cdf.legend(fontsize=8)
 
     _figure(path, draw)
@@ -253,7 +258,9 @@ def fig_cpu(results: Results, path: Path) -> None:
                 bars.text(x, g[mode][k], f"{g[mode][k]:.2f}", ha="center", va="bottom", fontsize=7)
         bars.set_xticks(range(len(parts)), [label for _, label in parts])
         _style(bars, "CPU seconds per GB (one receiver)", "", "CPU s / GB")
-        bars.legend(fontsize=7)
+        top = max(g[m][k] for m in COLORS for k, _ in parts)
+        bars.set_ylim(0, top * 1.45)
+        bars.legend(fontsize=7, ncol=2, loc="upper center")
         for mode, color in COLORS.items():
             rows = fanout_medians(results, mode)
             scale.plot(

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Measurements behind the transfer's choices (docs/spec-parts/transfer.md).
+"""Measurements behind the transfer's choices (protocol/SPEC.md section 7).
 
   .venv/bin/python scripts/bench_crypto.py [--quick]
 

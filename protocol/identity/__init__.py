@@ -1,6 +1,6 @@
 """Identity and trust, sans-IO: peer ids, fingerprints, key certificates, identity succession,
 revocation statements, authority membership, invite tokens, the credential bundle of a
-handshake, and `TrustView`, the pure trust decision. Formats: docs/spec-parts/identity.md."""
+handshake, and `TrustView`, the pure trust decision. Formats: protocol/SPEC.md section 6."""
 
 from protocol.identity.errors import (
     BadSignature,

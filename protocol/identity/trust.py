@@ -8,7 +8,7 @@ plans every change with the `plan_*` methods here (which enforce the rules and r
 violation, so a refused change writes nothing), commits the change to sqlite, then applies it
 with the `put_*` methods. The rules live in this one place; the store only persists.
 
-Rules (docs/spec-parts/identity.md states them for implementers):
+Rules (protocol/SPEC.md section 6 states them for implementers):
 - A peer's identity is pinned on first contact: the chain of identity keys it presents must
   extend the pinned chain; a shorter chain (an identity key already succeeded) is a rollback, a
   diverging one a conflict.

@@ -5,7 +5,7 @@
 - `messages`: the control messages carried inside the peers' Noise sessions (tags 32..63).
 - `sender` / `receiver`: the state machines; `events`: their actions, events and tunables.
 
-The wire format and the reasons behind it are in docs/spec-parts/transfer.md.
+The wire format and the reasons behind it are in protocol/SPEC.md section 7.
 """
 
 from protocol.transfer._codec import MalformedTransferObject

@@ -6,7 +6,7 @@ identity key. It is what makes one content key safe to share among N receivers: 
 encrypt chunks under that key, so only the sender-signed hash tells a receiver that the bytes it
 assembled are the sender's. A receiver commits a file only if its hash matches this signature.
 
-BLAKE3 was chosen by measurement (docs/spec-parts/transfer.md): single-threaded on 256 KiB
+BLAKE3 was chosen by measurement (protocol/SPEC.md section 7): single-threaded on 256 KiB
 updates it runs at ~6.5 GB/s here, against ~1.8 GB/s for SHA-256 with SHA-NI and ~0.9 GB/s for
 BLAKE2b; on two shared cores that is ~0.4 s of CPU saved per GiB on each side.
 """

@@ -17,7 +17,7 @@ each as it reads it, and signs the manifest (the Seal) after the last. No separa
 the file delays the first chunk. After a restart without a persisted seal, the sender re-reads
 the prefix that no receiver needs any more, only to hash it.
 
-The shell drives it (see docs/spec-parts/transfer.md for the loop): `next_read()` while it has
+The shell drives it (see protocol/SPEC.md section 7 for the loop): `next_read()` while it has
 room to publish, `on_chunk_read()` with the bytes, `receive()` for control messages,
 `on_timer()` at `next_deadline()`, and `take_actions()` after every call.
 """

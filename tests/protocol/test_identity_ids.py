@@ -23,7 +23,7 @@ from protocol.identity import (
 from protocol.identity._codec import ALPHABET
 from protocol.identity.keys import format_authority_key, parse_authority_key
 
-# Vectors (docs/spec-parts/identity.md): the identity key is 32 bytes 00 01 02 .. 1f.
+# Vectors (protocol/SPEC.md section 6): the identity key is 32 bytes 00 01 02 .. 1f.
 KEY = bytes(range(32))
 KEY_PEER_ID = peer_id_for(KEY)
 KEY_FINGERPRINT = fingerprint(KEY)

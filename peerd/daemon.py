@@ -162,6 +162,10 @@ class Daemon:
         self._stop = asyncio.Event()
         self._joins: dict[str, asyncio.Future[SessionUp]] = {}
         self._session_since: dict[str, float] = {}
+        # Sessions up but not yet recorded in the store, as (peer, local index): a trust change
+        # in between must not judge them by the state before their own recording (a pending
+        # peer's first session would be closed as unknown); the recording applies the rules.
+        self._unrecorded: set[tuple[str, int]] = set()
         self._recent_handshakes: deque[dict[str, Any]] = deque(maxlen=1000)
         self._log_budget: Counter[str] = Counter()
         self.store: Store
@@ -443,18 +447,23 @@ class Daemon:
             elif kind is Rejected:
                 self._rejected(out)  # type: ignore[arg-type]
             elif kind is SessionUp:
-                self._queue(lambda up=out: self._on_session_up(up))  # type: ignore[misc]
+                key = _local_key(out)  # type: ignore[arg-type]
+                self._unrecorded.add(key)
+                if not self._queue(lambda up=out: self._on_session_up(up)):  # type: ignore[misc]
+                    self._unrecorded.discard(key)
             elif kind is SessionDown:
                 self._on_session_down(out)  # type: ignore[arg-type]
             elif kind is HandshakeFailed:
                 self._on_handshake_failed(out)  # type: ignore[arg-type]
         self._wake.set()
 
-    def _queue(self, work: Callable[[], Awaitable[None]]) -> None:
+    def _queue(self, work: Callable[[], Awaitable[None]]) -> bool:
         try:
             self._events.put_nowait(work)
         except asyncio.QueueFull:
             self.counters["events-dropped"] += 1
+            return False
+        return True
 
     def _rejected(self, rej: Rejected) -> None:
         # Counted by the session manager; logged with a budget so a flood is not a log flood.
@@ -471,6 +480,12 @@ class Daemon:
             )
 
     async def _on_session_up(self, up: SessionUp) -> None:
+        try:
+            await self._record_session_up(up)
+        finally:
+            self._unrecorded.discard(_local_key(up))
+
+    async def _record_session_up(self, up: SessionUp) -> None:
         now = time.time()
         auth = up.auth
         assert isinstance(auth, Authenticated)
@@ -553,6 +568,8 @@ class Daemon:
         view = self.store.view()
         for peer in self.sessions.connected_peers():
             for session in self.sessions.sessions_for(peer):
+                if (peer, session.local_index) in self._unrecorded:
+                    continue
                 auth = session.auth
                 assert isinstance(auth, Authenticated)
                 try:
@@ -954,3 +971,8 @@ def _read_psk(path: os.PathLike[str] | str) -> bytes:
             hint="create one with: head -c 32 /dev/urandom > network.psk",
         )
     return psk
+
+
+def _local_key(up: SessionUp) -> tuple[str, int]:
+    """(peer, this node's index) of the session `up` announces."""
+    return up.peer_id, up.session_id[0] if up.initiator else up.session_id[1]

@@ -466,9 +466,9 @@ def throughput(quick: bool) -> bool:
         f"{verdict(ok)}"
     )
     print(
-        f"\nWhile the {LOAD_PEERS} peers were being trusted (by fingerprint, all online), "
-        f"{race} of their first sessions were closed again at once (`unknown-peer`); see "
-        "docs/benchmarks.md. Rejections at the end: "
+        f"\nWhile the {LOAD_PEERS} peers were being trusted (by fingerprint, all online, "
+        f"back to back), {race} of their first sessions were closed again (`unknown-peer`; 0 "
+        "since sessions awaiting their recording are left to it). Rejections at the end: "
         + (", ".join(f"{k} {v}" for k, v in sorted(status["rejections"].items())) or "none")
         + ".\n"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import sqlite3
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from peerd.client import Client
 from tests.e2e.rogue import RogueNode
 from tests.support.broker import Broker
 from tests.support.cluster import PEERD, Node, make_nodes, pair, wait_until
@@ -361,3 +363,35 @@ def test_sighup_reloads_the_receive_limits(paired: tuple[Node, Node], tmp_path: 
     wait_until(lambda: b.log().count("configuration reloaded") == 2, 10, what="second reload")
     assert a.json("send", str(src), "--to", b.peer_id, "--wait")["state"] == "verified"
     assert b.running  # SIGHUP never stops the daemon
+
+
+def test_trusting_peers_in_a_row_keeps_each_first_session(tmp_path: Path, broker: Broker) -> None:
+    """A trust change must not close a session that is up but not yet recorded: trusting several
+    peers back to back once closed each one's first session as `unknown-peer` (still pending)."""
+    nodes = make_nodes(tmp_path, broker.url, ["hub", "s1", "s2", "s3", "s4"])
+    for n in nodes:
+        n.start()
+    try:
+        hub, *spokes = nodes
+        for s in spokes:
+            s.cli("trust", hub.peer_id, "--fingerprint", hub.fingerprint)
+
+        async def trust_all() -> None:
+            async with await Client.connect(socket_path=hub.socket) as c:
+                for s in spokes:
+                    await c.call("v1.trust", peer=s.peer_id, fingerprint=s.fingerprint)
+
+        asyncio.run(trust_all())
+        wait_until(
+            lambda: all(p["state"] == "trusted" for p in hub.peers().values()),
+            15,
+            what="every spoke trusted",
+        )
+        for s in spokes:
+            hub.wait_connected(s)
+        # (The spokes' own first HELLOs, sent before the hub trusted them, were refused as
+        # unknown-peer, rightly; what must not happen is an established session closed.)
+        assert "closing a session" not in hub.log()
+    finally:
+        for n in nodes:
+            n.kill()

@@ -27,7 +27,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -586,7 +586,9 @@ class Client:
         result = await self.request("v1.msg.send", params)
         return int(result["seq"])
 
-    async def messages(self, channel: str, *, wait: float = 30.0) -> AsyncIterator[ReceivedMessage]:
+    async def messages(
+        self, channel: str, *, wait: float = 30.0
+    ) -> AsyncGenerator[ReceivedMessage, None]:
         """Messages arriving on `channel`, each acknowledged (removed from the daemon's inbox)
         once the loop body has run for it: a crash repeats at most the message at hand."""
         while True:
@@ -834,6 +836,25 @@ class SyncClient:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    def messages(self, channel: str, *, wait: float = 30.0) -> Iterator[ReceivedMessage]:
+        """`Client.messages` as a blocking iterator: each message is acknowledged once the loop
+        body has run for it (when the next one is asked for, or the loop ends)."""
+        stream = self._client.messages(channel, wait=wait)
+
+        async def next_message() -> ReceivedMessage:
+            return await anext(stream)
+
+        try:
+            while True:
+                try:
+                    message = self._run(next_message())
+                except StopAsyncIteration:
+                    return
+                yield message
+        finally:
+            if not self._loop.is_closed():
+                self._run(stream.aclose())
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         # Typed methods the daemon work adds to Client (status, peers, send ...) appear here

@@ -148,3 +148,39 @@ async def test_usable_where_an_event_loop_already_runs(daemon: ServerThread) -> 
     # As in a Jupyter notebook: this thread's loop is busy running this very coroutine.
     with SyncClient(daemon.server.path) as client:
         assert client.call("v1.echo", text="notebook") == {"echo": "notebook"}
+
+
+def test_blocking_messages_acknowledge_after_the_loop_body(daemon: ServerThread) -> None:
+    # The daemon's side of v1.msg.recv / v1.msg.ack as its tests pin it: every unacknowledged
+    # message of the channel, oldest first; an ack removes ids.
+    inbox = [
+        {"id": i, "peer": "p", "channel": "fl", "seq": i, "data_b64": data}
+        for i, data in ((1, "b25l"), (2, "dHdv"), (3, "dGhyZWU="))
+    ]
+    acked: list[int] = []
+
+    async def recv(params: dict[str, Any], conn: Any) -> Any:
+        assert params["channel"] == "fl"
+        return [m for m in inbox if m["id"] not in acked]
+
+    async def ack(params: dict[str, Any], conn: Any) -> Any:
+        acked.extend(params["ids"])
+        return {"acked": len(params["ids"])}
+
+    daemon.call(daemon.server.register, "v1.msg.recv", recv)
+    daemon.call(daemon.server.register, "v1.msg.ack", ack)
+    with SyncClient(daemon.server.path) as client:
+        seen = []
+        for message in client.messages("fl"):
+            seen.append((message.seq, message.data, list(acked)))
+            if len(seen) == 2:
+                break  # the body did not finish for message 2: it stays unacknowledged
+        assert seen == [(1, b"one", []), (2, b"two", [1])]
+        assert acked == [1]
+        again = []
+        for message in client.messages("fl"):
+            again.append(message.data)
+            if message.seq == 3:
+                break
+        assert again == [b"two", b"three"]
+        assert acked == [1, 2]

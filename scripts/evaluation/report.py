@@ -339,6 +339,12 @@ def fig_federated(results: Results, path: Path) -> None:
         acc.legend(fontsize=8, loc="lower right")
         _style(secs, "Wall time per round (3 parties)", "round", "milliseconds")
         secs.set_yscale("log")
+        every = [r["seconds"] * 1e3 for r in results.federated]
+        ticks = [
+            t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500) if min(every) / 2 <= t <= max(every) * 2
+        ]
+        secs.set_yticks(ticks, [str(t) for t in ticks])
+        secs.minorticks_off()
         secs.legend(fontsize=8)
 
     _figure(path, draw)

@@ -15,7 +15,6 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +67,7 @@ def register(subparsers: Any) -> None:
     s.add_argument("statement", help="the statement text")
     common.add_json_option(s)
     s.set_defaults(func=cmd_revocation_publish)
-    p.set_defaults(func=lambda _a: _usage(p))
+    p.set_defaults(func=lambda _a: common.usage(p))
 
     p = subparsers.add_parser(
         "succeed-identity",
@@ -158,7 +157,7 @@ def _register_authority(subparsers: Any) -> None:
     common.add_json_option(s)
     s.set_defaults(func=cmd_authority_list)
 
-    p.set_defaults(func=lambda _a: _usage(p))
+    p.set_defaults(func=lambda _a: common.usage(p))
 
 
 def _register_membership(subparsers: Any) -> None:
@@ -181,18 +180,7 @@ def _register_membership(subparsers: Any) -> None:
     s = actions.add_parser("show", help="show the installed certificate and whether it is usable")
     common.add_json_option(s)
     s.set_defaults(func=cmd_membership_show)
-    p.set_defaults(func=lambda _a: _usage(p))
-
-
-def _usage(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
-    return common.EXIT_USAGE
-
-
-def _when(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    p.set_defaults(func=lambda _a: common.usage(p))
 
 
 def _note(text: str) -> None:
@@ -285,7 +273,7 @@ def cmd_authority_issue(args: argparse.Namespace) -> int:
     print(text)
     _note(
         f"membership of {format_peer_id(request.peer_id)} in network {request.network!r}, "
-        f"valid until {_when(membership.not_after)}\n"
+        f"valid until {common.when(membership.not_after)}\n"
         f"  member fingerprint: {request.fingerprint}  (compare it with the member's)\n"
         "On the member: peerd membership install TEXT"
     )
@@ -349,11 +337,13 @@ def cmd_authority_list(args: argparse.Namespace) -> int:
         ["time", "action", "peer", "network", "until / reason"],
         [
             [
-                _when(r.get("at")),
+                common.when(r.get("at")),
                 r.get("action"),
                 r.get("peer"),
                 r.get("network"),
-                _when(r.get("not_after")) if r.get("action") == "membership" else r.get("reason"),
+                common.when(r.get("not_after"))
+                if r.get("action") == "membership"
+                else r.get("reason"),
             ]
             for r in records
         ],
@@ -448,7 +438,7 @@ def cmd_membership_install(args: argparse.Namespace) -> int:
         return common.EXIT_OK
     print(
         f"membership installed: network {result['network']!r}, valid until "
-        f"{_when(result['not_after'])}"
+        f"{common.when(result['not_after'])}"
         + (" (in use now)" if live else " (used when the daemon starts)")
     )
     if not result["authority_configured"]:
@@ -493,7 +483,9 @@ def cmd_membership_show(args: argparse.Namespace) -> int:
     print(f"peer id      {info['peer']}")
     print(f"fingerprint  {info['fingerprint']}")
     print(f"authority    {info['authority_key']}")
-    print(f"valid        {_when(membership.not_before)} .. {_when(membership.not_after)}")
+    print(
+        f"valid        {common.when(membership.not_before)} .. {common.when(membership.not_after)}"
+    )
     print(f"status       {'usable' if not problems else 'NOT USABLE: ' + '; '.join(problems)}")
     return common.EXIT_OK
 

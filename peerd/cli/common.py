@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from peerd.errors import ConfigError, PeerdError, UsageError
@@ -74,6 +75,19 @@ def print_json(value: Any) -> None:
     sys.stdout.write("\n")
 
 
+def when(ts: float | None) -> str:
+    """A UTC timestamp for tables and messages; `-` for none."""
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def usage(parser: argparse.ArgumentParser) -> int:
+    """What a command group given no action does: its help, and the usage exit code."""
+    parser.print_help()
+    return EXIT_USAGE
+
+
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """A plain, aligned table; an empty table prints only its headers."""
     cells = [[str(h).upper() for h in headers]] + [
@@ -94,4 +108,6 @@ __all__ = [
     "exit_code_for",
     "print_json",
     "print_table",
+    "usage",
+    "when",
 ]

@@ -11,7 +11,6 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any
 
 from peerd.cli import common
@@ -117,12 +116,7 @@ def register(subparsers: Any) -> None:
     s = actions.add_parser("outbox", help="messages waiting to be delivered or read")
     common.add_json_option(s)
     s.set_defaults(func=cmd_msg_outbox)
-    p.set_defaults(func=lambda _a: _usage(p))
-
-
-def _usage(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
-    return common.EXIT_USAGE
+    p.set_defaults(func=lambda _a: common.usage(p))
 
 
 def _duration(text: str) -> float:
@@ -137,12 +131,6 @@ def _duration(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError("a duration cannot be negative")
     return value
-
-
-def _when(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 # -- talking to the daemon -------------------------------------------------------------------
@@ -209,7 +197,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"node        {format_peer_id(st['peer_id'])}  ({st['name']})")
     print(f"network     {st['network']}")
     print(f"fingerprint {st['fingerprint']}")
-    print(f"key         serial {st['serial']}, valid until {_when(st['certificate_not_after'])}")
+    print(
+        f"key         serial {st['serial']}, valid until {common.when(st['certificate_not_after'])}"
+    )
     state = "connected" if broker["connected"] else "DISCONNECTED"
     if not broker["connected"] and broker.get("last_error"):
         state += f" ({broker['last_error']})"
@@ -262,7 +252,7 @@ def cmd_invite(args: argparse.Namespace) -> int:
     else:
         print(result["token"])
         print(
-            f"(one use, valid until {_when(result['expires_at'])}; on the other node: "
+            f"(one use, valid until {common.when(result['expires_at'])}; on the other node: "
             "peerd join TOKEN)",
             file=sys.stderr,
         )
@@ -307,7 +297,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     if args.json:
         common.print_json(result)
     else:
-        print(f"rotated: serial {result['serial']}, valid until {_when(result['not_after'])}")
+        print(f"rotated: serial {result['serial']}, valid until {common.when(result['not_after'])}")
     return common.EXIT_OK
 
 
@@ -404,7 +394,13 @@ def cmd_msg_outbox(args: argparse.Namespace) -> int:
     common.print_table(
         ["peer", "channel", "messages", "bytes", "oldest"],
         [
-            [format_peer_id(o["peer"]), o["channel"], o["messages"], o["bytes"], _when(o["oldest"])]
+            [
+                format_peer_id(o["peer"]),
+                o["channel"],
+                o["messages"],
+                o["bytes"],
+                common.when(o["oldest"]),
+            ]
             for o in result["outbox"]
         ],
     )

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -68,16 +67,7 @@ def register(subparsers: Any) -> None:
     s.add_argument("--limit", type=int, default=100, metavar="N", help="at most N entries")
     common.add_json_option(s)
     s.set_defaults(func=cmd_audit_show)
-    p.set_defaults(func=_audit_usage, _audit_parser=p)
-
-
-def _audit_usage(args: argparse.Namespace) -> int:
-    args._audit_parser.print_help()
-    return common.EXIT_USAGE
-
-
-def _when(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    p.set_defaults(func=lambda _a: common.usage(p))
 
 
 # -- init ----------------------------------------------------------------------------------------
@@ -260,7 +250,7 @@ def cmd_id(args: argparse.Namespace) -> int:
     print(f"name         {config.node.name}")
     print(f"network      {config.node.network}")
     if cert is not None:
-        print(f"certificate  serial {cert.serial}, valid until {_when(cert.not_after)}")
+        print(f"certificate  serial {cert.serial}, valid until {common.when(cert.not_after)}")
     return common.EXIT_OK
 
 
@@ -322,7 +312,7 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
         [
             [
                 e.seq,
-                _when(e.at),
+                common.when(e.at),
                 e.kind,
                 e.peer_id or "",
                 " ".join(f"{k}={v}" for k, v in sorted(e.detail.items())),

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from peerd.cli import common
-from peerd.cli.daemon import _call, _client_call, _duration, _when
+from peerd.cli.daemon import _call, _client_call, _duration
 from peerd.client import Client, Timeout
 from peerd.errors import PeerdError, UsageError
 from protocol.identity import format_peer_id
@@ -209,7 +209,7 @@ def cmd_transfers(args: argparse.Namespace) -> int:
                 who,
                 t["state"],
                 f"{pct:.0f}%",
-                _when(t.get("started_at")),
+                common.when(t.get("started_at")),
             ]
         )
     common.print_table(["id", "dir", "name", "size", "peers", "state", "done", "started"], rows)

@@ -63,7 +63,7 @@ def _worker(kind: str, url: str, **args: Any) -> subprocess.Popen[str]:
     )
 
 
-def _line(proc: subprocess.Popen[str]) -> dict[str, Any]:
+def read_line(proc: subprocess.Popen[str]) -> dict[str, Any]:
     """The next JSON line a worker prints (it prints one when ready and one when done)."""
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -74,7 +74,7 @@ def _line(proc: subprocess.Popen[str]) -> dict[str, Any]:
     return result
 
 
-def _finish(*procs: subprocess.Popen[str]) -> None:
+def finish(*procs: subprocess.Popen[str]) -> None:
     for proc in procs:
         try:
             proc.wait(60)
@@ -105,11 +105,11 @@ def run_pingpong_floor(
     (a, pa), (b, pb) = users or (("bencha", ""), ("benchb", ""))
     common = {"rounds": rounds + warmup, "qos": qos, "client": client, "peer_a": a, "peer_b": b}
     resp = _worker("pong", _with_user(broker_url, b, pb) if users else broker_url, me=b, **common)
-    _line(resp)  # subscribed
+    read_line(resp)  # subscribed
     init = _worker("ping", _with_user(broker_url, a, pa) if users else broker_url, me=a, **common)
-    sent = _line(init)["t0"]
-    received = _line(resp)["t3"]
-    _finish(init, resp)
+    sent = read_line(init)["t0"]
+    received = read_line(resp)["t3"]
+    finish(init, resp)
     ms = sorted((t3 - t0) / 1e6 for t0, t3 in zip(sent[warmup:], received[warmup:], strict=True))
     return {
         "client": client,
@@ -150,7 +150,7 @@ def run_plain_transfer(
             out=str(out),
             qos=qos,
         )
-        _line(sub)
+        read_line(sub)
         pub = _worker(
             "source",
             _with_user(broker_url, pu, pp) if users else broker_url,
@@ -161,9 +161,9 @@ def run_plain_transfer(
             inflight=inflight,
             qos=qos,
         )
-        started = _line(pub)
-        ended = _line(sub)
-        _finish(pub, sub)
+        started = read_line(pub)
+        ended = read_line(sub)
+        finish(pub, sub)
         complete = ended["t_end"] is not None
         seconds = (ended["t_end"] - started["t_start"]) / 1e9 if complete else None
         verified = complete and _sha256(out) == _sha256(path)
@@ -200,7 +200,7 @@ def run_small_messages(
         topic=topic,
         count=count,
     )
-    _line(sub)
+    read_line(sub)
     pub = _worker(
         "spray",
         _with_user(broker_url, pu, pp) if users else broker_url,
@@ -210,9 +210,9 @@ def run_small_messages(
         count=count,
         size=size,
     )
-    sent = _line(pub)
-    got = _line(sub)
-    _finish(pub, sub)
+    sent = read_line(pub)
+    got = read_line(sub)
+    finish(pub, sub)
     return {
         "client": client,
         "count": count,
@@ -233,12 +233,12 @@ def _sha256(path: Path) -> str:
 # --- the workers (one per process) --------------------------------------------------------------
 
 
-def _emit(**fields: Any) -> None:
+def emit(**fields: Any) -> None:
     sys.stdout.write(json.dumps(fields) + "\n")
     sys.stdout.flush()
 
 
-def _cpu() -> float:
+def cpu_time() -> float:
     t = os.times()
     return t.user + t.system
 
@@ -320,14 +320,14 @@ async def _pingpong(args: dict[str, Any]) -> None:
         to_a, to_b = f"peerd/v1/bench/in/{a}", f"peerd/v1/bench/in/{b}"
         stamps: list[int] = []
         if me == b:
-            _emit(ready=True)
+            emit(ready=True)
             for _ in range(rounds):
                 await ep.next_payload()
                 await ep.publish(to_a, m2, qos)
                 await ep.next_payload()
                 stamps.append(time.perf_counter_ns())
                 await ep.publish(to_a, b"next", qos)  # paces the rounds; not timed
-            _emit(t3=stamps)
+            emit(t3=stamps)
         else:
             for _ in range(rounds):
                 t0 = time.perf_counter_ns()
@@ -336,7 +336,7 @@ async def _pingpong(args: dict[str, Any]) -> None:
                 await ep.publish(to_b, m3, qos)
                 stamps.append(t0)
                 await ep.next_payload()
-            _emit(t0=stamps)
+            emit(t0=stamps)
 
 
 async def _sink(args: dict[str, Any]) -> None:
@@ -354,8 +354,8 @@ async def _sink(args: dict[str, Any]) -> None:
     t_end = None
     async with _Endpoint(args["client"], os.environ["BENCH_URL"], args["me"]) as ep:
         await ep.subscribe(args["topic"], args["qos"], write if ep.kind == "link" else None)
-        _emit(ready=True)
-        cpu0 = _cpu()
+        emit(ready=True)
+        cpu0 = cpu_time()
         # A chunk the broker dropped never comes: give up after QUIET seconds without progress.
         with contextlib.suppress(TimeoutError):
             if ep.kind == "link":
@@ -371,9 +371,9 @@ async def _sink(args: dict[str, Any]) -> None:
                     written += os.write(fd, payload)
             os.fsync(fd)
             t_end = time.perf_counter_ns()
-        cpu = _cpu() - cpu0
+        cpu = cpu_time() - cpu0
     os.close(fd)
-    _emit(t_end=t_end, cpu=cpu, written=written)
+    emit(t_end=t_end, cpu=cpu, written=written)
 
 
 async def _source(args: dict[str, Any]) -> None:
@@ -381,7 +381,7 @@ async def _source(args: dict[str, Any]) -> None:
     async with _Endpoint(args["client"], os.environ["BENCH_URL"], args["me"]) as ep:
         with open(args["path"], "rb") as f:  # noqa: ASYNC230 - the read is part of the baseline
             t_start = time.perf_counter_ns()
-            cpu0 = _cpu()
+            cpu0 = cpu_time()
             if inflight <= 1 or (ep.kind == "link" and qos == 0):
                 # The link's QoS 0 publish returns once written; it waits only while the
                 # socket's buffer is full, which is the flow control a QoS 0 window needs.
@@ -401,7 +401,7 @@ async def _source(args: dict[str, Any]) -> None:
                     task.add_done_callback(tasks.discard)
                     task.add_done_callback(lambda _: window.release())
                 await asyncio.gather(*tasks)
-        _emit(t_start=t_start, cpu=_cpu() - cpu0)
+        emit(t_start=t_start, cpu=cpu_time() - cpu0)
 
 
 async def _count(args: dict[str, Any]) -> None:
@@ -409,26 +409,26 @@ async def _count(args: dict[str, Any]) -> None:
     received = 0
     async with _Endpoint(args["client"], os.environ["BENCH_URL"], args["me"]) as ep:
         await ep.subscribe(args["topic"], 0)
-        _emit(ready=True)
-        cpu0 = _cpu()
+        emit(ready=True)
+        cpu0 = cpu_time()
         with contextlib.suppress(TimeoutError):
             while received < count:
                 # QoS 0 may be lost; a quiet second ends the count.
                 async with asyncio.timeout(1.0):
                     await ep.next_payload()
                 received += 1
-    _emit(received=received, cpu=_cpu() - cpu0)
+    emit(received=received, cpu=cpu_time() - cpu0)
 
 
 async def _spray(args: dict[str, Any]) -> None:
     payload = os.urandom(args["size"])
     async with _Endpoint(args["client"], os.environ["BENCH_URL"], args["me"]) as ep:
-        cpu0 = _cpu()
+        cpu0 = cpu_time()
         for i in range(args["count"]):
             await ep.publish(args["topic"], payload, 0)
             if i % 256 == 0:
                 await asyncio.sleep(0)  # let the client's own writer run
-    _emit(cpu=_cpu() - cpu0)
+    emit(cpu=cpu_time() - cpu0)
 
 
 _WORKERS = {

@@ -15,7 +15,8 @@ interpreter with what it measures):
   RATE sessions per second), each answered with a JSON line of
   counts; it keeps its connections (so the daemon's sessions stay up) until "exit".
 
-Each worker prints JSON lines on stdout; the parent reads them with `read_line`.
+Each worker prints JSON lines on stdout; the parent reads them with `read_line` and ends them
+with `finish`, both from scripts.bench_mqtt, whose workers work the same way.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from scripts.bench_mqtt import _Endpoint, cpu_time, emit
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,35 +52,10 @@ def spawn(role: str, **args: Any) -> subprocess.Popen[str]:
     )
 
 
-def read_line(proc: subprocess.Popen[str]) -> dict[str, Any]:
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line:
-        proc.wait(10)
-        raise RuntimeError(f"a benchmark worker exited ({proc.returncode}) without a result")
-    result: dict[str, Any] = json.loads(line)
-    return result
-
-
 def tell(proc: subprocess.Popen[str], command: str) -> None:
     assert proc.stdin is not None
     proc.stdin.write(command + "\n")
     proc.stdin.flush()
-
-
-def finish(proc: subprocess.Popen[str], timeout: float = 60.0) -> None:
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    if proc.returncode:
-        raise RuntimeError(f"a benchmark worker failed with exit code {proc.returncode}")
-
-
-def _emit(**fields: Any) -> None:
-    sys.stdout.write(json.dumps(fields) + "\n")
-    sys.stdout.flush()
 
 
 # -- the floor -----------------------------------------------------------------------------------
@@ -93,8 +71,6 @@ def pause_before(i: int, schedule: dict[str, float]) -> float:
 
 
 async def _floor(args: dict[str, Any], *, initiator: bool) -> None:
-    from scripts.bench_mqtt import _Endpoint  # noqa: PLC0415 - the baseline's own client code
-
     me, other = (args["a"], args["b"]) if initiator else (args["b"], args["a"])
     qos, rounds = args["qos"], args["rounds"]
     m1, m2, m3 = (os.urandom(n) for n in args["sizes"])
@@ -104,14 +80,14 @@ async def _floor(args: dict[str, Any], *, initiator: bool) -> None:
         to_other = inbox.format(other)
         stamps: list[float] = []
         if not initiator:
-            _emit(ready=True)
+            emit(ready=True)
             for _ in range(rounds):
                 await ep.next_payload()
                 await ep.publish(to_other, m2, qos)
                 await ep.next_payload()
                 stamps.append(time.time())
                 await ep.publish(to_other, b"next", qos)  # paces the rounds; not timed
-            _emit(t3=stamps)
+            emit(t3=stamps)
         else:
             for i in range(rounds):
                 await asyncio.sleep(pause_before(i, args["schedule"]))
@@ -121,7 +97,7 @@ async def _floor(args: dict[str, Any], *, initiator: bool) -> None:
                 await ep.publish(to_other, m3, qos)
                 stamps.append(t0)
                 await ep.next_payload()
-            _emit(t0=stamps)
+            emit(t0=stamps)
 
 
 # -- the load generator --------------------------------------------------------------------------
@@ -237,12 +213,12 @@ async def _loadgen(args: dict[str, Any]) -> None:
         timer_task = asyncio.create_task(timers())
         reader = asyncio.StreamReader()
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-        _emit(ready=True, peers=[p.id for p in peers])
+        emit(ready=True, peers=[p.id for p in peers])
         while command := (await reader.readline()).decode().strip():
             if command == "one":  # every peer opens one session
                 stop = True
                 results = await asyncio.gather(*(p.run_once() for p in peers))
-                _emit(completed=sum(results), failures=len(results) - sum(results))
+                emit(completed=sum(results), failures=len(results) - sum(results))
             elif command.startswith("go"):
                 # "go": every peer opens sessions as fast as they complete; "go RATE": the
                 # peers together offer RATE per second. Until `duration` is over.
@@ -251,27 +227,22 @@ async def _loadgen(args: dict[str, Any]) -> None:
                 stop = False
                 completed.clear()
                 failures = 0
-                cpu0 = _cpu()
+                cpu0 = cpu_time()
                 started = time.time()
                 tasks = [asyncio.create_task(p.run(interval)) for p in peers]
                 await asyncio.sleep(args["duration"])
                 stop = True
                 await asyncio.wait(tasks, timeout=35)
-                _emit(
+                emit(
                     completed=completed,
                     failures=failures,
                     started=started,
                     ended=time.time(),
-                    cpu=_cpu() - cpu0,
+                    cpu=cpu_time() - cpu0,
                 )
             else:  # "exit"
                 break
         timer_task.cancel()
-
-
-def _cpu() -> float:
-    t = os.times()
-    return t.user + t.system
 
 
 def main() -> None:

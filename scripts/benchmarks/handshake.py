@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 from peerd.client import Client, Timeout
 from peerd.keystore import Keystore
-from scripts.bench_mqtt import run_pingpong_floor
+from scripts.bench_mqtt import finish, read_line, run_pingpong_floor
 from scripts.benchmarks import _workers as workers
 from scripts.benchmarks._cluster import (
     NETWORK,
@@ -120,12 +120,11 @@ def floor(
         "sizes": sizes,
     }
     pong = workers.spawn("floor-pong", url=with_credentials(url, b, pb), **common)
-    workers.read_line(pong)
+    read_line(pong)
     ping = workers.spawn("floor-ping", url=with_credentials(url, a, pa), **common)
-    t0 = workers.read_line(ping)["t0"]
-    t3 = workers.read_line(pong)["t3"]
-    workers.finish(ping)
-    workers.finish(pong)
+    t0 = read_line(ping)["t0"]
+    t3 = read_line(pong)["t3"]
+    finish(ping, pong)
     return [end - start for start, end in zip(t0, t3, strict=True)][WARMUP_ROUNDS:]
 
 
@@ -334,7 +333,7 @@ async def _phase(
     await asyncio.sleep(duration - warmup - 0.5)
     t1 = time.time()
     cpu1 = {k: cpu_seconds(p) for k, p in pids.items()}
-    result = await asyncio.to_thread(workers.read_line, gen)
+    result = await asyncio.to_thread(read_line, gen)
     # The daemon records sessions after it has confirmed them: wait for the last records.
     waited = time.time()
     while time.time() - waited < 60:
@@ -382,7 +381,7 @@ def throughput(quick: bool) -> bool:
                 duration=duration,
             )
             try:
-                workers.read_line(gen)  # every peer connected and subscribed
+                read_line(gen)  # every peer connected and subscribed
                 asyncio.run(_trust_all(node, [k for k, _ in ids]))
                 # Trusting a peer makes the daemon open a session with it at once; the first
                 # session of each records the peer's certificate (pending -> trusted).
@@ -393,7 +392,7 @@ def throughput(quick: bool) -> bool:
                 )
                 race = node.status()["rejections"].get("unknown-peer", 0)
                 workers.tell(gen, "one")
-                one = workers.read_line(gen)
+                one = read_line(gen)
                 wait_until(
                     lambda: node.status()["sessions"] == LOAD_PEERS, 30, what="200 sessions up"
                 )
@@ -412,7 +411,7 @@ def throughput(quick: bool) -> bool:
                 rss_after = rss(pid)
                 peak = hwm(pid)
                 workers.tell(gen, "exit")
-                workers.finish(gen)
+                finish(gen)
             finally:
                 if gen.poll() is None:
                     gen.kill()

@@ -132,32 +132,22 @@ class KeyCertificate:
     not_after: int
     signature: bytes
 
+    def _signed_fields(self) -> list[Any]:
+        return [
+            VERSION,
+            self.peer_id,
+            self.identity_public,
+            self.static_public,
+            self.serial,
+            self.not_before,
+            self.not_after,
+        ]
+
     def body(self) -> bytes:
-        return pack(
-            [
-                VERSION,
-                self.peer_id,
-                self.identity_public,
-                self.static_public,
-                self.serial,
-                self.not_before,
-                self.not_after,
-            ]
-        )
+        return pack(self._signed_fields())
 
     def encode(self) -> bytes:
-        return pack(
-            [
-                VERSION,
-                self.peer_id,
-                self.identity_public,
-                self.static_public,
-                self.serial,
-                self.not_before,
-                self.not_after,
-                self.signature,
-            ]
-        )
+        return pack([*self._signed_fields(), self.signature])
 
     @classmethod
     def decode(cls, data: bytes) -> Self:
@@ -245,31 +235,21 @@ class Succession:
     old_signature: bytes
     new_signature: bytes
 
+    def _signed_fields(self) -> list[Any]:
+        return [
+            VERSION,
+            self.peer_id,
+            self.index,
+            self.old_identity,
+            self.new_identity,
+            self.issued_at,
+        ]
+
     def body(self) -> bytes:
-        return pack(
-            [
-                VERSION,
-                self.peer_id,
-                self.index,
-                self.old_identity,
-                self.new_identity,
-                self.issued_at,
-            ]
-        )
+        return pack(self._signed_fields())
 
     def encode(self) -> bytes:
-        return pack(
-            [
-                VERSION,
-                self.peer_id,
-                self.index,
-                self.old_identity,
-                self.new_identity,
-                self.issued_at,
-                self.old_signature,
-                self.new_signature,
-            ]
-        )
+        return pack([*self._signed_fields(), self.old_signature, self.new_signature])
 
     @classmethod
     def decode(cls, data: bytes) -> Self:
@@ -365,32 +345,22 @@ class Revocation:
     reason: str
     signature: bytes
 
+    def _signed_fields(self) -> list[Any]:
+        return [
+            VERSION,
+            self.kind,
+            self.peer_id,
+            self.signer,
+            self.serial,
+            self.issued_at,
+            self.reason,
+        ]
+
     def body(self) -> bytes:
-        return pack(
-            [
-                VERSION,
-                self.kind,
-                self.peer_id,
-                self.signer,
-                self.serial,
-                self.issued_at,
-                self.reason,
-            ]
-        )
+        return pack(self._signed_fields())
 
     def encode(self) -> bytes:
-        return pack(
-            [
-                VERSION,
-                self.kind,
-                self.peer_id,
-                self.signer,
-                self.serial,
-                self.issued_at,
-                self.reason,
-                self.signature,
-            ]
-        )
+        return pack([*self._signed_fields(), self.signature])
 
     @classmethod
     def decode(cls, data: bytes) -> Self:
@@ -462,32 +432,22 @@ class Membership:
     not_after: int
     signature: bytes
 
+    def _signed_fields(self) -> list[Any]:
+        return [
+            VERSION,
+            self.network,
+            self.peer_id,
+            self.identity_public,
+            self.authority_public,
+            self.not_before,
+            self.not_after,
+        ]
+
     def body(self) -> bytes:
-        return pack(
-            [
-                VERSION,
-                self.network,
-                self.peer_id,
-                self.identity_public,
-                self.authority_public,
-                self.not_before,
-                self.not_after,
-            ]
-        )
+        return pack(self._signed_fields())
 
     def encode(self) -> bytes:
-        return pack(
-            [
-                VERSION,
-                self.network,
-                self.peer_id,
-                self.identity_public,
-                self.authority_public,
-                self.not_before,
-                self.not_after,
-                self.signature,
-            ]
-        )
+        return pack([*self._signed_fields(), self.signature])
 
     @classmethod
     def decode(cls, data: bytes) -> Self:
@@ -556,30 +516,21 @@ class AuthorityRevocation:
     reason: str
     signature: bytes
 
+    def _signed_fields(self) -> list[Any]:
+        return [
+            VERSION,
+            self.network,
+            self.peer_id,
+            self.authority_public,
+            self.issued_at,
+            self.reason,
+        ]
+
     def body(self) -> bytes:
-        return pack(
-            [
-                VERSION,
-                self.network,
-                self.peer_id,
-                self.authority_public,
-                self.issued_at,
-                self.reason,
-            ]
-        )
+        return pack(self._signed_fields())
 
     def encode(self) -> bytes:
-        return pack(
-            [
-                VERSION,
-                self.network,
-                self.peer_id,
-                self.authority_public,
-                self.issued_at,
-                self.reason,
-                self.signature,
-            ]
-        )
+        return pack([*self._signed_fields(), self.signature])
 
     @classmethod
     def decode(cls, data: bytes) -> Self:

@@ -16,7 +16,8 @@ and for peerd's own link (peerd/mqtt.py):
   per-message overhead of a client, without the payload copies that dominate the transfer).
 
 Other benchmarks import `run_pingpong_floor`, `run_plain_transfer` and `run_small_messages` and
-pass the URL of a broker they started (credentials in the URL: `mqtt://user:pass@host:port`).
+pass the URL of a broker they started (without credentials) and `users`, the two broker accounts
+the workers log in with.
 """
 
 from __future__ import annotations
@@ -85,9 +86,7 @@ def finish(*procs: subprocess.Popen[str]) -> None:
             raise RuntimeError(f"a benchmark worker failed with exit code {proc.returncode}")
 
 
-def _with_user(url: str, user: str | None, password: str | None) -> str:
-    if user is None:
-        return url
+def _with_user(url: str, user: str, password: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{user}:{password}@{parts.hostname}:{parts.port}"
 
@@ -98,15 +97,15 @@ def run_pingpong_floor(
     *,
     qos: int = 0,
     client: Client = "aiomqtt",
-    users: tuple[tuple[str, str], tuple[str, str]] | None = None,
+    users: tuple[tuple[str, str], tuple[str, str]],
     warmup: int = 200,
 ) -> dict[str, Any]:
     """p50/p99 of three messages A -> B -> A -> B, in ms. `users`: ((a, pw), (b, pw))."""
-    (a, pa), (b, pb) = users or (("bencha", ""), ("benchb", ""))
+    (a, pa), (b, pb) = users
     common = {"rounds": rounds + warmup, "qos": qos, "client": client, "peer_a": a, "peer_b": b}
-    resp = _worker("pong", _with_user(broker_url, b, pb) if users else broker_url, me=b, **common)
+    resp = _worker("pong", _with_user(broker_url, b, pb), me=b, **common)
     read_line(resp)  # subscribed
-    init = _worker("ping", _with_user(broker_url, a, pa) if users else broker_url, me=a, **common)
+    init = _worker("ping", _with_user(broker_url, a, pa), me=a, **common)
     sent = read_line(init)["t0"]
     received = read_line(resp)["t3"]
     finish(init, resp)
@@ -128,21 +127,21 @@ def run_plain_transfer(
     inflight: int = 16,
     qos: int = 1,
     out_dir: Path | None = None,
-    users: tuple[tuple[str, str], tuple[str, str]] | None = None,
+    users: tuple[tuple[str, str], tuple[str, str]],
 ) -> dict[str, Any]:
     """A file in 256 KiB chunks to a subscriber process that writes and fsyncs it.
 
     `inflight` > 1 keeps that many publishes in flight; 1 is a plain `await publish()` loop.
-    `users`: ((publisher, pw), (subscriber, pw)) for a broker that authenticates.
+    `users`: ((publisher, pw), (subscriber, pw)).
     """
     size = path.stat().st_size
-    (pu, pp), (su, sp) = users or (("benchpub", ""), ("benchsub", ""))
+    (pu, pp), (su, sp) = users
     topic = f"peerd/v1/bench/x/{pu}/{os.urandom(16).hex()}"  # the shipped ACL: sender's level
     with tempfile.TemporaryDirectory(dir=out_dir or path.parent) as tmp:
         out = Path(tmp) / "received"
         sub = _worker(
             "sink",
-            _with_user(broker_url, su, sp) if users else broker_url,
+            _with_user(broker_url, su, sp),
             me=su,
             client=client,
             topic=topic,
@@ -153,7 +152,7 @@ def run_plain_transfer(
         read_line(sub)
         pub = _worker(
             "source",
-            _with_user(broker_url, pu, pp) if users else broker_url,
+            _with_user(broker_url, pu, pp),
             me=pu,
             client=client,
             topic=topic,
@@ -187,14 +186,14 @@ def run_small_messages(
     *,
     client: Client = "aiomqtt",
     size: int = 64,
-    users: tuple[tuple[str, str], tuple[str, str]] | None = None,
+    users: tuple[tuple[str, str], tuple[str, str]],
 ) -> dict[str, Any]:
     """`count` QoS 0 messages one way; CPU microseconds per message in each process."""
-    (pu, pp), (su, sp) = users or (("benchpub", ""), ("benchsub", ""))
+    (pu, pp), (su, sp) = users
     topic = f"peerd/v1/bench/x/{pu}/{os.urandom(16).hex()}"  # the shipped ACL: sender's level
     sub = _worker(
         "count",
-        _with_user(broker_url, su, sp) if users else broker_url,
+        _with_user(broker_url, su, sp),
         me=su,
         client=client,
         topic=topic,
@@ -203,7 +202,7 @@ def run_small_messages(
     read_line(sub)
     pub = _worker(
         "spray",
-        _with_user(broker_url, pu, pp) if users else broker_url,
+        _with_user(broker_url, pu, pp),
         me=pu,
         client=client,
         topic=topic,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Self
 
 from protocol.errors import LocalProtocolError
@@ -201,19 +201,7 @@ def issue_certificate(
     unsigned = KeyCertificate(
         peer_id, ed25519_public(identity_seed), static_public, serial, start, start + lifetime, b""
     )
-    return _with_signature(unsigned, sign(identity_seed, CERT_CONTEXT, unsigned.body()))
-
-
-def _with_signature(cert: KeyCertificate, signature: bytes) -> KeyCertificate:
-    return KeyCertificate(
-        cert.peer_id,
-        cert.identity_public,
-        cert.static_public,
-        cert.serial,
-        cert.not_before,
-        cert.not_after,
-        signature,
-    )
+    return replace(unsigned, signature=sign(identity_seed, CERT_CONTEXT, unsigned.body()))
 
 
 # -- identity succession -----------------------------------------------------------------------
@@ -286,14 +274,10 @@ def issue_succession(
         raise LocalProtocolError("a succession needs a new identity key")
     unsigned = Succession(peer_id, index, old, new, _time(now), b"", b"")
     body = unsigned.body()
-    return Succession(
-        peer_id,
-        index,
-        old,
-        new,
-        unsigned.issued_at,
-        sign(old_seed, SUCCESSION_CONTEXT, body),
-        sign(new_seed, SUCCESSION_ACCEPT_CONTEXT, body),
+    return replace(
+        unsigned,
+        old_signature=sign(old_seed, SUCCESSION_CONTEXT, body),
+        new_signature=sign(new_seed, SUCCESSION_ACCEPT_CONTEXT, body),
     )
 
 
@@ -412,8 +396,7 @@ def issue_revocation(
         raise LocalProtocolError(f"a revocation reason has at most {MAX_REASON_BYTES} bytes")
     signer = ed25519_public(identity_seed)
     unsigned = Revocation(kind, peer_id, signer, serial, _time(now), reason, b"")
-    signature = sign(identity_seed, REVOCATION_CONTEXT, unsigned.body())
-    return Revocation(kind, peer_id, signer, serial, unsigned.issued_at, reason, signature)
+    return replace(unsigned, signature=sign(identity_seed, REVOCATION_CONTEXT, unsigned.body()))
 
 
 # -- authority mode ----------------------------------------------------------------------------
@@ -498,10 +481,7 @@ def issue_membership(
     unsigned = Membership(
         network, peer_id, identity_public, authority, start, start + lifetime, b""
     )
-    signature = sign(authority_seed, MEMBERSHIP_CONTEXT, unsigned.body())
-    return Membership(
-        network, peer_id, identity_public, authority, start, start + lifetime, signature
-    )
+    return replace(unsigned, signature=sign(authority_seed, MEMBERSHIP_CONTEXT, unsigned.body()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -566,7 +546,7 @@ def issue_authority_revocation(
     authority = ed25519_public(authority_seed)
     unsigned = AuthorityRevocation(network, peer_id, authority, _time(now), reason, b"")
     signature = sign(authority_seed, AUTHORITY_REVOCATION_CONTEXT, unsigned.body())
-    return AuthorityRevocation(network, peer_id, authority, unsigned.issued_at, reason, signature)
+    return replace(unsigned, signature=signature)
 
 
 def decode_statement(data: bytes) -> Revocation | AuthorityRevocation:

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import blake3
@@ -46,6 +46,7 @@ from protocol.transfer import (
     TransferConfig,
     frame_buffer,
 )
+from scripts.benchmarks import common
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -65,11 +66,9 @@ def best_rate(fn: Callable[[], None], nbytes: int, *, rounds: int, per_round: in
     return best
 
 
-def table(headers: list[str], rows: list[list[object]]) -> None:
-    print("| " + " | ".join(headers) + " |")
-    print("|" + "|".join("---" for _ in headers) + "|")
-    for row in rows:
-        print("| " + " | ".join(str(c) for c in row) + " |")
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """The benchmarks' markdown table, then a blank line."""
+    common.table(headers, rows)
     print()
 
 

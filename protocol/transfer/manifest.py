@@ -93,6 +93,14 @@ def check_peer_id(value: Any, what: str) -> str:
     return value
 
 
+def check_local_peer_id(value: Any, what: str) -> str:
+    """`check_peer_id` for a peer id this node passed in: a bad one is local misuse."""
+    try:
+        return check_peer_id(value, what)
+    except MalformedTransferObject as exc:
+        raise LocalProtocolError(str(exc)) from exc
+
+
 def chunk_count_for(size: int, chunk_size: int) -> int:
     """Chunks in a file of `size` bytes. An empty file still has one (empty, final) chunk, so
     every transfer ends with exactly one chunk flagged last."""

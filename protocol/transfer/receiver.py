@@ -54,6 +54,7 @@ from protocol.transfer.manifest import (
     SIGNATURE_BYTES,
     FileHasher,
     SignedManifest,
+    check_local_peer_id,
     check_peer_id,
     chunk_length,
 )
@@ -192,10 +193,7 @@ class ReceiverTransfer:
         config: TransferConfig,
         incarnation: int,
     ) -> None:
-        try:
-            check_peer_id(sender, "sender")
-        except MalformedTransferObject as exc:
-            raise LocalProtocolError(str(exc)) from exc
+        check_local_peer_id(sender, "sender")
         if isinstance(sender_key, nacl.signing.VerifyKey):
             self._verify_key = sender_key
         else:

@@ -64,6 +64,7 @@ from protocol.transfer.manifest import (
     FileHasher,
     Manifest,
     SignedManifest,
+    check_local_peer_id,
     check_peer_id,
     chunk_count_for,
     chunk_length,
@@ -739,13 +740,6 @@ class SenderTransfer:
 
     def _persist(self) -> None:
         self._actions.append(Persist(self.snapshot()))
-
-
-def check_local_peer_id(value: Any, what: str) -> str:
-    try:
-        return check_peer_id(value, what)
-    except MalformedTransferObject as exc:
-        raise LocalProtocolError(str(exc)) from exc
 
 
 def _local(cls: Any, *args: Any) -> Any:

@@ -20,7 +20,6 @@ from tests.support.broker import Broker
 from tests.support.cluster import Node, make_nodes
 
 NETWORK = "bench"
-PAGE = os.sysconf("SC_PAGE_SIZE")
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -116,10 +115,6 @@ def cpu_seconds(pid: int) -> float:
 def load_average() -> str:
     one, five, fifteen = os.getloadavg()
     return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"
-
-
-def mb(n: float) -> str:
-    return f"{n / 1e6:.1f}"
 
 
 def node_pid(node: Node) -> int:

@@ -30,7 +30,6 @@ import getpass
 import os
 import secrets
 import shutil
-import statistics
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -49,7 +48,7 @@ from scripts.benchmarks._cluster import (
     scratch_dir,
     shipped_cluster,
 )
-from scripts.benchmarks.common import table, verdict
+from scripts.benchmarks.common import median, table, verdict
 from tests.support.cluster import Node, pair, wait_until
 from tests.support.hostile import TO_CLIENT, Hold, HostileProxy
 
@@ -229,10 +228,6 @@ def private_sshd() -> Iterator[Callable[[Path, Path, str | None], float]]:
 # -- the parts ------------------------------------------------------------------------------------
 
 
-def _median(xs: list[float]) -> float:
-    return statistics.median(xs)
-
-
 def _runs(xs: list[float]) -> str:
     return ", ".join(f"{x:.0f}" for x in xs)
 
@@ -287,9 +282,9 @@ def throughput(
                 add("scp", _rate(size, scp(path, dest, None)))
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
-    ours = _median(rates["peerd"])
-    vs_aiomqtt = ours / _median(rates["aiomqtt16"])
-    vs_scp = ours / _median(rates["scp-gcm"])
+    ours = median(rates["peerd"])
+    vs_aiomqtt = ours / median(rates["aiomqtt16"])
+    vs_scp = ours / median(rates["scp-gcm"])
     ok_a = vs_aiomqtt >= GOAL_VS_AIOMQTT
     ok_s = vs_scp >= GOAL_VS_SCP
     label = {
@@ -305,7 +300,7 @@ def throughput(
         if key not in rates:
             rows.append([name, "failed", "", "", ""])
             continue
-        med = _median(rates[key])
+        med = median(rates[key])
         ratio = ours / med
         goal = {"aiomqtt16": (GOAL_VS_AIOMQTT, ok_a), "scp-gcm": (GOAL_VS_SCP, ok_s)}.get(key)
         rows.append(
@@ -384,8 +379,8 @@ def fanout(
     size = path.stat().st_size
     single = [peerd_send(sender, path, receivers[:1], broker_pid=broker_pid) for _ in range(runs)]
     many = [peerd_send(sender, path, receivers, broker_pid=broker_pid) for _ in range(runs)]
-    t1 = _median([r["seconds"] for r in single])
-    t8 = _median([r["seconds"] for r in many])
+    t1 = median([r["seconds"] for r in single])
+    t8 = median([r["seconds"] for r in many])
     published = max(r["published_bytes"] for r in many)
     on_link = max(r["link_published_bytes"] for r in many)
     ok_bytes = published / size <= GOAL_FANOUT_BYTES and on_link / size <= GOAL_FANOUT_BYTES

@@ -21,7 +21,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +31,7 @@ from peerd.client import Client
 from peerd.keystore import Keystore
 from peerd.mqtt import BrokerSettings, Message, MqttLink, Topics
 from protocol.session import SendFrame, SessionManager, SessionUp
+from scripts.benchmarks.common import percentile
 from scripts.evaluation import fl
 from scripts.evaluation.lab import Lab, Usage
 from scripts.evaluation.loadgen import PinnedTrust
@@ -347,9 +348,9 @@ class Bench:
             {
                 "mode": mode,
                 "handshakes": plan.handshakes,
-                "p50_ms": _pct([r["ms"] for r in rows if r["mode"] == mode], 50),
-                "p90_ms": _pct([r["ms"] for r in rows if r["mode"] == mode], 90),
-                "p99_ms": _pct([r["ms"] for r in rows if r["mode"] == mode], 99),
+                "p50_ms": percentile([r["ms"] for r in rows if r["mode"] == mode], 50),
+                "p90_ms": percentile([r["ms"] for r in rows if r["mode"] == mode], 90),
+                "p99_ms": percentile([r["ms"] for r in rows if r["mode"] == mode], 99),
                 "wire_bytes_per_handshake": u.wire("a", "b", "c") / plan.handshakes,
                 "initiator_sent_bytes_per_handshake": u.sent["a"] / plan.handshakes,
                 "frames_bytes": sum(self.frame_sizes),
@@ -646,11 +647,6 @@ def handshake_frame_sizes(keys_a: Path, keys_b: Path) -> tuple[int, int, int, in
     if len(sizes) != 4:
         raise RuntimeError(f"a handshake took {len(sizes)} frames, not 4")
     return sizes[0], sizes[1], sizes[2], sizes[3]
-
-
-def _pct(values: Iterable[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def _usage(usage: Usage | None) -> Usage:

@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 
+from scripts.benchmarks.common import percentile
 from scripts.evaluation.experiments import GB, MB, Plan
 
 PEERD = "#1f5fa8"
@@ -177,7 +178,7 @@ def fig_handshake_time(results: Results, path: Path) -> None:
     def draw(axes: list[Axes]) -> None:
         hist, cdf = axes
         series = {m: sorted(r["ms"] for r in _by_mode(results.handshakes, m)) for m in COLORS}
-        top = max(_percentile(v, 99) for v in series.values()) * 1.2
+        top = max(percentile(v, 99) for v in series.values()) * 1.2
         bins = [top * i / 60 for i in range(61)]
         for mode, values in series.items():
             hist.hist(values, bins=bins, color=COLORS[mode], alpha=0.6, label=LABELS[mode])
@@ -391,11 +392,6 @@ FIGURES: dict[str, Callable[[Results, Path], None]] = {
     "federated": fig_federated,
     "fanout": fig_fanout,
 }
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 # -- the page -------------------------------------------------------------------------------------

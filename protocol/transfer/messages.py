@@ -105,29 +105,30 @@ def describe(reason: str) -> str:
     return REASON_TEXT.get(reason, f"failed ({reason})")
 
 
+def _is_control(ch: str) -> bool:
+    """A C0/C1 control, a line or paragraph separator, or a bidi embedding or override."""
+    return ch < " " or "\x7f" <= ch <= "\x9f" or ch in "\u2028\u2029\u202a\u202b\u202c\u202d\u202e"
+
+
+def _is_surrogate(ch: str) -> bool:
+    return "\ud800" <= ch <= "\udfff"
+
+
 def detail_problem(text: str) -> str | None:
     if len(text.encode("utf-8", "surrogatepass")) > MAX_DETAIL_BYTES:
         return f"longer than {MAX_DETAIL_BYTES} bytes"
     for ch in text:
-        if ch < " " or "\x7f" <= ch <= "\x9f" or ch in "\u2028\u2029\u202a\u202b\u202c\u202d\u202e":
+        if _is_control(ch):
             return f"contains the control character U+{ord(ch):04X}"
-        if "\ud800" <= ch <= "\udfff":
+        if _is_surrogate(ch):
             return "contains a lone surrogate"
     return None
 
 
 def safe_detail(text: str) -> str:
-    """`text` made fit for a Refuse or Abort detail: control characters dropped, truncated."""
-    cleaned = "".join(
-        ch
-        for ch in text
-        if not (
-            ch < " "
-            or "\x7f" <= ch <= "\x9f"
-            or ch in "\u2028\u2029\u202a\u202b\u202c\u202d\u202e"
-            or "\ud800" <= ch <= "\udfff"
-        )
-    )
+    """`text` made fit for a Refuse or Abort detail (it passes `detail_problem`): control
+    characters and lone surrogates dropped, truncated."""
+    cleaned = "".join(ch for ch in text if not (_is_control(ch) or _is_surrogate(ch)))
     data = cleaned.encode()[:MAX_DETAIL_BYTES]
     return data.decode(errors="ignore")
 

@@ -26,15 +26,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scripts.bench_mqtt import NO_QUEUE_LIMITS
 from tests.support.broker import Broker
 from tests.support.cluster import Node
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-# The plaintext baselines have no end-to-end flow control: a subscriber that falls behind makes
-# Mosquitto queue for it and, past the shipped per-client limit, drop (scripts/bench_mqtt.py).
-# peerd keeps the broker's queue within one credit window, far below the limits, so lifting them
-# changes nothing for peerd and lets the baselines complete on the same broker.
-NO_QUEUE_LIMITS = "max_queued_messages 0\nmax_queued_bytes 0\n"
 
 
 def cpu_times(pid: int) -> tuple[float, float]:
@@ -147,7 +143,9 @@ class Lab:
     """One broker and everything that talks to it, under one directory, cleaned up on exit.
 
     `queue_limits=False` lifts the shipped per-client queue limits for the plaintext baselines
-    (see NO_QUEUE_LIMITS); everything else is the shipped configuration."""
+    (NO_QUEUE_LIMITS, from scripts.bench_mqtt); everything else is the shipped configuration.
+    peerd keeps the broker's queue within one credit window, far below the limits, so lifting
+    them changes nothing for peerd and lets the baselines complete on the same broker."""
 
     def __init__(self, root: Path, *, network: str = "eval", queue_limits: bool = True) -> None:
         self.root = root

@@ -14,7 +14,7 @@ import asyncio
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from peerd.client import ConnectionLost, DaemonNotRunning
 from peerd.config import Config, load_config
 from peerd.errors import PeerdError, UsageError
 from peerd.keystore import Keystore, read_membership, read_passphrase
-from peerd.store import Store, open_store
+from peerd.store import Store
 from protocol.identity import (
     format_authority_key,
     format_peer_id,
@@ -382,14 +382,6 @@ def _load_keys(config: Config) -> Keystore:
     )
 
 
-async def _with_store(config: Config, work: Callable[[Store], Awaitable[Any]]) -> Any:
-    store = await open_store(config)
-    try:
-        return await work(store)
-    finally:
-        await store.close()
-
-
 def cmd_membership_request(args: argparse.Namespace) -> int:
     config = load_config(common.config_path(args))
     request = request_for(config.keys.dir, config.node.network)
@@ -420,7 +412,7 @@ def cmd_membership_install(args: argparse.Namespace) -> int:
 
     async def offline(config: Config) -> dict[str, Any]:
         keys = _load_keys(config)
-        return await _with_store(  # type: ignore[no-any-return]
+        return await common.with_store(
             config,
             lambda store: install_membership(
                 keys,
@@ -518,7 +510,7 @@ def cmd_succeed_identity(args: argparse.Namespace) -> int:
                 ).to_text()
             return result
 
-        return await _with_store(config, work)  # type: ignore[no-any-return]
+        return await common.with_store(config, work)
 
     result, live = _daemon_or_offline(args, "v1.identity.succeed", {}, offline)
     if args.json:
@@ -553,7 +545,7 @@ def cmd_revoke_identity(args: argparse.Namespace) -> int:
 
     async def offline(config: Config) -> dict[str, Any]:
         keys = _load_keys(config)
-        statement = await _with_store(
+        statement = await common.with_store(
             config,
             lambda store: retire_identity(keys, store, reason=args.reason, now=time.time()),
         )

@@ -6,11 +6,17 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from peerd.errors import ConfigError, PeerdError, UsageError
+from peerd.store import Store, open_store
+
+if TYPE_CHECKING:
+    from peerd.config import Config
+
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # the operation failed (the message says why)
@@ -88,6 +94,15 @@ def usage(parser: argparse.ArgumentParser) -> int:
     return EXIT_USAGE
 
 
+async def with_store(config: Config, work: Callable[[Store], Awaitable[T]]) -> T:
+    """`work` on the node's store, closed afterwards (for commands that run without a daemon)."""
+    store = await open_store(config)
+    try:
+        return await work(store)
+    finally:
+        await store.close()
+
+
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """A plain, aligned table; an empty table prints only its headers."""
     cells = [[str(h).upper() for h in headers]] + [
@@ -110,4 +125,5 @@ __all__ = [
     "print_table",
     "usage",
     "when",
+    "with_store",
 ]

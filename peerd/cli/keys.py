@@ -257,14 +257,6 @@ def cmd_id(args: argparse.Namespace) -> int:
 # -- audit ---------------------------------------------------------------------------------------
 
 
-async def _with_store(config: Config, action: Any) -> Any:
-    store = await open_store(config)
-    try:
-        return await action(store)
-    finally:
-        await store.close()
-
-
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     config = load_config(common.config_path(args))
 
@@ -272,7 +264,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         return await store.verify_log()
 
     try:
-        report = asyncio.run(_with_store(config, verify))
+        report = asyncio.run(common.with_store(config, verify))
     except AuditError as exc:
         if not args.json:
             raise
@@ -291,7 +283,7 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
     async def show(store: Store) -> Any:
         return await store.events(after=args.after, limit=args.limit)
 
-    events = asyncio.run(_with_store(config, show))
+    events = asyncio.run(common.with_store(config, show))
     if args.json:
         common.print_json(
             [

@@ -1,9 +1,10 @@
 """Helpers the daemon benchmarks share: real nodes on a private Mosquitto configured as shipped,
-and what /proc says about a process (memory, CPU).
+and what /proc says about a process (memory; its CPU time: `scripts.evaluation.lab.cpu_seconds`).
 
 The shipped broker config authenticates every client and its ACL confines a node to the inbox
 named by its username, so each node connects with its peer id as username and a password of its
-own (written to `[broker] password_file` in the node's config), exactly as an operator sets it up.
+own (written to `[broker] password_file` in the node's config by the evaluation lab's
+`add_broker_login`), exactly as an operator sets it up.
 """
 
 from __future__ import annotations
@@ -16,32 +17,17 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from scripts.evaluation.lab import add_broker_login
 from tests.support.broker import Broker
 from tests.support.cluster import Node, make_nodes
 
 NETWORK = "bench"
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def scratch_dir(prefix: str) -> Path:
     """A temporary directory on the disk the transfers use (not a tmpfs), removed by the
     caller."""
     return Path(tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("PEERD_BENCH_DIR")))
-
-
-def set_broker_credentials(node: Node, password: str) -> None:
-    """Point the node's config at its broker account: username = peer id (the shipped ACL)."""
-    secret = node.dir / "broker-password"
-    secret.write_text(password + "\n")
-    secret.chmod(0o600)
-    text = node.config.read_text()
-    url_line = next(line for line in text.splitlines() if line.startswith("url = "))
-    text = text.replace(
-        url_line,
-        f'{url_line}\nusername = "{node.peer_id}"\npassword_file = "{secret}"',
-        1,
-    )
-    node.config.write_text(text)
 
 
 @contextlib.contextmanager
@@ -63,7 +49,7 @@ def shipped_cluster(
         for node in nodes:
             password = secrets.token_hex(12)
             broker.add_user(node.peer_id, password)
-            set_broker_credentials(node, password)
+            add_broker_login(node, password)
         for user, password in (extra_users or {}).items():
             broker.add_user(user, password)
         broker.start()
@@ -103,13 +89,6 @@ def rss(pid: int) -> int:
 
 def hwm(pid: int) -> int:
     return proc_status(pid)["VmHWM"]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def load_average() -> str:

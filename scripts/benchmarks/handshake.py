@@ -37,7 +37,6 @@ from scripts.bench_mqtt import finish, read_line, run_pingpong_floor
 from scripts.benchmarks import _workers as workers
 from scripts.benchmarks._cluster import (
     NETWORK,
-    cpu_seconds,
     hwm,
     load_average,
     node_pid,
@@ -46,6 +45,7 @@ from scripts.benchmarks._cluster import (
     with_credentials,
 )
 from scripts.benchmarks.common import median, percentile, table, verdict
+from scripts.evaluation.lab import cpu_seconds
 from tests.support.cluster import Node, pair, wait_until
 
 GOAL_RATIO = 2.0

@@ -41,7 +41,6 @@ import blake3
 from peerd.client import Client
 from scripts.bench_mqtt import _test_file, run_plain_transfer, shipped_broker
 from scripts.benchmarks._cluster import (
-    cpu_seconds,
     hwm,
     load_average,
     node_pid,
@@ -49,6 +48,7 @@ from scripts.benchmarks._cluster import (
     shipped_cluster,
 )
 from scripts.benchmarks.common import median, table, verdict
+from scripts.evaluation.lab import cpu_seconds
 from tests.support.cluster import Node, pair, wait_until
 from tests.support.hostile import TO_CLIENT, Hold, HostileProxy
 

@@ -402,18 +402,7 @@ class SessionManager:
         attempt: int = 1,
         started_at: float | None = None,
     ) -> list[Output]:
-        if psk is None:
-            state = HandshakeState(
-                self._protocol,
-                True,
-                self._prologue,
-                s=self.static,
-                psks=[self.network_psk] if self.network_psk else [],
-            )
-        else:
-            state = HandshakeState(
-                NOISE_XXPSK3, True, self._psk_prologue, s=self.static, psks=[psk]
-            )
+        state = self._handshake_state(True, psk)
         index = self._new_index()
         hs = _Handshake(
             local_index=index,
@@ -430,6 +419,18 @@ class SessionManager:
         self._initiating[index] = hs
         frame = frames.encode_hello(index, self.peer_id, state.write_message(b""), invite_id)
         return [SendFrame(peer_id, frame)]
+
+    def _handshake_state(self, initiator: bool, psk: bytes | None) -> HandshakeState:
+        """XX (XXpsk0 with the network PSK) for a session; XXpsk3 with `psk`, an invite's PSK
+        combined with the network PSK, for pairing."""
+        if psk is None:
+            psks = [self.network_psk] if self.network_psk else []
+            return HandshakeState(
+                self._protocol, initiator, self._prologue, s=self.static, psks=psks
+            )
+        return HandshakeState(
+            NOISE_XXPSK3, initiator, self._psk_prologue, s=self.static, psks=[psk]
+        )
 
     def _drop_handshake(self, hs: _Handshake) -> None:
         self._initiating.pop(hs.local_index, None)
@@ -472,13 +473,7 @@ class SessionManager:
             return [self._reject(refusal, claimed, "HELLO from a peer that cannot be accepted")]
         if not self._hello_bucket.take(now) or not self._peer_bucket(claimed, now).take(now):
             return [self._reject("rate-limited", claimed, "too many handshakes")]
-        if psk is None:
-            psks = [self.network_psk] if self.network_psk else []
-            state = HandshakeState(self._protocol, False, self._prologue, s=self.static, psks=psks)
-        else:
-            state = HandshakeState(
-                NOISE_XXPSK3, False, self._psk_prologue, s=self.static, psks=[psk]
-            )
+        state = self._handshake_state(False, psk)
         try:
             payload = state.read_message(hello.noise)
             if len(payload) > MAX_HELLO_PAYLOAD:

@@ -709,8 +709,12 @@ class SessionManager:
         """The session's initiator rekeys on time; the responder too if the initiator has not
         done so a grace period later (it may be gone); either side on the message budget."""
         age = now - session.established_at
-        due = self.limits.rekey_after_time + (0.0 if session.initiator else 30.0)
+        due = self._rekey_age(session)
         return session.send_counter >= self.limits.rekey_after_messages or age >= due
+
+    def _rekey_age(self, session: Session) -> float:
+        """The age at which `session` is due for a rekey on time (see `_wants_rekey`)."""
+        return self.limits.rekey_after_time + (0.0 if session.initiator else 30.0)
 
     def _send_on(self, session: Session, plaintext: bytes) -> list[Output]:
         counter = session.send_counter
@@ -771,8 +775,7 @@ class SessionManager:
                     deadlines.append(s.superseded_at + limits.previous_grace)
                 deadlines.append(s.established_at + limits.reject_after_time)
                 if s is peer.sessions[-1] and peer.handshake is None:
-                    due = limits.rekey_after_time + (0.0 if s.initiator else 30.0)
-                    deadlines.append(s.established_at + due)
+                    deadlines.append(s.established_at + self._rekey_age(s))
                 if s.awaiting_since is not None:
                     deadlines.append(s.awaiting_since + limits.stale_after * (2 if s.pinged else 1))
         return min(deadlines) if deadlines else None

@@ -94,8 +94,3 @@ def hwm(pid: int) -> int:
 def load_average() -> str:
     one, five, fifteen = os.getloadavg()
     return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"
-
-
-def node_pid(node: Node) -> int:
-    assert node.proc is not None, f"{node.name} is not running"
-    return node.proc.pid

@@ -39,13 +39,12 @@ from scripts.benchmarks._cluster import (
     NETWORK,
     hwm,
     load_average,
-    node_pid,
     rss,
     shipped_cluster,
     with_credentials,
 )
 from scripts.benchmarks.common import median, percentile, table, verdict
-from scripts.evaluation.lab import cpu_seconds
+from scripts.evaluation.lab import cpu_seconds, node_pid
 from tests.support.cluster import Node, pair, wait_until
 
 GOAL_RATIO = 2.0

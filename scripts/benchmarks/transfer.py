@@ -43,12 +43,11 @@ from scripts.bench_mqtt import _test_file, run_plain_transfer, shipped_broker
 from scripts.benchmarks._cluster import (
     hwm,
     load_average,
-    node_pid,
     scratch_dir,
     shipped_cluster,
 )
 from scripts.benchmarks.common import median, table, verdict
-from scripts.evaluation.lab import cpu_seconds
+from scripts.evaluation.lab import cpu_seconds, node_pid
 from tests.support.cluster import Node, pair, wait_until
 from tests.support.hostile import TO_CLIENT, Hold, HostileProxy
 

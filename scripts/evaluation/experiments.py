@@ -33,7 +33,7 @@ from peerd.mqtt import BrokerSettings, Message, MqttLink, Topics
 from protocol.session import SendFrame, SessionManager, SessionUp
 from scripts.benchmarks.common import percentile
 from scripts.evaluation import fl
-from scripts.evaluation.lab import Lab, Usage
+from scripts.evaluation.lab import Lab, Usage, node_pid
 from scripts.evaluation.loadgen import PinnedTrust
 from scripts.evaluation.model import write_model
 from tests.support.cluster import Node
@@ -295,10 +295,6 @@ class Bench:
         assert self.lab.broker.proc is not None
         return {**named, "broker": self.lab.broker.proc.pid}
 
-    def node_pid(self, node: Node) -> int:
-        assert node.proc is not None
-        return node.proc.pid
-
     @contextlib.asynccontextmanager
     async def session_ups(self) -> AsyncIterator[Any]:
         async with self.clients["a"].subscribe(["session.up"]) as stream:
@@ -314,7 +310,7 @@ class Bench:
         a = self.clients["a"]
         r1, r2 = self.receivers[:2]
         rows: list[dict[str, Any]] = []
-        pids = self.pids(a=self.node_pid(self.a), b=self.node_pid(r1), c=self.node_pid(r2))
+        pids = self.pids(a=node_pid(self.a), b=node_pid(r1), c=node_pid(r2))
         async with self.session_ups() as events:
             with self.lab.measure(pids) as meter:
                 for i in range(plan.handshakes):
@@ -414,8 +410,8 @@ class Bench:
 
     async def peerd_transfer(self, path: Path, size: int, receivers: list[Node]) -> dict[str, Any]:
         pids = self.pids(
-            sender=self.node_pid(self.a),
-            **{f"receiver{i}": self.node_pid(r) for i, r in enumerate(receivers)},
+            sender=node_pid(self.a),
+            **{f"receiver{i}": node_pid(r) for i, r in enumerate(receivers)},
         )
         # Write back what earlier runs left dirty, so no run pays for another's writeback.
         await asyncio.to_thread(os.sync)

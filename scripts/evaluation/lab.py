@@ -126,6 +126,11 @@ class Meter:
         return self.usage
 
 
+def node_pid(node: Node) -> int:
+    assert node.proc is not None, f"{node.name} is not running"
+    return node.proc.pid
+
+
 def add_broker_login(node: Node, password: str) -> None:
     """Make a node log in to the broker with its peer id and this password (the shipped
     broker's ACL is written for that): [broker] username and password_file in its config."""

@@ -45,6 +45,7 @@ from scripts.benchmarks._cluster import (
 )
 from scripts.benchmarks.common import median, percentile, table, verdict
 from scripts.evaluation.lab import cpu_seconds, node_pid
+from scripts.evaluation.loadgen import handshake_frame_sizes
 from tests.support.cluster import Node, pair, wait_until
 
 GOAL_RATIO = 2.0
@@ -59,31 +60,10 @@ WARMUP_ROUNDS = 10  # of each floor process (connections, caches), and of the fi
 
 def handshake_sizes() -> tuple[int, int, int]:
     """HELLO, REPLY and FINISH frame sizes of a real handshake between two fresh identities."""
-    from protocol.session import SendFrame, SessionManager  # noqa: PLC0415
-    from scripts.benchmarks._workers import _AcceptAnyone  # noqa: PLC0415
-
     now = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        keys = [Keystore.create(Path(tmp) / n, now=now, certificate_days=30) for n in "ab"]
-    a, b = (
-        SessionManager(
-            peer_id=k.peer_id,
-            network=NETWORK,
-            static=k.static,
-            credentials=k.credentials(),
-            trust=_AcceptAnyone(),
-        )
-        for k in keys
-    )
-
-    def frame(outs: list[Any]) -> bytes:
-        frames: list[bytes] = [o.frame for o in outs if isinstance(o, SendFrame)]
-        return frames[0]
-
-    hello = frame(a.connect(b.peer_id, now))
-    reply = frame(b.receive(hello, now))
-    finish = frame(a.receive(reply, now))
-    return len(hello), len(reply), len(finish)
+        a, b = (Keystore.create(Path(tmp) / n, now=now, certificate_days=30) for n in "ab")
+    return handshake_frame_sizes(a, b, NETWORK)[:3]
 
 
 # -- latency -------------------------------------------------------------------------------------

@@ -30,11 +30,10 @@ from typing import Any
 from peerd.client import Client
 from peerd.keystore import Keystore
 from peerd.mqtt import BrokerSettings, Message, MqttLink, Topics
-from protocol.session import SendFrame, SessionManager, SessionUp
 from scripts.benchmarks.common import percentile
 from scripts.evaluation import fl
 from scripts.evaluation.lab import Lab, Usage, node_pid
-from scripts.evaluation.loadgen import PinnedTrust
+from scripts.evaluation.loadgen import handshake_frame_sizes
 from scripts.evaluation.model import write_model
 from tests.support.cluster import Node
 
@@ -263,7 +262,9 @@ class Bench:
                 await a.call("v1.trust", peer=peer, fingerprint=fp)
             while waiting:
                 waiting.discard((await events.get(timeout=120)).data["peer"])
-        self.frame_sizes = handshake_frame_sizes(self.loadgen_keys[0], self.loadgen_keys[1])
+        now = time.time()
+        ka, kb = (Keystore.load(d, now=now) for d in self.loadgen_keys[:2])
+        self.frame_sizes = handshake_frame_sizes(ka, kb, self.lab.network)
 
     async def close(self) -> None:
         for client in self.clients.values():
@@ -614,35 +615,6 @@ class PlainTransport:
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def handshake_frame_sizes(keys_a: Path, keys_b: Path) -> tuple[int, int, int, int]:
-    """Sizes of HELLO, REPLY, FINISH and the responder's confirmation between two real
-    identities, from the session layer itself (in memory): the plaintext baseline's sizes."""
-    now = time.time()
-    ka, kb = Keystore.load(keys_a, now=now), Keystore.load(keys_b, now=now)
-    managers = {
-        k.peer_id: SessionManager(
-            peer_id=k.peer_id,
-            network="eval",
-            static=k.static,
-            credentials=k.credentials(),
-            trust=PinnedTrust(k.peer_id, "eval", other.peer_id, other.fingerprint),
-        )
-        for k, other in ((ka, kb), (kb, ka))
-    }
-    sizes: list[int] = []
-    queue = list(managers[ka.peer_id].connect(kb.peer_id, now))
-    while queue:
-        out = queue.pop(0)
-        if isinstance(out, SendFrame):
-            sizes.append(len(out.frame))
-            queue += managers[out.peer_id].receive(out.frame, now)
-        elif isinstance(out, SessionUp) and out.initiator:
-            break
-    if len(sizes) != 4:
-        raise RuntimeError(f"a handshake took {len(sizes)} frames, not 4")
-    return sizes[0], sizes[1], sizes[2], sizes[3]
 
 
 def _usage(usage: Usage | None) -> Usage:

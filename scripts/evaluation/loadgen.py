@@ -6,6 +6,8 @@ own `protocol.session.SessionManager`, the same state machine the daemon runs. I
 daemon under test by fingerprint in a `TrustView`, so it authenticates the daemon as a daemon
 authenticates its peers, and answers handshakes (the daemon initiates). It also answers the
 plaintext exchanges of `plain.py`, so the same N connections serve the baseline.
+`handshake_frame_sizes` runs one such handshake in memory for the sizes of its frames, which
+the plaintext baselines (this evaluation's and `scripts/bench handshake`'s floor) send.
 
     python -m scripts.evaluation.loadgen CONFIG.json
 
@@ -27,7 +29,7 @@ from peerd.keystore import Keystore
 from peerd.mqtt import BrokerSettings, Message, MqttLink, Topics
 from protocol.identity import parse_fingerprint
 from protocol.identity.trust import Authenticated, TrustView
-from protocol.session import SendFrame, SessionLimits, SessionManager
+from protocol.session import SendFrame, SessionLimits, SessionManager, SessionUp
 from scripts.evaluation.plain import answer_exchange
 
 
@@ -58,6 +60,34 @@ class PinnedTrust:
 
     def invite_psk(self, invite_id: bytes, now: float) -> bytes | None:
         return None
+
+
+def handshake_frame_sizes(ka: Keystore, kb: Keystore, network: str) -> tuple[int, int, int, int]:
+    """Sizes of HELLO, REPLY, FINISH and the responder's confirmation of a handshake from `ka`
+    to `kb`, from the session layer itself (in memory): the plaintext baselines' sizes."""
+    now = time.time()
+    managers = {
+        k.peer_id: SessionManager(
+            peer_id=k.peer_id,
+            network=network,
+            static=k.static,
+            credentials=k.credentials(),
+            trust=PinnedTrust(k.peer_id, network, other.peer_id, other.fingerprint),
+        )
+        for k, other in ((ka, kb), (kb, ka))
+    }
+    sizes: list[int] = []
+    queue = list(managers[ka.peer_id].connect(kb.peer_id, now))
+    while queue:
+        out = queue.pop(0)
+        if isinstance(out, SendFrame):
+            sizes.append(len(out.frame))
+            queue += managers[out.peer_id].receive(out.frame, now)
+        elif isinstance(out, SessionUp) and out.initiator:
+            break
+    if len(sizes) != 4:
+        raise RuntimeError(f"a handshake took {len(sizes)} frames, not 4")
+    return sizes[0], sizes[1], sizes[2], sizes[3]
 
 
 class Peer:

@@ -434,13 +434,6 @@ def _check_peer_id(peer_id: str) -> None:
         raise ValueError(f"invalid peer id {peer_id!r}")
 
 
-def _check_topic(topic: str) -> bytes:
-    raw = topic.encode()
-    if not raw or len(raw) > 65535 or "+" in topic or "#" in topic or "\0" in topic:
-        raise ValueError(f"invalid MQTT topic name {topic!r}")
-    return raw
-
-
 def _check_filter(topic_filter: str) -> bytes:
     raw = topic_filter.encode()
     if not raw or len(raw) > 65535 or "\0" in topic_filter:
@@ -1548,8 +1541,7 @@ class MqttLink:
         if qos not in (0, 1):
             raise ValueError("peerd publishes at QoS 0 or 1")
         payload = _as_bytes_view(payload)
-        self._check_size(topic, payload)
-        self._admit(_Out(_check_topic(topic), payload, qos, retain, None, None))
+        self._admit(_Out(self._topic_for(topic, payload), payload, qos, retain, None, None))
 
     async def publish(
         self,
@@ -1569,8 +1561,7 @@ class MqttLink:
         if qos not in (0, 1):
             raise ValueError("peerd publishes at QoS 0 or 1")
         payload = _as_bytes_view(payload)
-        self._check_size(topic, payload)
-        topic_raw = _check_topic(topic)
+        topic_raw = self._topic_for(topic, payload)
         conn = self._conn
         if (
             qos == 0
@@ -1600,12 +1591,18 @@ class MqttLink:
             self._withdraw(rec)
             raise
 
-    def _check_size(self, topic: str, payload: bytes | bytearray | memoryview) -> None:
-        if len(payload) + len(topic.encode()) + 8 > self.settings.max_packet_size:
+    def _topic_for(self, topic: str, payload: bytes | bytearray | memoryview) -> bytes:
+        """`topic` encoded, once the PUBLISH is known to fit the packet limit and the topic
+        name to be valid."""
+        raw = topic.encode()
+        if len(payload) + len(raw) + 8 > self.settings.max_packet_size:
             raise ValueError(
                 f"a {len(payload)}-byte payload exceeds the broker packet limit of"
                 f" {self.settings.max_packet_size} bytes"
             )
+        if not raw or len(raw) > 65535 or "+" in topic or "#" in topic or "\0" in topic:
+            raise ValueError(f"invalid MQTT topic name {topic!r}")
+        return raw
 
     def pipeline(self, depth: int = 16) -> Pipeline:
         """A window of up to `depth` QoS 1 publishes in flight (see `Pipeline`)."""
@@ -1836,8 +1833,8 @@ class Pipeline:
         if self.sent - self.acknowledged >= self.depth or self._error is not None:
             await self._wait(self.depth - 1)
         payload = _as_bytes_view(payload)
-        self._link._check_size(topic, payload)
-        self._link._admit(_Out(_check_topic(topic), payload, 1, retain, None, self._done))
+        link = self._link
+        link._admit(_Out(link._topic_for(topic, payload), payload, 1, retain, None, self._done))
         self.sent += 1
 
     async def drain(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - a BrokerTimeout that says what timed out

@@ -510,28 +510,23 @@ class Connection:
             if not chunk:
                 break
             buf += chunk
-            if b"\n" not in chunk:
-                if len(buf) > limit:
-                    if not discarding:
+            if b"\n" in chunk:
+                *lines, rest = bytes(buf).split(b"\n")
+                buf = bytearray(rest)
+                for line in lines:
+                    if discarding:
+                        discarding = False
+                        continue
+                    if len(line) > limit:
                         await self._garbage_line(INVALID_REQUEST, f"line longer than {limit} bytes")
-                        discarding = True
-                    buf.clear()
-                continue
-            *lines, rest = bytes(buf).split(b"\n")
-            buf = bytearray(rest)
-            for line in lines:
-                if discarding:
-                    discarding = False
-                    continue
-                if len(line) > limit:
+                    else:
+                        await self._line(line)
+                    if self._finishing:
+                        return
+            if len(buf) > limit:  # the start of an oversize line: refuse it once, skip the rest
+                if not discarding:
                     await self._garbage_line(INVALID_REQUEST, f"line longer than {limit} bytes")
-                else:
-                    await self._line(line)
-                if self._finishing:
-                    return
-            if len(buf) > limit:
-                await self._garbage_line(INVALID_REQUEST, f"line longer than {limit} bytes")
-                discarding = True
+                    discarding = True
                 buf.clear()
         # End of input: let the requests already received finish and answer.
         if self._requests:

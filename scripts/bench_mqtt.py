@@ -86,7 +86,8 @@ def finish(*procs: subprocess.Popen[str]) -> None:
             raise RuntimeError(f"a benchmark worker failed with exit code {proc.returncode}")
 
 
-def _with_user(url: str, user: str, password: str) -> str:
+def with_credentials(url: str, user: str, password: str) -> str:
+    """The broker URL `url` (mqtt://host:port) with a login in it."""
     parts = urlsplit(url)
     return f"{parts.scheme}://{user}:{password}@{parts.hostname}:{parts.port}"
 
@@ -103,9 +104,9 @@ def run_pingpong_floor(
     """p50/p99 of three messages A -> B -> A -> B, in ms. `users`: ((a, pw), (b, pw))."""
     (a, pa), (b, pb) = users
     common = {"rounds": rounds + warmup, "qos": qos, "client": client, "peer_a": a, "peer_b": b}
-    resp = _worker("pong", _with_user(broker_url, b, pb), me=b, **common)
+    resp = _worker("pong", with_credentials(broker_url, b, pb), me=b, **common)
     read_line(resp)  # subscribed
-    init = _worker("ping", _with_user(broker_url, a, pa), me=a, **common)
+    init = _worker("ping", with_credentials(broker_url, a, pa), me=a, **common)
     sent = read_line(init)["t0"]
     received = read_line(resp)["t3"]
     finish(init, resp)
@@ -141,7 +142,7 @@ def run_plain_transfer(
         out = Path(tmp) / "received"
         sub = _worker(
             "sink",
-            _with_user(broker_url, su, sp),
+            with_credentials(broker_url, su, sp),
             me=su,
             client=client,
             topic=topic,
@@ -152,7 +153,7 @@ def run_plain_transfer(
         read_line(sub)
         pub = _worker(
             "source",
-            _with_user(broker_url, pu, pp),
+            with_credentials(broker_url, pu, pp),
             me=pu,
             client=client,
             topic=topic,
@@ -193,7 +194,7 @@ def run_small_messages(
     topic = f"peerd/v1/bench/x/{pu}/{os.urandom(16).hex()}"  # the shipped ACL: sender's level
     sub = _worker(
         "count",
-        _with_user(broker_url, su, sp),
+        with_credentials(broker_url, su, sp),
         me=su,
         client=client,
         topic=topic,
@@ -202,7 +203,7 @@ def run_small_messages(
     read_line(sub)
     pub = _worker(
         "spray",
-        _with_user(broker_url, pu, pp),
+        with_credentials(broker_url, pu, pp),
         me=pu,
         client=client,
         topic=topic,

@@ -64,10 +64,6 @@ def shipped_cluster(
         shutil.rmtree(root, ignore_errors=True)
 
 
-def with_credentials(url: str, user: str, password: str) -> str:
-    return url.replace("mqtt://", f"mqtt://{user}:{password}@", 1)
-
-
 # -- /proc ---------------------------------------------------------------------------------------
 
 

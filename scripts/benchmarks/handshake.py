@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 from peerd.client import Client, Timeout
 from peerd.keystore import Keystore
-from scripts.bench_mqtt import finish, read_line, run_pingpong_floor
+from scripts.bench_mqtt import finish, read_line, run_pingpong_floor, with_credentials
 from scripts.benchmarks import _workers as workers
 from scripts.benchmarks._cluster import (
     NETWORK,
@@ -41,7 +41,6 @@ from scripts.benchmarks._cluster import (
     load_average,
     rss,
     shipped_cluster,
-    with_credentials,
 )
 from scripts.benchmarks.common import median, percentile, table, verdict
 from scripts.evaluation.lab import cpu_seconds, node_pid

@@ -97,7 +97,7 @@ class Usage:
 
 @dataclass
 class Meter:
-    """CPU and wire bytes of named processes over an interval: `with lab.meter(...) as m:`."""
+    """CPU and wire bytes of named processes over an interval: `with lab.measure(...) as m:`."""
 
     port: int
     pids: dict[str, int]
@@ -232,12 +232,9 @@ class Lab:
                     raise RuntimeError(f"{node.name} did not connect to the broker:\n{node.log()}")
                 time.sleep(0.05)
 
-    def meter(self, pids: dict[str, int]) -> Meter:
-        return Meter(self.port, pids)
-
     @contextlib.contextmanager
     def measure(self, pids: dict[str, int]) -> Iterator[Meter]:
-        meter = self.meter(pids)
+        meter = Meter(self.port, pids)
         meter.start()
         yield meter
         meter.stop()

@@ -13,52 +13,29 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any
 
-import msgpack
 import nacl.exceptions
 import nacl.signing
 
+from protocol import _msgpack
+from protocol._msgpack import unpack_canonical
 from protocol.errors import LocalProtocolError
 from protocol.identity.errors import BadSignature, InvalidText, MalformedObject
 
 ED25519_PUBLIC_BYTES = 32
 ED25519_SIGNATURE_BYTES = 64
 X25519_PUBLIC_BYTES = 32
-MAX_INT_FIELD = 2**63 - 1  # sqlite stores signed 64-bit integers; no field may exceed this
+# Shared with the transfer codec (protocol/_msgpack.py); re-exported for this package.
+MAX_INT_FIELD = _msgpack.MAX_INT_FIELD
+pack = _msgpack.pack
 
 # -- msgpack ---------------------------------------------------------------------------------
 
 
-def pack(fields: Sequence[Any]) -> bytes:
-    data: bytes = msgpack.packb(list(fields), use_bin_type=True)
-    return data
-
-
 def unpack(data: bytes, *, what: str, max_size: int, length: int) -> list[Any]:
     """Decode one msgpack array of exactly `length` fields, canonically encoded."""
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise LocalProtocolError(f"{what}: expected bytes, not {type(data).__name__}")
-    data = bytes(data)
-    if len(data) > max_size:
-        raise MalformedObject(
-            f"{what} is {len(data)} bytes, more than the limit of {max_size}", reason="too-large"
-        )
-    try:
-        value = msgpack.unpackb(
-            data,
-            raw=False,
-            use_list=True,
-            strict_map_key=True,
-            timestamp=0,
-        )
-    except ValueError as exc:  # every msgpack decoding error, and bad UTF-8, is a ValueError
-        raise MalformedObject(f"{what} is not valid msgpack: {exc}") from exc
-    if not isinstance(value, list):
-        raise MalformedObject(f"{what} must be a msgpack array")
-    if len(value) != length:
-        raise MalformedObject(f"{what} must have {length} fields, not {len(value)}")
-    if pack(value) != data:
-        raise MalformedObject(f"{what} is not in canonical form", reason="non-canonical")
-    return value
+    return unpack_canonical(
+        data, what=what, max_size=max_size, error=MalformedObject, length=length
+    )
 
 
 def want_int(value: Any, what: str, *, lo: int = 0, hi: int = MAX_INT_FIELD) -> int:

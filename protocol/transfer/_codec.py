@@ -9,14 +9,15 @@ finds nothing "almost valid".
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
-import msgpack
+from protocol import _msgpack
+from protocol._msgpack import unpack_canonical
+from protocol.errors import RemoteProtocolError
 
-from protocol.errors import LocalProtocolError, RemoteProtocolError
-
-MAX_INT_FIELD = 2**63 - 1  # sqlite stores signed 64-bit integers; no field may exceed this
+# Shared with the identity codec (protocol/_msgpack.py); re-exported for this package.
+MAX_INT_FIELD = _msgpack.MAX_INT_FIELD
+pack = _msgpack.pack
 
 
 class MalformedTransferObject(RemoteProtocolError):
@@ -25,36 +26,9 @@ class MalformedTransferObject(RemoteProtocolError):
     reason = "malformed"
 
 
-def pack(fields: Sequence[Any]) -> bytes:
-    data: bytes = msgpack.packb(list(fields), use_bin_type=True)
-    return data
-
-
 def unpack(data: bytes | bytearray | memoryview, *, what: str, max_size: int) -> list[Any]:
     """Decode one msgpack array in canonical form; the caller checks its fields."""
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise LocalProtocolError(f"{what}: expected bytes, not {type(data).__name__}")
-    data = bytes(data)
-    if len(data) > max_size:
-        raise MalformedTransferObject(
-            f"{what} is {len(data)} bytes, more than the limit of {max_size}", reason="too-large"
-        )
-    try:
-        value = msgpack.unpackb(
-            data,
-            raw=False,
-            use_list=True,
-            strict_map_key=True,
-            timestamp=0,
-        )
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        # Every msgpack decoding error and bad UTF-8 is a ValueError; keep the others in case.
-        raise MalformedTransferObject(f"{what} is not valid msgpack: {exc}") from exc
-    if not isinstance(value, list):
-        raise MalformedTransferObject(f"{what} must be a msgpack array")
-    if pack(value) != data:
-        raise MalformedTransferObject(f"{what} is not in canonical form", reason="non-canonical")
-    return value
+    return unpack_canonical(data, what=what, max_size=max_size, error=MalformedTransferObject)
 
 
 def fields(value: list[Any], what: str, count: int) -> list[Any]:

@@ -21,13 +21,11 @@ from tests.attacks.helpers import (
     Api,
     Wire,
     counted,
-    random_file,
-    received_files,
     rss,
-    sha256,
 )
 from tests.support.broker import Broker
 from tests.support.cluster import wait_until
+from tests.support.files import random_file, received_files, sha256
 from tests.support.hostile import HostileProxy
 
 MIB = 1 << 20

@@ -21,13 +21,10 @@ from tests.attacks.helpers import (
     Rogue,
     counted,
     keys,
-    partial_files,
-    random_file,
-    received_files,
-    sha256,
 )
 from tests.support.broker import Broker
 from tests.support.cluster import Node, wait_until
+from tests.support.files import partial_files, random_file, received_files, sha256
 from tests.support.hostile import TO_CLIENT, Hold, HostileProxy, Record
 
 CHUNK = 256 * 1024

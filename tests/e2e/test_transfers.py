@@ -4,10 +4,8 @@ of either daemon or of the broker, a hostile network, full disks, revocation."""
 from __future__ import annotations
 
 import array
-import hashlib
 import json
 import os
-import random
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,6 +15,7 @@ import pytest
 
 from tests.support.broker import Broker
 from tests.support.cluster import Node, make_nodes, pair, wait_until
+from tests.support.files import partial_files, random_file, received_files, sha256
 from tests.support.hostile import (
     TO_CLIENT,
     BitFlip,
@@ -29,36 +28,6 @@ from tests.support.hostile import (
 )
 
 CHUNK = 256 * 1024
-
-
-def _file(path: Path, size: int, seed: int = 1) -> Path:
-    rng = random.Random(seed)
-    with path.open("wb") as f:
-        left = size
-        while left:
-            n = min(left, 8 << 20)
-            f.write(rng.randbytes(n))
-            left -= n
-    return path
-
-
-def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(8 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _received(node: Node, sender: Node) -> list[Path]:
-    inbox = node.dir / "inbox" / sender.peer_id
-    return (
-        sorted(p for p in inbox.glob("*") if not p.name.startswith(".")) if inbox.exists() else []
-    )
-
-
-def _partials(node: Node) -> list[Path]:
-    return list((node.dir / "inbox").rglob(".*.part")) if (node.dir / "inbox").exists() else []
 
 
 def _transfer(node: Node, tid: str) -> dict:
@@ -81,15 +50,15 @@ def pair_ab(tmp_path: Path, broker: Broker) -> Iterator[tuple[Node, Node]]:
 @pytest.mark.parametrize("size", [0, 1, CHUNK, CHUNK + 1, 5 * CHUNK + 17])
 def test_exact_bytes_for_edge_sizes(pair_ab: tuple[Node, Node], tmp_path: Path, size: int) -> None:
     a, b = pair_ab
-    src = _file(tmp_path / f"model-{size}.bin", size, seed=size)
+    src = random_file(tmp_path / f"model-{size}.bin", size, seed=size)
     result = a.json("send", str(src), "--to", b.peer_id, "--wait")
     assert result["state"] == "verified"
     assert result["receivers"][b.peer_id]["state"] == "verified"
-    (got,) = _received(b, a)
+    (got,) = received_files(b, a)
     assert got.name == src.name
     assert got.stat().st_size == size
-    assert _sha(got) == _sha(src)
-    assert not _partials(b)
+    assert sha256(got) == sha256(src)
+    assert not partial_files(b)
     # The content key is gone from both stores once the transfer ended.
     for node in (a, b):
         rows = node_transfers(node)
@@ -115,12 +84,12 @@ def test_three_receivers_at_once_publish_each_chunk_once(tmp_path: Path, broker:
         s, *receivers = nodes
         for r in receivers:
             pair(s, r)
-        src = _file(tmp_path / "shared.safetensors.bin", 24 * CHUNK + 5)
+        src = random_file(tmp_path / "shared.safetensors.bin", 24 * CHUNK + 5)
         result = s.json("send", str(src), "--to", ",".join(r.peer_id for r in receivers), "--wait")
         assert result["state"] == "verified"
         for r in receivers:
-            (got,) = _received(r, s)
-            assert _sha(got) == _sha(src)
+            (got,) = received_files(r, s)
+            assert sha256(got) == sha256(src)
         # Encrypt once, publish once: 25 frames for three receivers, none re-sent.
         frames = 25
         assert result["resent_frames"] == 0
@@ -134,14 +103,14 @@ def test_a_second_file_of_the_same_name_never_replaces_the_first(
     pair_ab: tuple[Node, Node], tmp_path: Path
 ) -> None:
     a, b = pair_ab
-    first = _file(tmp_path / "w.bin", 1000, seed=1)
+    first = random_file(tmp_path / "w.bin", 1000, seed=1)
     a.json("send", str(first), "--to", b.peer_id, "--wait")
-    first_hash = _sha(first)
-    second = _file(tmp_path / "w.bin", 2000, seed=2)
+    first_hash = sha256(first)
+    second = random_file(tmp_path / "w.bin", 2000, seed=2)
     a.json("send", str(second), "--to", b.peer_id, "--wait")
-    names = sorted(p.name for p in _received(b, a))
+    names = sorted(p.name for p in received_files(b, a))
     assert names == ["w-2.bin", "w.bin"]
-    assert _sha(b.dir / "inbox" / a.peer_id / "w.bin") == first_hash
+    assert sha256(b.dir / "inbox" / a.peer_id / "w.bin") == first_hash
 
 
 def test_offline_receiver_gets_the_file_when_it_comes_back(
@@ -149,13 +118,13 @@ def test_offline_receiver_gets_the_file_when_it_comes_back(
 ) -> None:
     a, b = pair_ab
     b.stop()
-    src = _file(tmp_path / "later.bin", 3 * CHUNK)
+    src = random_file(tmp_path / "later.bin", 3 * CHUNK)
     started = a.json("send", str(src), "--to", b.peer_id)
     a.stop()  # the pending transfer survives the sender's restart too
     a.start()
     b.start()
-    wait_until(lambda: _received(b, a), 60, what="bob receives the file")
-    assert _sha(_received(b, a)[0]) == _sha(src)
+    wait_until(lambda: received_files(b, a), 60, what="bob receives the file")
+    assert sha256(received_files(b, a)[0]) == sha256(src)
     wait_until(lambda: _transfer(a, started["id"])["state"] == "verified", 30, what="verified")
 
 
@@ -164,7 +133,7 @@ def test_send_timeout_drops_a_receiver_that_never_answers(
 ) -> None:
     a, b = pair_ab
     b.stop()
-    src = _file(tmp_path / "x.bin", 1000)
+    src = random_file(tmp_path / "x.bin", 1000)
     result = a.run_cli("send", str(src), "--to", b.peer_id, "--timeout", "2", "--wait", "--json")
     assert result.returncode == 1
     assert "timeout" in result.stderr
@@ -174,7 +143,7 @@ def test_send_timeout_drops_a_receiver_that_never_answers(
 def test_cancel_on_the_sender_side(pair_ab: tuple[Node, Node], tmp_path: Path) -> None:
     a, b = pair_ab
     b.stop()
-    src = _file(tmp_path / "x.bin", 1000)
+    src = random_file(tmp_path / "x.bin", 1000)
     started = a.json("send", str(src), "--to", b.peer_id)
     a.cli("cancel", started["id"])
     wait_until(lambda: _transfer(a, started["id"])["state"] == "cancelled", 10, what="cancelled")
@@ -198,7 +167,7 @@ def test_refused_when_the_receiver_disk_is_too_small(tmp_path: Path, broker: Bro
         a.start()
         b.start()
         pair(a, b)
-        src = _file(tmp_path / "big.bin", 20 * 1024 * 1024)
+        src = random_file(tmp_path / "big.bin", 20 * 1024 * 1024)
         result = a.run_cli("send", str(src), "--to", b.peer_id, "--wait", "--json")
         assert result.returncode == 1
         assert "no-space" in result.stderr or "space" in result.stderr
@@ -221,11 +190,11 @@ def test_files_over_the_size_limit_are_refused(tmp_path: Path, broker: Broker) -
     b.start()
     try:
         pair(a, b)
-        src = _file(tmp_path / "big.bin", 2 * 1024 * 1024)
+        src = random_file(tmp_path / "big.bin", 2 * 1024 * 1024)
         result = a.run_cli("send", str(src), "--to", b.peer_id, "--wait")
         assert result.returncode == 1
         assert "too-large" in result.stderr or "limit" in result.stderr
-        assert not _received(b, a)
+        assert not received_files(b, a)
     finally:
         a.kill()
         b.kill()
@@ -239,8 +208,8 @@ def test_malformed_safetensors_is_refused(pair_ab: tuple[Node, Node], tmp_path: 
     result = a.run_cli("send", str(bad), "--to", b.peer_id, "--wait")
     assert result.returncode == 1
     assert "safetensors" in result.stderr
-    assert not _received(b, a)
-    assert not _partials(b)
+    assert not received_files(b, a)
+    assert not partial_files(b)
 
 
 def test_valid_safetensors_is_accepted(pair_ab: tuple[Node, Node], tmp_path: Path) -> None:
@@ -248,7 +217,7 @@ def test_valid_safetensors_is_accepted(pair_ab: tuple[Node, Node], tmp_path: Pat
     path = tmp_path / "good.safetensors"
     _write_safetensors(path, {"layer.weight": ([3, 4], array.array("f", range(12)).tobytes())})
     assert a.json("send", str(path), "--to", b.peer_id, "--wait")["state"] == "verified"
-    assert _sha(_received(b, a)[0]) == _sha(path)
+    assert sha256(received_files(b, a)[0]) == sha256(path)
 
 
 def _write_safetensors(path: Path, tensors: dict[str, tuple[list[int], bytes]]) -> None:
@@ -282,7 +251,8 @@ def test_source_changed_during_the_transfer_aborts_with_a_clear_error(
         try:
             pair(a, b)
             hold = proxy.add_rule(TO_CLIENT, "peerd/v1/+/x/#", Hold(), skip=8)
-            src = _file(tmp_path / "moving.bin", 200 * CHUNK)  # more than a window: reads wait
+            # More than a window: reads wait.
+            src = random_file(tmp_path / "moving.bin", 200 * CHUNK)
             started = a.json("send", str(src), "--to", b.peer_id)
             wait_until(lambda: hold.applied > 0, 20, what="the transfer to be under way")
             with src.open("r+b") as f:
@@ -298,8 +268,8 @@ def test_source_changed_during_the_transfer_aborts_with_a_clear_error(
             final = _transfer(a, started["id"])
             assert final["state"] == "failed"
             assert "source-changed" in json.dumps(final) or "changed" in json.dumps(final)
-            assert not _received(b, a)
-            wait_until(lambda: not _partials(b), 10, what="bob removes the partial file")
+            assert not received_files(b, a)
+            wait_until(lambda: not partial_files(b), 10, what="bob removes the partial file")
         finally:
             a.kill()
             b.kill()
@@ -326,13 +296,13 @@ def test_receiver_sigkill_mid_transfer_resumes_and_completes(
     with HostileProxy(broker.port) as proxy:
         a, b = _proxied_pair(tmp_path, broker, proxy, behind="bob")
         try:
-            src = _file(tmp_path / "model.bin", 120 * CHUNK)
+            src = random_file(tmp_path / "model.bin", 120 * CHUNK)
             hold = proxy.add_rule(TO_CLIENT, "peerd/v1/+/x/#", Hold(), skip=60)
             started = a.json("send", str(src), "--to", b.peer_id)
             wait_until(lambda: hold.applied > 0, 20, what="half the chunks through")
             wait_until(
                 lambda: (
-                    bool(_partials(b))
+                    bool(partial_files(b))
                     and _transfer(a, started["id"])["receivers"][b.peer_id]["bytes"] > 0
                 ),
                 20,
@@ -344,8 +314,8 @@ def test_receiver_sigkill_mid_transfer_resumes_and_completes(
             wait_until(
                 lambda: _transfer(a, started["id"])["state"] == "verified", 60, what="verified"
             )
-            (got,) = _received(b, a)
-            assert _sha(got) == _sha(src)
+            (got,) = received_files(b, a)
+            assert sha256(got) == sha256(src)
             final = _transfer(a, started["id"])
             # What was durable at bob is not sent again: at most one window (64 chunks) more.
             assert final["resent_frames"] <= 64
@@ -358,15 +328,15 @@ def test_sender_sigkill_mid_transfer_resumes_and_completes(tmp_path: Path, broke
     with HostileProxy(broker.port) as proxy:
         a, b = _proxied_pair(tmp_path, broker, proxy, behind="bob")
         try:
-            src = _file(tmp_path / "model.bin", 120 * CHUNK)
+            src = random_file(tmp_path / "model.bin", 120 * CHUNK)
             hold = proxy.add_rule(TO_CLIENT, "peerd/v1/+/x/#", Hold(), skip=50)
             started = a.json("send", str(src), "--to", b.peer_id)
             wait_until(lambda: hold.applied > 0, 20, what="chunks flowing")
             a.kill()
             proxy.remove_rule(hold)
             a.start()
-            wait_until(lambda: len(_received(b, a)) == 1, 60, what="bob gets the file")
-            assert _sha(_received(b, a)[0]) == _sha(src)
+            wait_until(lambda: len(received_files(b, a)) == 1, 60, what="bob gets the file")
+            assert sha256(received_files(b, a)[0]) == sha256(src)
             wait_until(
                 lambda: _transfer(a, started["id"])["state"] == "verified", 30, what="verified"
             )
@@ -379,7 +349,7 @@ def test_broker_sigkill_mid_transfer_resumes_and_completes(tmp_path: Path, broke
     with HostileProxy(broker.port) as proxy:
         a, b = _proxied_pair(tmp_path, broker, proxy, behind="bob")
         try:
-            src = _file(tmp_path / "model.bin", 120 * CHUNK)
+            src = random_file(tmp_path / "model.bin", 120 * CHUNK)
             hold = proxy.add_rule(TO_CLIENT, "peerd/v1/+/x/#", Hold(), skip=40)
             started = a.json("send", str(src), "--to", b.peer_id)
             wait_until(lambda: hold.applied > 0, 20, what="chunks flowing")
@@ -390,7 +360,7 @@ def test_broker_sigkill_mid_transfer_resumes_and_completes(tmp_path: Path, broke
             wait_until(
                 lambda: _transfer(a, started["id"])["state"] == "verified", 90, what="verified"
             )
-            assert _sha(_received(b, a)[0]) == _sha(src)
+            assert sha256(received_files(b, a)[0]) == sha256(src)
         finally:
             a.kill()
             b.kill()
@@ -415,7 +385,7 @@ def test_tampered_chunk_frames_give_the_exact_file_or_a_clear_failure(
     with HostileProxy(broker.port, seed=7) as proxy:
         a, b = _proxied_pair(tmp_path, broker, proxy, behind="bob")
         try:
-            src = _file(tmp_path / "model.bin", 40 * CHUNK + 3)
+            src = random_file(tmp_path / "model.bin", 40 * CHUNK + 3)
             rule = proxy.add_rule(
                 TO_CLIENT,
                 "peerd/v1/+/x/#",
@@ -425,13 +395,13 @@ def test_tampered_chunk_frames_give_the_exact_file_or_a_clear_failure(
             )
             result = a.run_cli("send", str(src), "--to", b.peer_id, "--wait", "--json", timeout=120)
             assert rule.applied > 0
-            received = _received(b, a)
+            received = received_files(b, a)
             if result.returncode == 0:
                 (got,) = received
-                assert _sha(got) == _sha(src)
+                assert sha256(got) == sha256(src)
             else:
                 assert received == []  # a clear failure, never a wrong file
-            assert not _partials(b) or result.returncode == 0
+            assert not partial_files(b) or result.returncode == 0
             if name in ("bitflip", "truncate"):
                 assert (
                     sum(v for k, v in b.status()["rejections"].items() if k.startswith("chunk-"))
@@ -448,7 +418,7 @@ def test_replayed_and_injected_chunks_are_rejected(tmp_path: Path, broker: Broke
     with HostileProxy(broker.port) as proxy:
         a, b = _proxied_pair(tmp_path, broker, proxy, behind="bob")
         try:
-            first = _file(tmp_path / "first.bin", 4 * CHUNK, seed=1)
+            first = random_file(tmp_path / "first.bin", 4 * CHUNK, seed=1)
             from tests.support.hostile import Record  # noqa: PLC0415
 
             rec = proxy.add_rule(TO_CLIENT, "peerd/v1/+/x/#", Record())
@@ -456,7 +426,7 @@ def test_replayed_and_injected_chunks_are_rejected(tmp_path: Path, broker: Broke
             proxy.remove_rule(rec)
             recorded = proxy.recordings("peerd/v1/+/x/#")
             assert recorded
-            second = _file(tmp_path / "second.bin", 4 * CHUNK, seed=2)
+            second = random_file(tmp_path / "second.bin", 4 * CHUNK, seed=2)
             hold = proxy.add_rule(TO_CLIENT, "peerd/v1/+/x/#", Hold())
             started = a.json("send", str(second), "--to", b.peer_id)
             wait_until(lambda: hold.applied > 0, 20, what="the second transfer under way")
@@ -476,7 +446,7 @@ def test_replayed_and_injected_chunks_are_rejected(tmp_path: Path, broker: Broke
                 lambda: _transfer(a, started["id"])["state"] == "verified", 30, what="verified"
             )
             got = b.dir / "inbox" / a.peer_id / "second.bin"
-            assert _sha(got) == _sha(second)
+            assert sha256(got) == sha256(second)
         finally:
             a.kill()
             b.kill()
@@ -488,7 +458,7 @@ def test_the_sender_blocking_a_receiver_mid_transfer_stops_it(
     with HostileProxy(broker.port) as proxy:
         a, b = _proxied_pair(tmp_path, broker, proxy, behind="bob")
         try:
-            src = _file(tmp_path / "model.bin", 200 * CHUNK)
+            src = random_file(tmp_path / "model.bin", 200 * CHUNK)
             hold = proxy.add_rule(TO_CLIENT, "peerd/v1/+/x/#", Hold(), skip=10)
             started = a.json("send", str(src), "--to", b.peer_id)
             wait_until(lambda: hold.applied > 0, 20, what="chunks flowing")
@@ -498,7 +468,7 @@ def test_the_sender_blocking_a_receiver_mid_transfer_stops_it(
             proxy.remove_rule(hold)
             proxy.release(hold)
             time.sleep(1)
-            assert not _received(b, a)  # at most a window reached bob: never a final file
+            assert not received_files(b, a)  # at most a window reached bob: never a final file
         finally:
             a.kill()
             b.kill()
@@ -508,11 +478,11 @@ def test_the_receiver_revoking_trust_mid_transfer_stops_it(tmp_path: Path, broke
     with HostileProxy(broker.port) as proxy:
         a, b = _proxied_pair(tmp_path, broker, proxy, behind="bob")
         try:
-            src = _file(tmp_path / "model.bin", 200 * CHUNK)
+            src = random_file(tmp_path / "model.bin", 200 * CHUNK)
             hold = proxy.add_rule(TO_CLIENT, "peerd/v1/+/x/#", Hold(), skip=10)
             started = a.json("send", str(src), "--to", b.peer_id)
             wait_until(lambda: hold.applied > 0, 20, what="chunks flowing")
-            wait_until(lambda: _partials(b), 10, what="bob's partial file")
+            wait_until(lambda: partial_files(b), 10, what="bob's partial file")
             b.cli("block", a.peer_id)
             wait_until(
                 lambda: any(
@@ -523,8 +493,8 @@ def test_the_receiver_revoking_trust_mid_transfer_stops_it(tmp_path: Path, broke
             )
             proxy.remove_rule(hold)
             proxy.release(hold)
-            wait_until(lambda: not _partials(b), 10, what="the partial file removed")
-            assert not _received(b, a)
+            wait_until(lambda: not partial_files(b), 10, what="the partial file removed")
+            assert not received_files(b, a)
         finally:
             a.kill()
             b.kill()
@@ -533,9 +503,9 @@ def test_the_receiver_revoking_trust_mid_transfer_stops_it(tmp_path: Path, broke
 @pytest.mark.slow
 def test_one_gib_exact(pair_ab: tuple[Node, Node], tmp_path: Path) -> None:
     a, b = pair_ab
-    src = _file(tmp_path / "model-1g.bin", 1 << 30)
+    src = random_file(tmp_path / "model-1g.bin", 1 << 30)
     result = a.json("send", str(src), "--to", b.peer_id, "--wait", timeout=600)
     assert result["state"] == "verified"
-    (got,) = _received(b, a)
+    (got,) = received_files(b, a)
     assert got.stat().st_size == 1 << 30
-    assert _sha(got) == _sha(src)
+    assert sha256(got) == sha256(src)

@@ -27,9 +27,10 @@ from pathlib import Path
 import pytest
 
 from peerd.errors import PeerdError
-from tests.attacks.helpers import Api, partial_files, random_file, rss, sha256
+from tests.attacks.helpers import Api, rss
 from tests.support.broker import Broker
 from tests.support.cluster import Node, make_nodes, pair, wait_until
+from tests.support.files import partial_files, random_file, sha256
 
 MIB = 1 << 20
 RSS_GROWTH_BOUND = 64 * MIB

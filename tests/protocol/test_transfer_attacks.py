@@ -487,6 +487,27 @@ def test_sender_rejects_what_receivers_must_not_send() -> None:
     assert err.value.reason == "bad-request"
 
 
+def _sender(size: int, receivers: tuple[str, ...] = ("bob",)) -> SenderTransfer:
+    return SenderTransfer(
+        name="x",
+        size=size,
+        receivers=list(receivers),
+        sender=SENDER,
+        signing_key=nacl.signing.SigningKey(bytes(32)),
+        now=0.0,
+        config=small_config(),
+    )
+
+
+def _send_what_it_may(s: SenderTransfer, now: float) -> list[int]:
+    """Read (and hand back) every chunk the sender will publish at `now`; their indexes."""
+    sent: list[int] = []
+    while (read := s.next_read(now)) is not None:
+        sent.append(read.index)
+        s.on_chunk_read(read, bytes(CHUNK))
+    return sent
+
+
 def test_sender_misuse_is_local() -> None:
     key = nacl.signing.SigningKey(bytes(32))
     with pytest.raises(LocalProtocolError) as err:
@@ -503,15 +524,7 @@ def test_sender_misuse_is_local() -> None:
         SenderTransfer(
             name="x", size=-1, receivers=["bob"], sender=SENDER, signing_key=key, now=0.0
         )
-    s = SenderTransfer(
-        name="x",
-        size=3 * CHUNK,
-        receivers=["bob"],
-        sender=SENDER,
-        signing_key=key,
-        now=0.0,
-        config=small_config(),
-    )
+    s = _sender(3 * CHUNK)
     s.receive("bob", Ack(s.transfer_id, 1, 0, 8), 0.0)
     first = s.next_read(0.0)
     second = s.next_read(0.0)
@@ -523,56 +536,29 @@ def test_sender_misuse_is_local() -> None:
 
 
 def test_sender_never_sends_beyond_the_credit() -> None:
-    key = nacl.signing.SigningKey(bytes(32))
-    s = SenderTransfer(
-        name="x",
-        size=50 * CHUNK,
-        receivers=["bob", "carol"],
-        sender=SENDER,
-        signing_key=key,
-        now=0.0,
-        config=small_config(),
-    )
+    s = _sender(50 * CHUNK, receivers=("bob", "carol"))
     assert s.next_read(0.0) is None  # nobody has granted credit
     s.receive("bob", Ack(s.transfer_id, 1, 0, 5), 0.0)
     s.receive("carol", Ack(s.transfer_id, 1, 0, 3), 0.0)
-    sent = []
-    while (read := s.next_read(0.0)) is not None:
-        sent.append(read.index)
-        s.on_chunk_read(read, bytes(CHUNK))
+    sent = _send_what_it_may(s, 0.0)
     assert sent == [0, 1, 2]  # carol paces the pair: nothing is published twice
     # Once carol has stalled for lag_timeout, bob goes on alone (up to his credit) ...
     later = s.config.lag_timeout + 0.1
     s.on_timer(later)
-    while (read := s.next_read(later)) is not None:
-        sent.append(read.index)
-        s.on_chunk_read(read, bytes(CHUNK))
+    sent += _send_what_it_may(s, later)
     assert sent == [0, 1, 2, 3, 4]
     # ... and carol, once she grants credit again, is served her own copies.
     s.receive("carol", Ack(s.transfer_id, 1, 3, 6), later)
-    while (read := s.next_read(later)) is not None:
-        sent.append(read.index)
-        s.on_chunk_read(read, bytes(CHUNK))
+    sent += _send_what_it_may(s, later)
     # Now both are at 5 and bob has no credit: 5 waits for him, to go out once for both.
     assert sent == [0, 1, 2, 3, 4, 3, 4]
     s.receive("bob", Ack(s.transfer_id, 1, 5, 10), later)
-    while (read := s.next_read(later)) is not None:
-        sent.append(read.index)
-        s.on_chunk_read(read, bytes(CHUNK))
+    sent += _send_what_it_may(s, later)
     assert sent == [0, 1, 2, 3, 4, 3, 4, 5]
 
 
 def test_reads_outstanding_at_cancel_are_simply_dropped() -> None:
-    key = nacl.signing.SigningKey(bytes(32))
-    s = SenderTransfer(
-        name="x",
-        size=10 * CHUNK,
-        receivers=["bob"],
-        sender=SENDER,
-        signing_key=key,
-        now=0.0,
-        config=small_config(),
-    )
+    s = _sender(10 * CHUNK)
     s.receive("bob", Ack(s.transfer_id, 1, 0, 8), 0.0)
     reads = [s.next_read(0.0), s.next_read(0.0)]
     s.cancel()
@@ -588,31 +574,17 @@ def test_reads_outstanding_at_cancel_are_simply_dropped() -> None:
 
 
 def test_sender_follows_the_newest_receiver_incarnation_only() -> None:
-    key = nacl.signing.SigningKey(bytes(32))
-    s = SenderTransfer(
-        name="x",
-        size=20 * CHUNK,
-        receivers=["bob"],
-        sender=SENDER,
-        signing_key=key,
-        now=0.0,
-        config=small_config(),
-    )
+    s = _sender(20 * CHUNK)
     tid = s.transfer_id
     s.receive("bob", Accept(tid, 1, 0, 8), 0.0)
-    sent = []
-    while (read := s.next_read(0.0)) is not None:
-        sent.append(read.index)
-        s.on_chunk_read(read, bytes(CHUNK))
+    sent = _send_what_it_may(s, 0.0)
     assert sent == list(range(8))
     # bob restarted (incarnation 3) with 0..4 durable: the sender resumes him from 5 ...
     s.receive("bob", Accept(tid, 3, 5, 13), 0.0)
     # ... and a delayed Ack of incarnation 2, or 1, changes nothing.
     s.receive("bob", Ack(tid, 2, 1, 9), 0.0)
     s.receive("bob", Ack(tid, 1, 8, 16), 0.0)
-    while (read := s.next_read(0.0)) is not None:
-        sent.append(read.index)
-        s.on_chunk_read(read, bytes(CHUNK))
+    sent += _send_what_it_may(s, 0.0)
     assert sent == list(range(8)) + list(range(5, 13))
     assert s.acked_chunks("bob") == 5
     # A Request of an older incarnation is ignored too; the current one's is served.

@@ -223,7 +223,8 @@ class Bench:
                 )
             )
         )
-        ids = [Keystore.read_public(d).peer_id for d in self.loadgen_keys]
+        public = [Keystore.read_public(d) for d in self.loadgen_keys]
+        ids = [p.peer_id for p in public]
         self.loadgen_ids = ids
         config = {
             "url": self.lab.url,
@@ -257,9 +258,8 @@ class Bench:
         log(f"  a trusts {len(ids)} load-generator peers by fingerprint")
         async with self.session_ups() as events:
             waiting = set(ids)
-            for d, peer in zip(self.loadgen_keys, ids, strict=True):
-                fp = Keystore.read_public(d).fingerprint
-                await a.call("v1.trust", peer=peer, fingerprint=fp)
+            for p in public:
+                await a.call("v1.trust", peer=p.peer_id, fingerprint=p.fingerprint)
             while waiting:
                 waiting.discard((await events.get(timeout=120)).data["peer"])
         now = time.time()

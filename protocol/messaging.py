@@ -28,12 +28,12 @@ MAX_MESSAGE = 60000  # bytes of application data in one channel message
 MAX_CHANNEL = 64
 MAX_STATEMENT = 4096
 MAX_SEQ = 2**63 - 1
-_CHANNEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,63}$")
+_CHANNEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,63}")
 
 
 def check_channel(name: str) -> str:
     """Channel names: 1..64 of letters, digits and `._/-`, starting with a letter or digit."""
-    if not _CHANNEL.match(name):
+    if not _CHANNEL.fullmatch(name):
         raise LocalProtocolError(
             f"invalid channel name {name!r}",
             hint="use 1-64 letters, digits, '.', '_', '/' or '-', starting with a letter or digit",
@@ -121,7 +121,7 @@ def decode_app(payload: bytes) -> AppMessage:
 
 
 def _check_channel_seq(channel: object, seq: object) -> None:
-    if not isinstance(channel, str) or not _CHANNEL.match(channel):
+    if not isinstance(channel, str) or not _CHANNEL.fullmatch(channel):
         raise _bad("bad channel name")
     if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= MAX_SEQ:
         raise _bad("bad sequence number")

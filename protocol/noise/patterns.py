@@ -120,12 +120,12 @@ def _build(name: str) -> HandshakePattern:
 
 PATTERNS: dict[str, HandshakePattern] = {name: _build(name) for name in _SOURCE}
 
-_MODIFIED = re.compile(r"^([NKXI]1?[NKX]?1?)((?:psk\d+)(?:\+psk\d+)*)?$")
+_MODIFIED = re.compile(r"([NKXI]1?[NKX]?1?)((?:psk\d+)(?:\+psk\d+)*)?")
 
 
 def resolve_pattern(text: str) -> HandshakePattern:
     """`XXpsk3` -> the XX pattern with a psk token appended to its third message."""
-    match = _MODIFIED.match(text)
+    match = _MODIFIED.fullmatch(text)
     if match is None or match.group(1) not in PATTERNS:
         raise LocalProtocolError(f"unknown Noise handshake pattern {text!r}")
     base = PATTERNS[match.group(1)]

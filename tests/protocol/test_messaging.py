@@ -51,6 +51,8 @@ def test_transfer_tags_pass_through_undecoded() -> None:
         msgpack.packb(["1", "c", 1, b""]),
         msgpack.packb([1, "c", 1]),
         msgpack.packb([1, "bad channel!", 1, b""]),
+        msgpack.packb([1, "c\n", 1, b""]),  # a trailing newline is not a channel name
+        msgpack.packb([2, "c\n", 1]),
         msgpack.packb([1, "c", -1, b""]),
         msgpack.packb([1, "c", True, b""]),
         msgpack.packb([1, "c", 1, "text not bytes"]),
@@ -75,7 +77,7 @@ def test_fuzz_only_documented_errors(raw: bytes) -> None:
         pass
 
 
-@pytest.mark.parametrize("name", ["", "-x", "a b", "a" * 65, "é"])
+@pytest.mark.parametrize("name", ["", "-x", "a b", "a" * 65, "é", "abc\n"])
 def test_bad_channel_names(name: str) -> None:
     with pytest.raises(LocalProtocolError):
         check_channel(name)

@@ -290,6 +290,8 @@ def test_misuse_is_a_local_error() -> None:
     with pytest.raises(LocalProtocolError):
         HandshakeState("Noise_ZZ_25519_ChaChaPoly_BLAKE2b", True)
     with pytest.raises(LocalProtocolError):
+        resolve_pattern("XX\n")  # the whole name must be a pattern, not a prefix of a line
+    with pytest.raises(LocalProtocolError):
         HandshakeState("Noise_XX_448_ChaChaPoly_BLAKE2b", True)
     with pytest.raises(LocalProtocolError):
         HandshakeState("Noise_XX_25519_ChaChaPoly_BLAKE2b", True)  # XX needs s

@@ -66,7 +66,8 @@ _FINISH = struct.Struct(">BBI")
 DATA_HEADER = struct.Struct(">BBIQ")
 
 
-def _valid_peer_id(text: str) -> bool:
+def valid_peer_id(text: str) -> bool:
+    """A peer id as it addresses a node on the broker (its MQTT client id): 1-23 of a-z, 0-9."""
     return (
         0 < len(text) <= MAX_PEER_ID_LEN
         and text.isascii()
@@ -125,7 +126,7 @@ def decode(frame: bytes) -> Frame:
             reply_to = frame[_HELLO.size : _HELLO.size + rt_len].decode("ascii")
         except UnicodeDecodeError:
             reply_to = ""
-        if not _valid_peer_id(reply_to):
+        if not valid_peer_id(reply_to):
             raise RemoteProtocolError("HELLO names an invalid reply peer id", reason="malformed")
         return Hello(index, reply_to, frame[pos:], invite_id)
     if kind == FrameType.REPLY:

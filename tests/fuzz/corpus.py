@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 
 from hypothesis import strategies as st
 
+from peerd.daemon import _Trust
 from protocol.identity import (
-    Authenticated,
     Credentials,
     InviteToken,
     TrustView,
@@ -70,36 +70,6 @@ def attempt(fn: Callable[..., R], *args: Any, errors: type[E]) -> tuple[R | None
         return None, exc
 
 
-class ViewTrust:
-    """The session layer's trust policy over a real TrustView (as the daemon's)."""
-
-    def __init__(self, view: TrustView) -> None:
-        self.view = view
-
-    def authenticate(
-        self,
-        credentials: bytes,
-        remote_static: bytes,
-        now: float,
-        *,
-        expected_peer: str | None = None,
-        allow_unknown: bool = False,
-    ) -> Authenticated:
-        return self.view.authenticate(
-            credentials,
-            remote_static,
-            now,
-            expected_peer=expected_peer,
-            allow_unknown=allow_unknown,
-        )
-
-    def refuse_hello(self, peer_id: str) -> str | None:
-        return None if self.view.could_accept(peer_id) else "unknown-peer"
-
-    def invite_psk(self, invite_id: bytes, now: float) -> bytes | None:
-        return None
-
-
 def trusting_view(owner: Node, *peers: Node) -> TrustView:
     """A view of `owner` that trusts `peers` (paired as an invite would)."""
     view = TrustView(self_peer_id=owner.peer_id, network=NETWORK, overlap=3600.0)
@@ -117,7 +87,7 @@ def manager(node: Node, view: TrustView) -> SessionManager:
         network=NETWORK,
         static=node.static,
         credentials=node.credentials(),
-        trust=ViewTrust(view),
+        trust=_Trust(view),  # the daemon's own trust policy over the view
     )
 
 

@@ -11,12 +11,14 @@ matter to the parsers.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, TypeVar
 
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from peerd.daemon import _Trust
@@ -56,6 +58,18 @@ NETWORK = "lab"
 AUTHORITY_SEED = bytes(range(100, 132))
 TID = bytes(range(16))
 CONTENT_KEY = bytes(range(200, 232))
+
+
+def fuzz_settings(*, deadline: float | None, share: int = 1) -> settings:
+    """Hypothesis settings of the fuzz tests: `PEERD_FUZZ_EXAMPLES` (300 by default) examples
+    per test, divided by `share` for the slow ones; no example database, no health checks on
+    slow or large data."""
+    return settings(
+        max_examples=int(os.environ.get("PEERD_FUZZ_EXAMPLES", "300")) // share,
+        deadline=deadline,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        database=None,
+    )
 
 
 E = TypeVar("E", bound=BaseException)

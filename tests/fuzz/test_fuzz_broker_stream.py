@@ -10,21 +10,14 @@ connection: the fake broker's second connection behaves and its message is deliv
 from __future__ import annotations
 
 import asyncio
-import os
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from peerd.mqtt import Backoff, BrokerSettings, Message, MqttLink, topic_matches
-from tests.fuzz.corpus import _mutate
+from tests.fuzz.corpus import _mutate, fuzz_settings
 
-EXAMPLES = int(os.environ.get("PEERD_FUZZ_EXAMPLES", "300")) // 3
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,  # real sockets; hangs are caught by asyncio timeouts below
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    database=None,
-)
+FUZZ = fuzz_settings(deadline=None, share=3)  # real sockets; hangs: asyncio timeouts
 
 FILTER = "peerd/v1/lab/in/+"
 TOPIC = "peerd/v1/lab/in/fuzz"

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import socket
 import tempfile
 import threading
@@ -25,21 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from peerd.config import SECTIONS, config_from_mapping, load_config
 from peerd.control import MAX_GARBAGE, Connection, ControlServer, decode_line
 from peerd.errors import ConfigError
-from tests.fuzz.corpus import inputs
+from tests.fuzz.corpus import fuzz_settings, inputs
 
-EXAMPLES = int(os.environ.get("PEERD_FUZZ_EXAMPLES", "300"))
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,  # socket round trips on a loaded CI machine; hangs are caught by the timeout
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    database=None,
-)
+# Socket round trips on a loaded CI machine; hangs are caught by the timeout.
+FUZZ = fuzz_settings(deadline=None)
 
 
 class ServerThread:

@@ -6,14 +6,13 @@ claim. Measured with tracemalloc (every Python-level allocation, msgpack's objec
 
 from __future__ import annotations
 
-import os
 import struct
 import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from protocol import frames
@@ -31,15 +30,9 @@ from protocol.identity import (
 from protocol.messaging import decode_app
 from protocol.safetensors import parse_header
 from protocol.transfer import Manifest, decode_message, parse_chunk_header
-from tests.fuzz.corpus import NETWORK, NOW
+from tests.fuzz.corpus import NETWORK, NOW, fuzz_settings
 
-EXAMPLES = int(os.environ.get("PEERD_FUZZ_EXAMPLES", "300")) // 3
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    database=None,
-)
+FUZZ = fuzz_settings(deadline=None, share=3)
 
 KIB = 1024
 # Everything a binary decoder may hold at once: its input (at most a frame, 64 KiB) a few times.

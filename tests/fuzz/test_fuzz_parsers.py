@@ -12,11 +12,10 @@ from msgpack, an `IndexError` - is a bug.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from peerd.authority import (
@@ -57,17 +56,21 @@ from protocol.transfer import (
     decode_message,
     parse_chunk_header,
 )
-from tests.fuzz.corpus import CONTENT_KEY, NETWORK, NOW, TID, attempt, inputs, seeds, texts
+from tests.fuzz.corpus import (
+    CONTENT_KEY,
+    NETWORK,
+    NOW,
+    TID,
+    attempt,
+    fuzz_settings,
+    inputs,
+    seeds,
+    texts,
+)
 from tests.protocol.test_identity_helpers import Node
 
-EXAMPLES = int(os.environ.get("PEERD_FUZZ_EXAMPLES", "300"))
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    # Generous: a decoder that takes seconds on a few KiB is a hang; CI load is not.
-    deadline=2000,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    database=None,
-)
+# Generous: a decoder that takes seconds on a few KiB is a hang; CI load is not.
+FUZZ = fuzz_settings(deadline=2000)
 
 FRAME_REASONS = {"malformed", "oversize", "version"}
 IDENTITY_REASONS = {

@@ -10,10 +10,9 @@ did not prove the key its certificate names, and the real session still carries 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from protocol import frames
@@ -25,15 +24,17 @@ from protocol.session import (
     SessionManager,
     SessionUp,
 )
-from tests.fuzz.corpus import NOW, Node, inputs, make_world, manager, trusting_view
-
-EXAMPLES = int(os.environ.get("PEERD_FUZZ_EXAMPLES", "300"))
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=2000,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    database=None,
+from tests.fuzz.corpus import (
+    NOW,
+    Node,
+    fuzz_settings,
+    inputs,
+    make_world,
+    manager,
+    trusting_view,
 )
+
+FUZZ = fuzz_settings(deadline=2000)
 
 WORLD = make_world()
 

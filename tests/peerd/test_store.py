@@ -52,6 +52,16 @@ async def _open(path: Path, *, create: bool = False, authority: bytes | None = N
     )
 
 
+async def _init_identity(store: Store, node: Node, name: str = "me") -> None:
+    await store.init_identity(
+        peer_id=node.peer_id,
+        name=name,
+        identity_public=node.identity_public,
+        certificate=node.cert,
+        now=NOW,
+    )
+
+
 @pytest.fixture
 def me() -> Node:
     return Node()
@@ -60,13 +70,7 @@ def me() -> Node:
 @pytest.fixture
 async def store(tmp_path: Path, me: Node) -> AsyncIterator[Store]:
     s = await _open(tmp_path / "peerd.db", create=True)
-    await s.init_identity(
-        peer_id=me.peer_id,
-        name="me",
-        identity_public=me.identity_public,
-        certificate=me.cert,
-        now=NOW,
-    )
+    await _init_identity(s, me)
     try:
         yield s
     finally:
@@ -171,13 +175,7 @@ async def test_newer_schema_is_refused_without_changes(tmp_path: Path, me: Node)
 async def test_corrupt_store_is_reported_not_rebuilt(tmp_path: Path, me: Node) -> None:
     path = tmp_path / "peerd.db"
     s = await _open(path, create=True)
-    await s.init_identity(
-        peer_id=me.peer_id,
-        name="me",
-        identity_public=me.identity_public,
-        certificate=me.cert,
-        now=NOW,
-    )
+    await _init_identity(s, me)
     for _ in range(40):
         await pair(s, Node())
     await s.close()
@@ -242,13 +240,7 @@ async def test_a_failing_migration_leaves_the_old_version(tmp_path: Path) -> Non
 async def test_a_store_belongs_to_one_node(store: Store) -> None:
     other = Node()
     with pytest.raises(StoreError, match="already belongs"):
-        await store.init_identity(
-            peer_id=other.peer_id,
-            name="x",
-            identity_public=other.identity_public,
-            certificate=other.cert,
-            now=NOW,
-        )
+        await _init_identity(store, other, name="x")
     assert len(await store.events()) == 1
 
 
@@ -660,13 +652,7 @@ async def test_invite_from_both_sides(tmp_path: Path, store: Store, me: Node) ->
     joiner = Node()
     other = await _open(tmp_path / "joiner.db", create=True)
     try:
-        await other.init_identity(
-            peer_id=joiner.peer_id,
-            name="j",
-            identity_public=joiner.identity_public,
-            certificate=joiner.cert,
-            now=NOW,
-        )
+        await _init_identity(other, joiner, name="j")
         pending = await other.accept_invite_token(token, now=NOW)
         assert (pending.state, pending.source) == (PeerState.PENDING, TrustSource.INVITE)
         # Joiner: the inviter must be the one the token names (a pending-by-invite peer).

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from peerd.mqtt import Backoff, BrokerSettings, Message, MqttLink, topic_matches
 from tests.fuzz.corpus import _mutate, fuzz_settings
+from tests.support.hostile import read_packet
 
 FUZZ = fuzz_settings(deadline=None, share=3)  # real sockets; hangs: asyncio timeouts
 
@@ -62,18 +63,6 @@ def streams(draw: st.DrawFn) -> bytes:
     return stream
 
 
-async def _read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    first = (await reader.readexactly(1))[0]
-    length, shift = 0, 0
-    while True:
-        b = (await reader.readexactly(1))[0]
-        length |= (b & 0x7F) << shift
-        shift += 7
-        if b < 0x80:
-            break
-    return first, await reader.readexactly(length)
-
-
 async def _scenario(stream: bytes) -> list[Message]:
     delivered: list[Message] = []
     connections = 0
@@ -83,10 +72,10 @@ async def _scenario(stream: bytes) -> list[Message]:
         nonlocal connections
         connections += 1
         try:
-            await _read_packet(reader)  # CONNECT
+            await read_packet(reader)  # CONNECT
             writer.write(b"\x20\x02\x00\x00")
             while True:
-                first, body = await _read_packet(reader)
+                first, body = await read_packet(reader)
                 if first >> 4 == 8:  # SUBSCRIBE: acknowledge it at QoS 1
                     writer.write(b"\x90\x03" + body[:2] + b"\x01")
                     break

@@ -45,7 +45,7 @@ from peerd.mqtt import (
     topic_matches,
 )
 from tests.support.broker import Broker, free_port, write_password_file
-from tests.support.hostile import TO_BROKER, Hold, HostileProxy, Record
+from tests.support.hostile import TO_BROKER, Hold, HostileProxy, Record, read_packet
 
 
 def cid(prefix: str) -> str:
@@ -737,18 +737,6 @@ async def test_username_and_password(tmp_path: Path) -> None:
 
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
-
-
-async def read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    first = (await reader.readexactly(1))[0]
-    length = shift = 0
-    while True:
-        b = (await reader.readexactly(1))[0]
-        length |= (b & 0x7F) << shift
-        shift += 7
-        if b < 0x80:
-            break
-    return first, await reader.readexactly(length)
 
 
 class RogueBroker:

@@ -97,6 +97,19 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
+async def read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One MQTT packet off a stream: its first byte and its body."""
+    first = (await reader.readexactly(1))[0]
+    length = shift = 0
+    while True:
+        b = (await reader.readexactly(1))[0]
+        length |= (b & 0x7F) << shift
+        shift += 7
+        if b < 0x80:
+            break
+    return first, await reader.readexactly(length)
+
+
 def _puback(mid: int) -> bytes:
     return b"\x40\x02" + mid.to_bytes(2, "big")
 

@@ -17,7 +17,16 @@ from peerd.authority import AuthorityKey, MembershipRequest, membership_to_text
 from peerd.keystore import Keystore
 from tests.e2e.rogue import RogueNode
 from tests.support.broker import Broker
-from tests.support.cluster import PEERD, ROOT, Node, make_nodes, pair, wait_until
+from tests.support.cluster import (
+    PEERD,
+    ROOT,
+    UNREACHABLE,
+    Node,
+    log_in,
+    make_nodes,
+    pair,
+    wait_until,
+)
 
 DAY = 86400
 
@@ -266,20 +275,13 @@ def test_relayed_expulsion_under_the_shipped_acl_survives_a_broker_losing_its_da
     reconnect: a broker that lost its database relearns it, and a node that connects later still
     refuses the expelled member."""
     nodes = make_nodes(
-        tmp_path, "mqtt://127.0.0.1:1", ["alice", "bob", "carol"], authority_key=authority.key
+        tmp_path, UNREACHABLE, ["alice", "bob", "carol"], authority_key=authority.key
     )
     users = {n.peer_id: f"pw-{n.name}" for n in nodes}
     a, b, c = nodes
     with Broker(tmp_path / "shipped", shipped=True, users=users) as broker:
         for n in nodes:
-            secret = n.dir / "broker-password"
-            secret.write_text(users[n.peer_id] + "\n")
-            secret.chmod(0o600)
-            conf = n.config.read_text().replace("mqtt://127.0.0.1:1", broker.url)
-            conf = conf.replace(
-                "[broker]\n", f'[broker]\nusername = "{n.peer_id}"\npassword_file = "{secret}"\n', 1
-            )
-            n.config.write_text(conf)
+            log_in(n, broker.url, users[n.peer_id])
             authority.admit(n)
         try:
             a.start()

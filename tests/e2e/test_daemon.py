@@ -16,7 +16,7 @@ import pytest
 from peerd.client import Client
 from tests.e2e.rogue import RogueNode
 from tests.support.broker import Broker
-from tests.support.cluster import PEERD, Node, make_nodes, pair, wait_until
+from tests.support.cluster import PEERD, UNREACHABLE, Node, log_in, make_nodes, pair, wait_until
 
 
 @pytest.fixture
@@ -283,18 +283,11 @@ def test_cli_says_clearly_when_the_daemon_is_not_running(tmp_path: Path, broker:
 def test_daemons_work_under_the_shipped_broker_config_and_acl(tmp_path: Path) -> None:
     """The broker as shipped (authentication, ACL confining inboxes and chunk topics): pairing,
     messages and a transfer all work, each node logged in as its peer id."""
-    nodes = make_nodes(tmp_path, "mqtt://127.0.0.1:1", ["alice", "bob"])
+    nodes = make_nodes(tmp_path, UNREACHABLE, ["alice", "bob"])
     users = {n.peer_id: f"pw-{n.name}" for n in nodes}
     with Broker(tmp_path / "shipped", shipped=True, users=users) as broker:
         for n in nodes:
-            secret = n.dir / "broker-password"
-            secret.write_text(users[n.peer_id] + "\n")
-            secret.chmod(0o600)
-            conf = n.config.read_text().replace("mqtt://127.0.0.1:1", broker.url)
-            conf = conf.replace(
-                "[broker]\n", f'[broker]\nusername = "{n.peer_id}"\npassword_file = "{secret}"\n', 1
-            )
-            n.config.write_text(conf)
+            log_in(n, broker.url, users[n.peer_id])
             n.start()
         try:
             a, b = nodes

@@ -291,3 +291,20 @@ def pair(a: Node, b: Node) -> None:
 
 def make_nodes(root: Path, broker_url: str, names: list[str], **init: str) -> list[Node]:
     return [Node(root, name, broker_url, **init).init() for name in names]
+
+
+# A broker URL to make nodes with before their broker exists (nothing listens on port 1).
+UNREACHABLE = "mqtt://127.0.0.1:1"
+
+
+def log_in(node: Node, broker_url: str, password: str, *, placeholder: str = UNREACHABLE) -> None:
+    """Point `node` (made for the broker URL `placeholder`) at `broker_url`, logging in as its
+    peer id with `password` (kept in a 0600 file next to its config)."""
+    secret = node.dir / "broker-password"
+    secret.write_text(password + "\n")
+    secret.chmod(0o600)
+    conf = node.config.read_text().replace(placeholder, broker_url)
+    conf = conf.replace(
+        "[broker]\n", f'[broker]\nusername = "{node.peer_id}"\npassword_file = "{secret}"\n', 1
+    )
+    node.config.write_text(conf)

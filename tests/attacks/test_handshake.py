@@ -210,8 +210,11 @@ def test_downgrade_to_another_version_network_or_suite_never_completes(
         alice, claim=bob.peer_id, static=bob_keys.static, credentials=bob_keys.credentials(),
         prologue=wrong,
     )  # fmt: skip
-    _mitm(proxy, alice, bob, rogue)
+    sent = _mitm(proxy, alice, bob, rogue)
+    sessions = _sessions_with(apis["alice"], bob)
     _attack(apis["alice"], _connect(apis["alice"], bob), "decrypt")
+    assert [p for p in sent if frame_type(p.payload) == FINISH] == []
+    assert _sessions_with(apis["alice"], bob) == sessions
 
 
 @pytest.mark.parametrize(

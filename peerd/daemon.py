@@ -7,7 +7,10 @@ expiry, scheduled key rotation), the systemd watchdog, and the control socket's 
 The handshake path is synchronous on purpose: a frame from the inbox is handed to the session
 layer in the link's read path and the answer published at once, with the trust decision taken
 from the store's in-memory view. Anything that needs the store (recording a peer, consuming an
-invite, delivering a message) goes through one bounded queue to the event task.
+invite, delivering a message) goes to the event task through `peerd.events.EventLanes`: session
+records never dropped, revocation statements in per-publisher lanes checked cheaply before they
+are queued, bulk work bounded. Log lines a peer or broker account can cause go through a
+`LogBudget`.
 """
 
 from __future__ import annotations
@@ -30,16 +33,27 @@ from peerd.authority import Authority
 from peerd.config import Config, load_config
 from peerd.control import Connection, ControlServer, optional, require
 from peerd.errors import PeerdError, UsageError
+from peerd.events import EventLanes, LaneLimits, LogBudget
 from peerd.keystore import Keystore, read_passphrase
 from peerd.messages import Messenger, OutboxLimits
-from peerd.mqtt import BrokerError, BrokerQueueFull, BrokerSettings, Message, MqttLink, Topics
+from peerd.mqtt import (
+    BrokerError,
+    BrokerQueueFull,
+    BrokerSettings,
+    Message,
+    MqttLink,
+    Topics,
+    statement_id,
+)
 from peerd.store import Store, open_store
 from peerd.systemd import Notifier, watchdog_interval, watchdog_loop
 from peerd.transfers import Transfers
 from protocol.errors import RemoteProtocolError
 from protocol.identity import (
     InviteToken,
+    Revocation,
     TrustError,
+    decode_statement,
     format_peer_id,
     parse_fingerprint,
     parse_peer_id,
@@ -80,7 +94,7 @@ EVENTS = (
     "transfer.progress",
     "transfer.done",
 )
-EVENT_QUEUE = 10_000  # store work waiting for the event task; beyond it: drop and count
+EVENT_QUEUE = 10_000  # bulk store work waiting for the event task; beyond it: drop and count
 JOIN_TIMEOUT = 30.0
 MAX_TOKEN_TEXT = 4096  # an invite token is ~230 characters, more with line breaks
 HOUSEKEEPING_EVERY = 60.0
@@ -157,7 +171,8 @@ class Daemon:
         self.passphrase = passphrase
         self.started_at = time.time()
         self.counters: Counter[str] = Counter()
-        self._events: asyncio.Queue[Callable[[], Awaitable[None]]] = asyncio.Queue(EVENT_QUEUE)
+        self._events = EventLanes(LaneLimits(bulk=EVENT_QUEUE))
+        self._logs = LogBudget(log)
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._joins: dict[str, asyncio.Future[SessionUp]] = {}
@@ -167,7 +182,6 @@ class Daemon:
         # peer's first session would be closed as unknown); the recording applies the rules.
         self._unrecorded: set[tuple[str, int]] = set()
         self._recent_handshakes: deque[dict[str, Any]] = deque(maxlen=1000)
-        self._log_budget: Counter[str] = Counter()
         self.store: Store
         self.keys: Keystore
         self.sessions: SessionManager
@@ -449,8 +463,10 @@ class Daemon:
             elif kind is SessionUp:
                 key = _local_key(out)  # type: ignore[arg-type]
                 self._unrecorded.add(key)
-                if not self._queue(lambda up=out: self._on_session_up(up)):  # type: ignore[misc]
+                if not self._events.urgent(lambda up=out: self._on_session_up(up)):  # type: ignore[misc]
+                    # Never a live session the store does not know: refuse it at its source.
                     self._unrecorded.discard(key)
+                    self._refuse_session(out, "events-full", "too much store work", now)  # type: ignore[arg-type]
             elif kind is SessionDown:
                 self._on_session_down(out)  # type: ignore[arg-type]
             elif kind is HandshakeFailed:
@@ -458,26 +474,28 @@ class Daemon:
         self._wake.set()
 
     def _queue(self, work: Callable[[], Awaitable[None]]) -> bool:
-        try:
-            self._events.put_nowait(work)
-        except asyncio.QueueFull:
-            self.counters["events-dropped"] += 1
-            return False
-        return True
+        """Bulk store work (messages, acknowledgements, transfer bookkeeping): what a drop
+        loses, its sender sends again."""
+        if self._events.bulk(work):
+            return True
+        self.counters["events-dropped"] += 1
+        return False
+
+    def _refused(self, reason: str, msg: str, *args: object) -> None:
+        """Count a refusal under `reason` (`peerd status`) and log it within the budget."""
+        self.sessions.rejections[reason] += 1
+        self._logs.log(logging.INFO, reason, msg, *args)
 
     def _rejected(self, rej: Rejected) -> None:
         # Counted by the session manager; logged with a budget so a flood is not a log flood.
-        key = rej.reason
-        self._log_budget[key] += 1
-        n = self._log_budget[key]
-        if n <= 10 or n % 1000 == 0:
-            log.info(
-                "rejected (%s, %d so far)%s: %s",
-                rej.reason,
-                n,
-                f" from {rej.peer_id}" if rej.peer_id else "",
-                rej.detail,
-            )
+        self._logs.log(
+            logging.INFO,
+            rej.reason,
+            "rejected (%s)%s: %s",
+            rej.reason,
+            f" from {rej.peer_id}" if rej.peer_id else "",
+            rej.detail,
+        )
 
     async def _on_session_up(self, up: SessionUp) -> None:
         try:
@@ -495,13 +513,7 @@ class Daemon:
             else:
                 await self.store.record_authenticated(auth, now=now)
         except PeerdError as exc:
-            reason = getattr(exc, "reason", "refused")
-            log.warning("session with %s refused on recording: %s", up.peer_id, exc)
-            self.sessions.rejections[reason] += 1
-            self._handle(self.sessions.close(up.peer_id, reason, now), now)
-            waiter = self._joins.pop(up.peer_id, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_exception(JoinFailed(f"pairing with {up.peer_id} failed: {exc}"))
+            self._refuse_session(up, getattr(exc, "reason", "refused"), str(exc), now)
             return
         self._session_since[up.peer_id] = now
         record = {
@@ -525,6 +537,19 @@ class Daemon:
             if hasattr(ext, "session_up"):
                 await ext.session_up(up.peer_id)
 
+    def _refuse_session(self, up: SessionUp, reason: str, detail: str, now: float) -> None:
+        """A session up that the store will not record: close it (its peer's other sessions
+        too) and fail a join waiting for it. Messages already queued from it are dropped at
+        delivery (`_from_trusted_session`)."""
+        self.sessions.rejections[reason] += 1
+        self._logs.log(
+            logging.WARNING, reason, "session with %s refused on recording: %s", up.peer_id, detail
+        )
+        self._handle(self.sessions.close(up.peer_id, reason, now), now)
+        waiter = self._joins.pop(up.peer_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(JoinFailed(f"pairing with {up.peer_id} failed: {detail}"))
+
     def _on_session_down(self, down: SessionDown) -> None:
         self._session_since.pop(down.peer_id, None)
         log.info("session with %s down: %s", down.peer_id, down.reason)
@@ -535,7 +560,13 @@ class Daemon:
                 ext.session_down(down.peer_id, down.reason)
 
     def _on_handshake_failed(self, failed: HandshakeFailed) -> None:
-        log.info("handshake with %s failed: %s", failed.peer_id, failed.reason)
+        self._logs.log(
+            logging.INFO,
+            f"handshake-{failed.reason}",
+            "handshake with %s failed: %s",
+            failed.peer_id,
+            failed.reason,
+        )
         self._publish_event("session.failed", {"peer": failed.peer_id, "reason": failed.reason})
         waiter = self._joins.pop(failed.peer_id, None)
         if waiter is not None and not waiter.done():
@@ -550,15 +581,46 @@ class Daemon:
             return
         peer = msg.peer_id
         if isinstance(app, ChannelMessage):
-            self._queue(lambda: self.messenger.on_message(peer, app, now=time.time()))
+            self._queue(lambda: self._deliver(peer, self.messenger.on_message, app))
         elif isinstance(app, ChannelAck):
-            self._queue(lambda: self.messenger.on_ack(peer, app, now=time.time()))
+            self._queue(lambda: self._deliver(peer, self.messenger.on_ack, app))
         elif isinstance(app, RevocationPush):
-            self._queue(lambda: self._learn_revocation(app.statement, source=peer))
+            # Pushed by an authenticated peer: its lane is its own. A statement verifies itself,
+            # whatever the trust in the peer that carried it.
+            self._admit_statement(peer, app.statement, source=peer)
         elif isinstance(app, TransferPayload):
             for ext in self._extensions:
                 if hasattr(ext, "on_control"):
                     ext.on_control(peer, app.raw)
+
+    async def _deliver(
+        self, peer: str, handler: Callable[..., Awaitable[None]], app: ChannelMessage | ChannelAck
+    ) -> None:
+        """Hand a message (or ACK) to the messenger only if a session with `peer` that the store
+        recorded and still trusts exists now: one refused at recording (say, a second joiner
+        with an invite already used) is closed by then, and what it sent must not reach the
+        inbox. Not acknowledged, a dropped message stays in its sender's outbox."""
+        now = time.time()
+        if not self._from_trusted_session(peer, now):
+            self._refused(
+                "message-untrusted-session", "a message from %s without a trusted session", peer
+            )
+            return
+        await handler(peer, app, now=now)
+
+    def _from_trusted_session(self, peer: str, now: float) -> bool:
+        view = self.store.view()
+        for session in self.sessions.sessions_for(peer):
+            if (peer, session.local_index) in self._unrecorded:
+                continue
+            auth = session.auth
+            assert isinstance(auth, Authenticated)
+            try:
+                view.check_session(peer, auth.serial, now)
+            except TrustError:
+                continue
+            return True
+        return False
 
     # -- trust changes -----------------------------------------------------------------------
 
@@ -575,7 +637,13 @@ class Daemon:
                 try:
                     view.check_session(peer, auth.serial, now)
                 except TrustError as exc:
-                    log.warning("closing a session with %s: %s", peer, exc)
+                    self._logs.log(
+                        logging.WARNING,
+                        f"closing-{exc.reason}",
+                        "closing a session with %s: %s",
+                        peer,
+                        exc,
+                    )
                     self.sessions.rejections[exc.reason] += 1
                     self._handle(self.sessions.close_session(session, exc.reason, now), now)
                     self._publish_event(
@@ -587,22 +655,64 @@ class Daemon:
                 ext.trust_changed()
 
     def _on_revocation_message(self, msg: Message) -> None:
+        """A statement from `rev/<publisher>/<statement id>`: the cheap checks here, in the
+        link's read path, before anything is queued; the signature in the event task, within
+        the publisher's lane and rate (peerd/events.py)."""
         statement = msg.payload
         if not statement:
             # Someone cleared a retained statement: it un-revokes nothing (the store keeps
             # what it learned), but an operator should see the attempt.
-            self.sessions.rejections["revocation-cleared"] += 1
+            self._refused("revocation-cleared", "a retained revocation cleared on %s", msg.topic)
             return
-        self._queue(lambda: self._learn_revocation(statement, source="broker"))
+        where = self.topics.parse(msg.topic)
+        if where is None or where[0] != "rev":
+            self._refused("revocation-bad-topic", "a revocation on topic %r", msg.topic[:200])
+            return
+        publisher, sid = where[1]
+        if sid != statement_id(statement):
+            self._refused(
+                "revocation-topic-mismatch", "a revocation under %s that is not %s", publisher, sid
+            )
+            return
+        try:
+            parsed = decode_statement(statement)
+        except RemoteProtocolError as exc:
+            self._refused("revocation-malformed", "a revocation from %s: %s", publisher, exc)
+            return
+        # The ACL lets only the publisher write under rev/<publisher>/: what it may retain
+        # there is its own statement or an authority's it relays (protocol/SPEC.md 2).
+        if isinstance(parsed, Revocation) and parsed.peer_id != publisher:
+            self._refused(
+                "revocation-wrong-issuer",
+                "%s published a revocation of %s",
+                publisher,
+                parsed.peer_id,
+            )
+            return
+        self._admit_statement(publisher, statement, source="broker", sid=sid)
 
-    async def _learn_revocation(self, statement: bytes, *, source: str) -> None:
+    def _admit_statement(
+        self, publisher: str, statement: bytes, *, source: str, sid: str | None = None
+    ) -> None:
+        sid = sid or statement_id(statement)
+        refused = self._events.statement(
+            publisher, sid, lambda: self._learn_revocation(statement, source=source, sid=sid)
+        )
+        if (
+            refused is not None and refused != "duplicate"
+        ):  # a replay is no error (the store's rule)
+            self._refused(
+                f"revocation-{refused}", "a revocation from %s not queued: %s", publisher, refused
+            )
+
+    async def _learn_revocation(self, statement: bytes, *, source: str, sid: str) -> None:
         try:
             changed = await self.store.record_revocation(statement, now=time.time())
         except PeerdError as exc:
-            reason = getattr(exc, "reason", "malformed")
-            self.sessions.rejections[f"revocation-{reason}"] += 1
-            log.info("revocation statement from %s refused: %s", source, exc)
+            reason = f"revocation-{getattr(exc, 'reason', 'malformed')}"
+            self._refused(reason, "revocation statement from %s refused: %s", source, exc)
             return
+        self._events.applied(sid)
         if changed:
             log.warning("learned a revocation (via %s)", source)
             self._publish_event("trust.revoked", {"via": source})
@@ -643,7 +753,7 @@ class Daemon:
             try:
                 await work()
             except PeerdError as exc:
-                log.warning("%s", exc.one_line())
+                self._logs.log(logging.WARNING, "event-error", "%s", exc.one_line())
             except Exception:
                 log.exception("event handling failed")
             finally:
@@ -652,6 +762,7 @@ class Daemon:
     async def _housekeeping(self) -> None:
         while True:
             now = time.time()
+            self._logs.flush()
             try:
                 await self.store.expire_invites(now=now)
                 await self.messenger.expire(now=now)
@@ -899,6 +1010,8 @@ class Daemon:
             "rejections": rejections,
             "messages": dict(self.messenger.counters),
             "control": self.control.stats(),
+            "events_queued": len(self._events),
+            "log_lines_suppressed": self._logs.suppressed,
             **{
                 name: value
                 for ext in self._extensions

@@ -151,9 +151,21 @@ class Wire:
     """An MQTT client for rogue traffic, with any client id, running in a thread of its own.
     It can publish anything (up to `max_packet` bytes) anywhere the broker lets it."""
 
-    def __init__(self, broker_url: str, *, client_id: str | None = None, max_packet: int = 4 << 20):
+    def __init__(
+        self,
+        broker_url: str,
+        *,
+        client_id: str | None = None,
+        max_packet: int = 4 << 20,
+        password: str | None = None,
+    ):
+        # With a password, the client id is also the username (the shipped broker's accounts).
+        client_id = client_id or "rogue" + secrets.token_hex(6)
         settings = BrokerSettings.from_url(
-            broker_url, client_id=client_id or "rogue" + secrets.token_hex(6)
+            broker_url,
+            client_id=client_id,
+            username=client_id if password is not None else None,
+            password=password,
         )
         self.settings = dataclasses.replace(settings, max_packet_size=max_packet)
         self.loop = asyncio.new_event_loop()

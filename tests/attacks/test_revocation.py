@@ -78,7 +78,12 @@ def test_rollback_and_revoked_keys_are_refused_for_good(
             proxy.replay([statement], direction=TO_CLIENT, client=alice.peer_id)
             forged = bytearray(statement.payload)
             forged[-1] ^= 1  # the signature's last byte
+            # On the genuine statement's topic it is refused before any verification: the
+            # topic names the statement by its hash.
             proxy.inject(TO_CLIENT, statement.topic, bytes(forged), client=alice.peer_id)
+            a.wait_rejected("revocation-topic-mismatch")
+            forged_topic = statement_topic(alice, bob.peer_id, bytes(forged))
+            proxy.inject(TO_CLIENT, forged_topic, bytes(forged), client=alice.peer_id)
             a.wait_rejected("revocation-bad-signature")
             other = issue_revocation(
                 new_identity_seed(), peer_id=bob.peer_id, kind="identity", now=time.time()
@@ -87,11 +92,15 @@ def test_rollback_and_revoked_keys_are_refused_for_good(
                 TO_CLIENT, statement_topic(alice, bob.peer_id, other), other, client=alice.peer_id
             )
             a.wait_rejected("revocation-unknown-signer")
-            proxy.inject(TO_CLIENT, statement.topic, b"\x98junk", client=alice.peer_id)
+            junk = b"\x98junk"
+            proxy.inject(
+                TO_CLIENT, statement_topic(alice, bob.peer_id, junk), junk, client=alice.peer_id
+            )
             a.wait_rejected("revocation-malformed")
             assert a.call("v1.audit.verify")["entries"] == log_before
             refused = {k: v for k, v in a.rejections().items() if "revocation" in k}
             assert set(refused) - set(refused_before) == {
+                "revocation-topic-mismatch",
                 "revocation-bad-signature",
                 "revocation-unknown-signer",
                 "revocation-malformed",

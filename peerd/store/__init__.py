@@ -1,7 +1,9 @@
 """The trust store (aiosqlite): peers, certificates, revocations, invites, the event log.
 
-`Store` is in `peerd.store.db`, the schema and its migrations in `peerd.store.schema`, the
-hash-chained event log in `peerd.store.log`.
+`Store` is in `peerd.store.db`, assembled from its records by concern: `peerd.store.core`
+(connection, transactions, erasure), `peerd.store.peers` (own identity, peers, certificates,
+revocations), `peerd.store.invites`. The schema and its migrations are in `peerd.store.schema`,
+the hash-chained event log in `peerd.store.log`.
 """
 
 from __future__ import annotations

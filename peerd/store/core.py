@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -17,10 +19,13 @@ from typing import Any, Final, Self
 
 import aiosqlite
 
+from peerd.store.erasure import SCRUB_RETRY_SECONDS, checkpoint_truncate, watch_secrets
 from peerd.store.log import GENESIS, Event, StoreError, canonical_detail, entry_hash
 from protocol.identity import TrustView
 
 BUSY_TIMEOUT_MS: Final = 5000
+
+log = logging.getLogger("peerd.store")
 
 Listener = Callable[[Event], None]
 
@@ -100,9 +105,19 @@ class StoreCore:
         self._lock = asyncio.Lock()
         self._listeners: list[Listener] = []
         self.schema_version = 0
+        # Erasure (peerd.store.erasure): set from sqlite's thread by the TEMP triggers, read on
+        # the loop after the statement's await, so no lock is needed.
+        self._erased = False
+        self._scrub_tried = 0.0
+        self.scrub_pending = False  # an erased secret may still be in the WAL (a reader held it)
+        self.scrubs = 0  # checkpoints that cut the WAL after an erasure
+        self.scrub_failures = 0  # ... and those a reader (or an I/O error) prevented
 
     async def close(self) -> None:
         if self._db is not None:
+            if self._erased or self.scrub_pending:
+                async with self._lock:
+                    await self._scrub_locked()
             db, self._db = self._db, None
             await db.close()
 
@@ -136,6 +151,49 @@ class StoreCore:
         with contextlib.suppress(ValueError):
             self._listeners.remove(listener)
 
+    # -- erasure ------------------------------------------------------------------------
+
+    def _on_erased(self) -> None:
+        self._erased = True
+
+    async def _watch_secrets(self) -> None:
+        await watch_secrets(self._conn(), self._on_erased)
+
+    async def scrub(self) -> bool:
+        """Cut the WAL now, so that no file keeps a secret erased so far; False if another
+        connection's reader prevented it (then `scrub_pending` stays set and it is retried)."""
+        async with self._lock:
+            return await self._scrub_locked()
+
+    async def _scrub_locked(self) -> bool:
+        self._erased = False
+        self._scrub_tried = time.monotonic()
+        try:
+            done = await checkpoint_truncate(self._conn(), restore_busy_ms=BUSY_TIMEOUT_MS)
+            problem = "another connection holds a read transaction on it"
+        except sqlite3.Error as exc:
+            done, problem = False, str(exc)
+        if done:
+            if self.scrub_pending:
+                log.info("the store's WAL is scrubbed: erased secrets are gone from its files")
+            self.scrub_pending = False
+            self.scrubs += 1
+            return True
+        self.scrub_failures += 1
+        if not self.scrub_pending:  # one line per episode, however long it lasts
+            log.warning(
+                "erased secrets may remain in %s-wal until it can be cut (%s); retrying",
+                self.path,
+                problem,
+            )
+        self.scrub_pending = True
+        return False
+
+    def _scrub_due(self) -> bool:
+        return self._erased or (
+            self.scrub_pending and time.monotonic() - self._scrub_tried >= SCRUB_RETRY_SECONDS
+        )
+
     # -- transactions -------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
@@ -159,6 +217,8 @@ class StoreCore:
                     raise
             except sqlite3.Error as exc:
                 raise _sqlite_error(self.path, exc) from exc
+            if self._scrub_due():
+                await self._scrub_locked()
         for action in tx._after:
             action()
         for event in tx.events:

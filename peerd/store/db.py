@@ -74,6 +74,9 @@ class Store(InviteRecords):
         store = cls(p, db, view)
         try:
             await store._prepare()
+            await store._watch_secrets()
+            # A crash between an erasure and its scrub left the secret in the WAL: scrub first.
+            await store._scrub_locked()
             await store._load()
         except sqlite3.Error as exc:
             await db.close()
@@ -102,9 +105,11 @@ class Store(InviteRecords):
         if str(mode).lower() != "wal":
             raise StoreError(f"the store {self.path} cannot use WAL mode (got {mode})")
         await db.execute("PRAGMA synchronous = FULL")
-        # Erased secrets (an invite's PSK, a finished transfer's content key) are overwritten
-        # in the file, not left in free pages.
+        # Erased secrets (an invite's PSK, a finished transfer's content key) are zeroed in the
+        # page, not left in free space; the WAL's older page images are cut by the scrub that
+        # follows each erasure (peerd.store.erasure). Temporary files stay in memory.
         await db.execute("PRAGMA secure_delete = ON")
+        await db.execute("PRAGMA temp_store = MEMORY")
         await db.execute("PRAGMA foreign_keys = ON")
         while version < len(MIGRATIONS):
             await db.execute("BEGIN IMMEDIATE")

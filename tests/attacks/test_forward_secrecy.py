@@ -12,8 +12,8 @@ import msgpack
 import pytest
 
 from protocol import frames
-from protocol.identity import InviteToken
 from protocol.errors import RemoteProtocolError
+from protocol.identity import InviteToken
 from protocol.noise import HandshakeState
 from protocol.session import NOISE_XX, SessionLimits, SessionManager, prologue
 from protocol.transfer.messages import Offer
@@ -106,7 +106,7 @@ def _files_holding(directory: Path, *secrets: bytes) -> dict[str, list[str]]:
 
 
 def _snapshot_key(node: Node, tid: bytes) -> bytes | None:
-    """The content key inside a transfer's stored snapshot (read-only, connection closed at once)."""
+    """The content key in a transfer's stored snapshot (read-only, closed at once)."""
     db = sqlite3.connect(f"file:{node.dir / 'peerd.db'}?mode=ro", uri=True)
     try:
         row = db.execute("SELECT snapshot FROM transfers WHERE transfer_id = ?", (tid,)).fetchone()

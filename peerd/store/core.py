@@ -19,7 +19,12 @@ from typing import Any, Final, Self
 
 import aiosqlite
 
-from peerd.store.erasure import SCRUB_RETRY_SECONDS, checkpoint_truncate, watch_secrets
+from peerd.store.erasure import (
+    LAZY_SCRUB_SECONDS,
+    SCRUB_RETRY_SECONDS,
+    checkpoint_truncate,
+    watch_secrets,
+)
 from peerd.store.log import GENESIS, Event, StoreError, canonical_detail, entry_hash
 from protocol.identity import TrustView
 
@@ -108,6 +113,7 @@ class StoreCore:
         # Erasure (peerd.store.erasure): set from sqlite's thread by the TEMP triggers, read on
         # the loop after the statement's await, so no lock is needed.
         self._erased = False
+        self._erased_lazily: float | None = None  # monotonic time of the first lazy erasure
         self._scrub_tried = 0.0
         self.scrub_pending = False  # an erased secret may still be in the WAL (a reader held it)
         self.scrubs = 0  # checkpoints that cut the WAL after an erasure
@@ -115,7 +121,7 @@ class StoreCore:
 
     async def close(self) -> None:
         if self._db is not None:
-            if self._erased or self.scrub_pending:
+            if self._erased or self._erased_lazily is not None or self.scrub_pending:
                 async with self._lock:
                     await self._scrub_locked()
             db, self._db = self._db, None
@@ -153,8 +159,11 @@ class StoreCore:
 
     # -- erasure ------------------------------------------------------------------------
 
-    def _on_erased(self) -> None:
-        self._erased = True
+    def _on_erased(self, at_once: int) -> None:
+        if at_once:
+            self._erased = True
+        elif self._erased_lazily is None:
+            self._erased_lazily = time.monotonic()
 
     async def _watch_secrets(self) -> None:
         await watch_secrets(self._conn(), self._on_erased)
@@ -167,6 +176,7 @@ class StoreCore:
 
     async def _scrub_locked(self) -> bool:
         self._erased = False
+        self._erased_lazily = None
         self._scrub_tried = time.monotonic()
         try:
             done = await checkpoint_truncate(self._conn(), restore_busy_ms=BUSY_TIMEOUT_MS)
@@ -190,9 +200,13 @@ class StoreCore:
         return False
 
     def _scrub_due(self) -> bool:
-        return self._erased or (
-            self.scrub_pending and time.monotonic() - self._scrub_tried >= SCRUB_RETRY_SECONDS
-        )
+        if self._erased:
+            return True
+        now = time.monotonic()
+        lazy = self._erased_lazily
+        if lazy is not None and now - lazy >= LAZY_SCRUB_SECONDS:
+            return True
+        return self.scrub_pending and now - self._scrub_tried >= SCRUB_RETRY_SECONDS
 
     # -- transactions -------------------------------------------------------------------
 

@@ -575,7 +575,20 @@ class TrustView:
                 f"already {MAX_UNMET_REVOCATIONS} revocations of peers never met are kept",
                 reason="unmet-revocations-full",
             )
-        if parsed.signer not in known and peer_id_for(parsed.signer) != peer_id:
+        # Only the current identity key signs for a node (SPEC 6.8): the last key of the chain
+        # this verifier pinned, or, with no chain pinned, the key that hashes to the peer id.
+        # A succeeded key is refused even though it once was the node's: the node erased it
+        # when it succeeded, so whoever still holds it is a thief (an old backup, the reason
+        # for the succession), and an identity revocation would hand him a kill switch.
+        current = known[-1] if known else None
+        first = peer_id_for(parsed.signer) == peer_id
+        if not (parsed.signer == current or (current is None and first)):
+            if parsed.signer in known or first:
+                raise TrustError(
+                    f"the revocation of {peer_id} is signed by an identity key it has succeeded",
+                    reason="superseded-signer",
+                    hint="only the node's current identity key (or the authority) can revoke it",
+                )
             raise TrustError(
                 f"the revocation of {peer_id} is signed by a key not known to be its own",
                 reason="unknown-signer",

@@ -13,6 +13,7 @@ BENCHMARKS = {
     "noise": ("noise", "in-memory XX handshake: ours vs the noiseprotocol package"),
     "handshake": ("handshake", "sessions between daemons: latency vs the MQTT floor, 200 peers"),
     "transfer": ("transfer", "files between daemons: vs aiomqtt and scp, memory, fan-out, resume"),
+    "erasure": ("erasure", "the WAL scrub after a commit that erases a secret, on a real store"),
 }
 
 

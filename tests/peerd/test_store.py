@@ -692,3 +692,19 @@ def test_event_hash_vector() -> None:
         GENESIS, 1, 1750000000.0, "peer-blocked", peer_id="fzgvkqmhhbzn507p1w22", detail="{}"
     )
     assert digest.hex() == "28831367ad58c2da8410f467142e4d508dacd5bc1eb618d6535fdae667415c3f"
+
+
+async def test_a_succeeded_identity_key_cannot_revoke_and_nothing_is_written(
+    store: Store, tmp_path: Path
+) -> None:
+    node = Node()
+    old_seed = node.seed
+    node.succeed()
+    await pair(store, node)
+    before = snapshot(tmp_path / "peerd.db")
+    stolen = issue_revocation(old_seed, peer_id=node.peer_id, kind="identity", now=NOW)
+    with pytest.raises(TrustError) as info:
+        await store.record_revocation(stolen.encode(), now=NOW + 1)
+    assert info.value.reason == "superseded-signer"
+    assert snapshot(tmp_path / "peerd.db") == before
+    assert store.peer(node.peer_id).state is PeerState.TRUSTED  # type: ignore[union-attr]

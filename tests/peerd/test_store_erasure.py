@@ -75,9 +75,9 @@ def test_every_secret_column_exists_in_the_schema(tmp_path: Path) -> None:
     asyncio.run(go())
     db = sqlite3.connect(tmp_path / "peerd.db")
     try:
-        for table, column in SECRET_COLUMNS:
-            columns = [r[1] for r in db.execute(f"PRAGMA table_info({table})")]
-            assert column in columns, (table, column)
+        for secret in SECRET_COLUMNS:
+            columns = [r[1] for r in db.execute(f"PRAGMA table_info({secret.table})")]
+            assert secret.column in columns, secret
     finally:
         db.close()
 
@@ -189,3 +189,23 @@ def test_sigkill_between_erasure_and_scrub_is_scrubbed_at_the_next_open(tmp_path
             await s.close()
 
     asyncio.run(reopen())
+
+
+async def test_delivered_message_bodies_leave_the_files_within_the_lazy_bound(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body = os.urandom(48)
+    async with store.transaction(NOW) as tx:
+        await tx.execute(
+            "INSERT INTO outbox (peer_id, channel, seq, data, created_at, expires_at)"
+            " VALUES ('p', 'c', 1, ?, ?, ?)",
+            (body, NOW, NOW + 600),
+        )
+    async with store.transaction(NOW) as tx:  # acknowledged: deleted, as messages.py does
+        await tx.execute("DELETE FROM outbox WHERE peer_id = 'p' AND channel = 'c' AND seq <= 1")
+    # Not at once (a checkpoint per message would cost too much) ...
+    assert files_holding(tmp_path, body) != []
+    # ... but by the first commit LAZY_SCRUB_SECONDS later (the daemon's housekeeping commits).
+    monkeypatch.setattr("peerd.store.core.LAZY_SCRUB_SECONDS", 0.0)
+    await store.expire_invites(now=NOW)
+    assert files_holding(tmp_path, body) == []

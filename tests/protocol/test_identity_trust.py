@@ -314,21 +314,55 @@ def test_revocation_by_a_stranger_is_refused() -> None:
     assert info.value.reason == "bad-signature"
 
 
-def test_revocation_by_a_succeeded_key_of_a_known_chain() -> None:
+def test_only_the_current_identity_key_revokes_a_succeeded_node() -> None:
+    """SPEC 6.8: a succeeded identity key cannot sign for the node any more, revocations
+    included. The threat: the node erased its old key when it succeeded, so whoever still holds
+    one (a thief, an old backup: often the reason for the succession) could otherwise revoke the
+    peer id for good at every verifier - a kill switch - or revoke every future static serial."""
     view, node = _view(), Node()
+    first_seed = node.seed
     node.succeed()
+    middle_seed = node.seed
     node.succeed()
     _trusted(view, node)
     middle = node.successions[0].new_identity  # neither first nor current
     assert middle not in (node.first_identity, node.identity_public)
+    for old_seed in (first_seed, middle_seed):
+        for kind, serial in (("identity", 0), ("static", 2**40)):
+            stolen = issue_revocation(
+                old_seed, peer_id=node.peer_id, kind=kind, serial=serial, now=NOW
+            )
+            with pytest.raises(TrustError) as info:
+                view.plan_revocation(stolen.encode(), NOW)
+            assert info.value.reason == "superseded-signer"
+    assert view.peer(node.peer_id).state is PeerState.TRUSTED  # type: ignore[union-attr]
+    assert view.revoked_through(node.peer_id) == 0
+    # The owner, with the current key, can.
     statement = issue_revocation(node.seed, peer_id=node.peer_id, kind="identity", now=NOW)
     assert view.plan_revocation(statement.encode(), NOW).changes
     # An unknown peer's revocation by a successor key cannot be verified yet.
     stranger = Node()
     stranger.succeed()
     late = issue_revocation(stranger.seed, peer_id=stranger.peer_id, kind="identity", now=NOW)
-    with pytest.raises(TrustError):
+    with pytest.raises(TrustError) as info:
         view.plan_revocation(late.encode(), NOW)
+    assert info.value.reason == "unknown-signer"
+
+
+def test_a_verifier_that_never_saw_the_chain_accepts_the_first_key() -> None:
+    """The bound of the rule above, stated as a test: a verifier that has pinned no chain for a
+    node knows no key but the one that hashes to its peer id, so it accepts a revocation signed
+    by it, even after the node succeeded (SECURITY.md 3.3). Once it pins the chain, it refuses."""
+    node = Node()
+    first_seed = node.seed
+    node.succeed()
+    stolen = issue_revocation(first_seed, peer_id=node.peer_id, kind="identity", now=NOW)
+    assert _view().plan_revocation(stolen.encode(), NOW).changes
+    view = _view()
+    _trusted(view, node)
+    with pytest.raises(TrustError) as info:
+        view.plan_revocation(stolen.encode(), NOW)
+    assert info.value.reason == "superseded-signer"
 
 
 # -- blocked and pending -----------------------------------------------------------------------

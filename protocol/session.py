@@ -8,8 +8,11 @@ frames to publish to a peer's inbox and events. Trust decisions are delegated to
 synchronously in the middle of a handshake, so the initiator can abort before its third message
 when the responder is not who it meant.
 
-Sessions are `Noise_XX_25519_ChaChaPoly_BLAKE2b` (`XXpsk0` with a network PSK; `XXpsk3` with
-an invite's PSK when pairing). Transport frames carry an explicit 64-bit counter checked against a
+Sessions are `Noise_XXhfs_25519+MLKEM768_ChaChaPoly_BLAKE2b`: XX with an ephemeral ML-KEM-768
+exchange mixed in beside X25519 (hybrid forward secrecy against a recording quantum adversary;
+`XXhfs+psk0` with a network PSK; `XXhfs+psk3` with an invite's PSK when pairing). There is no
+classic mode: a HELLO too short to carry a KEM key is refused (`classic-handshake`). Transport
+frames carry an explicit 64-bit counter checked against a
 sliding replay window, because MQTT may duplicate and reorder across reconnects. A session is
 replaced by a fresh handshake (rekey) after a time or message budget; superseded sessions keep
 receiving for a grace period so frames in flight are not lost, then their keys are dropped.
@@ -28,14 +31,18 @@ import nacl.utils
 
 from protocol import frames
 from protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
-from protocol.noise import CipherState, HandshakeState, KeyPair
+from protocol.noise import MLKEM768, CipherState, HandshakeState, KeyPair, message_overheads
 
 PROTOCOL_VERSION = 1
-NOISE_XX = "Noise_XX_25519_ChaChaPoly_BLAKE2b"
-NOISE_XXPSK3 = "Noise_XXpsk3_25519_ChaChaPoly_BLAKE2b"
-# With a network PSK the PSK goes first: a HELLO made without it fails to decrypt before the
-# responder does any DH, so the PSK doubles as a cheap filter against strangers' floods.
-NOISE_XXPSK0 = "Noise_XXpsk0_25519_ChaChaPoly_BLAKE2b"
+# Every handshake is hybrid (SPEC.md 4.1): the names bind the KEM into the transcript (they
+# initialise the handshake hash and are part of the prologue), so no classic variant can pass
+# for one of these.
+NOISE_XX = "Noise_XXhfs_25519+MLKEM768_ChaChaPoly_BLAKE2b"
+NOISE_XXPSK3 = "Noise_XXhfs+psk3_25519+MLKEM768_ChaChaPoly_BLAKE2b"
+# With a network PSK the PSK goes first: a HELLO made without it fails to decrypt (its KEM key
+# is already encrypted) before the responder does any DH or KEM work, so the PSK doubles as a
+# cheap filter against strangers' floods.
+NOISE_XXPSK0 = "Noise_XXhfs+psk0_25519+MLKEM768_ChaChaPoly_BLAKE2b"
 MAX_NETWORK_LEN = 64
 # A transport plaintext is one kind byte and a body; a Noise message is at most 65535 bytes.
 MAX_PAYLOAD = 65535 - 16 - 1
@@ -148,6 +155,7 @@ class SessionUp:
     session_id: tuple[int, int]  # (initiator's index, responder's index): same on both sides
     invite_id: bytes | None  # set when the session paired two nodes by invite
     rekey: bool  # another session with this peer was already up
+    protocol: str  # the Noise protocol name of its handshake
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,6 +281,7 @@ class Session:
     confirmed: bool = True
     invite_id: bytes | None = None
     started_at: float = 0.0
+    protocol: str = NOISE_XX  # the Noise protocol name of its handshake
 
     def wipe(self) -> None:
         self.sender.clear()
@@ -315,6 +324,11 @@ class SessionManager:
         self._protocol = NOISE_XXPSK0 if network_psk else NOISE_XX
         self._prologue = prologue(network, self._protocol)
         self._psk_prologue = prologue(network, NOISE_XXPSK3)
+        # The shortest message 1 each protocol allows (its payload empty): anything shorter
+        # cannot carry an ML-KEM key, i.e. it is a classic handshake.
+        self._min_hello = message_overheads(self._protocol)[0]
+        self._min_hello_psk = message_overheads(NOISE_XXPSK3)[0]
+        MLKEM768.generate()  # fail at start, clearly, on a cryptography build without ML-KEM
         self._peers: dict[str, _Peer] = {}
         self._by_index: dict[int, Session] = {}
         self._half_open: OrderedDict[int, _Handshake] = OrderedDict()  # responder, LRU
@@ -473,6 +487,17 @@ class SessionManager:
             return [self._reject(refusal, claimed, "HELLO from a peer that cannot be accepted")]
         if not self._hello_bucket.take(now) or not self._peer_bucket(claimed, now).take(now):
             return [self._reject("rate-limited", claimed, "too many handshakes")]
+        if len(hello.noise) < (self._min_hello if psk is None else self._min_hello_psk):
+            # No downgrade: a peer that speaks X25519-only Noise (an older peerd, or someone
+            # stripping the KEM) is told apart before any cryptography, and counted by name.
+            return [
+                self._reject(
+                    "classic-handshake",
+                    claimed,
+                    "HELLO without an ML-KEM-768 key: peerd sessions are hybrid only "
+                    f"({NOISE_XXPSK3 if psk else self._protocol}); the peer must upgrade",
+                )
+            ]
         state = self._handshake_state(False, psk)
         try:
             payload = state.read_message(hello.noise)
@@ -605,6 +630,7 @@ class SessionManager:
             confirmed=confirmed,
             invite_id=hs.invite_id,
             started_at=hs.started_at,
+            protocol=hs.state.protocol_name,
         )
         self._by_index[session.local_index] = session
         return session
@@ -633,6 +659,7 @@ class SessionManager:
                 (local, remote) if session.initiator else (remote, local),
                 session.invite_id,
                 rekey,
+                session.protocol,
             )
         ]
 

@@ -1,8 +1,10 @@
 """Handshake patterns of the Noise Protocol Framework (revision 34), as data.
 
 Every fundamental, one-way and deferred pattern of the specification is one entry of `PATTERNS`;
-PSK modifiers (`psk0`..`pskN`, combinable as `psk0+psk2`) are applied to a pattern by
-`resolve_pattern`, so the engine itself never special-cases a pattern name.
+modifiers are applied to a pattern by `resolve_pattern`, so the engine itself never special-cases
+a pattern name: PSK modifiers (`psk0`..`pskN`) and the KEM-based hybrid forward secrecy modifier
+`hfs` (the Noise HFS extension, revision 1: tokens `e1` and `ekem1`), combinable with `+` and
+applied in the order written (`XXhfs+psk0`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ class Token(IntEnum):
     SE = 5
     SS = 6
     PSK = 7
+    E1 = 8  # HFS: a fresh KEM key pair; its public key travels like a static key
+    EKEM1 = 9  # HFS: encapsulate to the peer's e1; the ciphertext travels like a static key
 
 
 _TOKEN_NAMES = {
@@ -32,7 +36,10 @@ _TOKEN_NAMES = {
     "se": Token.SE,
     "ss": Token.SS,
     "psk": Token.PSK,
+    "e1": Token.E1,
+    "ekem1": Token.EKEM1,
 }
+_DH_TOKENS = frozenset({Token.EE, Token.ES, Token.SE, Token.SS})
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +61,11 @@ class HandshakePattern:
     @property
     def psk_count(self) -> int:
         return sum(msg.count(Token.PSK) for msg in self.messages)
+
+    @property
+    def hfs(self) -> bool:
+        """Whether the pattern exchanges a KEM (the `hfs` modifier)."""
+        return any(Token.E1 in msg for msg in self.messages)
 
 
 # name: (initiator pre-message, responder pre-message, messages); each message is "->"/"<-"
@@ -120,26 +132,58 @@ def _build(name: str) -> HandshakePattern:
 
 PATTERNS: dict[str, HandshakePattern] = {name: _build(name) for name in _SOURCE}
 
-_MODIFIED = re.compile(r"([NKXI]1?[NKX]?1?)((?:psk\d+)(?:\+psk\d+)*)?")
+_MODIFIED = re.compile(r"([NKXI]1?[NKX]?1?)(.*)")
+_PSK_MODIFIER = re.compile(r"psk(\d{1,2})")
+
+
+def _apply_psk(text: str, messages: list[list[Token]], n: int) -> None:
+    if n == 0:
+        messages[0].insert(0, Token.PSK)
+    elif n <= len(messages):
+        messages[n - 1].append(Token.PSK)
+    else:
+        raise LocalProtocolError(f"{text}: psk{n} names a message the pattern does not have")
+
+
+def _apply_hfs(text: str, messages: list[list[Token]]) -> None:
+    """HFS revision 1, section 5: `e1` goes after the first `e`, or after the first DH of that
+    message if it has one (so that the KEM public key is encrypted); `ekem1` goes directly after
+    the first `ee`. (The HFS table writes KKhfs as `e, e1, es, ss`, against its own rule; we
+    follow the rule, as the snow implementation does.)"""
+    for msg in messages:
+        if Token.E in msg:
+            dhs = [i for i, t in enumerate(msg) if t in _DH_TOKENS]
+            msg.insert(dhs[0] + 1 if dhs else msg.index(Token.E) + 1, Token.E1)
+            break
+    for msg in messages:
+        if Token.EE in msg:
+            msg.insert(msg.index(Token.EE) + 1, Token.EKEM1)
+            return
+    raise LocalProtocolError(f"{text}: hfs needs a pattern with an ee token")
 
 
 def resolve_pattern(text: str) -> HandshakePattern:
-    """`XXpsk3` -> the XX pattern with a psk token appended to its third message."""
+    """`XXpsk3` -> the XX pattern with a psk token appended to its third message;
+    `XXhfs+psk0` -> XX with the HFS KEM tokens, then a psk token before its first message."""
     match = _MODIFIED.fullmatch(text)
     if match is None or match.group(1) not in PATTERNS:
         raise LocalProtocolError(f"unknown Noise handshake pattern {text!r}")
     base = PATTERNS[match.group(1)]
     if not match.group(2):
         return base
+    modifiers = match.group(2).split("+")
+    if len(set(modifiers)) != len(modifiers):
+        raise LocalProtocolError(f"{text}: a modifier appears twice")
     messages = [list(m) for m in base.messages]
-    for modifier in match.group(2).split("+"):
-        n = int(modifier[3:])
-        if n == 0:
-            messages[0].insert(0, Token.PSK)
-        elif n <= len(messages):
-            messages[n - 1].append(Token.PSK)
+    for modifier in modifiers:
+        if modifier == "hfs":
+            if base.one_way:
+                raise LocalProtocolError(f"{text}: hfs needs an interactive pattern")
+            _apply_hfs(text, messages)
+        elif psk := _PSK_MODIFIER.fullmatch(modifier):
+            _apply_psk(text, messages, int(psk.group(1)))
         else:
-            raise LocalProtocolError(f"{text}: psk{n} names a message the pattern does not have")
+            raise LocalProtocolError(f"unknown Noise handshake pattern {text!r}")
     return HandshakePattern(
         text, base.initiator_pre, base.responder_pre, tuple(tuple(m) for m in messages)
     )

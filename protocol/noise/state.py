@@ -18,11 +18,14 @@ from protocol.noise.suite import (
     CIPHERS,
     DHLEN,
     HASHES,
+    KEMS,
     KEYLEN,
     MAX_NONCE,
     TAGLEN,
     Cipher,
     Hash,
+    Kem,
+    KemKeyPair,
     KeyPair,
     dh,
 )
@@ -156,19 +159,58 @@ class SymmetricState:
 
 
 @functools.lru_cache(maxsize=64)  # every handshake parses its name: the table is constant
-def parse_protocol_name(name: str) -> tuple[HandshakePattern, str, Cipher, Hash]:
-    """`Noise_XXpsk3_25519_ChaChaPoly_BLAKE2b` -> (pattern, dh name, cipher, hash)."""
+def parse_protocol_name(name: str) -> tuple[HandshakePattern, str, Kem | None, Cipher, Hash]:
+    """`Noise_XXhfs+psk0_25519+MLKEM768_ChaChaPoly_BLAKE2b` -> (pattern, dh name, KEM or None,
+    cipher, hash). A KEM is named (after the DH, with `+`) exactly when the pattern is `hfs`."""
     parts = name.split("_")
     if len(parts) != 5 or parts[0] != "Noise":
         raise LocalProtocolError(f"{name!r} is not a Noise protocol name")
-    _, pattern_text, dh_name, cipher_name, hash_name = parts
+    _, pattern_text, dh_text, cipher_name, hash_name = parts
+    dh_name, _, kem_name = dh_text.partition("+")
     if dh_name != "25519":
         raise LocalProtocolError(f"DH function {dh_name!r} is not supported (only 25519)")
     if cipher_name not in CIPHERS:
         raise LocalProtocolError(f"cipher {cipher_name!r} is not supported ({', '.join(CIPHERS)})")
     if hash_name not in HASHES:
         raise LocalProtocolError(f"hash {hash_name!r} is not supported ({', '.join(HASHES)})")
-    return resolve_pattern(pattern_text), dh_name, CIPHERS[cipher_name], HASHES[hash_name]
+    pattern = resolve_pattern(pattern_text)
+    kem: Kem | None = None
+    if kem_name:
+        if kem_name not in KEMS:
+            raise LocalProtocolError(f"KEM {kem_name!r} is not supported ({', '.join(KEMS)})")
+        kem = KEMS[kem_name]
+    if pattern.hfs != (kem is not None):
+        raise LocalProtocolError(f"{name}: a KEM is named exactly when the pattern is hfs")
+    return pattern, dh_name, kem, CIPHERS[cipher_name], HASHES[hash_name]
+
+
+@functools.lru_cache(maxsize=64)
+def message_overheads(protocol_name: str) -> tuple[int, ...]:
+    """The bytes each handshake message of `protocol_name` carries besides its payload's
+    plaintext: keys, KEM public keys and ciphertexts, and every AEAD tag (the payload's too).
+    A message is exactly this long plus its payload (SPEC.md section 4.1 lists them)."""
+    pattern, _dh, kem, _cipher, _hash = parse_protocol_name(protocol_name)
+    psk_mode = pattern.psk_count > 0
+    has_key = False
+    sizes = []
+    for tokens in pattern.messages:
+        size = 0
+        for token in tokens:
+            if token is Token.E:
+                size += DHLEN
+                has_key = has_key or psk_mode
+            elif token in (Token.S, Token.E1, Token.EKEM1):
+                assert kem is not None or token is Token.S
+                size += {
+                    Token.S: DHLEN,
+                    Token.E1: kem.public_len if kem else 0,
+                    Token.EKEM1: kem.ciphertext_len if kem else 0,
+                }[token] + (TAGLEN if has_key else 0)
+                has_key = has_key or token is Token.EKEM1
+            else:  # a DH or a PSK: MixKey
+                has_key = True
+        sizes.append(size + (TAGLEN if has_key else 0))
+    return tuple(sizes)
 
 
 def _keypair(key: KeyPair | bytes | None) -> KeyPair | None:
@@ -184,19 +226,26 @@ class HandshakeState:
     only given to reproduce test vectors, otherwise it is generated fresh when the pattern needs
     it. `rs` and `re` are the remote public keys known in advance (pre-messages). `psks` are the
     pre-shared keys, consumed in the order the pattern's psk tokens appear.
+
+    HFS patterns (`e1`, `ekem1`) use the KEM their protocol name selects. `e1` (a KEM key pair,
+    or the 64-byte ML-KEM seed d || z) and `kem` (another implementation of the same KEM, e.g.
+    one whose encapsulation is derandomised) exist only to reproduce test vectors.
     """
 
     __slots__ = (
         "_dead",
         "_index",
         "_initiator",
+        "_kem",
         "_pattern",
         "_psk_mode",
         "_psks",
         "_result",
         "e",
+        "e1",
         "protocol_name",
         "re",
+        "re1",
         "rs",
         "s",
         "symmetric",
@@ -213,8 +262,13 @@ class HandshakeState:
         rs: bytes | None = None,
         re: bytes | None = None,
         psks: Sequence[bytes] = (),
+        e1: KemKeyPair | bytes | None = None,
+        kem: Kem | None = None,
     ) -> None:
-        pattern, _dh, cipher, hash_ = parse_protocol_name(protocol_name)
+        pattern, _dh, named_kem, cipher, hash_ = parse_protocol_name(protocol_name)
+        if kem is not None and (named_kem is None or kem.name != named_kem.name):
+            raise LocalProtocolError(f"{protocol_name} does not use the KEM {kem.name}")
+        self._kem = kem or named_kem
         self.protocol_name = protocol_name
         self._pattern = pattern
         self._initiator = initiator
@@ -222,6 +276,12 @@ class HandshakeState:
         self.e = _keypair(e)
         self.rs = rs
         self.re = re
+        if isinstance(e1, bytes):
+            if self._kem is None:
+                raise LocalProtocolError(f"{protocol_name} uses no KEM")
+            e1 = self._kem.from_seed(e1)
+        self.e1: KemKeyPair | None = e1
+        self.re1: bytes | None = None
         if len(psks) != pattern.psk_count:
             raise LocalProtocolError(
                 f"{protocol_name} needs {pattern.psk_count} PSK(s), {len(psks)} given"
@@ -305,6 +365,7 @@ class HandshakeState:
         self.symmetric.cipher_state.clear()
         self.symmetric.ck = b""
         self.e = None
+        self.e1 = None
         self._psks = []
 
     def _begin(self, writing: bool) -> tuple[Token, ...]:
@@ -364,6 +425,17 @@ class HandshakeState:
                 parts.append(sym.encrypt_and_hash(self.s.public))
             elif token is Token.PSK:
                 sym.mix_key_and_hash(self._psks.pop(0))
+            elif token is Token.E1:
+                assert self._kem is not None  # parse_protocol_name: hfs names a KEM
+                if self.e1 is None:
+                    self.e1 = self._kem.generate()
+                parts.append(sym.encrypt_and_hash(self.e1.public))
+            elif token is Token.EKEM1:
+                assert self._kem is not None  # parse_protocol_name: hfs names a KEM
+                assert self.re1 is not None  # the pattern puts e1 before ekem1
+                ciphertext, secret = self._kem.encapsulate(self.re1)
+                parts.append(sym.encrypt_and_hash(ciphertext))
+                sym.mix_key(secret)
             else:
                 sym.mix_key(self._dh_for(token))
         parts.append(sym.encrypt_and_hash(payload))
@@ -409,6 +481,23 @@ class HandshakeState:
                 pos += n
             elif token is Token.PSK:
                 sym.mix_key_and_hash(self._psks.pop(0))
+            elif token is Token.E1 or token is Token.EKEM1:
+                kem = self._kem
+                assert kem is not None  # parse_protocol_name: hfs names a KEM
+                n = kem.public_len if token is Token.E1 else kem.ciphertext_len
+                if sym.cipher_state.has_key():
+                    n += TAGLEN
+                if len(message) - pos < n:
+                    raise RemoteProtocolError("handshake message too short", reason="truncated")
+                value = sym.decrypt_and_hash(bytes(view[pos : pos + n]))
+                pos += n
+                if token is Token.E1:
+                    self.re1 = value
+                else:
+                    assert self.e1 is not None  # this side wrote e1 before
+                    secret = kem.decapsulate(self.e1, value)
+                    self.e1 = None  # used once: forward secrecy needs it gone
+                    sym.mix_key(secret)
             else:
                 sym.mix_key(self._dh_for(token))
         rest = bytes(view[pos:])

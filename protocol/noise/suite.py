@@ -1,7 +1,8 @@
-"""The cryptographic functions a Noise protocol name selects: DH, cipher and hash.
+"""The cryptographic functions a Noise protocol name selects: DH, KEM, cipher and hash.
 
 All primitives come from libsodium (through `protocol.sodium`), except the hash functions, which are
-hashlib's (OpenSSL/HACL*: the same BLAKE2b and SHA-2, without a round trip through cffi).
+hashlib's (OpenSSL/HACL*: the same BLAKE2b and SHA-2, without a round trip through cffi), and the
+KEM, ML-KEM-768 (FIPS 203), which libsodium does not have: it is pyca/cryptography's.
 HMAC and HKDF are written out here as the specification defines them (section 4.3), with the
 padded-key hash states precomputed, because they are the hot path of a handshake.
 """
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import nacl.utils
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import mlkem
 
 from protocol import sodium
 from protocol.errors import LocalProtocolError, RemoteProtocolError
@@ -55,6 +58,99 @@ def dh(private: bytes, public: bytes) -> bytes:
     if len(public) != DHLEN:
         raise RemoteProtocolError("an X25519 public key has 32 bytes", reason="bad-key")
     return sodium.x25519(private, public)
+
+
+# --- KEM: ML-KEM-768 (FIPS 203), for the HFS tokens e1 / ekem1 ----------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KemKeyPair:
+    """A KEM key pair: the library's private key object and the encoded public key. `repr`
+    never shows the private key."""
+
+    private: Any
+    public: bytes
+
+    def __repr__(self) -> str:
+        return f"KemKeyPair(public={self.public[:16].hex()}...)"
+
+
+@dataclass(frozen=True, slots=True)
+class Kem:
+    """The KEM functions of the HFS extension (section 3). `encapsulate(public)` returns
+    (ciphertext, shared secret); `decapsulate(pair, ciphertext)` the shared secret. A malformed
+    peer public key or ciphertext raises RemoteProtocolError; a well-formed but altered
+    ciphertext yields another secret (ML-KEM's implicit rejection), so the next AEAD fails."""
+
+    name: str
+    public_len: int
+    ciphertext_len: int
+    generate: Callable[[], KemKeyPair]
+    from_seed: Callable[[bytes], KemKeyPair]
+    encapsulate: Callable[[bytes], tuple[bytes, bytes]]
+    decapsulate: Callable[[KemKeyPair, bytes], bytes]
+
+
+MLKEM768_SEED_LEN = 64  # d || z of FIPS 203 ML-KEM.KeyGen_internal
+
+
+def _unavailable(exc: UnsupportedAlgorithm) -> LocalProtocolError:
+    return LocalProtocolError(
+        "ML-KEM-768 is not available: pyca/cryptography >= 47 built with an OpenSSL/AWS-LC that "
+        f"has ML-KEM is required ({exc})"
+    )
+
+
+def _mlkem768_pair(private: mlkem.MLKEM768PrivateKey) -> KemKeyPair:
+    return KemKeyPair(private, private.public_key().public_bytes_raw())
+
+
+def _mlkem768_generate() -> KemKeyPair:
+    try:
+        return _mlkem768_pair(mlkem.MLKEM768PrivateKey.generate())
+    except UnsupportedAlgorithm as exc:
+        raise _unavailable(exc) from exc
+
+
+def _mlkem768_from_seed(seed: bytes) -> KemKeyPair:
+    if len(seed) != MLKEM768_SEED_LEN:
+        raise LocalProtocolError(f"an ML-KEM-768 seed has {MLKEM768_SEED_LEN} bytes")
+    try:
+        return _mlkem768_pair(mlkem.MLKEM768PrivateKey.from_seed_bytes(seed))
+    except UnsupportedAlgorithm as exc:
+        raise _unavailable(exc) from exc
+
+
+def _mlkem768_encapsulate(public: bytes) -> tuple[bytes, bytes]:
+    try:
+        secret, ciphertext = mlkem.MLKEM768PublicKey.from_public_bytes(public).encapsulate()
+    except ValueError as exc:  # wrong length, or coefficients not reduced (FIPS 203 7.2)
+        raise RemoteProtocolError(
+            "an invalid ML-KEM-768 encapsulation key", reason="bad-key"
+        ) from exc
+    except UnsupportedAlgorithm as exc:
+        raise _unavailable(exc) from exc
+    return ciphertext, secret
+
+
+def _mlkem768_decapsulate(pair: KemKeyPair, ciphertext: bytes) -> bytes:
+    try:
+        secret: bytes = pair.private.decapsulate(ciphertext)
+    except ValueError as exc:  # only a wrong length; the reader always slices the right one
+        raise RemoteProtocolError("an invalid ML-KEM-768 ciphertext", reason="bad-key") from exc
+    return secret
+
+
+MLKEM768 = Kem(
+    "MLKEM768",
+    public_len=1184,
+    ciphertext_len=1088,
+    generate=_mlkem768_generate,
+    from_seed=_mlkem768_from_seed,
+    encapsulate=_mlkem768_encapsulate,
+    decapsulate=_mlkem768_decapsulate,
+)
+KEMS = {"MLKEM768": MLKEM768}
 
 
 # --- Ciphers --------------------------------------------------------------------------------

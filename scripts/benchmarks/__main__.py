@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 # name -> (module under scripts.benchmarks, one-line description)
 BENCHMARKS = {
-    "noise": ("noise", "in-memory XX handshake: ours vs the noiseprotocol package"),
+    "noise": ("noise", "in-memory handshakes: ours vs noiseprotocol, hybrid vs classic"),
     "handshake": ("handshake", "sessions between daemons: latency vs the MQTT floor, 200 peers"),
     "transfer": ("transfer", "files between daemons: vs aiomqtt and scp, memory, fan-out, resume"),
     "erasure": ("erasure", "the WAL scrub after a commit that erases a secret, on a real store"),

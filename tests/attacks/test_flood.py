@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from peerd.mqtt import Topics
+from protocol.noise import MLKEM768
 from tests.attacks.conftest import start_cluster
 from tests.attacks.helpers import (
     SOON,
@@ -44,6 +45,7 @@ class Junk:
         self.sent = 0
         self.bytes = 0
         self.stop = threading.Event()
+        self.kem_key = MLKEM768.generate().public
 
     def __iter__(self) -> Iterator[tuple[str, bytes]]:
         while self.sent < 1_000_000 and not (self.stop.is_set() and self.bytes >= FLOOD_BYTES):
@@ -53,8 +55,11 @@ class Junk:
             self.bytes += len(payload)
 
     def _hello(self, claim: str) -> bytes:
+        # A hybrid HELLO's shape (an X25519 key, then a valid ML-KEM-768 key), so the ones
+        # within the rate limit cost the victim a real answer, not a cheap classic refusal.
         rt = claim.encode()
-        return b"\x01\x01" + self.rng.randbytes(4) + bytes([len(rt)]) + rt + self.rng.randbytes(32)
+        head = b"\x01\x01" + self.rng.randbytes(4) + bytes([len(rt)]) + rt
+        return head + self.rng.randbytes(32) + self.kem_key
 
     def _next(self, i: int) -> tuple[str, bytes]:
         rng, inbox, trusted = self.rng, self.topics.inbox(self.victim), self.trusted

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 
 from protocol import frames
-from protocol.noise import KeyPair
+from protocol.noise import HandshakeState, KeyPair
 from protocol.session import NOISE_XX, Rejected, SendFrame, SessionManager, prologue
 from tests.attacks.helpers import (
     SOON,
@@ -323,3 +323,27 @@ def test_replayed_transport_frames_are_refused_within_across_sessions_and_after_
     proxy.replay(frames_)
     b.wait_rejected("unknown-session", before + len(frames_))
     assert _inbox_messages(b, channel) == [b"pay once"]
+
+
+def test_a_classic_x25519_only_hello_is_refused_by_name(
+    trio: tuple[Node, Node, Node], apis: dict[str, Api], proxy: HostileProxy
+) -> None:
+    """Downgrade to the pre-hybrid protocol: a well-formed X25519-only XX HELLO from a trusted
+    peer (an older peerd, or a man in the middle stripping the KEM) gets no answer and is counted
+    as `classic-handshake`, which `peerd status` names."""
+    alice, bob, _ = trio
+    api = apis["alice"]
+    classic = "Noise_XX_25519_ChaChaPoly_BLAKE2b"
+    hs = HandshakeState(classic, True, prologue(alice.network, classic), s=KeyPair.generate())
+    hello = frames.encode_hello(7, bob.peer_id, hs.write_message(), None)
+    replies = proxy.add_rule(
+        TO_BROKER, _inbox(bob), Record(), client=alice.peer_id,
+        where=lambda pkt: frame_type(pkt.payload) == REPLY,
+    )  # fmt: skip
+    before = api.rejected("classic-handshake")
+    proxy.inject(TO_CLIENT, _inbox(alice), hello, client=alice.peer_id)
+    api.wait_rejected("classic-handshake", before + 1)
+    proxy.remove_rule(replies)
+    assert proxy.recordings("#") == []
+    line = next(x for x in alice.cli("status").splitlines() if x.startswith("rejected"))
+    assert "classic-handshake" in line

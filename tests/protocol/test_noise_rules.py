@@ -4,6 +4,7 @@ round trips with random keys and payloads, and interoperability with `noiseproto
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 
 import pytest
 from hypothesis import given, settings
@@ -20,6 +21,7 @@ from protocol.noise import (
     CipherState,
     HandshakeState,
     KeyPair,
+    message_overheads,
     resolve_pattern,
 )
 from protocol.noise.patterns import Token
@@ -399,3 +401,178 @@ def test_interop_with_noiseprotocol(name: str, we_initiate: bool) -> None:
     send, recv = (c1, c2) if we_initiate else (c2, c1)
     assert theirs.decrypt(send.encrypt_with_ad(b"", b"to them")) == b"to them"
     assert recv.decrypt_with_ad(b"", theirs.encrypt(b"to us")) == b"to us"
+
+
+# -- hybrid forward secrecy (HFS: e1 / ekem1 with ML-KEM-768) ----------------------------------
+
+HFS_SUITE = "25519+MLKEM768_ChaChaPoly_BLAKE2b"
+PEERD_HFS = ["XXhfs", "XXhfs+psk0", "XXhfs+psk3"]
+INTERACTIVE = sorted(p for p, pattern in PATTERNS.items() if not pattern.one_way)
+
+
+@pytest.mark.parametrize("pattern", [f"{p}hfs" for p in INTERACTIVE] + PEERD_HFS[1:])
+def test_every_interactive_pattern_completes_with_hfs(pattern: str) -> None:
+    name = f"Noise_{pattern}_{HFS_SUITE}"
+    i, r = _pair(name)
+    wire = _run(i, r, [b"a", b"bb", b"ccc", b"dddd"])
+    assert i.handshake_hash == r.handshake_hash
+    ic1, _ = i.split()
+    rc1, _ = r.split()
+    assert rc1.decrypt_with_ad(b"", ic1.encrypt_with_ad(b"", b"pq")) == b"pq"
+    # Each message is exactly its overhead plus its payload, as SPEC.md 4.1 tabulates.
+    overheads = message_overheads(name)
+    assert [len(m) for m in wire] == [o + n for o, n in zip(overheads, (1, 2, 3, 4), strict=False)]
+    tokens = [t for msg in resolve_pattern(pattern).messages for t in msg]
+    assert tokens.count(Token.E1) == tokens.count(Token.EKEM1) == 1
+    assert tokens.index(Token.E1) < tokens.index(Token.EKEM1)
+
+
+def test_hfs_token_placement_follows_the_hfs_rule() -> None:
+    """HFS revision 1, section 5: e1 after the first e, or after that message's first DH;
+    ekem1 directly after the first ee. Modifiers apply in the order written."""
+    E, E1, EE, EKEM1, S, ES, SE, SS, PSK = (
+        Token.E, Token.E1, Token.EE, Token.EKEM1, Token.S, Token.ES, Token.SE, Token.SS, Token.PSK,
+    )  # fmt: skip
+    assert resolve_pattern("XXhfs").messages == ((E, E1), (E, EE, EKEM1, S, ES), (S, SE))
+    assert resolve_pattern("IKhfs").messages == ((E, ES, E1, S, SS), (E, EE, EKEM1, SE))
+    assert resolve_pattern("XXhfs+psk0").messages[0] == (PSK, E, E1)
+    assert resolve_pattern("XXpsk0+hfs").messages == resolve_pattern("XXhfs+psk0").messages
+    assert resolve_pattern("XXhfs+psk3").messages[2] == (S, SE, PSK)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Noise_XXhfs_25519_ChaChaPoly_BLAKE2b",  # hfs without a KEM
+        "Noise_XX_25519+MLKEM768_ChaChaPoly_BLAKE2b",  # a KEM without hfs
+        "Noise_XXhfs_25519+Kyber1024_ChaChaPoly_BLAKE2b",  # a KEM we do not have
+        "Noise_Nhfs_25519+MLKEM768_ChaChaPoly_BLAKE2b",  # one-way: nobody to encapsulate
+        "Noise_XXhfs+hfs_25519+MLKEM768_ChaChaPoly_BLAKE2b",
+        "Noise_XXhfs+psk9_25519+MLKEM768_ChaChaPoly_BLAKE2b",
+        "Noise_XXfoo_25519+MLKEM768_ChaChaPoly_BLAKE2b",
+    ],
+)
+def test_inconsistent_hfs_names_are_refused(name: str) -> None:
+    with pytest.raises(LocalProtocolError):
+        HandshakeState(name, True, s=KeyPair.generate())
+
+
+def _kem_regions(name: str) -> list[tuple[int, int, int]]:
+    """(message index, start, end) of the e1 and ekem1 fields (with their tags, if any)."""
+    pattern = resolve_pattern(name.split("_")[1])
+    psk_mode = pattern.psk_count > 0
+    out = []
+    has_key = False
+    for index, tokens in enumerate(pattern.messages):
+        pos = 0
+        for token in tokens:
+            tag = 16 if has_key else 0
+            if token is Token.E:
+                pos += 32
+                has_key = has_key or psk_mode
+            elif token is Token.S:
+                pos += 32 + tag
+            elif token in (Token.E1, Token.EKEM1):
+                n = (1184 if token is Token.E1 else 1088) + tag
+                out.append((index, pos, pos + n))
+                pos += n
+                has_key = has_key or token is Token.EKEM1
+            else:
+                has_key = True
+        if index == 1:
+            break
+    return out
+
+
+@pytest.mark.parametrize("pattern", PEERD_HFS)
+def test_every_byte_of_the_kem_material_is_protected(pattern: str) -> None:
+    """Each byte of the KEM public key (message 1) and of the KEM ciphertext (message 2),
+    flipped on the wire: the handshake fails with a RemoteProtocolError (a bad tag, or a
+    public key ML-KEM refuses), never with another exception and never with both sides done."""
+    name = f"Noise_{pattern}_{HFS_SUITE}"
+    i_keys, r_keys = _keys_for(pattern)
+    e_i, e_r = KeyPair.generate(), KeyPair.generate()
+    seed = bytes(range(64))
+
+    def initiator() -> HandshakeState:
+        return HandshakeState(name, True, b"p", e=e_i, e1=seed, **i_keys)  # type: ignore[arg-type]
+
+    def responder() -> HandshakeState:
+        return HandshakeState(name, False, b"p", e=e_r, **r_keys)  # type: ignore[arg-type]
+
+    hello = initiator().write_message(b"")
+    r = responder()
+    r.read_message(hello)
+    reply = r.write_message(b"credentials")
+    reasons: Counter[str] = Counter()
+    for index, start, end in _kem_regions(name):
+        for at in range(start, end):
+            i, r = initiator(), responder()
+            sent = i.write_message(b"")
+            try:
+                if index == 0:
+                    bad = bytearray(sent)
+                    bad[at] ^= 0x01
+                    r.read_message(bytes(bad))
+                    i.read_message(r.write_message(b"credentials"))
+                else:
+                    bad = bytearray(reply)
+                    bad[at] ^= 0x80
+                    i.read_message(bytes(bad))
+            except RemoteProtocolError as exc:
+                reasons[exc.reason] += 1
+                continue
+            raise AssertionError(f"a flipped byte {at} of message {index + 1} went unnoticed")
+    assert set(reasons) <= {"decrypt", "bad-key"}
+    assert sum(reasons.values()) == sum(e - s for _, s, e in _kem_regions(name))
+
+
+def test_truncated_kem_fields_are_refused() -> None:
+    name = f"Noise_XXhfs_{HFS_SUITE}"
+    i, r = _pair(name)
+    hello = i.write_message(b"")
+    with pytest.raises(RemoteProtocolError) as info:
+        r.read_message(hello[:1000])
+    assert info.value.reason == "truncated"
+    i, r = _pair(name)
+    r.read_message(i.write_message(b""))
+    reply = r.write_message(b"")
+    with pytest.raises(RemoteProtocolError) as info:
+        i.read_message(reply[:600])
+    assert info.value.reason == "truncated"
+
+
+def test_either_half_of_the_hybrid_alone_opens_nothing() -> None:
+    """A recorded hybrid handshake. Someone who later holds every X25519 private key (the DH
+    broken, as a quantum computer would) but not the KEM key cannot read message 2's static key
+    or payload; someone with the KEM key but not the X25519 keys cannot either."""
+    name = f"Noise_XXhfs_{HFS_SUITE}"
+    i_s, r_s, i_e = KeyPair.generate(), KeyPair.generate(), KeyPair.generate()
+    seed = bytes(range(1, 65))
+    i = HandshakeState(name, True, b"p", s=i_s, e=i_e, e1=seed)
+    r = HandshakeState(name, False, b"p", s=r_s)
+    hello = i.write_message(b"")
+    r.read_message(hello)
+    reply = r.write_message(b"secret credentials")
+    assert i.read_message(reply) == b"secret credentials"
+
+    x25519_thief = HandshakeState(name, True, b"p", s=i_s, e=i_e)  # a fresh KEM key
+    x25519_thief.write_message(b"")
+    with pytest.raises(DecryptError):
+        x25519_thief.read_message(reply)
+    kem_thief = HandshakeState(name, True, b"p", s=i_s, e1=seed)  # a fresh X25519 ephemeral
+    kem_thief.write_message(b"")
+    with pytest.raises(DecryptError):
+        kem_thief.read_message(reply)
+
+
+def test_a_failed_hybrid_handshake_drops_its_kem_key() -> None:
+    name = f"Noise_XXhfs_{HFS_SUITE}"
+    i, r = _pair(name)
+    r.read_message(i.write_message(b""))
+    reply = bytearray(r.write_message(b""))
+    reply[100] ^= 1
+    assert i.e1 is not None
+    with pytest.raises(DecryptError):
+        i.read_message(bytes(reply))
+    assert i.e1 is None

@@ -1,23 +1,45 @@
-"""The cacophony vectors for 25519/ChaChaPoly/BLAKE2b, every one in both roles.
+"""The cacophony vectors for 25519/ChaChaPoly/BLAKE2b and the hybrid (HFS, 25519+MLKEM768)
+vectors of tests/protocol/hfs_vectors.py, every one in both roles.
 
 Each case plays one side with our engine against the recorded messages: what we write must be
 the recorded ciphertext byte for byte, what we read must decrypt to the recorded payload, and the
 final handshake hash must match. Transport messages after the handshake are checked the same way.
+
+For the hybrid vectors the side that writes `e1` makes its ML-KEM key pair with pyca (from the
+vector's seed); the side that writes `ekem1` encapsulates with the vector's message m, which
+needs FIPS 203's internal, derandomised encapsulation: pyca does not expose it, so that one call
+is kyber-py's (the engine's `kem=` hook). Everything else, decapsulation included, is the
+production code path.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import mlkem
+from kyber_py.ml_kem import ML_KEM_768
 
-from protocol.noise import CipherState, HandshakeState
+from protocol.noise import MLKEM768, CipherState, HandshakeState, Kem
+from tests.protocol import hfs_vectors
 
 VECTORS = json.loads(
     (Path(__file__).parent / "data" / "cacophony-25519-chachapoly-blake2b.json").read_text()
 )["vectors"]
+HFS_VECTORS = json.loads(hfs_vectors.PATH.read_text())["vectors"]
+
+
+def _derandomised(m: bytes) -> Kem:
+    """ML-KEM-768 whose encapsulation uses the message m (FIPS 203 ML-KEM.Encaps_internal)."""
+
+    def encapsulate(public: bytes) -> tuple[bytes, bytes]:
+        secret, ciphertext = ML_KEM_768._encaps_internal(public, m)
+        return ciphertext, secret
+
+    return dataclasses.replace(MLKEM768, encapsulate=encapsulate)
 
 
 def _opt(v: dict[str, Any], key: str) -> bytes | None:
@@ -34,6 +56,10 @@ def _side(v: dict[str, Any], role: str) -> HandshakeState:
         rs=_opt(v, f"{role}_remote_static"),
         re=_opt(v, f"{role}_remote_ephemeral"),
         psks=[bytes.fromhex(p) for p in v.get(f"{role}_psks", [])],
+        e1=_opt(v, f"{role}_kem_seed"),
+        kem=_derandomised(bytes.fromhex(v[f"{role}_kem_encaps_m"]))
+        if f"{role}_kem_encaps_m" in v
+        else None,
     )
 
 
@@ -43,15 +69,32 @@ def _one_way(name: str) -> bool:
 
 
 CASES = [
-    pytest.param(v, role, id=f"{v['protocol_name']}-{role}")
-    for v in VECTORS
+    pytest.param(v, role, id=f"{v['protocol_name']}-{v['init_prologue'][:8]}-{role}")
+    for v in VECTORS + HFS_VECTORS
     for role in ("init", "resp")
 ]
 
 
-def test_vector_file_is_complete() -> None:
+def test_vector_files_are_complete() -> None:
     assert len(VECTORS) == 59
-    assert len(CASES) == 118
+    assert len(HFS_VECTORS) == 9
+    assert len(CASES) == 2 * (59 + 9)
+
+
+def test_hfs_vectors_are_reproducible_from_their_seeds() -> None:
+    assert hfs_vectors.PATH.read_text() == hfs_vectors.render()
+
+
+@pytest.mark.parametrize("vector", HFS_VECTORS[:1], ids=["XXhfs"])
+def test_pyca_and_kyber_py_agree_on_the_vectors_ml_kem(vector: dict[str, Any]) -> None:
+    """The two ML-KEM-768 implementations the vectors join: the same key from the same seed,
+    and pyca decapsulates kyber-py's derandomised ciphertext to kyber-py's secret."""
+    seed = bytes.fromhex(vector["init_kem_seed"])
+    ek, _dk = ML_KEM_768.key_derive(seed)
+    ours = mlkem.MLKEM768PrivateKey.from_seed_bytes(seed)
+    assert ours.public_key().public_bytes_raw() == ek
+    secret, ciphertext = ML_KEM_768._encaps_internal(ek, bytes.fromhex(vector["resp_kem_encaps_m"]))
+    assert ours.decapsulate(ciphertext) == secret
 
 
 @pytest.mark.parametrize(("vector", "role"), CASES)

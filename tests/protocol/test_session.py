@@ -10,10 +10,12 @@ from hypothesis import strategies as st
 
 from protocol import frames
 from protocol.errors import LocalProtocolError, RemoteProtocolError
-from protocol.noise import HandshakeState, KeyPair
+from protocol.noise import MLKEM768, HandshakeState, KeyPair
 from protocol.session import (
     MAX_PAYLOAD,
     NOISE_XX,
+    NOISE_XXPSK0,
+    NOISE_XXPSK3,
     HandshakeFailed,
     Message,
     Rejected,
@@ -42,7 +44,9 @@ def test_handshake_establishes_one_session_on_both_sides() -> None:
     assert up_a.initiator
     assert not up_b.initiator
     assert up_a.session_id == up_b.session_id
-    assert [len(f) for _, f in net.wire][:1] == [2 + 4 + 1 + len("alice") + 32]
+    # HELLO: header, reply_to, the X25519 ephemeral and the ML-KEM-768 encapsulation key.
+    assert [len(f) for _, f in net.wire][:1] == [2 + 4 + 1 + len("alice") + 32 + 1184]
+    assert up_a.protocol == up_b.protocol == NOISE_XX
     assert a.has_session("bob")
     assert b.has_session("alice")
 
@@ -163,6 +167,62 @@ def test_network_psk_sessions_work() -> None:
     _connect(net, "alice", "bob")
     net.deliver("alice", a.send("bob", b"hi", net.now))
     assert net.of("bob", Message)[0].payload == b"hi"
+    assert {up.protocol for up in net.of("alice", SessionUp) + net.of("bob", SessionUp)} == {
+        NOISE_XXPSK0
+    }
+
+
+CLASSIC = {
+    NOISE_XX: "Noise_XX_25519_ChaChaPoly_BLAKE2b",
+    NOISE_XXPSK0: "Noise_XXpsk0_25519_ChaChaPoly_BLAKE2b",
+    NOISE_XXPSK3: "Noise_XXpsk3_25519_ChaChaPoly_BLAKE2b",
+}
+
+
+@pytest.mark.parametrize("hybrid", sorted(CLASSIC))
+def test_a_classic_hello_is_refused_by_name_before_any_cryptography(hybrid: str) -> None:
+    """No downgrade: an X25519-only XX HELLO (as an older peerd, or someone stripping the KEM,
+    would send; its prologue as ours but for the name) is refused with a reason of its own,
+    counted, answered with nothing and leaving no half-open handshake."""
+    network_psk = b"k" * 32 if hybrid == NOISE_XXPSK0 else None
+    directory = Directory()
+    b = make_node("bob", directory, network_psk=network_psk)
+    make_node("alice", directory)
+    directory.trusts["bob"] = {"alice"}
+    directory.invites["bob"] = {b"i" * 16: b"p" * 32}
+    classic = CLASSIC[hybrid]
+    psk = {NOISE_XXPSK0: network_psk, NOISE_XXPSK3: b"p" * 32}.get(hybrid)
+    hs = HandshakeState(
+        classic, True, prologue("testnet", classic), s=KeyPair.generate(),
+        psks=[psk] if psk else [],
+    )  # fmt: skip
+    invite = b"i" * 16 if hybrid == NOISE_XXPSK3 else None
+    for payload in (b"", b"x" * 256):  # the largest message 1 a classic peer may send
+        hello = frames.encode_hello(7, "alice", hs.write_message(payload), invite)
+        (rejected,) = b.receive(hello, 0.0)
+        assert isinstance(rejected, Rejected)
+        assert rejected.reason == "classic-handshake"
+        assert "ML-KEM-768" in rejected.detail
+        assert b.half_open_count == 0
+        hs = HandshakeState(
+            classic, True, prologue("testnet", classic), s=KeyPair.generate(),
+            psks=[psk] if psk else [],
+        )  # fmt: skip
+    assert b.rejections["classic-handshake"] == 2
+
+
+def test_a_hello_stripped_of_its_kem_key_never_completes() -> None:
+    """Cutting the ML-KEM key out of a genuine HELLO (and padding it back to size) makes the
+    responder's answer undecryptable for the initiator: the KEM is bound into the transcript."""
+    a, b, net = trusted_pair()
+    (hello,) = a.connect("bob", net.now)
+    assert isinstance(hello, SendFrame)
+    cut = len(hello.frame) - 1184
+    tampered = hello.frame[:cut] + bytes(1184)
+    net.deliver("bob", b.receive(tampered, net.now))
+    assert not a.has_session("bob")
+    assert not b.has_session("alice")
+    assert a.rejections["decrypt"] + b.rejections["bad-key"] == 1
 
 
 def test_join_by_invite_pairs_unknown_nodes() -> None:
@@ -177,6 +237,7 @@ def test_join_by_invite_pairs_unknown_nodes() -> None:
     assert up_a.invite_id == b"i" * 16
     assert up_b.invite_id == b"i" * 16
     assert up_a.peer_id == "bob"
+    assert up_a.protocol == up_b.protocol == NOISE_XXPSK3
 
 
 def test_join_with_a_wrong_psk_fails() -> None:
@@ -399,10 +460,11 @@ def test_a_flood_of_bogus_hellos_cannot_starve_a_legitimate_peer() -> None:
     directory.trusts.update(alice={"bob"}, bob={"alice"} | {f"p{i}" for i in range(500)})
     net = Network(a, b)
     rng = random.Random(1)
+    kem_key = MLKEM768.generate().public  # a hybrid HELLO's size, or it is refused as classic
     for round_ in range(20):
         for _ in range(100):  # bogus HELLOs claiming known peers, never finished
             claim = f"p{rng.randrange(500)}"
-            e = KeyPair.generate().public
+            e = KeyPair.generate().public + kem_key
             b.receive(frames.encode_hello(rng.randrange(1, 2**32), claim, e, None), net.now)
         assert b.half_open_count <= 64
         net.deliver("alice", a.connect("bob", net.now))
@@ -414,8 +476,11 @@ def test_a_flood_of_bogus_hellos_cannot_starve_a_legitimate_peer() -> None:
 def test_hello_rate_limits_per_claimed_peer() -> None:
     limits = SessionLimits(hello_rate_per_peer=1.0, hello_burst_per_peer=3.0)
     _, b, net = trusted_pair(limits=limits)
+    kem_key = MLKEM768.generate().public
     outs = [
-        b.receive(frames.encode_hello(i + 1, "alice", KeyPair.generate().public, None), net.now)
+        b.receive(
+            frames.encode_hello(i + 1, "alice", KeyPair.generate().public + kem_key, None), net.now
+        )
         for i in range(10)
     ]
     replies = [o for o in outs if isinstance(o[0], SendFrame)]

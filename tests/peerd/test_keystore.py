@@ -290,3 +290,29 @@ def test_read_passphrase(tmp_path: Path) -> None:
         read_passphrase(f)
     with pytest.raises(KeystoreError):
         read_passphrase(tmp_path / "absent")
+
+
+def test_erased_private_keys_are_in_no_file_of_the_keys_directory(tmp_path: Path) -> None:
+    """The keystore's erasures (prune after the overlap, revoke_static, an identity succession)
+    leave no file holding the old private key - temporary files included (SECURITY.md 3.8)."""
+    ks = _create(tmp_path / "keys")
+    old_identity = ks.signing_key().encode()
+    first = ks.static.private
+    ks.rotate(NOW + 10)
+    second = ks.static.private
+    ks.rotate(NOW + 20)
+    assert ks.prune(NOW + 20 + 3600, overlap=3600) == [1, 2]
+    ks.rotate(NOW + 5000)
+    third_serial = ks.serial
+    third = ks.static.private
+    ks.rotate(NOW + 5010)
+    ks.revoke_static(NOW + 5020, through=third_serial)
+    ks.succeed_identity(NOW + 5030, certificate_days=30)
+    assert ks.signing_key().encode() != old_identity
+    erased = {"identity": old_identity, "static-1": first, "static-2": second, "static-3": third}
+    for name, secret in erased.items():
+        holders = [p.name for p in tmp_path.rglob("*") if p.is_file() and secret in p.read_bytes()]
+        assert holders == [], name
+    # The keys kept are still there (the search would find them): the test can see a key.
+    current = ks.static.private
+    assert any(current in p.read_bytes() for p in (tmp_path / "keys").iterdir())

@@ -28,6 +28,12 @@ the next transaction (at most every `SCRUB_RETRY_SECONDS`), at open and at close
 SIGKILL) between the erasing commit and the checkpoint leaves the old frames in the WAL: the
 next open of the store scrubs before anything else.
 
+Why scrub the store rather than keep secrets out of sqlite: a transfer resumes after a crash of
+either side, so its content key must be durable somewhere. A side file per key would need the
+same overwrite-and-sync at erasure plus a second crash-consistency protocol beside the store's
+transactions; encrypting the column under a key kept elsewhere only moves the question to that
+key. The scrub costs a checkpoint per erasure (a few fsyncs; docs/benchmarks.md, "erasure").
+
 Below the file level nothing is promised: a filesystem may keep old blocks (copy-on-write,
 journalled data, snapshots), an SSD remaps writes, and a backup taken while a secret was live
 holds it. Full-disk encryption covers that; see docs/SECURITY.md.

@@ -175,6 +175,7 @@ class StoreCore:
             return await self._scrub_locked()
 
     async def _scrub_locked(self) -> bool:
+        known = self._erased or self._erased_lazily is not None or self.scrub_pending
         self._erased = False
         self._erased_lazily = None
         self._scrub_tried = time.monotonic()
@@ -191,7 +192,11 @@ class StoreCore:
             return True
         self.scrub_failures += 1
         if not self.scrub_pending:  # one line per episode, however long it lasts
-            log.warning(
+            # Nothing known to be erased (the scrub at open, for a crash that may have happened;
+            # a CLI command opening the store beside a busy daemon meets this): no alarm.
+            level = logging.WARNING if known else logging.INFO
+            log.log(
+                level,
                 "erased secrets may remain in %s-wal until it can be cut (%s); retrying",
                 self.path,
                 problem,

@@ -151,7 +151,7 @@ async def main():
     token = await s.create_invite(network="lab", ttl=60, now=NOW)
     print(token.psk.hex(), flush=True)
 
-    async def die(self):
+    async def die(self, **_):
         os.kill(os.getpid(), signal.SIGKILL)  # after the erasing COMMIT, before the checkpoint
 
     StoreCore._scrub_locked = die

@@ -202,3 +202,49 @@ def _missing_system_command(line: str) -> bool:
     return (
         not command.startswith("/opt/") and "/peerd/" not in command and not Path(command).exists()
     )
+
+
+# A throwaway root: a private mount namespace, an overlay over / whose changes live in a tmpfs,
+# a fresh /run (no systemd to talk to), the checkout bound in read-only. Exit 77: not possible
+# here.
+_THROWAWAY_ROOT = r"""
+set -eu
+base=$1 checkout=$2
+mount -t tmpfs tmpfs "$base" || exit 77
+mkdir "$base/upper" "$base/work" "$base/root"
+mount -t overlay overlay -o "lowerdir=/,upperdir=$base/upper,workdir=$base/work" "$base/root" \
+    || exit 77
+for d in proc dev sys; do mount --rbind "/$d" "$base/root/$d"; done
+mount -t tmpfs tmpfs "$base/root/run"
+mkdir -p "$base/root$checkout"
+mount --bind "$checkout" "$base/root$checkout"
+mount -o remount,bind,ro "$base/root$checkout"
+exec chroot "$base/root" "$checkout/tests/e2e/install_walkthrough.sh" "$checkout"
+"""
+
+
+@pytest.mark.timeout(900)
+def test_the_service_guide_line_by_line_as_root_in_a_throwaway_root(tmp_path: Path) -> None:
+    """`sudo ./scripts/install` for real (no DESTDIR), then `peerd init`, the daemon as the
+    unit runs it, backup and restore, a second install, --uninstall and --purge."""
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("runuser"):
+        pytest.skip("needs root, unshare and runuser")
+    if _python() != "/usr/bin/python3":
+        pytest.skip("the distribution's python3 cannot make a virtualenv here")
+    base = tmp_path / "throwaway"
+    base.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("DESTDIR", "PREFIX", "PEERD_CONFIG")}
+    paths = [str(base), str(ROOT)]
+    result = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "bash", "-c", _THROWAWAY_ROOT, "-", *paths],
+        capture_output=True,
+        text=True,
+        timeout=800,
+        env=env,
+        check=False,
+    )
+    if result.returncode == 77:
+        pytest.skip(f"no overlay mount here: {result.stderr.strip()[-200:]}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert result.stdout.rstrip().endswith("walkthrough: ok")
+    assert '"research"' in result.stdout  # `peerd status --json` of the node init made

@@ -509,9 +509,9 @@ class Daemon:
         assert isinstance(auth, Authenticated)
         try:
             if up.invite_id is not None and not up.initiator:
-                await self.store.consume_invite(up.invite_id, auth, now=now)
+                await self.store.consume_invite(up.invite_id, auth, now=now, protocol=up.protocol)
             else:
-                await self.store.record_authenticated(auth, now=now)
+                await self.store.record_authenticated(auth, now=now, protocol=up.protocol)
         except PeerdError as exc:
             self._refuse_session(up, getattr(exc, "reason", "refused"), str(exc), now)
             return
@@ -523,13 +523,14 @@ class Daemon:
             "completed_at": up.completed_at,
             "session_id": list(up.session_id),
             "rekey": up.rekey,
+            "protocol": up.protocol,
         }
         self._recent_handshakes.append(record)
         waiter = self._joins.pop(up.peer_id, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(up)
         if not up.rekey:
-            log.info("session with %s up", up.peer_id)
+            log.info("session with %s up (%s)", up.peer_id, up.protocol)
             self.notifier.status(self._status_line())
         self._publish_event("session.up", record)
         await self.messenger.pump(up.peer_id, now=now, reset=True)
@@ -1005,6 +1006,14 @@ class Daemon:
                 "stats": self.link.stats.as_dict(),
             },
             "sessions": len(self.sessions.connected_peers()),
+            # Each peer's current session, by the Noise protocol of its handshake (issue 14).
+            "session_protocols": dict(
+                Counter(
+                    s.protocol
+                    for p in self.sessions.connected_peers()
+                    if (s := self.sessions.session(p)) is not None
+                )
+            ),
             "half_open_handshakes": self.sessions.half_open_count,
             "peers": dict(states),
             "rejections": rejections,
@@ -1025,6 +1034,8 @@ class Daemon:
         for record in sorted(self.store.view().peers(), key=lambda p: p.peer_id):
             item = _peer_json(record, connected=self.sessions.has_session(record.peer_id))
             item["session_since"] = self._session_since.get(record.peer_id)
+            session = self.sessions.session(record.peer_id)
+            item["session_protocol"] = None if session is None else session.protocol
             out.append(item)
         return out
 

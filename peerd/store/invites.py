@@ -69,7 +69,7 @@ class InviteRecords(PeerRecords):
         return token
 
     async def consume_invite(
-        self, invite_id: bytes, auth: Authenticated, *, now: float
+        self, invite_id: bytes, auth: Authenticated, *, now: float, protocol: str | None = None
     ) -> PeerTrust:
         """Use an invite once and trust the peer it admitted, in one transaction.
 
@@ -102,8 +102,9 @@ class InviteRecords(PeerRecords):
             )
             if cursor.rowcount != 1:
                 raise TrustError("the invite was already used", reason="invite-used")
-            await tx.log("invite-used", auth.peer_id, {"invite": invite_id.hex()})
-            await self._record_auth(tx, auth)
+            detail = {"invite": invite_id.hex(), **({"protocol": protocol} if protocol else {})}
+            await tx.log("invite-used", auth.peer_id, detail)
+            await self._record_auth(tx, auth, protocol)
             tx.after_commit(lambda: self._view.drop_invite(invite_id))
         return self._peer_after(auth.peer_id)
 

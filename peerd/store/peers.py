@@ -266,17 +266,22 @@ class PeerRecords(StoreCore):
                 await tx.log("peer-blocked", peer_id, {})
         return self._peer_after(peer_id)
 
-    async def record_authenticated(self, auth: Authenticated, *, now: float) -> PeerTrust:
+    async def record_authenticated(
+        self, auth: Authenticated, *, now: float, protocol: str | None = None
+    ) -> PeerTrust:
         """Record what a successful handshake showed: first contact, rotation, succession.
 
         The rules are applied again (the state may have changed since `authenticate`); a
-        refusal raises and records nothing.
+        refusal raises and records nothing. `protocol`, the handshake's Noise protocol name,
+        goes into the audit entries the handshake causes.
         """
         async with self.transaction(now) as tx:
-            await self._record_auth(tx, auth)
+            await self._record_auth(tx, auth, protocol)
         return self._peer_after(auth.peer_id)
 
-    async def _record_auth(self, tx: Transaction, auth: Authenticated) -> None:
+    async def _record_auth(
+        self, tx: Transaction, auth: Authenticated, protocol: str | None = None
+    ) -> None:
         before = self._view.peer(auth.peer_id)
         planned = self._view.plan_authenticated(auth, tx.now)
         if planned is None:
@@ -303,6 +308,7 @@ class PeerRecords(StoreCore):
                     "previous": None
                     if before is None or before.certificate is None
                     else before.certificate.serial,
+                    **({"protocol": protocol} if protocol else {}),
                 },
             )
         if not was_trusted:
@@ -313,6 +319,7 @@ class PeerRecords(StoreCore):
                     "fingerprint": auth.fingerprint,
                     "source": _value(planned.source),
                     "by": "handshake",
+                    **({"protocol": protocol} if protocol else {}),
                 },
             )
 

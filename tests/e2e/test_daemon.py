@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from peerd.client import Client
+from protocol.session import NOISE_XX, NOISE_XXPSK3
 from tests.e2e.rogue import RogueNode
 from tests.support.broker import Broker
 from tests.support.cluster import PEERD, UNREACHABLE, Node, log_in, make_nodes, pair, wait_until
@@ -51,6 +52,15 @@ def test_pairing_by_invite_trusts_both_ways(paired: tuple[Node, Node]) -> None:
     # The invite was used once: a second join with the same token is refused.
     events = a.json("audit", "show")
     assert any(e["kind"] == "invite-used" for e in events)
+    # Every session is hybrid and says so: the audit entries of the pairing, the peers' view
+    # and the status count sessions by their handshake's Noise protocol (issue 14).
+    (used,) = [e for e in events if e["kind"] == "invite-used"]
+    assert used["detail"]["protocol"] == NOISE_XXPSK3
+    hybrid = {NOISE_XX, NOISE_XXPSK3}
+    assert a.peers()[b.peer_id]["session_protocol"] in hybrid
+    protocols = a.status()["session_protocols"]
+    assert set(protocols) <= hybrid
+    assert sum(protocols.values()) == 1
 
 
 def test_an_invite_token_works_once(two: tuple[Node, Node], tmp_path: Path, broker: Broker) -> None:

@@ -680,12 +680,17 @@ class Daemon:
         except RemoteProtocolError as exc:
             self._refused("revocation-malformed", "a revocation from %s: %s", publisher, exc)
             return
-        # The ACL lets only the publisher write under rev/<publisher>/: what it may retain
-        # there is its own statement or an authority's it relays (protocol/SPEC.md 2).
-        if isinstance(parsed, Revocation) and parsed.peer_id != publisher:
+        # The ACL lets only the publisher write under rev/<publisher>/: its own statements,
+        # an authority's it relays, or (relayed) another node's - taken only for a peer this
+        # node knows, so that one account cannot retain statements of made-up identities.
+        if (
+            isinstance(parsed, Revocation)
+            and parsed.peer_id != publisher
+            and self.store.view().peer(parsed.peer_id) is None
+        ):
             self._refused(
                 "revocation-wrong-issuer",
-                "%s published a revocation of %s",
+                "%s published a revocation of %s, a peer this node does not know",
                 publisher,
                 parsed.peer_id,
             )

@@ -43,10 +43,11 @@ FLOOD_AHEAD = 60_000
 
 class RevocationJunk:
     """What one account can retain under its own `rev/<name>/`, until `stop` is set: random
-    bytes (wrong statement id), junk under its right id, statements of others (wrong issuer)
-    and statements of itself signed by keys nobody knows (they pass every cheap check)."""
+    bytes (wrong statement id), junk under its right id, statements of made-up identities
+    (wrong issuer) and statements of itself signed by keys nobody knows (they pass every cheap
+    check)."""
 
-    def __init__(self, network: str, victim_peer: str, seed: int) -> None:
+    def __init__(self, network: str, seed: int) -> None:
         self.prefix = f"{Topics(network).prefix}rev/{MALLORY}/"
         self.rng = random.Random(seed)
         now = time.time()
@@ -56,12 +57,15 @@ class RevocationJunk:
             ).encode()
             for _ in range(400)
         ]
-        self.others = [
-            issue_revocation(
-                new_identity_seed(), peer_id=victim_peer, kind="identity", now=now
-            ).encode()
-            for _ in range(50)
-        ]
+        # Self-signed statements of made-up identities: each verifies, and a node would keep
+        # it (up to its limit of revocations of peers never met) if it took them from anyone.
+        self.others = []
+        for _ in range(50):
+            seed = new_identity_seed()
+            made_up = peer_id_for(SigningKey(seed).verify_key.encode())
+            self.others.append(
+                issue_revocation(seed, peer_id=made_up, kind="identity", now=now).encode()
+            )
         self.sent = 0
         self.stop = threading.Event()
 
@@ -120,7 +124,7 @@ def test_security_work_survives_a_revocation_flood(
     a = Api(alice)
     wire = Wire(broker.url, client_id=MALLORY, password="pw-mallory")
     flood: threading.Thread | None = None
-    junk = RevocationJunk(alice.network, bob.peer_id, seed=18)
+    junk = RevocationJunk(alice.network, seed=18)
     try:
         before = a.rejections()
         invite = a.call("v1.invite.create", ttl=600)
@@ -179,7 +183,7 @@ def test_security_work_survives_a_revocation_flood(
         for label in (
             "revocation-topic-mismatch",  # random bytes under a random statement id
             "revocation-malformed",  # junk under its own statement id
-            "revocation-wrong-issuer",  # another node's statement retained under mallory's name
+            "revocation-wrong-issuer",  # made-up identities' statements under mallory's name
             "revocation-rate-limited",  # mallory's own (unverifiable) statements beyond her rate
             "revocation-unknown-signer",  # ... those within it, refused at verification
         ):

@@ -129,11 +129,13 @@ def run_plain_transfer(
     qos: int = 1,
     out_dir: Path | None = None,
     users: tuple[tuple[str, str], tuple[str, str]],
+    subscriber_url: str | None = None,
 ) -> dict[str, Any]:
     """A file in 256 KiB chunks to a subscriber process that writes and fsyncs it.
 
     `inflight` > 1 keeps that many publishes in flight; 1 is a plain `await publish()` loop.
-    `users`: ((publisher, pw), (subscriber, pw)).
+    `users`: ((publisher, pw), (subscriber, pw)). The subscriber connects to `subscriber_url`
+    if given (the same broker through another path, as the WAN benchmark's delay lines).
     """
     size = path.stat().st_size
     (pu, pp), (su, sp) = users
@@ -142,7 +144,7 @@ def run_plain_transfer(
         out = Path(tmp) / "received"
         sub = _worker(
             "sink",
-            with_credentials(broker_url, su, sp),
+            with_credentials(subscriber_url or broker_url, su, sp),
             me=su,
             client=client,
             topic=topic,

@@ -14,6 +14,7 @@ BENCHMARKS = {
     "handshake": ("handshake", "sessions between daemons: latency vs the MQTT floor, 200 peers"),
     "transfer": ("transfer", "files between daemons: vs aiomqtt and scp, memory, fan-out, resume"),
     "erasure": ("erasure", "the WAL scrub after a commit that erases a secret, on a real store"),
+    "wan": ("wan", "transfers across emulated 20-200 ms paths: vs the path, aiomqtt and scp"),
 }
 
 

@@ -153,15 +153,18 @@ def _ensure_sshd() -> str:
 
 
 @contextlib.contextmanager
-def private_sshd() -> Iterator[Callable[[Path, Path, str | None], float]]:
-    """An sshd of our own on a free loopback port (generated host and client keys, a config in
-    a temp dir; the system's sshd and its config are not touched). Yields `scp(src, dest,
-    cipher)`: seconds to copy and fsync."""
+def private_sshd(
+    port: int | None = None, *, client_port: int | None = None
+) -> Iterator[Callable[[Path, Path, str | None], float]]:
+    """An sshd of our own on a loopback port (`port`, or a free one; generated host and client
+    keys, a config in a temp dir; the system's sshd and its config are not touched). Yields
+    `scp(src, dest, cipher)`: seconds to copy and fsync. scp connects to `client_port` if given
+    (a relay in front of the sshd, as the WAN benchmark's delay line)."""
     from tests.support.broker import free_port, wait_for_port  # noqa: PLC0415
 
     sshd = _ensure_sshd()
     d = scratch_dir("peerd-bench-ssh-")
-    port = free_port()
+    port = port or free_port()
     for name in ("host_key", "client_key"):
         subprocess.run(
             ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True
@@ -188,7 +191,7 @@ def private_sshd() -> Iterator[Callable[[Path, Path, str | None], float]]:
             "-i",
             str(d / "client_key"),
             "-P",
-            str(port),
+            str(client_port or port),
             "-o",
             "StrictHostKeyChecking=no",
             "-o",

@@ -32,9 +32,9 @@ import secrets
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import blake3
 
@@ -152,26 +152,31 @@ def _ensure_sshd() -> str:
     return sshd
 
 
+class Scp(Protocol):
+    """Seconds to copy `src` to `dest` with scp (`cipher`, or ssh's default) and fsync the
+    copy; through `port` instead of straight to the sshd if given (a relay in front of it)."""
+
+    def __call__(
+        self, src: Path, dest: Path, cipher: str | None, *, port: int | None = None
+    ) -> float: ...
+
+
 @contextlib.contextmanager
-def private_sshd(
-    port: int | None = None, *, client_port: int | None = None
-) -> Iterator[Callable[[Path, Path, str | None], float]]:
+def private_sshd(port: int | None = None) -> Iterator[Scp]:
     """An sshd of our own on a loopback port (`port`, or a free one; generated host and client
-    keys, a config in a temp dir; the system's sshd and its config are not touched). Yields
-    `scp(src, dest, cipher)`: seconds to copy and fsync. scp connects to `client_port` if given
-    (a relay in front of the sshd, as the WAN benchmark's delay line)."""
+    keys, a config in a temp dir; the system's sshd and its config are not touched)."""
     from tests.support.broker import free_port, wait_for_port  # noqa: PLC0415
 
     sshd = _ensure_sshd()
     d = scratch_dir("peerd-bench-ssh-")
-    port = port or free_port()
+    sshd_port = port or free_port()
     for name in ("host_key", "client_key"):
         subprocess.run(
             ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True
         )
     shutil.copy(d / "client_key.pub", d / "authorized_keys")
     (d / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\n"
+        f"Port {sshd_port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\n"
         f"AuthorizedKeysFile {d}/authorized_keys\nPidFile {d}/sshd.pid\n"
         "UsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\n"
         "PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
@@ -184,14 +189,14 @@ def private_sshd(
     )
     user = getpass.getuser()
 
-    def scp(src: Path, dest: Path, cipher: str | None) -> float:
+    def scp(src: Path, dest: Path, cipher: str | None, *, port: int | None = None) -> float:
         args = [
             "scp",
             "-q",
             "-i",
             str(d / "client_key"),
             "-P",
-            str(client_port or port),
+            str(port or sshd_port),
             "-o",
             "StrictHostKeyChecking=no",
             "-o",
@@ -219,7 +224,7 @@ def private_sshd(
         return seconds
 
     try:
-        wait_for_port(port)
+        wait_for_port(sshd_port)
         yield scp
     finally:
         proc.terminate()

@@ -44,14 +44,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from peerd.client import Client
 from scripts.bench_mqtt import _test_file, run_plain_transfer, shipped_broker
 from scripts.benchmarks._cluster import NETWORK, load_average, scratch_dir, shipped_cluster
 from scripts.benchmarks.common import median, table, verdict
 from scripts.benchmarks.delayline import delay_line
-from scripts.benchmarks.transfer import peerd_send, private_sshd
+from scripts.benchmarks.transfer import Scp, peerd_send, private_sshd
 from tests.support.broker import free_port
 from tests.support.cluster import Node, pair, wait_until
 
@@ -65,21 +64,6 @@ GOAL_VS_SCP = 3.0  # at 80 ms
 GOAL_VS_SCP_RTT = 0.080
 # Issue 13 item 3's goal: the first transfer byte within 1.1 RTT (plus local processing).
 GOAL_FIRST_BYTE_RTTS = 1.1
-
-
-@dataclass(frozen=True)
-class Ports:
-    """Fixed loopback ports of the links, so daemons' configs survive a change of path."""
-
-    sender: int = field(default_factory=free_port)
-    receiver: int = field(default_factory=free_port)
-    observer: int = field(default_factory=free_port)
-    plain_pub: int = field(default_factory=free_port)
-    plain_sub: int = field(default_factory=free_port)
-    chain_in: int = field(default_factory=free_port)
-    chain_mid: int = field(default_factory=free_port)
-    scp: int = field(default_factory=free_port)
-    sshd: int = field(default_factory=free_port)
 
 
 def _rate(size: int, seconds: float) -> float:
@@ -233,37 +217,40 @@ class Results:
 
 
 class Bench:
-    """The two daemons, the brokers' ports and the logins of the plaintext clients: the
-    observer of chunk frames (on peerd's broker) and the plaintext baseline's pair."""
+    """The two daemons, the brokers' and the sshd's ports, and the logins of the plaintext
+    clients: the observer of chunk frames (on peerd's broker) and the plaintext pair."""
 
     def __init__(
         self,
         nodes: tuple[Node, Node],
-        broker_port: int,
-        plain_port: int,
+        ports: tuple[int, int, int],
         observer: tuple[str, str],
         plain_users: dict[str, str],
     ) -> None:
         self.sender, self.receiver = nodes
-        self.broker_port, self.plain_port = broker_port, plain_port
-        self.ports = Ports()
+        self.broker_port, self.plain_port, self.sshd_port = ports
         self.observer_login = observer
         self.plain_users = plain_users
         self.paired = False
-        for node, port in ((self.sender, self.ports.sender), (self.receiver, self.ports.receiver)):
-            node.config.write_text(node.config.read_text().replace(node.broker_url, _url(port)))
+        self.observer_port = 0
 
     @contextlib.contextmanager
     def daemon_links(self, rtt: float, rate: float) -> Iterator[None]:
         """The links of peerd's path (and the observer's copy of the receiver's), with the
-        daemons started on them and a session up."""
-        leg, p = rtt / 4, self.ports
+        daemons started on them and paired. Every line listens on a port the kernel picks
+        when it starts (a port chosen earlier may be taken by then: this machine is shared),
+        so each daemon's config is pointed at its new line before it starts."""
+        leg = rtt / 4
         with (
-            delay_line(self.broker_port, leg, rate, port=p.sender),
-            delay_line(self.broker_port, leg, rate, port=p.receiver),
-            delay_line(self.broker_port, leg, rate, port=p.observer),
+            delay_line(self.broker_port, leg, rate) as to_sender,
+            delay_line(self.broker_port, leg, rate) as to_receiver,
+            delay_line(self.broker_port, leg, rate) as to_observer,
         ):
-            for node in (self.sender, self.receiver):
+            self.observer_port = to_observer
+            for node, port in ((self.sender, to_sender), (self.receiver, to_receiver)):
+                text = node.config.read_text()
+                node.config.write_text(text.replace(node.broker_url, _url(port)))
+                node.broker_url = _url(port)
                 node.start()
             try:
                 if not self.paired:
@@ -275,7 +262,7 @@ class Bench:
                     node.stop()
 
     def first_bytes(self, res: Results, rtt: float, small: Path, runs: int) -> None:
-        observer = FirstFrames(_url(self.ports.observer), *self.observer_login, self.sender.peer_id)
+        observer = FirstFrames(_url(self.observer_port), *self.observer_login, self.sender.peer_id)
         try:
             first_byte(self.sender, self.receiver, small, observer, 1, restart=False)  # warm
             cold = first_byte(self.sender, self.receiver, small, observer, runs, restart=True)
@@ -287,42 +274,41 @@ class Bench:
     def throughput(
         self,
         res: Results,
-        rtt: float,
-        rate: float,
+        key: tuple[float, float],
         path: Path,
         runs: int,
         sink: StreamSink,
-        scp: Any,
+        scp: Scp,
         out_dir: Path,
     ) -> None:
-        key, p, size = (rtt, rate), self.ports, path.stat().st_size
+        (rtt, rate), size = key, path.stat().st_size
         users = (
             ("benchpub", self.plain_users["benchpub"]),
             ("benchsub", self.plain_users["benchsub"]),
         )
-        with (
-            delay_line(sink.port, rtt / 4, rate, port=p.chain_mid),
-            delay_line(p.chain_mid, rtt / 4, rate, port=p.chain_in),
-            delay_line(self.plain_port, rtt / 4, rate, port=p.plain_pub),
-            delay_line(self.plain_port, rtt / 4, rate, port=p.plain_sub),
-            delay_line(p.sshd, rtt / 2, rate, port=p.scp),
-        ):
+        with contextlib.ExitStack() as lines:
+            mid = lines.enter_context(delay_line(sink.port, rtt / 4, rate))
+            chain = lines.enter_context(delay_line(mid, rtt / 4, rate))
+            plain_pub = lines.enter_context(delay_line(self.plain_port, rtt / 4, rate))
+            plain_sub = lines.enter_context(delay_line(self.plain_port, rtt / 4, rate))
+            to_sshd = lines.enter_context(delay_line(self.sshd_port, rtt / 2, rate))
             for _ in range(runs):
                 res.add(key, "peerd", peerd_send(self.sender, path, [self.receiver])["mb_s"])
-                res.add(key, "path", bare_stream(p.chain_in, path, sink))
+                res.add(key, "path", bare_stream(chain, path, sink))
                 plain = run_plain_transfer(
-                    _url(p.plain_pub),
+                    _url(plain_pub),
                     path,
                     inflight=16,
                     qos=1,
                     users=users,
                     out_dir=out_dir,
-                    subscriber_url=_url(p.plain_sub),
+                    subscriber_url=_url(plain_sub),
                 )
                 if not plain["verified"]:
                     raise RuntimeError(f"the plaintext baseline did not complete: {plain}")
                 res.add(key, "plaintext", plain["mb_s"])
-                res.add(key, "scp", _rate(size, scp(path, out_dir / "scp-copy", SCP_CIPHER)))
+                seconds = scp(path, out_dir / "scp-copy", SCP_CIPHER, port=to_sshd)
+                res.add(key, "scp", _rate(size, seconds))
 
 
 def line_ceiling(path: Path, sink: StreamSink) -> float:
@@ -460,9 +446,11 @@ def run(quick: bool = False) -> bool:
             ),
             shipped_broker(plain, queue_limits=False) as plain_url,
         ):
+            sshd_port = free_port()
             plain_port = int(plain_url.rsplit(":", 1)[1])
-            bench = Bench((sender, receiver), broker.port, plain_port, observer, plain)
-            with private_sshd(bench.ports.sshd, client_port=bench.ports.scp) as scp:
+            ports = (broker.port, plain_port, sshd_port)
+            bench = Bench((sender, receiver), ports, observer, plain)
+            with private_sshd(sshd_port) as scp:
                 with bench.daemon_links(0, 0):  # pairing, and the local processing
                     bench.first_bytes(res, 0, small, first_runs)
                 for rtt in rtts:
@@ -471,7 +459,7 @@ def run(quick: bool = False) -> bool:
                             peerd_send(sender, small, [receiver])  # a session up, caches warm
                             if rate == LINKS[0]:
                                 bench.first_bytes(res, rtt, small, first_runs)
-                            bench.throughput(res, rtt, rate, path, runs, sink, scp, out_dir)
+                            bench.throughput(res, (rtt, rate), path, runs, sink, scp, out_dir)
                         res.load[(rtt, rate)] = load_average()
                         print(f"  measured {rate / 1e6:.0f} MB/s, {rtt * 1e3:.0f} ms", flush=True)
     finally:

@@ -4,7 +4,7 @@
 
 starts a private Mosquitto configured as shipped (systemd/mosquitto-peerd.conf: its ACL and
 limits, users for the benchmark's clients) and prints, for aiomqtt (the reference the issues name)
-and for peerd's own link (peerd/mqtt.py):
+and for peerd's own link (peerd/mqtt/):
 
 - floor: three messages A -> B -> A -> B through the broker, p50/p99, QoS 0 and QoS 1: the
   plaintext floor of a three-message handshake (timed from A's first send to B's receipt of the

@@ -1,0 +1,55 @@
+"""peerd's link to the MQTT broker (the wire itself is `protocol.mqtt`, sans-IO).
+
+errors.py        the Broker* errors
+settings.py      BrokerSettings (URL, TLS, credentials, limits) and the reconnect Backoff
+topics.py        the topic layout of a network and filter matching
+conn.py          one TCP/TLS connection: an asyncio protocol pumping protocol.mqtt.Connection
+link.py          MqttLink: reconnects, outbox, QoS 1 retransmission, keepalive
+subscribing.py   its subscribe/unsubscribe half
+subscription.py  Subscription queues, routing of incoming messages, LinkStats
+outgoing.py      the record of one publish, and Pipeline
+"""
+
+from peerd.mqtt.errors import (
+    BrokerError,
+    BrokerLimitError,
+    BrokerProtocolError,
+    BrokerQueueFull,
+    BrokerRefused,
+    BrokerSettingsError,
+    BrokerTimeout,
+    BrokerTlsError,
+    BrokerUnreachable,
+    LinkClosed,
+    SubscribeRefused,
+)
+from peerd.mqtt.link import MqttLink
+from peerd.mqtt.outgoing import Pipeline
+from peerd.mqtt.settings import DEFAULT_MAX_PACKET_SIZE, Backoff, BrokerSettings
+from peerd.mqtt.subscription import LinkStats, Message, Subscription
+from peerd.mqtt.topics import Topics, statement_id, topic_matches
+
+__all__ = [
+    "DEFAULT_MAX_PACKET_SIZE",
+    "Backoff",
+    "BrokerError",
+    "BrokerLimitError",
+    "BrokerProtocolError",
+    "BrokerQueueFull",
+    "BrokerRefused",
+    "BrokerSettings",
+    "BrokerSettingsError",
+    "BrokerTimeout",
+    "BrokerTlsError",
+    "BrokerUnreachable",
+    "LinkClosed",
+    "LinkStats",
+    "Message",
+    "MqttLink",
+    "Pipeline",
+    "SubscribeRefused",
+    "Subscription",
+    "Topics",
+    "statement_id",
+    "topic_matches",
+]

@@ -104,7 +104,8 @@ class Broker:
     """One private Mosquitto process. Use as a context manager or call start()/stop().
 
     shipped: run systemd/mosquitto-peerd.conf (authentication with `users`, its ACL, its limits)
-    instead of the permissive test configuration.
+    instead of the permissive test configuration; `extra_acl` is appended to its ACL (an
+    operator's additions, e.g. a bridge's account).
     """
 
     def __init__(
@@ -116,6 +117,7 @@ class Broker:
         *,
         shipped: bool = False,
         users: Mapping[str, str] | None = None,
+        extra_acl: str = "",
     ) -> None:
         self._own_dir = directory is None
         self.dir = Path(directory or tempfile.mkdtemp(prefix="peerd-broker-"))
@@ -125,6 +127,7 @@ class Broker:
         self.persistence = persistence
         self.shipped = shipped
         self.users = dict(users or {})
+        self.extra_acl = extra_acl
         self.proc: subprocess.Popen[bytes] | None = None
         self.conf_path = self.dir / "mosquitto.conf"
         self.log_path = self.dir / "mosquitto.log"
@@ -167,7 +170,7 @@ class Broker:
         self.conf_path.write_text("\n".join(lines) + "\n" + self.extra_conf + "\n")
 
     def _write_shipped_conf(self) -> None:
-        self.acl_path.write_text(shipped_acl())
+        self.acl_path.write_text(shipped_acl() + self.extra_acl)
         write_password_file(self.passwd_path, self.users)
         lines = [
             *self._local_lines(),

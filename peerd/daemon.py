@@ -24,7 +24,7 @@ import os
 import signal
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,7 @@ from protocol.session import (
     Output,
     Rejected,
     SendFrame,
+    Session,
     SessionDown,
     SessionLimits,
     SessionManager,
@@ -610,6 +611,11 @@ class Daemon:
         await handler(peer, app, now=now)
 
     def _from_trusted_session(self, peer: str, now: float) -> bool:
+        return any(refused is None for _, refused in self._session_trust(peer, now))
+
+    def _session_trust(self, peer: str, now: float) -> Iterator[tuple[Session, TrustError | None]]:
+        """Each session with `peer` the store recorded, and why trust no longer allows it
+        (None: it does). Unrecorded ones are left to their recording."""
         view = self.store.view()
         for session in self.sessions.sessions_for(peer):
             if (peer, session.local_index) in self._unrecorded:
@@ -618,39 +624,35 @@ class Daemon:
             assert isinstance(auth, Authenticated)
             try:
                 view.check_session(peer, auth.serial, now)
-            except TrustError:
+            except TrustError as exc:
+                yield session, exc
                 continue
-            return True
-        return False
+            yield session, None
 
     # -- trust changes -----------------------------------------------------------------------
 
     def _trust_changed(self) -> None:
         """After every committed trust event: end sessions the new state no longer allows."""
         now = time.time()
-        view = self.store.view()
         for peer in self.sessions.connected_peers():
-            for session in self.sessions.sessions_for(peer):
-                if (peer, session.local_index) in self._unrecorded:
+            for session, exc in list(self._session_trust(peer, now)):
+                if exc is None:
                     continue
+                self._logs.log(
+                    logging.WARNING,
+                    f"closing-{exc.reason}",
+                    "closing a session with %s: %s",
+                    peer,
+                    exc,
+                )
+                self.sessions.rejections[exc.reason] += 1
+                self._handle(self.sessions.close_session(session, exc.reason, now), now)
                 auth = session.auth
                 assert isinstance(auth, Authenticated)
-                try:
-                    view.check_session(peer, auth.serial, now)
-                except TrustError as exc:
-                    self._logs.log(
-                        logging.WARNING,
-                        f"closing-{exc.reason}",
-                        "closing a session with %s: %s",
-                        peer,
-                        exc,
-                    )
-                    self.sessions.rejections[exc.reason] += 1
-                    self._handle(self.sessions.close_session(session, exc.reason, now), now)
-                    self._publish_event(
-                        "session.closed",
-                        {"peer": peer, "reason": exc.reason, "serial": auth.serial},
-                    )
+                self._publish_event(
+                    "session.closed",
+                    {"peer": peer, "reason": exc.reason, "serial": auth.serial},
+                )
         for ext in self._extensions:
             if hasattr(ext, "trust_changed"):
                 ext.trust_changed()

@@ -30,6 +30,8 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from protocol.session import TokenBucket
+
 Work = Callable[[], Awaitable[None]]
 
 
@@ -44,24 +46,8 @@ class LaneLimits:
     remembered: int = 8192  # statement ids already applied, not processed again
 
 
-class TokenBucket:
-    """`burst` at once, then `rate` per second."""
-
-    __slots__ = ("burst", "rate", "stamp", "tokens")
-
-    def __init__(self, rate: float, burst: float, now: float) -> None:
-        self.rate, self.burst, self.tokens, self.stamp = rate, burst, burst, now
-
-    def take(self, now: float) -> bool:
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens < 1.0:
-            return False
-        self.tokens -= 1.0
-        return True
-
-    def full(self, now: float) -> bool:
-        return self.tokens + (now - self.stamp) * self.rate >= self.burst
+def _refilled(bucket: TokenBucket, now: float) -> bool:
+    return bucket.tokens + (now - bucket.stamp) * bucket.rate >= bucket.burst
 
 
 class EventLanes:
@@ -139,7 +125,7 @@ class EventLanes:
             cap = 2 * self.limits.lanes
             if len(self._buckets) >= cap:
                 # Forget the publishers whose buckets refilled: they would start full anyway.
-                self._buckets = {k: b for k, b in self._buckets.items() if not b.full(now)}
+                self._buckets = {k: b for k, b in self._buckets.items() if not _refilled(b, now)}
                 if len(self._buckets) >= cap:
                     return False
             bucket = TokenBucket(self.limits.statement_rate, self.limits.statement_burst, now)

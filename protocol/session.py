@@ -226,7 +226,9 @@ class ReplayWindow:
             self._bits |= 1 << (self.top - counter)
 
 
-class _Bucket:
+class TokenBucket:
+    """`burst` at once, then `rate` per second (the shell's rate limits use it too)."""
+
     __slots__ = ("burst", "rate", "stamp", "tokens")
 
     def __init__(self, rate: float, burst: float, now: float) -> None:
@@ -333,8 +335,8 @@ class SessionManager:
         self._by_index: dict[int, Session] = {}
         self._half_open: OrderedDict[int, _Handshake] = OrderedDict()  # responder, LRU
         self._initiating: dict[int, _Handshake] = {}
-        self._hello_bucket = _Bucket(self.limits.hello_rate, self.limits.hello_burst, 0.0)
-        self._peer_buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        self._hello_bucket = TokenBucket(self.limits.hello_rate, self.limits.hello_burst, 0.0)
+        self._peer_buckets: OrderedDict[str, TokenBucket] = OrderedDict()
         self._seq = 0
         self.rejections: Counter[str] = Counter()
 
@@ -520,10 +522,12 @@ class SessionManager:
         )
         return [SendFrame(claimed, frames.encode_reply(hello.sender_index, index, reply))]
 
-    def _peer_bucket(self, peer_id: str, now: float) -> _Bucket:
+    def _peer_bucket(self, peer_id: str, now: float) -> TokenBucket:
         bucket = self._peer_buckets.get(peer_id)
         if bucket is None:
-            bucket = _Bucket(self.limits.hello_rate_per_peer, self.limits.hello_burst_per_peer, now)
+            bucket = TokenBucket(
+                self.limits.hello_rate_per_peer, self.limits.hello_burst_per_peer, now
+            )
             self._peer_buckets[peer_id] = bucket
             if len(self._peer_buckets) > self.limits.max_tracked_peers:
                 self._peer_buckets.popitem(last=False)

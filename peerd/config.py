@@ -280,6 +280,12 @@ class ReceiveConfig:
     free_space_margin: int = key(
         1024**3, doc="refuse a file that would leave less free space than this", kind="size"
     )
+    idle_timeout: float = key(
+        6 * 3600.0,
+        doc="give up a file whose sender has sent nothing for this long, seconds (frees the"
+        " slot and the reserved space)",
+        check=_between(1, 30 * 24 * 3600),
+    )
 
 
 @dataclass(frozen=True, slots=True)

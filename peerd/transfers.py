@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import errno
 import json
 import logging
 import os
+import re
 import stat
 import time
 from dataclasses import dataclass, field
@@ -38,8 +41,14 @@ from peerd.mqtt import BrokerError, Message, Subscription
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.identity import TrustError, parse_peer_id
 from protocol.identity.trust import PeerState
-from protocol.safetensors import SafetensorsError, header_length, parse_header
+from protocol.safetensors import (
+    SafetensorsError,
+    header_length,
+    is_safetensors_name,
+    parse_header,
+)
 from protocol.transfer import (
+    PEER_FAULTS,
     Abort,
     Accepted,
     Commit,
@@ -64,6 +73,7 @@ from protocol.transfer import (
     Verified,
     check_offer,
     describe,
+    numbered_name,
 )
 from protocol.transfer.chunks import frame_buffer
 from protocol.transfer.messages import decode_message
@@ -77,6 +87,13 @@ log = logging.getLogger("peerd.transfers")
 CONTENT_REJECTIONS = frozenset(
     {"hash-mismatch", "bad-signature", "manifest-mismatch", "bad-content", "bad-safetensors"}
 )
+# Reasons for which a receiver ends a transfer because of what its sender did (or did not do):
+# counted as rejections, so an operator sees forged content and senders that go quiet.
+COUNTED_FAILURES = CONTENT_REJECTIONS | {"timeout"}
+PART_SUFFIX = ".part"
+# `.<transfer id in hex>.part`: the temporary files this shell creates, and the only ones the
+# start-up sweep removes.
+_PART_NAME = re.compile(r"\.[0-9a-f]{32}\.part")
 KEEP_FINISHED = 24 * 3600.0  # finished transfers are listed (and late Seals answered) this long
 YIELD_EVERY = 4  # chunks published before the sender lets the event loop read acknowledgements
 
@@ -113,6 +130,7 @@ class _Incoming:
     temp: Path
     directory: Path
     fd: int
+    dirfd: int  # the sender's inbox directory: every name in it is resolved from this fd
     topic: str
     buf: bytearray
     started_at: float
@@ -139,12 +157,18 @@ class Transfers:
 
     def __init__(self, daemon: Daemon, config: TransferConfig | None = None) -> None:
         self.d = daemon
-        self.config = config or TransferConfig()
+        self.config = config or TransferConfig(idle_timeout=daemon.config.receive.idle_timeout)
         self.out: dict[bytes, _Outgoing] = {}
         self.inc: dict[bytes, _Incoming] = {}
         self.finished: dict[bytes, dict[str, Any]] = {}  # recent outcomes, for wait/list
         self._done_event = asyncio.Event()
-        self.counters: dict[str, int] = {"frames-rejected": 0, "control-rejected": 0}
+        self.counters: dict[str, int] = {
+            "frames-rejected": 0,
+            "control-rejected": 0,
+            "orphans-removed": 0,
+        }
+        self._header_checks = asyncio.Semaphore(1)
+        self._accepting: set[bytes] = set()  # offers being accepted (their records not yet made)
         self._stopping = False
         daemon._extensions.append(self)
         self._register()
@@ -154,6 +178,7 @@ class Transfers:
     async def run(self) -> None:
         """Resume what was under way when the daemon stopped, then expire old records."""
         await self._resume()
+        await self._sweep()
         while True:
             await asyncio.sleep(3600)
             await self.d.store.fetchall("SELECT 1")  # keeps the loop honest about the store
@@ -175,6 +200,11 @@ class Transfers:
             os.close(o.fd)
         for i in self.inc.values():
             os.close(i.fd)
+            os.close(i.dirfd)
+
+    def reload(self, config: Any) -> None:
+        """SIGHUP: transfers that start from now on use the new idle deadline."""
+        self.config = dataclasses.replace(self.config, idle_timeout=config.receive.idle_timeout)
 
     def peers_with_work(self) -> set[str]:
         peers = {p for o in self.out.values() for p in o.receivers}
@@ -261,6 +291,8 @@ class Transfers:
         if tid in self.inc or tid in self.out:
             self.on_control(peer, msg.encode())  # it started while this waited in the queue
             return
+        if tid in self._accepting:
+            return  # the same offer again, while the first is being accepted
         row = await self.d.store.fetchone(
             "SELECT role, peers, state, file_hash FROM transfers WHERE transfer_id = ?", (tid,)
         )
@@ -301,14 +333,8 @@ class Transfers:
                     reason="not-trusted",
                     hint="pair with it first (peerd invite / peerd join)",
                 )
+        fd, st = _open_source(path)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise TransferError(f"cannot read {path}: {exc.strerror}") from exc
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise TransferError(f"{path} is not a regular file")
             now = time.time()
             machine = SenderTransfer(
                 name=path.name,
@@ -459,6 +485,10 @@ class Transfers:
                 )
             elif isinstance(a, ReceiverFailed):
                 o.outcome[a.peer] = f"failed: {a.reason}"
+                if not a.remote and a.reason in PEER_FAULTS:
+                    # This side dropped the receiver for what it did (broke the protocol, asked
+                    # for more re-sends than the budget): counted against that peer.
+                    self.d.sessions.rejections[f"transfer-dropped-{a.reason}"] += 1
                 log.warning(
                     "transfer %s to %s failed: %s (%s)", o.tid.hex(), a.peer, a.reason, a.detail
                 )
@@ -537,16 +567,56 @@ class Transfers:
         if len(self.inc) >= self.d.config.limits.active_receives:
             self._refuse(peer, Abort(offer.transfer_id, "busy", "too many transfers at once"))
             return
-        cfg = self.d.config.receive
         directory = self.d.config.node.inbox_dir / peer
         try:
-            directory.mkdir(parents=True, exist_ok=True, mode=0o750)
-            vfs = os.statvfs(directory)
-        except OSError as exc:
-            self.d._transmit(
-                peer, Abort(offer.transfer_id, "receiver-error", exc.strerror or "").encode()
+            dirfd = _open_inbox(self.d.config.node.inbox_dir, peer)
+        except (UnsafeInbox, OSError) as exc:
+            self._inbox_refused(peer, offer.transfer_id, directory, exc)
+            return
+        taken: list[_Incoming] = []  # the transfer that took over dirfd, if one started
+        self._accepting.add(offer.transfer_id)
+        try:
+            await self._accept_into(
+                peer=peer,
+                offer=offer,
+                identity=identity,
+                directory=directory,
+                dirfd=dirfd,
+                now=now,
+                taken=taken,
             )
+        finally:
+            self._accepting.discard(offer.transfer_id)
+            if not taken:
+                os.close(dirfd)
+
+    def _inbox_refused(
+        self, peer: str, tid: bytes, directory: Path, exc: UnsafeInbox | OSError
+    ) -> None:
+        # The peer learns only that this side failed; the path stays in the local log.
+        self.d._transmit(peer, Abort(tid, "receiver-error", "the inbox is not usable").encode())
+        if isinstance(exc, UnsafeInbox):
+            self.d.sessions.rejections["transfer-inbox-unsafe"] += 1
+            log.error("refusing a file from %s: %s", peer, exc)
+        else:
             log.error("cannot prepare the inbox %s: %s", directory, exc)
+
+    async def _accept_into(
+        self,
+        *,
+        peer: str,
+        offer: Offer,
+        identity: bytes,
+        directory: Path,
+        dirfd: int,
+        now: float,
+        taken: list[_Incoming],
+    ) -> None:
+        cfg = self.d.config.receive
+        try:
+            vfs = os.fstatvfs(dirfd)
+        except OSError as exc:
+            self._inbox_refused(peer, offer.transfer_id, directory, exc)
             return
         policy = ReceivePolicy(
             max_size=cfg.max_file_size,
@@ -573,15 +643,29 @@ class Transfers:
             self.d._publish_event("transfer.done", refused)
             return
         tid = offer.transfer_id
-        temp = directory / f".{tid.hex()}.part"
-        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        part = f".{tid.hex()}{PART_SUFFIX}"
+        temp = directory / part
+        try:
+            # O_EXCL | O_NOFOLLOW: a name planted in the inbox (a symlink, a file) is refused,
+            # never written through; the transfer id is fresh, so a clean inbox has no such name.
+            fd = os.open(
+                part,
+                os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o640,
+                dir_fd=dirfd,
+            )
+        except OSError as exc:
+            planted = exc.errno in (errno.EEXIST, errno.ELOOP)
+            problem = UnsafeInbox(f"{temp} exists already (planted?)") if planted else exc
+            self._inbox_refused(peer, tid, directory, problem)
+            return
         try:
             if offer.size and os.environ.get("PEERD_NO_FALLOC") is None:
                 os.posix_fallocate(fd, 0, offer.size)
         except OSError as exc:
             os.close(fd)
             with contextlib.suppress(OSError):
-                temp.unlink()
+                os.unlink(part, dir_fd=dirfd)
             self.d._transmit(
                 peer, Abort(tid, "no-space", f"cannot reserve the space: {exc.strerror}").encode()
             )
@@ -598,10 +682,12 @@ class Transfers:
             temp=temp,
             directory=directory,
             fd=fd,
+            dirfd=dirfd,
             topic=self.d.topics.transfer(peer, tid),
             buf=bytearray(offer.chunk_size),
             started_at=now,
         )
+        taken.append(i)
         i.done = asyncio.get_running_loop().create_future()
         async with self.d.store.transaction(now) as tx:
             await tx.execute(
@@ -703,8 +789,8 @@ class Transfers:
     async def _commit(self, i: _Incoming, file_hash: bytes) -> None:
         m = i.machine
         now = time.time()
-        if i.name.endswith(".safetensors"):
-            problem = self._check_safetensors(i)
+        if is_safetensors_name(i.name):
+            problem = await self._check_safetensors(i)
             if problem is not None:
                 log.warning("refusing %s from %s: %s", i.name, i.sender, problem)
                 m.abort("bad-safetensors", problem)
@@ -712,8 +798,8 @@ class Transfers:
                 return
         try:
             os.fsync(i.fd)
-            final = _link_unique(i.temp, i.directory, i.name)
-            _fsync_dir(i.directory)
+            final = i.directory / _link_unique(i.dirfd, i.temp.name, i.name)
+            os.fsync(i.dirfd)
         except OSError as exc:
             m.abort("receiver-error", f"committing failed: {exc.strerror}")
             await self._receiver_actions(i)
@@ -733,17 +819,20 @@ class Transfers:
         await self._end_incoming(i, "verified")
         log.info("received %s from %s: verified, %s", i.name, i.sender, final)
 
-    def _check_safetensors(self, i: _Incoming) -> str | None:
-        try:
-            n = header_length(os.pread(i.fd, 8, 0), i.size)
-            parse_header(os.pread(i.fd, 8 + n, 0), i.size)
-        except SafetensorsError as exc:
-            return f"malformed safetensors header ({exc.reason}): {exc}"
-        return None
+    async def _check_safetensors(self, i: _Incoming) -> str | None:
+        """The header check in a worker thread (a 16 MiB header of many tensors is CPU work the
+        event loop must not wait for), one at a time (each costs memory up to the caps). The
+        thread owns a duplicate of the fd: the transfer may end, and its fd close, meanwhile."""
+        async with self._header_checks:
+            fd = os.dup(i.fd)
+            job = asyncio.get_running_loop().run_in_executor(None, _safetensors_problem, fd, i.size)
+            # Shielded: a cancelled caller must not cancel a job that has not started yet, or
+            # nobody would close its fd; the job runs (bounded by the caps) and closes it.
+            return await asyncio.shield(job)
 
     async def _fail_in(self, i: _Incoming, failed: TransferFailed) -> None:
         with contextlib.suppress(OSError):
-            i.temp.unlink()
+            os.unlink(i.temp.name, dir_fd=i.dirfd)
         await self._update(
             i.tid,
             state="cancelled" if failed.reason == "cancelled" else "failed",
@@ -756,9 +845,10 @@ class Transfers:
         log.warning(
             "receiving %s from %s failed: %s (%s)", i.name, i.sender, failed.reason, failed.detail
         )
-        if not failed.remote and failed.reason in CONTENT_REJECTIONS:
+        if not failed.remote and failed.reason in COUNTED_FAILURES:
             # This node refused the file itself: forged chunks (a co-receiver holds the content
-            # key), a bad Seal, or bad content. Counted so an operator sees the attack.
+            # key), a bad Seal, bad content, or a sender that went quiet and held the slot.
+            # Counted so an operator sees the attack.
             self.d.sessions.rejections[f"transfer-failed-{failed.reason}"] += 1
         await self._end_incoming(i, "failed", reason=failed.reason, detail=failed.detail)
 
@@ -766,6 +856,8 @@ class Transfers:
         self.inc.pop(i.tid, None)
         with contextlib.suppress(OSError):
             os.close(i.fd)
+        with contextlib.suppress(OSError):
+            os.close(i.dirfd)
         if i.sub is not None:
             with contextlib.suppress(BrokerError):
                 await i.sub.close()
@@ -806,6 +898,16 @@ class Transfers:
                 f"UPDATE transfers SET {sets}, updated_at = ? WHERE transfer_id = ?",  # noqa: S608 - column names are ours
                 (*columns.values(), now, tid),
             )
+
+    async def _sweep(self) -> None:
+        """Remove the `.part` files of no transfer being received (left by a crash between
+        creating one and recording it, or by a store restored from a backup): each holds
+        reserved space. Off the event loop: an inbox may list many files."""
+        keep = {i.temp.name for i in self.inc.values()}
+        removed, size = await asyncio.to_thread(_sweep_parts, self.d.config.node.inbox_dir, keep)
+        if removed:
+            self.counters["orphans-removed"] += removed
+            log.warning("removed %d orphaned .part files (%d bytes)", removed, size)
 
     async def _resume(self) -> None:
         rows = await self.d.store.fetchall(
@@ -855,9 +957,7 @@ class Transfers:
                     )
             except (PeerdError, OSError) as exc:
                 log.warning("cannot resume transfer %s: %s", tid.hex(), exc)
-                if temp:
-                    with contextlib.suppress(OSError):
-                        os.unlink(temp)
+                # Its .part (if any) is an orphan now: the sweep below removes it.
                 await self._update(
                     tid,
                     state="failed",
@@ -882,7 +982,7 @@ class Transfers:
         machine = SenderTransfer.restore(
             snapshot, signing_key=self.d.keys.signing_key(), now=now, config=self.config
         )
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd, _ = _open_source(path)
         o = _Outgoing(
             tid=tid,
             machine=machine,
@@ -922,7 +1022,12 @@ class Transfers:
         machine = ReceiverTransfer.restore(
             snapshot, sender_key=identity, now=now, config=self.config
         )
-        fd = os.open(temp, os.O_RDWR | os.O_CLOEXEC)
+        dirfd = _open_inbox(directory.parent, directory.name)
+        try:
+            fd = os.open(temp.name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+        except BaseException:
+            os.close(dirfd)
+            raise
         i = _Incoming(
             tid=tid,
             machine=machine,
@@ -932,6 +1037,7 @@ class Transfers:
             temp=temp,
             directory=directory,
             fd=fd,
+            dirfd=dirfd,
             topic=self.d.topics.transfer(sender, tid),
             buf=bytearray(machine.offer.chunk_size),
             started_at=created,
@@ -1070,28 +1176,132 @@ def _tid(text: str) -> bytes:
     return tid
 
 
-def _link_unique(temp: Path, directory: Path, name: str) -> Path:
-    """Give the verified temporary file its name without ever replacing an existing file:
-    `model.safetensors`, else `model-2.safetensors`, `model-3...`. link(2) fails if the name is
-    taken, so there is no check-then-rename race."""
-    stem, dot, suffix = name.partition(".")
-    for n in range(1, 10_000):
-        candidate = directory / (name if n == 1 else f"{stem}-{n}{dot}{suffix}")
+class UnsafeInbox(TransferError):
+    """The sender's inbox directory, or a name in it, is not this daemon's to write: a symlink,
+    someone else's directory, or a name planted before the file arrived."""
+
+
+def _open_source(path: Path) -> tuple[int, os.stat_result]:
+    """Open a file to send. O_NONBLOCK: opening a FIFO would otherwise block (on the event
+    loop) until a writer comes; with it the open returns and the fstat refuses it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise TransferError(f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise TransferError(
+                f"{path} is not a regular file",
+                hint="send a regular file (not a FIFO, device, socket or directory)",
+            )
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def _open_inbox(root: Path, peer: str) -> int:
+    """A directory fd for the inbox of files from `peer`, under `root` (the configured inbox,
+    which the operator chose). The per-sender directory is created if missing and must be a
+    real directory (not a symlink a local user planted) owned by this user and not writable by
+    others; every name in it is then resolved from the fd."""
+    root.mkdir(parents=True, exist_ok=True, mode=0o750)
+    rootfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(peer, 0o750, dir_fd=rootfd)
         try:
-            os.link(temp, candidate)
+            fd = os.open(
+                peer, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=rootfd
+            )
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise UnsafeInbox(f"{root / peer} is not a directory (a symlink?)") from exc
+            raise
+    finally:
+        os.close(rootfd)
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid() or st.st_mode & stat.S_IWOTH:
+        os.close(fd)
+        raise UnsafeInbox(f"{root / peer} belongs to uid {st.st_uid} or is writable by others")
+    return fd
+
+
+def _link_unique(dirfd: int, temp: str, name: str) -> str:
+    """Give the verified temporary file (`temp`, in the directory `dirfd`) its name without
+    ever replacing an existing file: `model.safetensors`, else `model-2.safetensors`,
+    `model-3...`, shortened to fit the file system's name limit (see `numbered_name`). link(2)
+    fails if the name is taken, so there is no check-then-rename race, and it does not follow
+    a symlink planted at either name."""
+    try:
+        name_max = os.fpathconf(dirfd, "PC_NAME_MAX")
+    except OSError:
+        name_max = 255
+    for n in range(1, 10_000):
+        candidate = numbered_name(name, n, name_max=name_max)
+        try:
+            os.link(temp, candidate, src_dir_fd=dirfd, dst_dir_fd=dirfd, follow_symlinks=False)
         except FileExistsError:
             continue
-        os.unlink(temp)
+        os.unlink(temp, dir_fd=dirfd)
         return candidate
-    raise OSError(17, "no free name for the received file")
+    raise OSError(errno.EEXIST, "no free name for the received file")
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+def _safetensors_problem(fd: int, size: int) -> str | None:
+    """Why the safetensors file open at `fd` is malformed, or None. Runs in a worker thread
+    and closes `fd` (its own duplicate)."""
     try:
-        os.fsync(fd)
+        n = header_length(os.pread(fd, 8, 0), size)
+        parse_header(os.pread(fd, 8 + n, 0), size)
+    except SafetensorsError as exc:
+        return f"malformed safetensors header ({exc.reason}): {exc}"
+    except OSError as exc:
+        return f"reading the header failed: {exc.strerror}"
     finally:
         os.close(fd)
+    return None
+
+
+def _sweep_parts(root: Path, keep: set[str]) -> tuple[int, int]:
+    """Remove `.<id>.part` regular files under `root/<sender>/` whose names are not in `keep`;
+    symlinks and other files are left alone. Returns (files, bytes) removed."""
+    removed = size = 0
+    try:
+        rootfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return 0, 0
+    try:
+        for sender in os.scandir(rootfd):
+            if not sender.is_dir(follow_symlinks=False):
+                continue
+            try:
+                dirfd = os.open(
+                    sender.name,
+                    os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    dir_fd=rootfd,
+                )
+            except OSError:
+                continue
+            try:
+                for entry in os.scandir(dirfd):
+                    if (
+                        _PART_NAME.fullmatch(entry.name)
+                        and entry.name not in keep
+                        and entry.is_file(follow_symlinks=False)
+                    ):
+                        with contextlib.suppress(OSError):
+                            n = entry.stat(follow_symlinks=False).st_size
+                            os.unlink(entry.name, dir_fd=dirfd)
+                            removed += 1
+                            size += n
+            finally:
+                os.close(dirfd)
+    finally:
+        os.close(rootfd)
+    return removed, size
 
 
 __all__ = ["TransferError", "Transfers"]

@@ -49,10 +49,12 @@ from protocol.transfer.manifest import (
     chunk_count_for,
     file_hash,
     name_problem,
+    numbered_name,
 )
 from protocol.transfer.messages import (
     MAX_CONTROL_BYTES,
     MAX_WINDOW,
+    PEER_FAULTS,
     Abort,
     Accept,
     Ack,
@@ -82,6 +84,7 @@ __all__ = [
     "MAX_FRAME_BYTES",
     "MAX_RECEIVERS",
     "MAX_WINDOW",
+    "PEER_FAULTS",
     "Abort",
     "Accept",
     "Accepted",
@@ -128,5 +131,6 @@ __all__ = [
     "frame_buffer",
     "is_transfer_tag",
     "name_problem",
+    "numbered_name",
     "parse_chunk_header",
 ]

@@ -43,6 +43,20 @@ class TransferConfig:
     lag_timeout: float = 5.0
     # Sender: chunk reads handed to the shell and not yet returned.
     max_outstanding_reads: int = 64
+    # Receiver: with nothing heard from the sender (no valid frame, no control message) for
+    # this long, give up: the receive slot and the reserved space are not held forever by a
+    # sender that went quiet. A live sender probes at least every max_probe_interval; a
+    # stopped one resumes within this if it comes back.
+    idle_timeout: float = 6 * 3600.0
+    # Sender: restarts (new incarnations) one receiver may announce in one transfer; each can
+    # cost a window of re-sends. Beyond, the receiver is dropped (reason over-budget).
+    max_restarts: int = 16
+    # Sender: chunks one receiver may have sent again (repairs, restarts), as a fraction of the
+    # file's chunk count, plus resend_floor windows so a small file survives a lossy path.
+    # Beyond, the receiver is dropped (reason over-budget): what a receiver's claims can cost
+    # the sender, the broker and every co-receiver is bounded by the file, not by its wishes.
+    resend_ratio: float = 1.0
+    resend_floor: int = 4
 
     def __post_init__(self) -> None:
         if not 1 <= self.window <= MAX_WINDOW:
@@ -58,9 +72,14 @@ class TransferConfig:
             "probe_interval",
             "start_wait",
             "lag_timeout",
+            "resend_ratio",
         ):
             if not getattr(self, name) >= 0:
                 raise LocalProtocolError(f"{name} must not be negative")
+        if not self.idle_timeout > 0:
+            raise LocalProtocolError("idle_timeout must be positive")
+        if self.max_restarts < 0 or self.resend_floor < 1:
+            raise LocalProtocolError("max_restarts must be >= 0 and resend_floor >= 1")
         if self.max_status_interval < self.status_interval:
             raise LocalProtocolError("max_status_interval must be >= status_interval")
         if self.max_probe_interval < self.probe_interval:

@@ -84,6 +84,30 @@ def name_problem(name: str) -> str | None:
     return None
 
 
+def numbered_name(name: str, n: int, *, name_max: int = NAME_MAX_BYTES) -> str:
+    """The n-th name to try for a received file whose `name` is taken: `model.tar.gz`,
+    `model-2.tar.gz`, `model-3.tar.gz`... Never longer than `name_max` bytes: the stem is
+    shortened (at a character boundary) so that the tag and the extension fit, because a name
+    one byte too long would make the receiver lose a file it has already verified. The extension
+    is everything after the first dot; if that leaves no room, only the last one is kept."""
+    if n == 1:
+        return name
+    tag = f"-{n}"
+    stem, dot, ext = name.partition(".")
+    if len((tag + dot + ext).encode()) >= name_max:
+        stem, dot, ext = name.rpartition(".") if "." in name else (name, "", "")
+        if len((tag + dot + ext).encode()) >= name_max:
+            stem, dot, ext = name, "", ""
+    room = name_max - len((tag + dot + ext).encode())
+    raw = stem.encode()[: max(room, 0)]
+    while True:
+        short = raw.decode("utf-8", "ignore").rstrip()
+        candidate = f"{short}{tag}{dot}{ext}"
+        if name_problem(candidate) is None or not raw:
+            return candidate
+        raw = raw[:-1]  # a cut that left a combining mark alone: cut one more
+
+
 def check_peer_id(value: Any, what: str) -> str:
     if type(value) is not str or not valid_peer_id(value):
         raise MalformedTransferObject(f"{what} is not a peer id (1-23 of a-z, 0-9)")

@@ -79,6 +79,7 @@ class Reason:
     TIMEOUT = "timeout"
     UNKNOWN_TRANSFER = "unknown-transfer"
     PROTOCOL = "protocol-error"
+    OVER_BUDGET = "over-budget"
 
 
 REASON_TEXT = {
@@ -97,7 +98,11 @@ REASON_TEXT = {
     Reason.TIMEOUT: "the peer did not answer in time",
     Reason.UNKNOWN_TRANSFER: "the peer does not know this transfer",
     Reason.PROTOCOL: "the peer broke the transfer protocol",
+    Reason.OVER_BUDGET: "the receiver asked for more re-sends than a transfer allows",
 }
+# Reasons for which a sender drops a receiver because of what the receiver did: a shell counts
+# them as rejections of that peer.
+PEER_FAULTS = frozenset({Reason.PROTOCOL, Reason.OVER_BUDGET})
 
 
 def describe(reason: str) -> str:

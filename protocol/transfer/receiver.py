@@ -228,6 +228,7 @@ class ReceiverTransfer:
         self._status_interval = config.status_interval
         self._status_at = now + config.status_interval
         self._frame_since_status = False
+        self._heard_at = now  # the sender's last valid frame or control message
         self._acked_chunks = -1
         self.dropped_duplicates = 0
         self.dropped_beyond_window = 0
@@ -268,7 +269,7 @@ class ReceiverTransfer:
     def next_deadline(self) -> float | None:
         if self.state != RECEIVING:
             return None
-        deadlines = [self._status_at]
+        deadlines = [self._status_at, self._heard_at + self.config.idle_timeout]
         if self._unsynced and self._syncing is None:
             deadlines.append(self._unsynced_since + self.config.sync_delay)
         if self._gap_at is not None:
@@ -308,6 +309,7 @@ class ReceiverTransfer:
         if len(out) < length:
             raise LocalProtocolError(f"plaintext buffer too small: {len(out)} < {length}")
         self._cipher.open_into(out, frame)
+        self._heard_at = max(self._heard_at, now)
         self._pending.add(i)
         if not self._unsynced:
             self._unsynced_since = now
@@ -395,6 +397,8 @@ class ReceiverTransfer:
         RemoteProtocolError for one that breaks the protocol (count it, drop it)."""
         if message.transfer_id != self.offer.transfer_id:
             raise LocalProtocolError("a message for another transfer was routed here")
+        if isinstance(message, Offer | Seal | Abort):
+            self._heard_at = max(self._heard_at, now)
         if isinstance(message, Offer | Seal) and self.state in (DONE, FAILED):
             self._send(self._final_answer())
             return
@@ -457,6 +461,13 @@ class ReceiverTransfer:
 
     def on_timer(self, now: float) -> None:
         if self.state != RECEIVING:
+            return
+        if now >= self._heard_at + self.config.idle_timeout:
+            self._fail(
+                Reason.TIMEOUT,
+                f"nothing heard from the sender for {self.config.idle_timeout:g} s",
+                remote=False,
+            )
             return
         if (
             self._unsynced

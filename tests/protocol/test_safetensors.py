@@ -17,9 +17,11 @@ from hypothesis import strategies as st
 
 from protocol.errors import RemoteProtocolError
 from protocol.safetensors import (
+    DEFAULT_MAX_TENSORS,
     DTYPE_BITS,
     SafetensorsError,
     header_length,
+    is_safetensors_name,
     parse_header,
 )
 
@@ -234,3 +236,32 @@ def test_mutated_valid_files_raise_only_safetensors_errors(data: st.DataObject) 
     for _ in range(data.draw(st.integers(1, 3))):
         file[data.draw(st.integers(0, 71))] = data.draw(st.integers(0, 255))
     assert _outcome(bytes(file)).startswith(("ok", "safetensors-"))
+
+
+# -- bounds on the cost of a check (issue 18) -------------------------------------------------
+
+
+def test_a_header_of_too_many_tensors_is_refused_before_it_is_parsed() -> None:
+    """300k zero-size tensors in a 16 MiB header took 3.3 s and 195 MB to check. The tensor
+    count is bounded; a header over it is refused from a scan of its bytes."""
+    tensors = {
+        f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}
+        for i in range(DEFAULT_MAX_TENSORS + 1)
+    }
+    assert reason_of(build(tensors, b"")) == "safetensors-too-many-tensors"
+    fewer = dict(list(tensors.items())[:100])
+    assert check(build(fewer, b"")).tensors[0].end == 0
+    # A lower cap of the caller's, and braces inside names only count against the file.
+    file = build(fewer, b"")
+    n = header_length(file[:8], len(file))
+    with pytest.raises(SafetensorsError) as err:
+        parse_header(file[: 8 + n], len(file), max_tensors=99)
+    assert err.value.reason == "safetensors-too-many-tensors"
+    assert parse_header(file[: 8 + n], len(file), max_tensors=100).tensors
+
+
+def test_the_extension_is_recognised_in_any_case() -> None:
+    for name in ("m.safetensors", "m.SAFETENSORS", "m.SafeTensors"):
+        assert is_safetensors_name(name)
+    for name in ("m.safetensors.bak", "safetensors", "m.bin"):
+        assert not is_safetensors_name(name)

@@ -28,6 +28,7 @@ from protocol.transfer import (
     Seal,
     SenderTransfer,
     Sync,
+    TransferFailed,
     Verified,
     WriteChunk,
     file_hash,
@@ -594,3 +595,32 @@ def test_sender_follows_the_newest_receiver_incarnation_only() -> None:
     read = s.next_read(0.0)
     assert read is not None
     assert read.index == 6
+
+
+def test_a_sender_that_goes_quiet_is_given_up_after_the_idle_deadline() -> None:
+    """A trusted sender offers a file and then says nothing: the receiver held a slot and the
+    reserved space forever (issue 18). After `idle_timeout` with no valid frame and no message
+    from the sender, it fails with reason timeout (and tells the sender). Anything heard from
+    the sender moves the deadline."""
+    data = payload(4 * CHUNK)
+    rt, _ = _receiver_for(data, idle_timeout=100.0)
+    deadline = rt.next_deadline()
+    assert deadline is not None
+    rt.on_timer(60.0)
+    assert rt.state == "receiving"
+    rt.receive(rt.offer, 60.0)  # a probe: the sender is alive
+    rt.take_actions()
+    t = 60.0
+    while rt.state == "receiving":
+        d = rt.next_deadline()
+        assert d is not None
+        assert d <= 160.0
+        t = d
+        rt.on_timer(t)
+    assert t == 160.0
+    actions = rt.take_actions()
+    failed = [a for a in actions if isinstance(a, TransferFailed)]
+    assert [(f.reason, f.remote) for f in failed] == [("timeout", False)]
+    aborts = [a.message for a in actions if isinstance(getattr(a, "message", None), Abort)]
+    assert [m.reason for m in aborts] == ["timeout"]
+    assert rt.next_deadline() is None

@@ -39,6 +39,7 @@ from protocol.transfer import (
     file_hash,
     frame_buffer,
     name_problem,
+    numbered_name,
     parse_chunk_header,
 )
 from protocol.transfer.messages import ranges_of, sack_bitmap
@@ -126,6 +127,27 @@ def test_safe_names_are_accepted(name: str) -> None:
     assert name_problem(name) is None
     m = manifest(name=name)
     assert Manifest.decode(m.body()) == m
+
+
+@pytest.mark.parametrize("name", [*GOOD_NAMES, "w" * 251 + ".bin", "é" * 125 + ".safetensors"])
+def test_numbered_names_fit_the_name_limit_and_keep_the_extension(name: str) -> None:
+    """A second copy of a name at the 255-byte limit got `-2` appended, was too long for the
+    file system, and the verified file was lost (issue 18). Every numbered name is a safe name
+    of at most 255 bytes; the tag and, where there is room, the extension are kept."""
+    assert numbered_name(name, 1) == name
+    seen = {name}
+    for n in (2, 3, 10, 9999):
+        numbered = numbered_name(name, n)
+        assert name_problem(numbered) is None, numbered
+        assert len(numbered.encode()) <= 255
+        assert f"-{n}" in numbered
+        _, dot, ext = name.rpartition(".")
+        if dot and len(ext.encode()) < 200:
+            assert numbered.endswith(f"{dot}{ext}")
+        seen.add(numbered)
+    assert len(seen) == 5
+    assert numbered_name("model.tar.gz", 2) == "model-2.tar.gz"
+    assert numbered_name("w" * 251 + ".bin", 2) == "w" * 249 + "-2.bin"
 
 
 @pytest.mark.parametrize("name", BAD_NAMES)

@@ -24,6 +24,7 @@ room to publish, `on_chunk_read()` with the bytes, `receive()` for control messa
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -101,6 +102,7 @@ class _Receiver:
         "acked",
         "cum",
         "cursor",
+        "deliveries",
         "detail",
         "incarnation",
         "lagging",
@@ -110,7 +112,9 @@ class _Receiver:
         "probe_interval",
         "reason",
         "repair",
+        "restarts",
         "sacked",
+        "seal_at",
         "stalled_since",
         "state",
     )
@@ -133,6 +137,10 @@ class _Receiver:
         # leaves a finished receiver quiet; the offer makes it say again how it ended).
         self.next_probe = 0.0
         self.probe_interval = 0.0
+        # What this receiver's claims have cost, against the budgets (TransferConfig).
+        self.restarts = 0  # new incarnations announced since it accepted
+        self.deliveries = 0  # publishes that served it: first sends and re-sends
+        self.seal_at = -1e18  # when a Seal was last sent to it on its own report
 
 
 class SenderTransfer:
@@ -270,6 +278,11 @@ class SenderTransfer:
         self._started = False
         self._finished = False
         self._frontier = 0  # one past the highest index this instance has published
+        # Publishes that may serve one receiver: every chunk once, plus re-sends (its repairs,
+        # its restarts) up to resend_ratio of the file, at least resend_floor chunks.
+        self._delivery_budget = self._count + max(
+            math.ceil(self._count * config.resend_ratio), config.resend_floor
+        )
         # Counters for the shell's status and the fan-out benchmark.
         self.published_frames = 0
         self.published_bytes = 0
@@ -383,6 +396,7 @@ class SenderTransfer:
             return self._issue(hash_next, publish=False, hashed=True)
         if best is None:
             return None
+        over: list[_Receiver] = []
         for r in self._receivers.values():
             if r.state != ACTIVE or best >= r.limit:
                 continue
@@ -390,6 +404,17 @@ class SenderTransfer:
                 r.repair.discard(best)
             elif best == r.cursor:
                 self._advance_cursor(r, best + 1)
+            else:
+                continue
+            r.deliveries += 1
+            if r.deliveries > self._delivery_budget:
+                over.append(r)
+        for r in over:
+            self._drop(
+                r,
+                Reason.OVER_BUDGET,
+                f"it was sent {r.deliveries} chunks of a {self._count}-chunk file",
+            )
         self.published_frames += 1
         if best < self._frontier:
             self.resent_frames += 1
@@ -542,6 +567,21 @@ class SenderTransfer:
         limit = min(m.limit, count)
         if m.incarnation < r.incarnation:
             return  # sent before the receiver restarted, delayed: stale
+        if r.state == ACTIVE and m.incarnation > r.incarnation:
+            # A restart. `cum` covers only chunks the receiver had made durable and recorded
+            # before it acknowledged them, so a restart cannot lose them: a lower one is a lie
+            # (or a receiver that lost its disk) and would make this side re-send the file.
+            if m.cum < r.cum:
+                self._drop(
+                    r,
+                    Reason.PROTOCOL,
+                    f"its durable prefix went back from {r.cum} to {m.cum} chunks",
+                )
+                return
+            r.restarts += 1
+            if r.restarts > self.config.max_restarts:
+                self._drop(r, Reason.OVER_BUDGET, f"it restarted {r.restarts} times")
+                return
         if r.state == OFFERED or m.incarnation > r.incarnation:
             r.incarnation = m.incarnation
             r.cum = m.cum
@@ -573,8 +613,15 @@ class SenderTransfer:
         if acked != r.acked:
             r.acked = acked
             self._actions.append(Progress(r.peer, acked, self._bytes_of(r)))
-        if r.cum == count and self._seal is not None:
-            self._send_seal(r)  # it may have lost the first one, and waits for nothing else
+        if (
+            r.cum == count
+            and self._seal is not None
+            and now - r.seal_at >= self.config.probe_interval
+        ):
+            # It may have lost the first one, and waits for nothing else; at most once per
+            # probe interval, so its Acks cannot make this side send a Seal for each.
+            r.seal_at = now
+            self._send_seal(r)
 
     def _on_request(self, r: _Receiver, m: Request) -> None:
         if r.state != ACTIVE or m.incarnation != r.incarnation:
@@ -708,6 +755,12 @@ class SenderTransfer:
             self._send(r, Abort(self.transfer_id, reason, detail))
         self._actions.append(ReceiverFailed(r.peer, reason, detail, remote, refused))
         self._persist()
+
+    def _drop(self, r: _Receiver, reason: str, detail: str) -> None:
+        """End the transfer for a receiver because of what it did (its claims would cost more
+        than the budget allows); the shell counts and logs the reason."""
+        self._fail(r, reason, safe_detail(detail), remote=False, notify=True)
+        self._check_finished()
 
     def _check_finished(self) -> None:
         if self._finished:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from peerd.errors import PeerdError
-from protocol.transfer import Offer
+from protocol.transfer import Accept, Ack, Offer, decode_message
 from protocol.transfer.manifest import chunk_count_for
 from tests.attacks.helpers import SOON, Api, Rogue, counted, keys
 from tests.support.broker import Broker
@@ -32,8 +32,9 @@ IDLE = 3.0  # bob's [receive] idle_timeout, seconds
 def nodes(
     tmp_path_factory: pytest.TempPathFactory, module_broker: Broker
 ) -> Iterator[tuple[Node, Node, Node, Node]]:
-    """alice paired with bob and carol; dave paired with bob (dave's keys later drive a rogue
-    sender). bob gives up on a quiet incoming transfer after IDLE seconds."""
+    """alice paired with bob, carol and dave; dave paired with bob (dave's keys later drive a
+    rogue sender and a rogue receiver). bob gives up on a quiet incoming transfer after IDLE
+    seconds."""
     root = tmp_path_factory.mktemp("hardening")
     cluster = make_nodes(root, module_broker.url, ["alice", "bob", "carol", "dave"])
     alice, bob, carol, dave = cluster
@@ -46,6 +47,7 @@ def nodes(
         pair(alice, bob)
         pair(alice, carol)
         pair(dave, bob)
+        pair(alice, dave)
         yield alice, bob, carol, dave
     finally:
         for n in cluster:
@@ -250,3 +252,55 @@ def test_orphan_part_files_are_swept_at_start(nodes: tuple[Node, Node, Node, Nod
         with contextlib.suppress(FileNotFoundError):
             link.unlink()
         b.close()
+
+
+def test_a_receiver_that_claims_to_restart_with_nothing_is_dropped(
+    nodes: tuple[Node, Node, Node, Node], tmp_path: Path
+) -> None:
+    """dave (trusted by alice) accepts a file, acknowledges part of it, then sends 27-byte
+    Accepts of ever higher incarnations claiming nothing durable. Each made alice re-send the
+    window; ten cost 2.5 GiB on a large file and the transfer never ended. Now the first ends
+    dave's part of the transfer (`protocol-error`, counted), and nothing is sent twice."""
+    alice, _, _, dave = nodes
+    dave_keys = keys(dave)
+    dave.stop()
+    rogue = Rogue.of(alice, alice.broker_url, dave_keys)
+    offers: list[Offer] = []
+
+    def on_message(peer: str, payload: bytes) -> None:
+        message = decode_message(payload)
+        if isinstance(message, Offer) and not offers:
+            offers.append(message)
+
+    rogue.on_message = on_message
+    a = Api(alice)
+    started: dict[str, Any] = {}
+    try:
+        before = a.rejections()
+        src = random_file(tmp_path / "big.bin", 40 * 256 * 1024, seed=9)
+        started = a.call("v1.send", path=str(src), to=[dave.peer_id])
+        wait_until(lambda: offers, SOON, what="dave's Offer")
+        tid = offers[0].transfer_id
+        rogue.send(alice.peer_id, Accept(tid, 1, 0, 64).encode())
+        wait_until(
+            lambda: (
+                (t := _outcome(a, started["id"])) is not None
+                and t.get("published_bytes", 0) >= src.stat().st_size
+            ),
+            SOON,
+            what="alice publishing the whole file once",
+        )
+        rogue.send(alice.peer_id, Ack(tid, 1, 8, 72).encode())
+        for incarnation in range(2, 12):
+            rogue.send(alice.peer_id, Accept(tid, incarnation, 0, 64).encode())
+        done = a.call("v1.transfer.wait", id=started["id"], timeout=SOON)
+        assert done["state"] == "failed"
+        assert "protocol-error" in str(done["receivers"][dave.peer_id])
+        assert done["resent_frames"] == 0
+        assert counted(before, a.rejections()).get("transfer-dropped-protocol-error") == 1
+    finally:
+        if started and (t := _outcome(a, started["id"])) is not None and t["state"] == "active":
+            a.call("v1.cancel", id=started["id"])
+        rogue.close()
+        a.close()
+        dave.start()

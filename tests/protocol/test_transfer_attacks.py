@@ -38,6 +38,7 @@ from protocol.transfer import (
 from tests.protocol.test_transfer_sim import (
     CHUNK,
     SENDER,
+    Link,
     Sim,
     assert_outcome,
     payload,
@@ -624,3 +625,97 @@ def test_a_sender_that_goes_quiet_is_given_up_after_the_idle_deadline() -> None:
     aborts = [a.message for a in actions if isinstance(getattr(a, "message", None), Abort)]
     assert [m.reason for m in aborts] == ["timeout"]
     assert rt.next_deadline() is None
+
+
+# -- a receiver's claims cannot drive unbounded work (issue 18, item 3) -----------------------
+
+
+def _dropped(s: SenderTransfer) -> list[tuple[str, str]]:
+    return [(a.reason, a.peer) for a in s.take_actions() if isinstance(a, ReceiverFailed)]
+
+
+def test_a_restart_claiming_less_than_was_acknowledged_drops_the_receiver() -> None:
+    """A 27-byte Accept with a higher incarnation and cum=0 made the sender reset and re-send
+    the whole window, again and again: ten cost 2.5 GiB of upload and the transfer never ended.
+    `cum` covers only chunks made durable and recorded before they were acknowledged, so it never
+    goes down: a restart that claims less drops the receiver, and nothing is re-sent."""
+    s = _sender(40 * CHUNK, receivers=("bob", "carol"))
+    tid = s.transfer_id
+    for peer in ("bob", "carol"):
+        s.receive(peer, Accept(tid, 1, 0, 8), 0.0)
+    assert _send_what_it_may(s, 0.0) == list(range(8))
+    for peer in ("bob", "carol"):
+        s.receive(peer, Ack(tid, 1, 8, 16), 0.0)
+    s.take_actions()
+    published = s.published_frames
+    for incarnation in range(2, 12):
+        s.receive("bob", Accept(tid, incarnation, 0, 8), 0.0)
+    assert _dropped(s) == [("protocol-error", "bob")]
+    assert s.receiver_state("bob") == "failed"
+    # carol goes on; nothing below her cum is ever sent again.
+    sent = _send_what_it_may(s, 0.0)
+    assert sent == list(range(8, 16))
+    assert s.published_frames == published + 8
+    assert s.resent_frames == 0
+
+
+def test_restarts_of_one_receiver_are_capped() -> None:
+    s = _sender(200 * CHUNK)
+    tid = s.transfer_id
+    s.receive("bob", Accept(tid, 1, 0, 8), 0.0)
+    _send_what_it_may(s, 0.0)
+    cap = s.config.max_restarts
+    for incarnation in range(2, cap + 2):
+        s.receive("bob", Accept(tid, incarnation, 0, 8), 0.0)
+        _send_what_it_may(s, 0.0)
+    assert s.receiver_state("bob") == "active"
+    assert s.resent_frames == cap * 8  # each restart re-sent its window, as it may
+    s.receive("bob", Accept(tid, cap + 2, 0, 8), 0.0)
+    assert _dropped(s) == [("over-budget", "bob")]
+    assert s.finished
+    assert _send_what_it_may(s, 0.0) == []
+
+
+def test_repeated_requests_cannot_make_the_sender_resend_without_bound() -> None:
+    """A receiver that requests the same chunks again and again (never acknowledging them) is
+    served until its re-sends reach the budget (the file again, at least 64 chunks), then
+    dropped; the upload it caused is bounded by the file, not by its requests."""
+    count = 600
+    s = _sender(count * CHUNK)
+    tid = s.transfer_id
+    s.receive("bob", Accept(tid, 1, 0, 8), 0.0)
+    _send_what_it_may(s, 0.0)
+    for _ in range(10 * count):
+        s.receive("bob", Request(tid, 1, ((0, 8),)), 0.0)
+        _send_what_it_may(s, 0.0)
+        if s.finished:
+            break
+    assert _dropped(s) == [("over-budget", "bob")]
+    budget = count + max(count * s.config.resend_ratio, s.config.resend_floor)
+    assert s.published_frames <= budget + 1
+
+
+def test_a_lossy_path_stays_within_the_budget() -> None:
+    """Honest repairs over a path that loses a third of the chunk frames fit the budget."""
+    sim = Sim(
+        payload(40 * CHUNK),
+        ["bob", "carol"],
+        seed=7,
+        chunks=Link(0.33, 0.05, (0.0005, 0.01)),
+        control=Link(0.1, 0.05, (0.0005, 0.01)),
+    )
+    sim.run(until=3600.0)
+    assert_outcome(sim, all_succeed=True)
+
+
+def test_acks_of_a_finished_receiver_do_not_each_cost_a_seal() -> None:
+    s = _sender(2 * CHUNK)
+    tid = s.transfer_id
+    s.receive("bob", Accept(tid, 1, 0, 8), 0.0)
+    for read in iter(lambda: s.next_read(0.0), None):
+        s.on_chunk_read(read, bytes(CHUNK))
+    s.take_actions()
+    for k in range(100):
+        s.receive("bob", Ack(tid, 1, 2, 10), k * 0.01)
+    seals = [a for a in s.take_actions() if type(getattr(a, "message", None)).__name__ == "Seal"]
+    assert len(seals) == 1

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from peerd.control import Connection, optional, require
 from peerd.errors import PeerdError, UsageError
+from peerd.events import LogBudget
 from peerd.mqtt import BrokerError, Message, Subscription
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.identity import TrustError, parse_peer_id
@@ -168,6 +169,8 @@ class Transfers:
             "orphans-removed": 0,
         }
         self._header_checks = asyncio.Semaphore(1)
+        # Lines a peer's offers can cause (a trusted sender may repeat an offer every probe).
+        self._logs = LogBudget(log)
         self._accepting: set[bytes] = set()  # offers being accepted (their records not yet made)
         self._stopping = False
         daemon._extensions.append(self)
@@ -597,9 +600,11 @@ class Transfers:
         self.d._transmit(peer, Abort(tid, "receiver-error", "the inbox is not usable").encode())
         if isinstance(exc, UnsafeInbox):
             self.d.sessions.rejections["transfer-inbox-unsafe"] += 1
-            log.error("refusing a file from %s: %s", peer, exc)
+            self._logs.log(logging.ERROR, "inbox-unsafe", "refusing a file from %s: %s", peer, exc)
         else:
-            log.error("cannot prepare the inbox %s: %s", directory, exc)
+            self._logs.log(
+                logging.ERROR, "inbox-error", "cannot prepare the inbox %s: %s", directory, exc
+            )
 
     async def _accept_into(
         self,
@@ -625,7 +630,14 @@ class Transfers:
         )
         refusal = check_offer(offer, policy)
         if refusal is not None:
-            log.warning("refused %s from %s: %s", offer.name, peer, refusal.detail)
+            self._logs.log(
+                logging.WARNING,
+                f"refused-{refusal.reason}",
+                "refused %s from %s: %s",
+                offer.name,
+                peer,
+                refusal.detail,
+            )
             self._refuse(peer, refusal)
             refused: dict[str, Any] = {
                 "id": offer.transfer_id.hex(),

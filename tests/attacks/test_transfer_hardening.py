@@ -166,7 +166,8 @@ def test_a_planted_symlink_for_the_senders_inbox_is_not_followed(
         assert done["state"] == "failed"
         assert "receiver-error" in str(done["receivers"][carol.peer_id])
         assert list(elsewhere.iterdir()) == []
-        assert counted(before, c.rejections()).get("transfer-inbox-unsafe") == 1
+        # Once per Offer: alice may repeat hers before the refusal reaches her.
+        assert counted(before, c.rejections()).get("transfer-inbox-unsafe", 0) >= 1
     finally:
         (inbox / alice.peer_id).unlink()
         a.close()

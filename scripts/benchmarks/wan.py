@@ -320,10 +320,6 @@ def line_ceiling(path: Path, sink: StreamSink) -> float:
 # -- the report -----------------------------------------------------------------------------------
 
 
-def _ms(xs: list[float]) -> str:
-    return f"{median(xs) * 1e3:.0f}"
-
-
 def report(res: Results, size: int) -> tuple[bool, list[str]]:
     rows: list[list[object]] = []
     ok = True
@@ -383,38 +379,42 @@ def report(res: Results, size: int) -> tuple[bool, list[str]]:
         f"{GOAL_VS_SCP_RTT * 1e3:.0f} ms): {verdict(ok)}"
     )
 
+    local = {k: median(v) for k, v in res.first.get(0, {"cold": [0.0], "warm": [0.0]}).items()}
     first_ok = True
     frows: list[list[object]] = []
     for rtt, f in sorted(res.first.items()):
-        cold, warm = median(f["cold"]), median(f["warm"])
-        in_rtt = "" if rtt == 0 else f"{cold / rtt:.2f}"
-        frows.append(
-            [
-                "loopback" if rtt == 0 else f"{rtt * 1e3:.0f} ms",
-                f"**{_ms(f['cold'])}** ({', '.join(f'{x * 1e3:.0f}' for x in f['cold'])})",
-                f"**{in_rtt}**" if in_rtt else "",
-                f"{_ms(f['warm'])} ({', '.join(f'{x * 1e3:.0f}' for x in f['warm'])})",
-                "" if rtt == 0 else f"{warm / rtt:.2f}",
-            ]
-        )
-    local = median(res.first[0]["cold"]) if 0 in res.first else 0.0
-    for rtt, f in res.first.items():
+        row: list[object] = ["loopback" if rtt == 0 else f"{rtt * 1e3:.0f} ms"]
+        for kind in ("cold", "warm"):
+            mid = median(f[kind])
+            runs = ", ".join(f"{x * 1e3:.0f}" for x in f[kind])
+            row.append(f"**{mid * 1e3:.0f}** ({runs})")
+            row.append("" if rtt == 0 else f"{mid / rtt:.2f}")
+            row.append("" if rtt == 0 else f"**{(mid - local[kind]) / rtt:.2f}**")
+        frows.append(row)
         if rtt:
-            first_ok = first_ok and median(f["cold"]) <= GOAL_FIRST_BYTE_RTTS * rtt + local
+            first_ok = first_ok and median(f["cold"]) - local["cold"] <= GOAL_FIRST_BYTE_RTTS * rtt
     print(
         "\nTime to first transfer byte (1 MiB file): from the send request to the first chunk "
-        "frame at the receiver's side of its link, ms (each run), and in round trips. *Known "
-        "peer*: paired and pinned, both daemons restarted so no session is up. *Session up*: "
-        "the next sends. Loopback: the same with the links' delay and pacing off (local "
-        "processing).\n"
+        "frame at the receiver's side of its link: ms, median (each run), and in round trips, "
+        "all of it and beyond the loopback figure (which is local processing: the same with the "
+        "links' delay and pacing off). *Known peer*: paired and pinned, both daemons restarted "
+        "so no session is up. *Session up*: the next sends.\n"
     )
     table(
-        ["RTT", "known peer, no session: ms", "RTTs", "session up: ms", "RTTs"],
+        [
+            "RTT",
+            "known peer, no session: ms",
+            "RTTs",
+            "RTTs beyond loopback",
+            "session up: ms",
+            "RTTs",
+            "RTTs beyond loopback",
+        ],
         frows,
     )
     summary.append(
-        f"first transfer byte to a known peer within {GOAL_FIRST_BYTE_RTTS} RTT + local "
-        f"processing ({local * 1e3:.0f} ms): {verdict(first_ok)}"
+        f"first transfer byte to a known peer within {GOAL_FIRST_BYTE_RTTS} RTT beyond local "
+        f"processing ({local['cold'] * 1e3:.0f} ms): {verdict(first_ok)}"
     )
     return ok and first_ok, summary
 

@@ -210,6 +210,7 @@ def _missing_system_command(line: str) -> bool:
 _THROWAWAY_ROOT = r"""
 set -eu
 base=$1 checkout=$2
+shift 2
 mount -t tmpfs tmpfs "$base" || exit 77
 mkdir "$base/upper" "$base/work" "$base/root"
 mount -t overlay overlay -o "lowerdir=/,upperdir=$base/upper,workdir=$base/work" "$base/root" \
@@ -219,14 +220,12 @@ mount -t tmpfs tmpfs "$base/root/run"
 mkdir -p "$base/root$checkout"
 mount --bind "$checkout" "$base/root$checkout"
 mount -o remount,bind,ro "$base/root$checkout"
-exec chroot "$base/root" "$checkout/tests/e2e/install_walkthrough.sh" "$checkout"
+exec chroot "$base/root" "$@"
 """
 
 
-@pytest.mark.timeout(900)
-def test_the_service_guide_line_by_line_as_root_in_a_throwaway_root(tmp_path: Path) -> None:
-    """`sudo ./scripts/install` for real (no DESTDIR), then `peerd init`, the daemon as the
-    unit runs it, backup and restore, a second install, --uninstall and --purge."""
+def in_throwaway_root(tmp_path: Path, *command: str) -> str:
+    """Run `command` as root in a throwaway copy of this machine; its stdout."""
     if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("runuser"):
         pytest.skip("needs root, unshare and runuser")
     if _python() != "/usr/bin/python3":
@@ -234,9 +233,9 @@ def test_the_service_guide_line_by_line_as_root_in_a_throwaway_root(tmp_path: Pa
     base = tmp_path / "throwaway"
     base.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("DESTDIR", "PREFIX", "PEERD_CONFIG")}
-    paths = [str(base), str(ROOT)]
+    args = [str(base), str(ROOT), *command]
     result = subprocess.run(
-        ["unshare", "-m", "--propagation", "private", "bash", "-c", _THROWAWAY_ROOT, "-", *paths],
+        ["unshare", "-m", "--propagation", "private", "bash", "-c", _THROWAWAY_ROOT, "-", *args],
         capture_output=True,
         text=True,
         timeout=800,
@@ -246,5 +245,56 @@ def test_the_service_guide_line_by_line_as_root_in_a_throwaway_root(tmp_path: Pa
     if result.returncode == 77:
         pytest.skip(f"no overlay mount here: {result.stderr.strip()[-200:]}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    assert result.stdout.rstrip().endswith("walkthrough: ok")
-    assert '"research"' in result.stdout  # `peerd status --json` of the node init made
+    return result.stdout
+
+
+@pytest.mark.timeout(900)
+def test_the_service_guide_line_by_line_as_root_in_a_throwaway_root(tmp_path: Path) -> None:
+    """`sudo ./scripts/install` for real (no DESTDIR), then `peerd init`, the daemon as the
+    unit runs it, backup and restore, a second install, --uninstall and --purge."""
+    out = in_throwaway_root(tmp_path, f"{ROOT}/tests/e2e/install_walkthrough.sh", str(ROOT))
+    assert out.rstrip().endswith("walkthrough: ok")
+    assert '"research"' in out  # `peerd status --json` of the node init made
+
+
+_DEB_LIFECYCLE = r"""
+set -eux
+deb=$1
+dpkg -i "$deb"
+peerd --version
+test "$(readlink /usr/bin/peerd)" = /opt/peerd/bin/peerd
+grep -qx 'ExecStart=/opt/peerd/bin/peerd run' /usr/lib/systemd/system/peerd.service
+id peerd
+test "$(stat -c %U:%a /var/lib/peerd)" = peerd:700
+mkdir /var/lib/peerd/keys && echo key >/var/lib/peerd/keys/identity.key
+dpkg -r peerd
+test ! -e /opt/peerd && test ! -e /usr/bin/peerd
+test -f /var/lib/peerd/keys/identity.key
+dpkg -P peerd
+test ! -e /var/lib/peerd
+echo "deb: ok"
+"""
+
+
+@pytest.mark.timeout(900)
+def test_the_debian_package_installs_removes_and_purges(tmp_path: Path) -> None:
+    if not shutil.which("dpkg-deb"):
+        pytest.skip("not a Debian system")
+    build = subprocess.run(
+        [str(ROOT / "scripts" / "package-deb"), str(tmp_path / "dist")],
+        capture_output=True,
+        text=True,
+        timeout=800,
+        check=False,
+    )
+    assert build.returncode == 0, build.stderr
+    deb = build.stdout.strip()
+    info = subprocess.run(
+        ["dpkg-deb", "--field", deb, "Package", "Depends"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "Package: peerd" in info
+    out = in_throwaway_root(tmp_path, "bash", "-c", _DEB_LIFECYCLE, "-", deb)
+    assert out.rstrip().endswith("deb: ok")

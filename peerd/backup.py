@@ -591,6 +591,10 @@ def restore_from(
     config: Config, path: str | os.PathLike[str], passphrase: bytes, *, force: bool = False
 ) -> Restored:
     """Read, open and restore the backup file at `path`."""
+    if _answers(config.node.socket):  # said before the passphrase's Argon2id run, not after
+        raise DaemonRunning(
+            f"a peerd daemon is running (its control socket {config.node.socket} answers)"
+        )
     backup = unseal(read_backup_file(path), passphrase)
     return restore(config, backup, force=force)
 

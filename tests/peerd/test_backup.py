@@ -197,6 +197,7 @@ def test_a_backup_never_overwrites_a_file(tmp_path: Path) -> None:
     assert target.read_bytes() == b"precious"
 
 
+@pytest.mark.slow  # a daemon, two started, and three Argon2id runs at the real cost
 @pytest.mark.timeout(180)
 def test_backup_of_a_running_daemon_and_restore_refused_while_it_runs(tmp_path: Path) -> None:
     """Through the CLI: a backup while the daemon runs is a consistent store; a restore over
@@ -269,3 +270,27 @@ def _digests(directory: Path) -> dict[str, str]:
         for p in directory.iterdir()
         if not os.path.islink(p)
     }
+
+
+def test_a_backup_by_root_leaves_no_root_owned_file_in_the_daemons_state(tmp_path: Path) -> None:
+    """`sudo peerd backup` beside the daemon: the -wal/-shm files the copy opens must stay the
+    daemon user's, or the daemon could not open its store again (sqlite's unix VFS gives
+    journals the database's owner when it runs as root; this keeps it so)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    node = old_node(tmp_path)
+    nobody = 65534
+    for path in [node.dir, *node.dir.rglob("*")]:
+        os.chown(path, nobody, nobody)
+    config = load_config(node.config)
+    # A reader holding the WAL open keeps sqlite from removing -wal/-shm at the copy's close.
+    holder = sqlite3.connect(config.node.store)
+    try:
+        holder.execute("BEGIN")
+        holder.execute("SELECT count(*) FROM events").fetchone()
+        backup_to(config, tmp_path / "n.bak", PASSPHRASE, limits=FAST)
+        owners = {p.name: p.stat().st_uid for p in node.dir.iterdir() if p.is_file()}
+    finally:
+        holder.close()
+    assert {name for name, uid in owners.items() if uid != nobody} <= {"peerd.toml"}
+    assert {"peerd.db-wal", "peerd.db-shm"} <= set(owners)

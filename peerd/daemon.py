@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from peerd import __version__
-from peerd.authority import Authority
+from peerd.authority.extension import Authority
 from peerd.config import Config, load_config
 from peerd.control import Connection, ControlServer, optional, require
 from peerd.errors import PeerdError, UsageError

@@ -1,20 +1,28 @@
-"""Options, exit codes and output helpers shared by every command group."""
+"""Options, exit codes, output helpers and the ways to reach the node, shared by every command
+group.
+
+Importing this module stays cheap: a command group imports what its commands need when they
+run (the control client for daemon commands, the store and keys only for offline ones), so that
+`peerd status` does not load the trust store.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from peerd.errors import ConfigError, PeerdError, UsageError
-from peerd.store import Store, open_store
 
 if TYPE_CHECKING:
+    from peerd.client import Client
     from peerd.config import Config
+    from peerd.store import Store
 
 T = TypeVar("T")
 
@@ -72,6 +80,27 @@ def config_path(args: argparse.Namespace) -> str:
     return path
 
 
+def load(args: argparse.Namespace) -> Config:
+    """The node's configuration, from --config, $PEERD_CONFIG or the default path."""
+    from peerd.config import load_config
+
+    return load_config(config_path(args))
+
+
+def duration(text: str) -> float:
+    """`90`, `90s`, `30m`, `2h`, `7d` -> seconds (an argparse type)."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip().lower()
+    scale = units.get(text[-1:], 1)
+    try:
+        value = float(text[:-1] if text[-1:] in units else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90s, 30m, 2h)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("a duration cannot be negative")
+    return value
+
+
 def add_json_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
 
@@ -94,8 +123,69 @@ def usage(parser: argparse.ArgumentParser) -> int:
     return EXIT_USAGE
 
 
+def note(text: str) -> None:
+    """A remark for the person at the terminal (stderr: stdout stays the command's output)."""
+    print(text, file=sys.stderr)
+
+
+# -- reaching the node ---------------------------------------------------------------------------
+
+
+def client_call(
+    args: argparse.Namespace,
+    work: Callable[[Client], Awaitable[T]],
+    *,
+    timeout: float | None = 60.0,
+) -> T:
+    """`work` with a client connected to the daemon's control socket."""
+    from peerd.client import Client
+
+    async def go() -> T:
+        client = await Client.connect(
+            socket_path=args.socket, config_path=args.config, timeout=timeout
+        )
+        async with client:
+            return await work(client)
+
+    return asyncio.run(go())
+
+
+def call(
+    args: argparse.Namespace,
+    method: str,
+    params: dict[str, Any] | None = None,
+    *,
+    within: float = 60.0,
+) -> Any:
+    """One control method of the running daemon; its result."""
+    return client_call(args, lambda c: c.request(method, params or {}, timeout=within))
+
+
+def daemon_or_offline(
+    args: argparse.Namespace,
+    method: str,
+    params: dict[str, Any],
+    offline: Callable[[Config], Coroutine[Any, Any, dict[str, Any]]],
+) -> tuple[dict[str, Any], bool]:
+    """(result, through the daemon?): the daemon's method when one runs, else `offline` on the
+    node's files. Only a daemon that is not there falls back: one that refuses, or hangs up
+    mid-call, is an error, never a reason to write its files behind its back."""
+    from peerd.client import ConnectionLost, DaemonNotRunning
+
+    try:
+        result: dict[str, Any] = call(args, method, params)
+        return result, True
+    except ConnectionLost:
+        raise
+    except DaemonNotRunning:
+        pass
+    return asyncio.run(offline(load(args))), False
+
+
 async def with_store(config: Config, work: Callable[[Store], Awaitable[T]]) -> T:
     """`work` on the node's store, closed afterwards (for commands that run without a daemon)."""
+    from peerd.store import open_store
+
     store = await open_store(config)
     try:
         return await work(store)
@@ -119,8 +209,14 @@ __all__ = [
     "UsageError",
     "add_global_options",
     "add_json_option",
+    "call",
+    "client_call",
     "config_path",
+    "daemon_or_offline",
+    "duration",
     "exit_code_for",
+    "load",
+    "note",
     "print_json",
     "print_table",
     "usage",

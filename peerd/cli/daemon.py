@@ -1,22 +1,15 @@
 """`peerd run` and the commands that talk to the running daemon over its control socket:
-status, peers, invite, join, trust, block, rotate, revoke, connect, msg."""
+status, peers, invite, join, trust, block, rotate, revoke, connect."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import base64
-import logging
 import os
 import sys
-import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from peerd.cli import common
-from peerd.client import Client
-from peerd.config import load_config
-from peerd.errors import UsageError
+from peerd.cli.identity import cmd_revoke_identity
 from protocol.identity import format_peer_id
 
 
@@ -44,7 +37,10 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser("invite", help="print a one-time invite token for a new peer")
     p.add_argument(
-        "--ttl", default="1h", type=_duration, help="how long it is valid (default 1h; e.g. 30m)"
+        "--ttl",
+        default="1h",
+        type=common.duration,
+        help="how long it is valid (default 1h; e.g. 30m)",
     )
     p.add_argument("--note", default="", help="a note kept with the invite (who it is for)")
     common.add_json_option(p)
@@ -52,7 +48,9 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser("join", help="pair with the node that issued an invite token")
     p.add_argument("token", help="the token `peerd invite` printed on the other node")
-    p.add_argument("--timeout", type=_duration, default=30.0, help="give up after (default 30s)")
+    p.add_argument(
+        "--timeout", type=common.duration, default=30.0, help="give up after (default 30s)"
+    )
     common.add_json_option(p)
     p.set_defaults(func=cmd_join)
 
@@ -93,82 +91,17 @@ def register(subparsers: Any) -> None:
     common.add_json_option(p)
     p.set_defaults(func=cmd_connect)
 
-    p = subparsers.add_parser("msg", help="send and receive messages on named channels")
-    actions = p.add_subparsers(dest="msg_action", metavar="ACTION")
-    s = actions.add_parser("send", help="send a message (queued while the peer is offline)")
-    s.add_argument("peer", help="the peer id")
-    s.add_argument("channel", help="the channel name (letters, digits, . _ / -)")
-    s.add_argument("data", nargs="?", default="-", help="the message, or - for stdin (default)")
-    s.add_argument(
-        "--ttl",
-        type=_duration,
-        default=None,
-        help="expire if undelivered after (default: [limits] message_ttl_days, 7d)",
-    )
-    common.add_json_option(s)
-    s.set_defaults(func=cmd_msg_send)
-    s = actions.add_parser("listen", help="print messages arriving on a channel")
-    s.add_argument("channel", help="the channel name")
-    s.add_argument("--count", type=int, default=0, help="stop after N messages (default: never)")
-    s.add_argument("--timeout", type=_duration, default=0.0, help="stop after (default: never)")
-    common.add_json_option(s)
-    s.set_defaults(func=cmd_msg_listen)
-    s = actions.add_parser("outbox", help="messages waiting to be delivered or read")
-    common.add_json_option(s)
-    s.set_defaults(func=cmd_msg_outbox)
-    p.set_defaults(func=lambda _a: common.usage(p))
-
-
-def _duration(text: str) -> float:
-    """`90`, `90s`, `30m`, `2h`, `7d` -> seconds."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    text = text.strip().lower()
-    scale = units.get(text[-1:], 1)
-    try:
-        value = float(text[:-1] if text[-1:] in units else text) * scale
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90s, 30m, 2h)") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("a duration cannot be negative")
-    return value
-
-
-# -- talking to the daemon -------------------------------------------------------------------
-
-
-def _client_call(
-    args: argparse.Namespace,
-    work: Callable[[Client], Awaitable[Any]],
-    *,
-    timeout: float | None = 60.0,
-) -> Any:
-    async def go() -> Any:
-        client = await Client.connect(
-            socket_path=args.socket, config_path=args.config, timeout=timeout
-        )
-        async with client:
-            return await work(client)
-
-    return asyncio.run(go())
-
-
-def _call(
-    args: argparse.Namespace,
-    method: str,
-    params: dict[str, Any] | None = None,
-    *,
-    within: float = 60.0,
-) -> Any:
-    return _client_call(args, lambda c: c.request(method, params or {}, timeout=within))
-
 
 # -- run ----------------------------------------------------------------------------------------
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from peerd.daemon import Daemon, tune_allocator  # noqa: PLC0415 - only `run` needs it
+    import asyncio
+    import logging
 
-    config = load_config(common.config_path(args))
+    from peerd.daemon import Daemon, tune_allocator
+
+    config = common.load(args)
     tune_allocator()
     level = getattr(logging, args.log_level.upper())
     journald = "JOURNAL_STREAM" in os.environ  # journald stamps time and unit itself
@@ -189,7 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    st = _call(args, "v1.status")
+    st = common.call(args, "v1.status")
     if args.json:
         common.print_json(st)
         return common.EXIT_OK
@@ -221,7 +154,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
-    peers = _call(args, "v1.peers")
+    peers = common.call(args, "v1.peers")
     if args.json:
         common.print_json(peers)
         return common.EXIT_OK
@@ -246,7 +179,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
 
 
 def cmd_invite(args: argparse.Namespace) -> int:
-    result = _call(args, "v1.invite.create", {"ttl": int(args.ttl), "note": args.note})
+    result = common.call(args, "v1.invite.create", {"ttl": int(args.ttl), "note": args.note})
     if args.json:
         common.print_json(result)
     else:
@@ -260,7 +193,7 @@ def cmd_invite(args: argparse.Namespace) -> int:
 
 
 def cmd_join(args: argparse.Namespace) -> int:
-    result = _call(
+    result = common.call(
         args,
         "v1.join",
         {"token": args.token.strip(), "timeout": args.timeout},
@@ -285,15 +218,15 @@ def cmd_trust(args: argparse.Namespace) -> int:
     params: dict[str, Any] = {"peer": args.peer}
     if args.fingerprint:
         params["fingerprint"] = args.fingerprint
-    return _peer_result(args, _call(args, "v1.trust", params), "trust")
+    return _peer_result(args, common.call(args, "v1.trust", params), "trust")
 
 
 def cmd_block(args: argparse.Namespace) -> int:
-    return _peer_result(args, _call(args, "v1.block", {"peer": args.peer}), "block")
+    return _peer_result(args, common.call(args, "v1.block", {"peer": args.peer}), "block")
 
 
 def cmd_rotate(args: argparse.Namespace) -> int:
-    result = _call(args, "v1.rotate")
+    result = common.call(args, "v1.rotate")
     if args.json:
         common.print_json(result)
     else:
@@ -303,10 +236,8 @@ def cmd_rotate(args: argparse.Namespace) -> int:
 
 def cmd_revoke(args: argparse.Namespace) -> int:
     if args.identity:
-        from peerd.cli.authority import cmd_revoke_identity  # noqa: PLC0415 - imports this module
-
         return cmd_revoke_identity(args)
-    result = _call(args, "v1.revoke", {"reason": args.reason})
+    result = common.call(args, "v1.revoke", {"reason": args.reason})
     if args.json:
         common.print_json(result)
     else:
@@ -318,95 +249,9 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_connect(args: argparse.Namespace) -> int:
-    result = _call(args, "v1.connect", {"peer": args.peer})
+    result = common.call(args, "v1.connect", {"peer": args.peer})
     if args.json:
         common.print_json(result)
     else:
         print(f"connecting to {format_peer_id(result['peer'])}")
-    return common.EXIT_OK
-
-
-# -- messages ----------------------------------------------------------------------------------
-
-
-def cmd_msg_send(args: argparse.Namespace) -> int:
-    data = sys.stdin.buffer.read() if args.data == "-" else os.fsencode(args.data)
-    result = _call(
-        args,
-        "v1.msg.send",
-        {
-            "peer": args.peer,
-            "channel": args.channel,
-            "data_b64": base64.b64encode(data).decode("ascii"),
-            **({} if args.ttl is None else {"ttl": args.ttl}),
-        },
-    )
-    if args.json:
-        common.print_json(result)
-    else:
-        print(f"queued as {result['channel']}#{result['seq']} for {format_peer_id(result['peer'])}")
-    return common.EXIT_OK
-
-
-def cmd_msg_listen(args: argparse.Namespace) -> int:
-    if args.count < 0:
-        raise UsageError("--count cannot be negative")
-    deadline = time.monotonic() + args.timeout if args.timeout else None
-
-    async def listen(client: Client) -> int:
-        seen = 0
-        while not args.count or seen < args.count:
-            wait = 30.0
-            if deadline is not None:
-                wait = min(wait, deadline - time.monotonic())
-                if wait <= 0:
-                    break
-            limit = (args.count - seen) if args.count else 100
-            msgs = await client.request(
-                "v1.msg.recv",
-                {"channel": args.channel, "wait": wait, "limit": limit},
-                timeout=wait + 30,
-            )
-            for m in msgs:
-                data = base64.b64decode(m["data_b64"])
-                if args.json:
-                    common.print_json(m)
-                else:
-                    sys.stdout.buffer.write(data)
-                    if not data.endswith(b"\n"):
-                        sys.stdout.buffer.write(b"\n")
-                sys.stdout.flush()
-                # Acknowledge after it is out: a crash here repeats a message, never loses one.
-                await client.request("v1.msg.ack", {"ids": [m["id"]]})
-                seen += 1
-        return common.EXIT_OK
-
-    code: int = _client_call(args, listen, timeout=None)
-    return code
-
-
-def cmd_msg_outbox(args: argparse.Namespace) -> int:
-    result = _call(args, "v1.msg.outbox")
-    if args.json:
-        common.print_json(result)
-        return common.EXIT_OK
-    print("waiting for delivery:")
-    common.print_table(
-        ["peer", "channel", "messages", "bytes", "oldest"],
-        [
-            [
-                format_peer_id(o["peer"]),
-                o["channel"],
-                o["messages"],
-                o["bytes"],
-                common.when(o["oldest"]),
-            ]
-            for o in result["outbox"]
-        ],
-    )
-    print("\nreceived, not yet read:")
-    common.print_table(
-        ["channel", "messages", "bytes"],
-        [[i["channel"], i["messages"], i["bytes"]] for i in result["inbox"]],
-    )
     return common.EXIT_OK

@@ -13,20 +13,16 @@ import argparse
 import asyncio
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peerd.cli import common
-from peerd.config import CONFIG_NAME, Config, default_config, load_config, render_config
 from peerd.errors import UsageError
-from peerd.keystore import (
-    IdentityExists,
-    Keystore,
-    NoIdentity,
-    read_passphrase,
-    write_file_atomic,
-)
-from peerd.store import AuditError, Store, open_store
 from protocol.identity import format_peer_id
+
+if TYPE_CHECKING:
+    from peerd.config import Config
+    from peerd.keystore import Keystore
+    from peerd.store import Store
 
 
 def register(subparsers: Any) -> None:
@@ -74,6 +70,8 @@ def register(subparsers: Any) -> None:
 
 
 def _init_config_path(args: argparse.Namespace) -> Path:
+    from peerd.config import CONFIG_NAME
+
     if args.config:
         return Path(args.config)
     if args.state_dir:
@@ -91,6 +89,9 @@ def _init_settings(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from peerd.config import default_config, load_config, render_config
+    from peerd.keystore import Keystore, write_file_atomic
+
     path = _init_config_path(args).expanduser().absolute()
     settings = _init_settings(args)
     given = [
@@ -147,11 +148,15 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def _passphrase(config: Config) -> bytes | None:
+    from peerd.keystore import read_passphrase
+
     f = config.keys.passphrase_file
     return None if f is None else read_passphrase(f)
 
 
 def _init_keys(config: Config, now: float) -> Keystore:
+    from peerd.keystore import IdentityExists, Keystore
+
     keys_dir = config.keys.dir
     passphrase = _passphrase(config)
     if Keystore.exists(keys_dir):
@@ -175,6 +180,8 @@ def _init_keys(config: Config, now: float) -> Keystore:
 
 
 async def _store_has_identity(config: Config) -> bool:
+    from peerd.store import open_store
+
     store = await open_store(config)
     try:
         return store.identity is not None
@@ -183,6 +190,9 @@ async def _store_has_identity(config: Config) -> bool:
 
 
 async def _init_store(config: Config, keystore: Keystore, now: float) -> None:
+    from peerd.keystore import IdentityExists
+    from peerd.store import open_store
+
     store = await open_store(config, create=True)
     try:
         if store.identity is not None:
@@ -217,7 +227,9 @@ def _make_dirs(config: Config, *, under_state_dir: bool) -> None:
 
 
 def cmd_id(args: argparse.Namespace) -> int:
-    config = load_config(common.config_path(args))
+    from peerd.keystore import Keystore, NoIdentity
+
+    config = common.load(args)
     try:
         public = Keystore.read_public(config.keys.dir)
     except NoIdentity as exc:
@@ -258,7 +270,9 @@ def cmd_id(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    config = load_config(common.config_path(args))
+    from peerd.store import AuditError
+
+    config = common.load(args)
 
     async def verify(store: Store) -> Any:
         return await store.verify_log()
@@ -278,7 +292,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_show(args: argparse.Namespace) -> int:
-    config = load_config(common.config_path(args))
+
+    config = common.load(args)
 
     async def show(store: Store) -> Any:
         return await store.events(after=args.after, limit=args.limit)

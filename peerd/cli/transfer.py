@@ -7,13 +7,14 @@ import asyncio
 import os
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peerd.cli import common
-from peerd.cli.daemon import _call, _client_call, _duration
-from peerd.client import Client, Timeout
 from peerd.errors import PeerdError, UsageError
 from protocol.identity import format_peer_id
+
+if TYPE_CHECKING:
+    from peerd.client import Client
 
 
 class TransferFailed(PeerdError):
@@ -39,7 +40,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--timeout",
-        type=_duration,
+        type=common.duration,
         default=None,
         help="receivers that have not accepted within this time are dropped (e.g. 10m)",
     )
@@ -59,7 +60,7 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("receive", help="wait for the next verified file and print its path")
     p.add_argument("--from", dest="peer", help="only from this peer")
     p.add_argument("--name", help="only a file of this name")
-    p.add_argument("--timeout", type=_duration, default=None, help="give up after (e.g. 10m)")
+    p.add_argument("--timeout", type=common.duration, default=None, help="give up after (e.g. 10m)")
     common.add_json_option(p)
     p.set_defaults(func=cmd_receive)
 
@@ -137,6 +138,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     if args.timeout is not None:
         params["timeout"] = args.timeout
     show = not args.no_progress and not args.json
+    from peerd.client import Timeout
 
     async def go(client: Client) -> Any:
         if not args.wait and not show:
@@ -165,7 +167,7 @@ def cmd_send(args: argparse.Namespace) -> int:
                 progress.draw(final=True)
             return result
 
-    result = _client_call(args, go, timeout=None)
+    result = common.client_call(args, go, timeout=None)
     if args.json:
         common.print_json(result)
     else:
@@ -185,7 +187,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_transfers(args: argparse.Namespace) -> int:
-    items = _call(args, "v1.transfers")
+    items = common.call(args, "v1.transfers")
     if args.json:
         common.print_json(items)
         return common.EXIT_OK
@@ -217,7 +219,7 @@ def cmd_transfers(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    result = _call(args, "v1.cancel", {"id": args.id})
+    result = common.call(args, "v1.cancel", {"id": args.id})
     if args.json:
         common.print_json(result)
     else:
@@ -234,8 +236,10 @@ def cmd_receive(args: argparse.Namespace) -> int:
         params["peer"] = args.peer
     if args.name:
         params["name"] = args.name
-    result = _call(args, "v1.transfer.received", params, within=params["wait"] + 30)
+    result = common.call(args, "v1.transfer.received", params, within=params["wait"] + 30)
     if result is None:
+        from peerd.client import Timeout
+
         raise Timeout("no file arrived in time")
     if args.json:
         common.print_json(result)

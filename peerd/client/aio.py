@@ -1,60 +1,38 @@
-"""The Python API of a running peerd daemon: `Client` (asyncio) and `SyncClient` (blocking).
-
-Both talk JSON-RPC 2.0 over the daemon's control socket (see `peerd.control`)::
-
-    async with await Client.connect() as client:
-        status = await client.call("v1.status")
-        async with client.subscribe(["session.up", "session.down"]) as events:
-            async for event in events:
-                print(event.name, event.data)
-
-    with SyncClient() as client:              # scripts and notebooks
-        print(client.call("v1.status"))
-
-Errors the daemon raises come back as the same `PeerdError` subclass when this process knows
-the class (else as a `RemoteCallError` subclass of the same name), with the daemon's message
-and hint. A daemon that is not running is `DaemonNotRunning`; a refused caller
-`AccessDenied`; a call that takes longer than its timeout `Timeout`.
-"""
+"""`Client`: the asyncio API of a running daemon, over its control socket."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import inspect
 import logging
 import os
-import threading
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, NamedTuple, TypeVar
 
 from peerd import control
+from peerd.client.errors import (
+    ConnectionLost,
+    DaemonNotRunning,
+    RemoteCallError,
+    Timeout,
+    error_from_wire,
+)
 from peerd.config import DEFAULT_CONFIG_PATH, SOCKET_NAME, NodeConfig, load_config
 from peerd.control import (
     DROPPED_METHOD,
     EVENT_METHOD,
-    INVALID_PARAMS,
-    METHOD_NOT_FOUND,
     AccessDenied,
-    ControlError,
-    InvalidParams,
-    MethodNotFound,
-    Overloaded,
     SubscriberDropped,
     decode_line,
     encode_line,
 )
 from peerd.errors import (
-    ConfigError,
-    LocalProtocolError,
     PeerdError,
-    ProtocolError,
-    RemoteProtocolError,
     UsageError,
 )
 
@@ -67,157 +45,6 @@ _READ_LIMIT: Final = control.MAX_REPLY + 1024
 _LAST_WORDS: Final = 2.0  # seconds to read why the daemon hung up, after a failed write
 
 T = TypeVar("T")
-
-
-class DaemonNotRunning(PeerdError):
-    """The daemon's control socket is missing or nothing answers on it."""
-
-    hint = "start it with `systemctl start peerd` or `peerd run`"
-
-
-class ConnectionLost(DaemonNotRunning):
-    """The daemon closed the connection (it stopped, or restarted) while it was in use."""
-
-    hint = "check that the daemon is running (`systemctl status peerd`) and retry"
-
-
-class Timeout(PeerdError):
-    """The daemon did not answer within the call's timeout."""
-
-    hint = "the daemon may be busy or stuck: retry with a longer timeout, or check its log"
-
-
-class RemoteCallError(PeerdError):
-    """The daemon answered with an error this process has no class for.
-
-    Unknown error types become a subclass of this one named like the daemon's class (so the
-    CLI's exit codes, keyed by class name, still apply) and derived from the nearest ancestor
-    this process knows.
-    """
-
-    code: int = control.APPLICATION_ERROR
-    data: Any = None
-
-    def __init__(
-        self, message: str, *, code: int | None = None, data: Any = None, hint: str | None = None
-    ) -> None:
-        super().__init__(message, hint=hint)
-        if code is not None:
-            self.code = code
-        self.data = data
-
-
-# --- errors from the wire -----------------------------------------------------------------------
-
-_REGISTERED: dict[str, type[PeerdError]] = {}
-_STAND_INS: dict[tuple[str, type[PeerdError] | None], type[PeerdError]] = {}
-
-
-def register_error(cls: type[PeerdError]) -> type[PeerdError]:
-    """Make `cls` the class re-raised for daemon errors of its name (also a decorator).
-
-    Classes that are imported are found without this; registering settles name clashes.
-    """
-    _REGISTERED[cls.__name__] = cls
-    return cls
-
-
-for _cls in (
-    AccessDenied,
-    ConfigError,
-    ConnectionLost,
-    ControlError,
-    DaemonNotRunning,
-    InvalidParams,
-    LocalProtocolError,
-    MethodNotFound,
-    Overloaded,
-    PeerdError,
-    ProtocolError,
-    RemoteCallError,
-    RemoteProtocolError,
-    SubscriberDropped,
-    Timeout,
-    UsageError,
-):
-    register_error(_cls)
-
-
-def _known_class(name: str) -> type[PeerdError] | None:
-    if name in _REGISTERED:
-        return _REGISTERED[name]
-    found: list[type[PeerdError]] = []
-    todo: list[type[PeerdError]] = [PeerdError]
-    seen: set[type[PeerdError]] = set()
-    while todo:
-        cls = todo.pop()
-        if cls in seen:
-            continue
-        seen.add(cls)
-        if cls.__name__ == name and cls not in _STAND_INS.values():
-            found.append(cls)
-        todo.extend(cls.__subclasses__())
-    return found[0] if len(found) == 1 else None
-
-
-def _error_class(name: str, bases: Iterable[Any]) -> type[PeerdError]:
-    known = _known_class(name)
-    if known is not None:
-        return known
-    ancestor = next(
-        (c for c in (_known_class(b) for b in bases if isinstance(b, str)) if c is not None),
-        None,
-    )
-    if ancestor is PeerdError:
-        ancestor = None
-    key = (name, ancestor)
-    if key not in _STAND_INS:
-        parents: tuple[type[PeerdError], ...] = (RemoteCallError,)
-        if ancestor is not None and not issubclass(RemoteCallError, ancestor):
-            parents += (ancestor,)
-        _STAND_INS[key] = type(name, parents, {"__module__": __name__})
-    return _STAND_INS[key]
-
-
-def error_from_wire(error: Any) -> PeerdError:
-    """The exception for a JSON-RPC error object sent by the daemon."""
-    if not isinstance(error, dict):
-        return RemoteCallError(f"the daemon sent a malformed error: {error!r:.200}")
-    code = error.get("code")
-    code = code if isinstance(code, int) and not isinstance(code, bool) else None
-    message = error.get("message")
-    message = message if isinstance(message, str) else "error"
-    data = error.get("data")
-    if not isinstance(data, dict):
-        data = {}
-    name = data.get("type")
-    if isinstance(name, str) and name.isidentifier() and len(name) <= 64:
-        bases = data.get("bases")
-        cls = _error_class(name, bases if isinstance(bases, list) else [])
-    elif code == METHOD_NOT_FOUND:
-        cls = MethodNotFound
-    elif code == INVALID_PARAMS:
-        cls = InvalidParams
-    else:
-        return RemoteCallError(
-            message,
-            code=code,
-            data=data or None,
-            hint="the daemon's log may say more" if code == control.INTERNAL_ERROR else None,
-        )
-    # Built without calling the class's __init__, whose signature is the class's own business:
-    # what crosses the socket is a message, a hint and a reason.
-    exc = cls.__new__(cls, message)
-    Exception.__init__(exc, message)
-    hint = data.get("hint")
-    if isinstance(hint, str) and hint:
-        exc.hint = hint
-    reason = data.get("reason")
-    if isinstance(reason, str):
-        exc.reason = reason  # type: ignore[attr-defined]
-    exc.code = code  # type: ignore[attr-defined]
-    exc.data = data  # type: ignore[attr-defined]
-    return exc
 
 
 # --- where the socket is ------------------------------------------------------------------------
@@ -256,12 +83,12 @@ class Event:
     subscription: int
 
 
-class _UseDefault:
+class UseDefault:
     def __repr__(self) -> str:
         return "DEFAULT"
 
 
-DEFAULT: Final = _UseDefault()  # "the client's timeout", for `request(timeout=...)`
+DEFAULT: Final = UseDefault()  # "the client's timeout", for `request(timeout=...)`
 
 
 class EventStream:
@@ -476,7 +303,7 @@ class Client:
         method: str,
         params: Mapping[str, Any] | None = None,
         *,
-        timeout: float | _UseDefault | None = DEFAULT,  # noqa: ASYNC109 (a per-call deadline)
+        timeout: float | UseDefault | None = DEFAULT,  # noqa: ASYNC109 (a per-call deadline)
     ) -> Any:
         """`call` with params as a mapping and a timeout of its own (None: no limit)."""
         return await self._request(method, params, timeout, None)
@@ -633,10 +460,10 @@ class Client:
         self,
         method: str,
         params: Mapping[str, Any] | None,
-        timeout: float | _UseDefault | None,  # noqa: ASYNC109
+        timeout: float | UseDefault | None,  # noqa: ASYNC109
         on_result: Callable[[Any], None] | None,
     ) -> Any:
-        if isinstance(timeout, _UseDefault):
+        if isinstance(timeout, UseDefault):
             timeout = self.timeout
         request_id = self._next_id
         self._next_id += 1
@@ -729,207 +556,3 @@ class Client:
                 str(params.get("message") or "the daemon dropped this connection"),
                 hint=hint if isinstance(hint, str) else None,
             )
-
-
-# --- the blocking client ------------------------------------------------------------------------
-
-
-class SyncClient:
-    """A blocking `Client` for scripts and notebooks: `with SyncClient() as c: c.call(...)`.
-
-    The async client runs on its own event loop in a background thread, and each method blocks
-    on a future of that loop. One connection thus serves many calls and keeps its
-    subscriptions, and it works where an event loop is already running in this thread (Jupyter):
-    `asyncio.run` per call could do neither. Every coroutine method of `Client` (including typed
-    ones added later) is available here as a blocking method.
-    """
-
-    def __init__(
-        self,
-        socket_path: str | os.PathLike[str] | None = None,
-        config_path: str | os.PathLike[str] | None = None,
-        *,
-        timeout: float | None = DEFAULT_TIMEOUT,
-    ) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="peerd-client-loop", daemon=True
-        )
-        self._thread.start()
-        try:
-            self._client = self._run(Client.connect(socket_path, config_path, timeout=timeout))
-        except BaseException:
-            self._stop_loop()
-            raise
-
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        try:
-            return future.result()
-        except BaseException:
-            future.cancel()  # e.g. KeyboardInterrupt while waiting: do not leave it running
-            raise
-
-    def _stop_loop(self) -> None:
-        if self._loop.is_closed():
-            return
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
-
-    @property
-    def socket_path(self) -> str:
-        return self._client.socket_path
-
-    @property
-    def server_info(self) -> dict[str, Any]:
-        return self._client.server_info
-
-    @property
-    def closed(self) -> bool:
-        return self._client.closed
-
-    def call(self, method: str, /, **params: Any) -> Any:
-        return self._run(self._client.call(method, **params))
-
-    def call_as(self, kind: type[T], method: str, /, **params: Any) -> T:
-        return self._run(self._client.call_as(kind, method, **params))
-
-    def request(
-        self,
-        method: str,
-        params: Mapping[str, Any] | None = None,
-        *,
-        timeout: float | _UseDefault | None = DEFAULT,
-    ) -> Any:
-        return self._run(self._client.request(method, params, timeout=timeout))
-
-    def notify(self, method: str, /, **params: Any) -> None:
-        self._run(self._client.notify(method, **params))
-
-    def subscribe(
-        self,
-        events: str | Iterable[str],
-        *,
-        filter: Mapping[str, Any] | None = None,
-        max_pending: int = MAX_PENDING_EVENTS,
-    ) -> SyncEventStream:
-        """`with client.subscribe([...]) as events: for event in events: ...`"""
-        stream = self._client.subscribe(events, filter=filter, max_pending=max_pending)
-        return SyncEventStream(self, stream)
-
-    def close(self) -> None:
-        if self._loop.is_closed():
-            return
-        try:
-            self._run(self._client.close())
-        finally:
-            self._stop_loop()
-
-    def __enter__(self) -> SyncClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def messages(self, channel: str, *, wait: float = 30.0) -> Iterator[ReceivedMessage]:
-        """`Client.messages` as a blocking iterator: each message is acknowledged once the loop
-        body has run for it (when the next one is asked for, or the loop ends)."""
-        stream = self._client.messages(channel, wait=wait)
-
-        async def next_message() -> ReceivedMessage:
-            return await anext(stream)
-
-        try:
-            while True:
-                try:
-                    message = self._run(next_message())
-                except StopAsyncIteration:
-                    return
-                yield message
-        finally:
-            if not self._loop.is_closed():
-                self._run(stream.aclose())
-
-    def __getattr__(self, name: str) -> Callable[..., Any]:
-        # Typed methods the daemon work adds to Client (status, peers, send ...) appear here
-        # as blocking ones without being written twice.
-        attr = getattr(self._client, name) if not name.startswith("_") else None
-        if attr is None or not inspect.iscoroutinefunction(attr):
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-        def blocking(*args: Any, **kwargs: Any) -> Any:
-            return self._run(attr(*args, **kwargs))
-
-        blocking.__name__ = name
-        blocking.__doc__ = attr.__doc__
-        return blocking
-
-
-class SyncEventStream:
-    """A subscription of a `SyncClient`: a context manager and a blocking iterator."""
-
-    def __init__(self, client: SyncClient, stream: EventStream) -> None:
-        self._client = client
-        self._stream = stream
-
-    @property
-    def id(self) -> int | None:
-        return self._stream.id
-
-    def __enter__(self) -> SyncEventStream:
-        self._client._run(self._stream.__aenter__())
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if not self._client._loop.is_closed():
-            self._client._run(self._stream.close())
-
-    def __iter__(self) -> Iterator[Event]:
-        return self
-
-    def __next__(self) -> Event:
-        try:
-            return self._client._run(self._stream.__anext__())
-        except StopAsyncIteration:
-            raise StopIteration from None
-
-    def get(self, timeout: float | None = None) -> Event:
-        """The next event; `Timeout` if none comes within `timeout` seconds."""
-        return self._client._run(self._stream.get(timeout))
-
-
-__all__ = [
-    "DEFAULT",
-    "DEFAULT_SOCKET_PATH",
-    "DEFAULT_TIMEOUT",
-    "AccessDenied",
-    "Client",
-    "ConnectionLost",
-    "DaemonNotRunning",
-    "Event",
-    "EventStream",
-    "InvalidParams",
-    "MethodNotFound",
-    "RemoteCallError",
-    "SubscriberDropped",
-    "SyncClient",
-    "SyncEventStream",
-    "Timeout",
-    "error_from_wire",
-    "register_error",
-    "socket_path_from_config",
-]

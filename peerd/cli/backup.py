@@ -56,7 +56,7 @@ def _passphrase_option(p: argparse.ArgumentParser) -> None:
 
 
 def _passphrase(args: argparse.Namespace, *, confirm: bool) -> bytes:
-    from peerd.keystore import read_passphrase  # noqa: PLC0415 - `peerd --help` needs no crypto
+    from peerd.keystore import read_passphrase
 
     if args.passphrase_file:
         return read_passphrase(args.passphrase_file)
@@ -74,10 +74,9 @@ def _passphrase(args: argparse.Namespace, *, confirm: bool) -> bytes:
 
 def cmd_backup(args: argparse.Namespace) -> int:
     # Imported here: every other command starts without the store and crypto modules.
-    from peerd.backup import backup_to  # noqa: PLC0415
-    from peerd.config import load_config  # noqa: PLC0415
+    from peerd.backup import backup_to
 
-    config = load_config(common.config_path(args))
+    config = common.load(args)
     passphrase = _passphrase(args, confirm=True)
     path, backup = backup_to(config, args.file, passphrase)
     info = {"file": str(path), **backup.describe()}
@@ -93,10 +92,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from peerd.backup import restore_from  # noqa: PLC0415
-    from peerd.config import load_config  # noqa: PLC0415
+    from peerd.backup import restore_from
 
-    config = load_config(common.config_path(args))
+    config = common.load(args)
     passphrase = _passphrase(args, confirm=False)
     restored = restore_from(config, args.file, passphrase, force=args.force)
     backup = restored.backup

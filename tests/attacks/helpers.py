@@ -11,18 +11,20 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import random
 import secrets
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 from peerd.client import SyncClient
 from peerd.errors import PeerdError
 from peerd.keystore import Keystore
-from peerd.mqtt import BrokerQueueFull, BrokerSettings, Message, MqttLink, Topics
+from peerd.mqtt import BrokerQueueFull, BrokerSettings, Message, MqttLink, Topics, statement_id
 from protocol import frames
+from protocol.identity import issue_revocation, new_identity_seed, peer_id_for
 from protocol.noise import KeyPair
 from protocol.session import Message as SessionMessage
 from protocol.session import (
@@ -366,3 +368,64 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+# -- revocation statements a rogue account retains ---------------------------------------------
+
+
+def made_up_peer_id(seed: bytes | None = None) -> str:
+    """The peer id of an identity key nobody met (of `seed`, or a fresh one)."""
+    from nacl.signing import SigningKey  # noqa: PLC0415
+
+    return peer_id_for(SigningKey(seed or new_identity_seed()).verify_key.encode())
+
+
+class RevocationJunk:
+    """What one account can retain under its own `rev/<name>/`, until `stop` is set (and at
+    least `at_least` messages went out; or take a burst with itertools.islice): random
+    bytes (wrong statement id), junk under its right id, statements of made-up identities
+    (wrong issuer) and statements of itself signed by keys nobody knows (they pass every cheap
+    check)."""
+
+    def __init__(self, network: str, publisher: str, seed: int, *, at_least: int = 0) -> None:
+        self.prefix = f"{Topics(network).prefix}rev/{publisher}/"
+        self.at_least = at_least
+        self.rng = random.Random(seed)
+        now = time.time()
+        self.own = [
+            issue_revocation(
+                new_identity_seed(), peer_id=publisher, kind="identity", now=now
+            ).encode()
+            for _ in range(400)
+        ]
+        # Self-signed statements of made-up identities: each verifies, and a node would keep
+        # it (up to its limit of revocations of peers never met) if it took them from anyone.
+        self.others = []
+        for _ in range(50):
+            seed = new_identity_seed()
+            made_up = made_up_peer_id(seed)
+            self.others.append(
+                issue_revocation(seed, peer_id=made_up, kind="identity", now=now).encode()
+            )
+        self.sent = 0
+        self.stop = threading.Event()
+
+    def _topic(self, payload: bytes) -> str:
+        return self.prefix + statement_id(payload)
+
+    def __iter__(self) -> Iterator[tuple[str, bytes]]:
+        rng = self.rng
+        while self.sent < 2_000_000 and not (self.stop.is_set() and self.sent >= self.at_least):
+            kind = self.sent % 4
+            if kind == 0:
+                yield self.prefix + rng.randbytes(16).hex(), rng.randbytes(rng.randrange(1, 200))
+            elif kind == 1:
+                junk = b"\x98" + rng.randbytes(rng.randrange(1, 200))
+                yield self._topic(junk), junk
+            elif kind == 2:
+                other = self.others[self.sent % len(self.others)]
+                yield self._topic(other), other
+            else:
+                own = self.own[(self.sent // 4) % len(self.own)]
+                yield self._topic(own), own
+            self.sent += 1

@@ -13,81 +13,27 @@ never wait behind any of it. Every refusal is counted; the log stays within its 
 from __future__ import annotations
 
 import json
-import random
 import sqlite3
 import threading
-import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from nacl.signing import SigningKey
 
-from peerd.mqtt import Topics, statement_id
-from protocol.identity import issue_revocation, new_identity_seed, peer_id_for
-from tests.attacks.helpers import SOON, Api, Wire, counted
+from tests.attacks.helpers import SOON, Api, RevocationJunk, Wire, counted, made_up_peer_id
 from tests.support.broker import Broker
 from tests.support.cluster import Node, log_in, make_nodes, pair, wait_until
 
 pytestmark = pytest.mark.slow
 
 # A broker account named like a node (its statements decode), but a node of nobody's.
-MALLORY = peer_id_for(SigningKey(new_identity_seed()).verify_key.encode())
+MALLORY = made_up_peer_id()
 # What the victim's log may grow by while the flood lasts (it logged 8.7 MB in 25 s before).
 LOG_BUDGET = 256 << 10
 # Flood messages before the genuine revocation and the join start: several times the old
 # event queue (10 000), so that a daemon that queues junk is full by then.
 FLOOD_AHEAD = 60_000
-
-
-class RevocationJunk:
-    """What one account can retain under its own `rev/<name>/`, until `stop` is set: random
-    bytes (wrong statement id), junk under its right id, statements of made-up identities
-    (wrong issuer) and statements of itself signed by keys nobody knows (they pass every cheap
-    check)."""
-
-    def __init__(self, network: str, seed: int) -> None:
-        self.prefix = f"{Topics(network).prefix}rev/{MALLORY}/"
-        self.rng = random.Random(seed)
-        now = time.time()
-        self.own = [
-            issue_revocation(
-                new_identity_seed(), peer_id=MALLORY, kind="identity", now=now
-            ).encode()
-            for _ in range(400)
-        ]
-        # Self-signed statements of made-up identities: each verifies, and a node would keep
-        # it (up to its limit of revocations of peers never met) if it took them from anyone.
-        self.others = []
-        for _ in range(50):
-            seed = new_identity_seed()
-            made_up = peer_id_for(SigningKey(seed).verify_key.encode())
-            self.others.append(
-                issue_revocation(seed, peer_id=made_up, kind="identity", now=now).encode()
-            )
-        self.sent = 0
-        self.stop = threading.Event()
-
-    def _topic(self, payload: bytes) -> str:
-        return self.prefix + statement_id(payload)
-
-    def __iter__(self) -> Iterator[tuple[str, bytes]]:
-        rng = self.rng
-        while self.sent < 2_000_000 and not (self.stop.is_set() and self.sent >= FLOOD_AHEAD):
-            kind = self.sent % 4
-            if kind == 0:
-                yield self.prefix + rng.randbytes(16).hex(), rng.randbytes(rng.randrange(1, 200))
-            elif kind == 1:
-                junk = b"\x98" + rng.randbytes(rng.randrange(1, 200))
-                yield self._topic(junk), junk
-            elif kind == 2:
-                other = self.others[self.sent % len(self.others)]
-                yield self._topic(other), other
-            else:
-                own = self.own[(self.sent // 4) % len(self.own)]
-                yield self._topic(own), own
-            self.sent += 1
 
 
 def _store(node: Node) -> Path:
@@ -124,7 +70,7 @@ def test_security_work_survives_a_revocation_flood(
     a = Api(alice)
     wire = Wire(broker.url, client_id=MALLORY, password="pw-mallory")
     flood: threading.Thread | None = None
-    junk = RevocationJunk(alice.network, seed=18)
+    junk = RevocationJunk(alice.network, MALLORY, seed=18, at_least=FLOOD_AHEAD)
     try:
         before = a.rejections()
         invite = a.call("v1.invite.create", ttl=600)

@@ -915,8 +915,17 @@ class Transfers:
         """Remove the `.part` files of no transfer being received (left by a crash between
         creating one and recording it, or by a store restored from a backup): each holds
         reserved space. Off the event loop: an inbox may list many files."""
-        keep = {i.temp.name for i in self.inc.values()}
-        removed, size = await asyncio.to_thread(_sweep_parts, self.d.config.node.inbox_dir, keep)
+        root = self.d.config.node.inbox_dir
+        found = await asyncio.to_thread(_find_parts, root)
+        # Decided here, on the loop, against the transfers of this moment: an offer accepted
+        # while the thread listed the inbox has a .part that is no orphan.
+        busy = {i.temp.name for i in self.inc.values()}
+        busy |= {f".{tid.hex()}{PART_SUFFIX}" for tid in self._accepting}
+        removed = size = 0
+        for sender, name, n in found:
+            if name not in busy and _remove_part(root, sender, name):
+                removed += 1
+                size += n
         if removed:
             self.counters["orphans-removed"] += removed
             log.warning("removed %d orphaned .part files (%d bytes)", removed, size)
@@ -1277,14 +1286,14 @@ def _safetensors_problem(fd: int, size: int) -> str | None:
     return None
 
 
-def _sweep_parts(root: Path, keep: set[str]) -> tuple[int, int]:
-    """Remove `.<id>.part` regular files under `root/<sender>/` whose names are not in `keep`;
-    symlinks and other files are left alone. Returns (files, bytes) removed."""
-    removed = size = 0
+def _find_parts(root: Path, most: int = 100_000) -> list[tuple[str, str, int]]:
+    """(sender directory, name, size) of the `.<id>.part` regular files under `root/<sender>/`
+    (at most `most`); symlinks and other files are not listed."""
+    found: list[tuple[str, str, int]] = []
     try:
         rootfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
-        return 0, 0
+        return found
     try:
         for sender in os.scandir(rootfd):
             if not sender.is_dir(follow_symlinks=False):
@@ -1299,21 +1308,33 @@ def _sweep_parts(root: Path, keep: set[str]) -> tuple[int, int]:
                 continue
             try:
                 for entry in os.scandir(dirfd):
-                    if (
-                        _PART_NAME.fullmatch(entry.name)
-                        and entry.name not in keep
-                        and entry.is_file(follow_symlinks=False)
-                    ):
+                    if _PART_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
                         with contextlib.suppress(OSError):
-                            n = entry.stat(follow_symlinks=False).st_size
-                            os.unlink(entry.name, dir_fd=dirfd)
-                            removed += 1
-                            size += n
+                            size = entry.stat(follow_symlinks=False).st_size
+                            found.append((sender.name, entry.name, size))
+                            if len(found) >= most:
+                                return found
             finally:
                 os.close(dirfd)
     finally:
         os.close(rootfd)
-    return removed, size
+    return found
+
+
+def _remove_part(root: Path, sender: str, name: str) -> bool:
+    """Unlink `root/sender/name` without following a symlink at any step; False if it could
+    not (gone already, the directory replaced meanwhile)."""
+    try:
+        dirfd = _open_inbox(root, sender)
+    except (UnsafeInbox, OSError):
+        return False
+    try:
+        os.unlink(name, dir_fd=dirfd)
+    except OSError:
+        return False
+    finally:
+        os.close(dirfd)
+    return True
 
 
 __all__ = ["TransferError", "Transfers"]

@@ -53,10 +53,12 @@ class TransferConfig:
     max_restarts: int = 16
     # Sender: chunks one receiver may have sent again (repairs, restarts), as a fraction of the
     # file's chunk count, but at least resend_floor chunks so a small file survives a lossy path
-    # (the simulator at 30% loss needed up to 4x a 1-chunk file, 30 re-sends of an 8-chunk one).
-    # Beyond, the receiver is dropped (reason over-budget): what a receiver's claims can cost
-    # the sender, the broker and every co-receiver is bounded by the file, not by its wishes.
-    resend_ratio: float = 1.0
+    # (the simulator at 30% loss needed up to 4x a 1-chunk file, 30 re-sends of an 8-chunk one;
+    # a receiver killed while the broker held its chunks, on a loaded machine, needed 1x a
+    # 120-chunk file: 4x leaves room). Beyond, the receiver is dropped (reason over-budget):
+    # what a receiver's claims can cost the sender, the broker and every co-receiver is
+    # bounded by the file, not by its wishes.
+    resend_ratio: float = 4.0
     resend_floor: int = 64
 
     def __post_init__(self) -> None:

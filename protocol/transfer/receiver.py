@@ -487,7 +487,11 @@ class ReceiverTransfer:
         if now >= self._status_at:
             idle = not self._frame_since_status
             self._send_status(now)
-            if self._received < self._count:
+            # The lost tail is asked for only when nothing arrives (SPEC 7.6): while frames
+            # flow, a loss shows as a gap, and asking for every chunk not yet here would have
+            # the sender re-send all it has in flight each interval (a slow or loaded path
+            # doubled its upload, and would spend the receiver's re-send budget).
+            if idle and self._received < self._count:
                 missing = self._missing(self.limit)
                 if missing:
                     self._send(Request(self.transfer_id, self.incarnation, missing))

@@ -2,8 +2,9 @@
 
 The token carries the network, the inviter's peer id and identity key (so the joiner pins the
 right inviter, not whoever answers first), a random invite id (so the inviter finds the PSK), a
-one-time random 32-byte PSK for `Noise_XXpsk3_25519_ChaChaPoly_BLAKE2b`, and an expiry. Whoever
-holds the token can join once: it is a secret, like a password, until it is used or expires.
+one-time random 32-byte PSK for `Noise_XXhfs+psk3_25519+MLKEM768_ChaChaPoly_BLAKE2b`, and an
+expiry. Whoever holds the token can join once: it is a secret, like a password, until it is
+used or expires.
 
 Text form: `peerd-invite-1-` then Crockford base32 (lowercase) of `payload || check`, where
 `payload` is the msgpack array below and `check` the first 4 bytes of

@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 
+from protocol.session import NOISE_XX
 from scripts.benchmarks.common import percentile
 from scripts.evaluation.experiments import GB, MB, Plan
 
@@ -507,7 +508,7 @@ def markdown(results: Results) -> str:
         "",
         f"One daemon opened {plan.handshakes} sessions one after the other with two real"
         f" daemons, alternating, {plan.handshake_interval * 1e3:.0f} ms apart (each a complete"
-        " Noise_XX_25519_ChaChaPoly_BLAKE2b handshake with certificate checks: HELLO, REPLY,"
+        f" {NOISE_XX} handshake, X25519 and ML-KEM-768, with certificate checks: HELLO, REPLY,"
         " FINISH and the responder's confirmation), and two plaintext processes exchanged four"
         f" messages of exactly the same sizes ({fs[0]}, {fs[1]}, {fs[2]} and {fs[3]} bytes)"
         " the same way."

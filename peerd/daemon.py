@@ -462,17 +462,20 @@ class Daemon:
             elif kind is Rejected:
                 self._rejected(out)  # type: ignore[arg-type]
             elif kind is SessionUp:
-                key = _local_key(out)  # type: ignore[arg-type]
-                self._unrecorded.add(key)
-                if not self._events.urgent(lambda up=out: self._on_session_up(up)):  # type: ignore[misc]
-                    # Never a live session the store does not know: refuse it at its source.
-                    self._unrecorded.discard(key)
-                    self._refuse_session(out, "events-full", "too much store work", now)  # type: ignore[arg-type]
+                self._session_up(out, now)  # type: ignore[arg-type]
             elif kind is SessionDown:
                 self._on_session_down(out)  # type: ignore[arg-type]
             elif kind is HandshakeFailed:
                 self._on_handshake_failed(out)  # type: ignore[arg-type]
         self._wake.set()
+
+    def _session_up(self, up: SessionUp, now: float) -> None:
+        key = _local_key(up)
+        self._unrecorded.add(key)
+        if not self._events.urgent(lambda: self._on_session_up(up)):
+            # Never a live session the store does not know: refuse it at its source.
+            self._unrecorded.discard(key)
+            self._refuse_session(up, "events-full", "too much store work", now)
 
     def _queue(self, work: Callable[[], Awaitable[None]]) -> bool:
         """Bulk store work (messages, acknowledgements, transfer bookkeeping): what a drop
@@ -531,7 +534,10 @@ class Daemon:
         if waiter is not None and not waiter.done():
             waiter.set_result(up)
         if not up.rekey:
-            log.info("session with %s up (%s)", up.peer_id, up.protocol)
+            # A trusted peer may cycle sessions at its handshake rate: lines within the budget.
+            self._logs.log(
+                logging.INFO, "session-up", "session with %s up (%s)", up.peer_id, up.protocol
+            )
             self.notifier.status(self._status_line())
         self._publish_event("session.up", record)
         await self.messenger.pump(up.peer_id, now=now, reset=True)
@@ -554,7 +560,9 @@ class Daemon:
 
     def _on_session_down(self, down: SessionDown) -> None:
         self._session_since.pop(down.peer_id, None)
-        log.info("session with %s down: %s", down.peer_id, down.reason)
+        self._logs.log(
+            logging.INFO, "session-down", "session with %s down: %s", down.peer_id, down.reason
+        )
         self.notifier.status(self._status_line())
         self._publish_event("session.down", {"peer": down.peer_id, "reason": down.reason})
         for ext in self._extensions:
@@ -762,8 +770,10 @@ class Daemon:
                 await work()
             except PeerdError as exc:
                 self._logs.log(logging.WARNING, "event-error", "%s", exc.one_line())
-            except Exception:
-                log.exception("event handling failed")
+            except Exception:  # noqa: BLE001 - one failure must not end the event task
+                self._logs.log(
+                    logging.ERROR, "event-failed", "event handling failed", exc_info=True
+                )
             finally:
                 self._events.task_done()
 

@@ -195,7 +195,7 @@ class LogBudget:
         self._held: Counter[str] = Counter()
         self.suppressed = 0  # lines suppressed in all, for `peerd status`
 
-    def log(self, level: int, key: str, msg: str, *args: object) -> bool:
+    def log(self, level: int, key: str, msg: str, *args: object, exc_info: bool = False) -> bool:
         """Log `msg % args` at `level` if the budget allows; True if it did."""
         if not self.logger.isEnabledFor(level):
             return False
@@ -213,7 +213,7 @@ class LogBudget:
         if held:
             msg += " (%d similar line(s) suppressed)"
             args = (*args, held)
-        self.logger.log(level, msg, *args)
+        self.logger.log(level, msg, *args, exc_info=exc_info)
         return True
 
     def flush(self) -> None:

@@ -34,6 +34,7 @@ from protocol.session import (
     SessionManager,
     SessionUp,
 )
+from protocol.transfer import Offer, decode_message
 from tests.support.cluster import Node, wait_until
 
 T = TypeVar("T")
@@ -330,6 +331,20 @@ class Rogue:
 
     def close(self) -> None:
         self.wire.close()
+
+
+def catch_offer(rogue: Rogue) -> list[Offer]:
+    """The first transfer Offer the rogue receives, once it has (a list: empty until then).
+    An Offer carries the content key: a rogue receiver can then forge or refuse chunks."""
+    offers: list[Offer] = []
+
+    def on_message(peer: str, payload: bytes) -> None:
+        message = decode_message(payload)
+        if isinstance(message, Offer) and not offers:
+            offers.append(message)
+
+    rogue.on_message = on_message
+    return offers
 
 
 def responder(

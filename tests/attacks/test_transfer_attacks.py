@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 
 from peerd.mqtt import Topics
-from protocol.transfer import ChunkCipher, Offer, decode_message, frame_buffer
+from protocol.transfer import ChunkCipher, frame_buffer
 from protocol.transfer.manifest import chunk_length
 from tests.attacks.conftest import start_cluster
 from tests.attacks.helpers import (
     SOON,
     Api,
     Rogue,
+    catch_offer,
     counted,
     keys,
 )
@@ -92,14 +93,7 @@ def test_a_rogue_co_receiver_with_the_content_key_cannot_forge_the_file(
     mallory.stop()  # from now on mallory runs the rogue below, with her real keys
     rogue = Rogue.of(alice, alice.broker_url, mallory_keys)
     topics = Topics(alice.network)
-    offers: list[Offer] = []
-
-    def forge(peer: str, payload: bytes) -> None:
-        message = decode_message(payload)
-        if isinstance(message, Offer) and not offers:
-            offers.append(message)
-
-    rogue.on_message = forge
+    offers = catch_offer(rogue)
     genuine_held = proxy.add_rule(
         TO_CLIENT, CHUNKS, Hold(), client=bob.peer_id, where=lambda p: p.payload[24:32] != MARK
     )

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 
 from peerd.errors import PeerdError
-from protocol.transfer import Accept, Ack, Offer, decode_message
+from protocol.transfer import Accept, Ack, Offer
 from protocol.transfer.manifest import chunk_count_for
-from tests.attacks.helpers import SOON, Api, Rogue, counted, keys
+from tests.attacks.helpers import SOON, Api, Rogue, catch_offer, counted, keys
 from tests.support.broker import Broker
 from tests.support.cluster import Node, make_nodes, pair, wait_until
 from tests.support.files import partial_files, random_file, received_files, sha256
@@ -266,14 +266,7 @@ def test_a_receiver_that_claims_to_restart_with_nothing_is_dropped(
     dave_keys = keys(dave)
     dave.stop()
     rogue = Rogue.of(alice, alice.broker_url, dave_keys)
-    offers: list[Offer] = []
-
-    def on_message(peer: str, payload: bytes) -> None:
-        message = decode_message(payload)
-        if isinstance(message, Offer) and not offers:
-            offers.append(message)
-
-    rogue.on_message = on_message
+    offers = catch_offer(rogue)
     a = Api(alice)
     started: dict[str, Any] = {}
     try:

@@ -309,6 +309,9 @@ def test_receiver_sigkill_mid_transfer_resumes_and_completes(
                 what="some progress acknowledged",
             )
             b.kill()  # SIGKILL: no chance to tidy up
+            # Re-sends before the kill (bob asking again for the chunks the proxy held, more
+            # often the slower a loaded machine makes it) are repairs, not the restart's cost.
+            resent_before = _transfer(a, started["id"])["resent_frames"]
             proxy.remove_rule(hold)
             b.start()
             wait_until(
@@ -318,7 +321,7 @@ def test_receiver_sigkill_mid_transfer_resumes_and_completes(
             assert sha256(got) == sha256(src)
             final = _transfer(a, started["id"])
             # What was durable at bob is not sent again: at most one window (64 chunks) more.
-            assert final["resent_frames"] <= 64
+            assert final["resent_frames"] - resent_before <= 64
         finally:
             a.kill()
             b.kill()

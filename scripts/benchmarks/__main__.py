@@ -15,6 +15,7 @@ BENCHMARKS = {
     "transfer": ("transfer", "files between daemons: vs aiomqtt and scp, memory, fan-out, resume"),
     "erasure": ("erasure", "the WAL scrub after a commit that erases a secret, on a real store"),
     "wan": ("wan", "transfers across emulated 20-200 ms paths: vs the path, aiomqtt and scp"),
+    "safetensors": ("safetensors", "checking a received header: the caps, memory, the loop"),
 }
 
 

@@ -20,52 +20,36 @@ import contextlib
 import ctypes
 import ctypes.util
 import logging
-import os
 import signal
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from typing import Any
 
 from peerd import __version__
 from peerd.authority.extension import Authority
 from peerd.config import Config, load_config
-from peerd.control import Connection, ControlServer, optional, require
-from peerd.errors import PeerdError, UsageError
+from peerd.control import ControlServer
+from peerd.errors import DaemonError, PeerdError, UsageError
 from peerd.events import EventLanes, LaneLimits, LogBudget
+from peerd.host import Extension, control_methods
 from peerd.keystore import Keystore, read_passphrase
-from peerd.messages import Messenger, OutboxLimits
-from peerd.mqtt import (
-    BrokerError,
-    BrokerQueueFull,
-    BrokerSettings,
-    Message,
-    MqttLink,
-    Topics,
-    statement_id,
-)
+from peerd.messages import Messages, OutboxLimits
+from peerd.mqtt import BrokerError, BrokerQueueFull, BrokerSettings, Message, MqttLink, Topics
+from peerd.node import NodeMethods, local_refusals, peer_json
+from peerd.revocations import Revocations
+from peerd.sessions import SessionTrust, local_key, read_psk
 from peerd.store import Store, open_store
 from peerd.systemd import Notifier, watchdog_interval, watchdog_loop
 from peerd.transfers import Transfers
 from protocol.errors import RemoteProtocolError
 from protocol.identity import (
     InviteToken,
-    Revocation,
     TrustError,
-    decode_statement,
     format_peer_id,
-    parse_fingerprint,
-    parse_peer_id,
 )
-from protocol.identity.trust import Authenticated, TrustView
-from protocol.messaging import (
-    ChannelAck,
-    ChannelMessage,
-    RevocationPush,
-    TransferPayload,
-    decode_app,
-)
+from protocol.identity.trust import Authenticated
+from protocol.messaging import RevocationPush, decode_app
 from protocol.session import (
     HandshakeFailed,
     Output,
@@ -89,20 +73,12 @@ EVENTS = (
     "session.failed",
     "session.closed",
     "trust.changed",
-    "trust.revoked",
     "keys.rotated",
     "message",
-    "transfer.progress",
-    "transfer.done",
 )
 EVENT_QUEUE = 10_000  # bulk store work waiting for the event task; beyond it: drop and count
-JOIN_TIMEOUT = 30.0
 MAX_TOKEN_TEXT = 4096  # an invite token is ~230 characters, more with line breaks
 HOUSEKEEPING_EVERY = 60.0
-
-
-class DaemonError(PeerdError):
-    """The daemon cannot start or go on."""
 
 
 class JoinFailed(PeerdError):
@@ -130,42 +106,6 @@ def tune_allocator() -> None:
     mallopt(m_trim_threshold, 256 << 20)
 
 
-class _Trust:
-    """The session layer's trust policy over the store's live view."""
-
-    def __init__(self, view: TrustView) -> None:
-        self.view = view
-
-    def authenticate(
-        self,
-        credentials: bytes,
-        remote_static: bytes,
-        now: float,
-        *,
-        expected_peer: str | None = None,
-        allow_unknown: bool = False,
-    ) -> Authenticated:
-        return self.view.authenticate(
-            credentials,
-            remote_static,
-            now,
-            expected_peer=expected_peer,
-            allow_unknown=allow_unknown,
-        )
-
-    def refuse_hello(self, peer_id: str) -> str | None:
-        if self.view.could_accept(peer_id):
-            return None
-        record = self.view.peer(peer_id)
-        return "unknown-peer" if record is None else record.state.value
-
-    def invite_psk(self, invite_id: bytes, now: float) -> bytes | None:
-        try:
-            return self.view.invite_psk(invite_id, now)
-        except TrustError:
-            return None
-
-
 class Daemon:
     def __init__(self, config: Config, *, passphrase: bytes | None = None) -> None:
         self.config = config
@@ -188,9 +128,9 @@ class Daemon:
         self.sessions: SessionManager
         self.link: MqttLink
         self.control: ControlServer
-        self.messenger: Messenger
+        self.messages: Messages
         self.topics = Topics(config.node.network)
-        self._extensions: list[Any] = []
+        self._extensions: list[Extension] = []
         self.notifier = Notifier(None)
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -226,13 +166,13 @@ class Daemon:
             )
         network_psk = None
         if cfg.network.psk_file is not None:
-            network_psk = _read_psk(cfg.network.psk_file)
+            network_psk = read_psk(cfg.network.psk_file)
         self.sessions = SessionManager(
             peer_id=self.keys.peer_id,
             network=cfg.node.network,
             static=self.keys.static,
             credentials=self.keys.credentials(),
-            trust=_Trust(self.store.view()),
+            trust=SessionTrust(self.store.view()),
             network_psk=network_psk,
             limits=SessionLimits(
                 hello_rate=cfg.limits.handshakes_per_second,
@@ -260,19 +200,30 @@ class Daemon:
             keepalive=b.keepalive,
         )
         self.link = MqttLink(settings, on_state=self._on_link_state)
-        self.messenger = Messenger(
-            self.store,
-            self._transmit,
+        self.control = ControlServer(cfg.node.socket, group=cfg.control.group, events=EVENTS)
+        self.messages = Messages(
+            self,
             OutboxLimits(
                 max_messages_per_peer=cfg.limits.outbox_messages_per_peer,
                 max_bytes=cfg.limits.outbox_size,
                 max_inbox_bytes=cfg.limits.inbox_size,
             ),
         )
-        self.control = ControlServer(cfg.node.socket, group=cfg.control.group, events=EVENTS)
-        self._register_methods()
-        Transfers(self)  # registers itself as an extension: methods, hooks, a task
-        Authority(self)  # membership, relayed revocations, succession, retirement
+        # The parts built on this host, which they see only as a peerd.host.Host. Order matters
+        # where hooks do: a peer's queued messages are pumped first when its session comes up.
+        self._extensions = [
+            self.messages,
+            Revocations(self, self._events),
+            Transfers(self),
+            Authority(self),
+        ]
+        for ext in self._extensions:
+            for name in ext.events:
+                if name not in self.control.events:
+                    self.control.add_event(name)
+        for part in (NodeMethods(self), *self._extensions):
+            for method, handler in control_methods(part).items():
+                self.control.register(method, handler)  # a name declared twice is an error
         self.store.add_listener(lambda _event: self._trust_changed())
 
     async def run(self) -> None:
@@ -282,7 +233,7 @@ class Daemon:
         notifier = self.notifier = Notifier.from_environ()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
-        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self._reload()))
+        loop.add_signal_handler(signal.SIGHUP, lambda: self.spawn(self._reload(), name="reload"))
         try:
             await self.control.start()
             log.info(
@@ -339,9 +290,13 @@ class Daemon:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._events.join(), 5.0)
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
+    # -- the Host interface (peerd.host) ------------------------------------------------------
+
+    def spawn(self, work: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(work)
+        task.set_name(name)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Future[Any]) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -373,8 +328,7 @@ class Daemon:
         self.config = new
         self._trust_changed()  # a new authority key or overlap may end some sessions
         for ext in self._extensions:
-            if hasattr(ext, "reload"):
-                ext.reload(new)
+            ext.reload(new)
         if restart:
             log.warning("reload: changes in [%s] take effect at restart", "], [".join(restart))
         log.info("configuration reloaded from %s", path)
@@ -383,9 +337,6 @@ class Daemon:
 
     async def _subscribe(self) -> None:
         await self.link.subscribe(self.topics.inbox(self.peer_id), qos=0, handler=self._on_inbox)
-        await self.link.subscribe(
-            self.topics.revocations, qos=1, handler=self._on_revocation_message
-        )
 
     def _status_line(self) -> str:
         """The one line `systemctl status` shows."""
@@ -396,25 +347,18 @@ class Daemon:
     def _on_link_state(self, up: bool) -> None:
         self.notifier.status(self._status_line())
         log.info("broker %s: %s", self.link.settings.url, "connected" if up else "disconnected")
-        self._publish_event("broker." + ("up" if up else "down"), {"url": self.link.settings.url})
+        self.publish_event("broker." + ("up" if up else "down"), {"url": self.link.settings.url})
         if up:
             # Whatever waited for the broker: peers with queued work, republished revocations.
-            self._spawn(self._after_reconnect())
+            self.spawn(self._after_reconnect(), name="after-reconnect")
 
     async def _after_reconnect(self) -> None:
         now = time.time()
-        for peer in await self._peers_with_work():
-            self._connect(peer, now)
-        for statement in await self.store.revocation_statements(self.peer_id):
-            self._publish_revocation(statement)
-
-    async def _peers_with_work(self) -> set[str]:
-        rows = await self.store.fetchall("SELECT DISTINCT peer_id FROM outbox")
-        peers = {r[0] for r in rows}
         for ext in self._extensions:
-            if hasattr(ext, "peers_with_work"):
-                peers |= ext.peers_with_work()
-        return peers
+            for peer in await ext.peers_with_work():
+                self._connect(peer, now)
+        for ext in self._extensions:
+            await ext.broker_up()
 
     def _on_inbox(self, msg: Message) -> None:
         now = time.time()
@@ -428,7 +372,7 @@ class Daemon:
         except ValueError:  # not a peer id we can address: a bug upstream, never a peer's input
             log.exception("cannot publish to %r", out.peer_id)
 
-    def _transmit(self, peer: str, payload: bytes) -> bool:
+    def transmit(self, peer: str, payload: bytes) -> bool:
         """Send an application payload on `peer`'s session; False (and connect) if none."""
         now = time.time()
         if not self.sessions.has_session(peer):
@@ -441,6 +385,43 @@ class Daemon:
             return False
         self._handle(outs, now)
         return True
+
+    def connect(self, peer: str) -> None:
+        self._connect(peer, time.time())
+
+    def connected_peers(self) -> list[str]:
+        return self.sessions.connected_peers()
+
+    def identity_changed(self, *, rehandshake: bool) -> None:
+        self.sessions.set_identity(self.keys.static, self.keys.credentials())
+        if rehandshake:
+            now = time.time()
+            for peer in self.sessions.connected_peers():
+                self._handle(self.sessions.connect(peer, now), now)
+
+    def publish_event(self, name: str, payload: Mapping[str, Any]) -> None:
+        with contextlib.suppress(PeerdError):
+            self.control.publish_event(name, dict(payload))
+
+    def count_rejection(self, reason: str, message: str | None = None, *args: object) -> None:
+        self.sessions.rejections[reason] += 1
+        if message is not None:
+            self._logs.log(logging.INFO, reason, message, *args)
+
+    def has_session(self, peer: str) -> bool:
+        return self.sessions.has_session(peer)
+
+    def handshake_now(self, peer: str) -> None:
+        """A handshake with `peer` now, whatever the trust store says (`peerd connect`)."""
+        now = time.time()
+        self._handle(self.sessions.connect(peer, now), now)
+
+    def close_sessions(self, peer: str, reason: str) -> None:
+        now = time.time()
+        self._handle(self.sessions.close(peer, reason, now), now)
+
+    def handshakes(self) -> list[dict[str, Any]]:
+        return list(self._recent_handshakes)
 
     def _connect(self, peer: str, now: float) -> None:
         if peer == self.peer_id or self.sessions.is_connecting(peer):
@@ -470,25 +451,20 @@ class Daemon:
         self._wake.set()
 
     def _session_up(self, up: SessionUp, now: float) -> None:
-        key = _local_key(up)
+        key = local_key(up)
         self._unrecorded.add(key)
         if not self._events.urgent(lambda: self._on_session_up(up)):
             # Never a live session the store does not know: refuse it at its source.
             self._unrecorded.discard(key)
             self._refuse_session(up, "events-full", "too much store work", now)
 
-    def _queue(self, work: Callable[[], Awaitable[None]]) -> bool:
+    def defer(self, work: Callable[[], Awaitable[None]]) -> bool:
         """Bulk store work (messages, acknowledgements, transfer bookkeeping): what a drop
         loses, its sender sends again."""
         if self._events.bulk(work):
             return True
         self.counters["events-dropped"] += 1
         return False
-
-    def _refused(self, reason: str, msg: str, *args: object) -> None:
-        """Count a refusal under `reason` (`peerd status`) and log it within the budget."""
-        self.sessions.rejections[reason] += 1
-        self._logs.log(logging.INFO, reason, msg, *args)
 
     def _rejected(self, rej: Rejected) -> None:
         # Counted by the session manager; logged with a budget so a flood is not a log flood.
@@ -505,7 +481,7 @@ class Daemon:
         try:
             await self._record_session_up(up)
         finally:
-            self._unrecorded.discard(_local_key(up))
+            self._unrecorded.discard(local_key(up))
 
     async def _record_session_up(self, up: SessionUp) -> None:
         now = time.time()
@@ -539,11 +515,9 @@ class Daemon:
                 logging.INFO, "session-up", "session with %s up (%s)", up.peer_id, up.protocol
             )
             self.notifier.status(self._status_line())
-        self._publish_event("session.up", record)
-        await self.messenger.pump(up.peer_id, now=now, reset=True)
+        self.publish_event("session.up", record)
         for ext in self._extensions:
-            if hasattr(ext, "session_up"):
-                await ext.session_up(up.peer_id)
+            await ext.session_up(up.peer_id)
 
     def _refuse_session(self, up: SessionUp, reason: str, detail: str, now: float) -> None:
         """A session up that the store will not record: close it (its peer's other sessions
@@ -564,10 +538,9 @@ class Daemon:
             logging.INFO, "session-down", "session with %s down: %s", down.peer_id, down.reason
         )
         self.notifier.status(self._status_line())
-        self._publish_event("session.down", {"peer": down.peer_id, "reason": down.reason})
+        self.publish_event("session.down", {"peer": down.peer_id, "reason": down.reason})
         for ext in self._extensions:
-            if hasattr(ext, "session_down"):
-                ext.session_down(down.peer_id, down.reason)
+            ext.session_down(down.peer_id, down.reason)
 
     def _on_handshake_failed(self, failed: HandshakeFailed) -> None:
         self._logs.log(
@@ -577,7 +550,7 @@ class Daemon:
             failed.peer_id,
             failed.reason,
         )
-        self._publish_event("session.failed", {"peer": failed.peer_id, "reason": failed.reason})
+        self.publish_event("session.failed", {"peer": failed.peer_id, "reason": failed.reason})
         waiter = self._joins.pop(failed.peer_id, None)
         if waiter is not None and not waiter.done():
             waiter.set_exception(JoinFailed(f"no session with {failed.peer_id}: {failed.reason}"))
@@ -589,34 +562,11 @@ class Daemon:
             # Inside an authenticated session: a peer's bug or malice, not a broker's.
             self.sessions.rejections[f"app-{exc.reason}"] += 1
             return
-        peer = msg.peer_id
-        if isinstance(app, ChannelMessage):
-            self._queue(lambda: self._deliver(peer, self.messenger.on_message, app))
-        elif isinstance(app, ChannelAck):
-            self._queue(lambda: self._deliver(peer, self.messenger.on_ack, app))
-        elif isinstance(app, RevocationPush):
-            # Pushed by an authenticated peer: its lane is its own. A statement verifies itself,
-            # whatever the trust in the peer that carried it.
-            self._admit_statement(peer, app.statement, source=peer)
-        elif isinstance(app, TransferPayload):
-            for ext in self._extensions:
-                if hasattr(ext, "on_control"):
-                    ext.on_control(peer, app.raw)
+        for ext in self._extensions:
+            ext.on_app(msg.peer_id, app)
 
-    async def _deliver(
-        self, peer: str, handler: Callable[..., Awaitable[None]], app: ChannelMessage | ChannelAck
-    ) -> None:
-        """Hand a message (or ACK) to the messenger only if a session with `peer` that the store
-        recorded and still trusts exists now: one refused at recording (say, a second joiner
-        with an invite already used) is closed by then, and what it sent must not reach the
-        inbox. Not acknowledged, a dropped message stays in its sender's outbox."""
-        now = time.time()
-        if not self._from_trusted_session(peer, now):
-            self._refused(
-                "message-untrusted-session", "a message from %s without a trusted session", peer
-            )
-            return
-        await handler(peer, app, now=now)
+    def has_trusted_session(self, peer: str) -> bool:
+        return self._from_trusted_session(peer, time.time())
 
     def _from_trusted_session(self, peer: str, now: float) -> bool:
         return any(refused is None for _, refused in self._session_trust(peer, now))
@@ -657,83 +607,14 @@ class Daemon:
                 self._handle(self.sessions.close_session(session, exc.reason, now), now)
                 auth = session.auth
                 assert isinstance(auth, Authenticated)
-                self._publish_event(
+                self.publish_event(
                     "session.closed",
                     {"peer": peer, "reason": exc.reason, "serial": auth.serial},
                 )
         for ext in self._extensions:
-            if hasattr(ext, "trust_changed"):
-                ext.trust_changed()
+            ext.trust_changed()
 
-    def _on_revocation_message(self, msg: Message) -> None:
-        """A statement from `rev/<publisher>/<statement id>`: the cheap checks here, in the
-        link's read path, before anything is queued; the signature in the event task, within
-        the publisher's lane and rate (peerd/events.py)."""
-        statement = msg.payload
-        if not statement:
-            # Someone cleared a retained statement: it un-revokes nothing (the store keeps
-            # what it learned), but an operator should see the attempt.
-            self._refused("revocation-cleared", "a retained revocation cleared on %s", msg.topic)
-            return
-        where = self.topics.parse(msg.topic)
-        if where is None or where[0] != "rev":
-            self._refused("revocation-bad-topic", "a revocation on topic %r", msg.topic[:200])
-            return
-        publisher, sid = where[1]
-        if sid != statement_id(statement):
-            self._refused(
-                "revocation-topic-mismatch", "a revocation under %s that is not %s", publisher, sid
-            )
-            return
-        try:
-            parsed = decode_statement(statement)
-        except RemoteProtocolError as exc:
-            self._refused("revocation-malformed", "a revocation from %s: %s", publisher, exc)
-            return
-        # The ACL lets only the publisher write under rev/<publisher>/: its own statements,
-        # an authority's it relays, or (relayed) another node's - taken only for a peer this
-        # node knows, so that one account cannot retain statements of made-up identities.
-        if (
-            isinstance(parsed, Revocation)
-            and parsed.peer_id != publisher
-            and self.store.view().peer(parsed.peer_id) is None
-        ):
-            self._refused(
-                "revocation-wrong-issuer",
-                "%s published a revocation of %s, a peer this node does not know",
-                publisher,
-                parsed.peer_id,
-            )
-            return
-        self._admit_statement(publisher, statement, source="broker", sid=sid)
-
-    def _admit_statement(
-        self, publisher: str, statement: bytes, *, source: str, sid: str | None = None
-    ) -> None:
-        sid = sid or statement_id(statement)
-        refused = self._events.statement(
-            publisher, sid, lambda: self._learn_revocation(statement, source=source, sid=sid)
-        )
-        if (
-            refused is not None and refused != "duplicate"
-        ):  # a replay is no error (the store's rule)
-            self._refused(
-                f"revocation-{refused}", "a revocation from %s not queued: %s", publisher, refused
-            )
-
-    async def _learn_revocation(self, statement: bytes, *, source: str, sid: str) -> None:
-        try:
-            changed = await self.store.record_revocation(statement, now=time.time())
-        except PeerdError as exc:
-            reason = f"revocation-{getattr(exc, 'reason', 'malformed')}"
-            self._refused(reason, "revocation statement from %s refused: %s", source, exc)
-            return
-        self._events.applied(sid)
-        if changed:
-            log.warning("learned a revocation (via %s)", source)
-            self._publish_event("trust.revoked", {"via": source})
-
-    def _publish_revocation(self, statement: bytes) -> None:
+    def publish_revocation(self, statement: bytes) -> None:
         try:
             self.link.publish_nowait(
                 self.topics.revocation(self.peer_id, statement), statement, qos=1, retain=True
@@ -747,15 +628,15 @@ class Daemon:
         while True:
             now = time.time()
             self._handle(self.sessions.on_timer(now), now)
-            if (d := self.messenger.next_deadline()) is not None and d <= now:
-                self._queue(
-                    lambda: self.messenger.on_timer(
-                        self.sessions.connected_peers(), now=time.time()
-                    )
-                )
+            for ext in self._extensions:
+                if (d := ext.next_deadline()) is not None and d <= now:
+                    ext.on_timer(now)
             deadlines = [
                 d
-                for d in (self.sessions.next_deadline(), self.messenger.next_deadline())
+                for d in (
+                    self.sessions.next_deadline(),
+                    *(ext.next_deadline() for ext in self._extensions),
+                )
                 if d is not None
             ]
             delay = min(max(min(deadlines) - time.time(), 0.0), 60.0) if deadlines else 60.0
@@ -783,7 +664,8 @@ class Daemon:
             self._logs.flush()
             try:
                 await self.store.expire_invites(now=now)
-                await self.messenger.expire(now=now)
+                for ext in self._extensions:
+                    await ext.housekeeping(now)
                 # Certificates and memberships expire on their own: end those sessions.
                 self._trust_changed()
                 if self.keys.needs_rotation(
@@ -801,12 +683,10 @@ class Daemon:
         now = time.time()
         cert = self.keys.rotate(now, certificate_days=self.config.keys.certificate_days)
         await self.store.record_own_certificate(cert, now=now)
-        self.sessions.set_identity(self.keys.static, self.keys.credentials())
         # A fresh handshake with every connected peer carries the new certificate to it.
-        for peer in self.sessions.connected_peers():
-            self._handle(self.sessions.connect(peer, now), now)
+        self.identity_changed(rehandshake=True)
         log.info("static key rotated to serial %d (%s)", cert.serial, reason)
-        self._publish_event("keys.rotated", {"serial": cert.serial, "not_after": cert.not_after})
+        self.publish_event("keys.rotated", {"serial": cert.serial, "not_after": cert.not_after})
         return {"serial": cert.serial, "not_after": cert.not_after}
 
     async def revoke_own(self, reason: str) -> dict[str, Any]:
@@ -820,8 +700,8 @@ class Daemon:
         encoded = statement.encode()
         push = RevocationPush(encoded).encode()
         for peer in self.sessions.connected_peers():
-            self._transmit(peer, push)
-        self._publish_revocation(encoded)
+            self.transmit(peer, push)
+        self.publish_revocation(encoded)
         return {"revoked_through": old_serial, "serial": self.keys.serial}
 
     async def join(self, token_text: str, within: float) -> dict[str, Any]:
@@ -859,143 +739,6 @@ class Daemon:
 
     # -- control methods ---------------------------------------------------------------------
 
-    def _publish_event(self, name: str, payload: dict[str, Any]) -> None:
-        with contextlib.suppress(PeerdError):
-            self.control.publish_event(name, payload)
-
-    def method(self, name: str) -> Callable[[Any], Any]:
-        return self.control.method(name)
-
-    def _register_methods(self) -> None:
-        m = self.control.method
-
-        @m("v1.status")
-        async def _status(params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-            return self.status()
-
-        @m("v1.peers")
-        async def _peers(params: dict[str, Any], conn: Connection) -> list[dict[str, Any]]:
-            return self.peers()
-
-        @m("v1.invite.create")
-        async def _invite(params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-            ttl = optional(params, "ttl", int, 3600)
-            note = optional(params, "note", str, "")
-            token = await self.store.create_invite(
-                network=self.config.node.network, ttl=ttl, now=time.time(), note=note
-            )
-            return {
-                "token": token.to_text(),
-                "expires_at": token.expires_at,
-                "invite_id": token.invite_id.hex(),
-            }
-
-        @m("v1.join")
-        async def _join(params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-            token = require(params, "token", str)
-            timeout = optional(params, "timeout", float, JOIN_TIMEOUT)
-            return await self.join(token, timeout)
-
-        @m("v1.trust")
-        async def _trust(params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-            peer = parse_peer_id(require(params, "peer", str))
-            fp = optional(params, "fingerprint", str, None)
-            if fp is not None:
-                fp = parse_fingerprint(fp)
-            record = await self.store.trust(peer, fingerprint=fp, now=time.time())
-            self._connect(peer, time.time())
-            return _peer_json(record, connected=self.sessions.has_session(peer))
-
-        @m("v1.block")
-        async def _block(params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-            peer = parse_peer_id(require(params, "peer", str))
-            record = await self.store.block(peer, now=time.time())
-            now = time.time()
-            self._handle(self.sessions.close(peer, "blocked", now), now)
-            return _peer_json(record, connected=False)
-
-        @m("v1.rotate")
-        async def _rotate(params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-            return await self.rotate()
-
-        @m("v1.revoke")
-        async def _revoke(params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-            reason = optional(params, "reason", str, "")
-            return await self.revoke_own(reason)
-
-        @m("v1.connect")
-        async def _connect(params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-            peer = parse_peer_id(require(params, "peer", str))
-            now = time.time()
-            self._handle(self.sessions.connect(peer, now), now)
-            return {"peer": peer, "connecting": True}
-
-        @m("v1.handshakes")
-        async def _handshakes(params: dict[str, Any], conn: Connection) -> list[dict[str, Any]]:
-            return list(self._recent_handshakes)
-
-        @m("v1.msg.send")
-        async def _msg_send(params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-            import base64  # noqa: PLC0415
-
-            peer = parse_peer_id(require(params, "peer", str))
-            channel = require(params, "channel", str)
-            data = base64.b64decode(require(params, "data_b64", str), validate=True)
-            ttl = optional(params, "ttl", float, self.config.limits.message_ttl_days * 86400)
-            if not self.store.view().could_accept(peer):
-                raise TrustError(
-                    f"peer {peer} is not trusted",
-                    reason="unknown-peer",
-                    hint="pair with it first (peerd invite / peerd join)",
-                )
-            seq = await self.messenger.send(peer, channel, data, ttl=ttl, now=time.time())
-            return {"peer": peer, "channel": channel, "seq": seq}
-
-        @m("v1.msg.recv")
-        async def _msg_recv(params: dict[str, Any], conn: Connection) -> list[dict[str, Any]]:
-            channel = require(params, "channel", str)
-            limit = optional(params, "limit", int, 100)
-            wait = optional(params, "wait", float, 0.0)
-            msgs = await self.messenger.receive(channel, limit=limit, wait=min(wait, 3600.0))
-            return [m.as_json() for m in msgs]
-
-        @m("v1.msg.ack")
-        async def _msg_ack(params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-            ids = require(params, "ids", list)
-            if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-                raise UsageError("ids must be a list of integers")
-            return {"acked": await self.messenger.ack(ids, now=time.time())}
-
-        @m("v1.msg.outbox")
-        async def _msg_outbox(params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-            return {
-                "outbox": await self.messenger.outbox(),
-                "inbox": await self.messenger.inbox(),
-            }
-
-        @m("v1.debug.tasks")
-        async def _tasks(params: dict[str, Any], conn: Connection) -> list[dict[str, Any]]:
-            """Every asyncio task and where it waits: for diagnosing a stuck daemon."""
-            out = []
-            for task in asyncio.all_tasks():
-                frames = task.get_stack(limit=8)
-                out.append(
-                    {
-                        "name": task.get_name(),
-                        "stack": [
-                            f"{f.f_code.co_filename.rsplit('/', 2)[-1]}:{f.f_lineno} "
-                            f"{f.f_code.co_name}"
-                            for f in frames
-                        ],
-                    }
-                )
-            return out
-
-        @m("v1.audit.verify")
-        async def _audit(params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-            report = await self.store.verify_log()
-            return {"entries": report.entries, "head": report.head.hex()}
-
     # -- views ---------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
@@ -1003,9 +746,9 @@ class Daemon:
         states = Counter(p.state.value for p in view.peers())
         rejections = dict(self.sessions.rejections)
         rejections.update({k: v for k, v in self.counters.items() if v})
-        rejections.update(
-            local_refusals(self.control.stats(), self.link.stats.as_dict(), self.messenger)
-        )
+        rejections.update(local_refusals(self.control.stats(), self.link.stats.as_dict()))
+        for ext in self._extensions:
+            rejections.update(ext.rejections())
         return {
             "version": __version__,
             "peer_id": self.peer_id,
@@ -1034,86 +777,18 @@ class Daemon:
             "half_open_handshakes": self.sessions.half_open_count,
             "peers": dict(states),
             "rejections": rejections,
-            "messages": dict(self.messenger.counters),
             "control": self.control.stats(),
             "events_queued": len(self._events),
             "log_lines_suppressed": self._logs.suppressed,
-            **{
-                name: value
-                for ext in self._extensions
-                if hasattr(ext, "status")
-                for name, value in ext.status().items()
-            },
+            **{name: value for ext in self._extensions for name, value in ext.status().items()},
         }
 
     def peers(self) -> list[dict[str, Any]]:
         out = []
         for record in sorted(self.store.view().peers(), key=lambda p: p.peer_id):
-            item = _peer_json(record, connected=self.sessions.has_session(record.peer_id))
+            item = peer_json(record, connected=self.sessions.has_session(record.peer_id))
             item["session_since"] = self._session_since.get(record.peer_id)
             session = self.sessions.session(record.peer_id)
             item["session_protocol"] = None if session is None else session.protocol
             out.append(item)
         return out
-
-
-# Refusals counted outside the session layer, under the labels `peerd status` shows.
-_LINK_DROPS = {
-    "dropped_queue_full": "broker-queue-full",
-    "dropped_oversize": "broker-oversize",
-    "dropped_unsolicited": "broker-unsolicited",
-    "dropped_bad_topic": "broker-bad-topic",
-    "protocol_errors": "broker-protocol-error",
-    "handler_errors": "broker-handler-error",
-}
-_CONTROL_ERRORS = {"-32700": "control-parse-error", "-32600": "control-invalid-request"}
-
-
-def local_refusals(
-    control: dict[str, Any], link: dict[str, int], messenger: Messenger
-) -> dict[str, int]:
-    """The control socket's refused callers and bad lines, the broker link's dropped packets
-    and the messenger's refused messages, as `rejections` entries (zeros left out)."""
-    out = {f"control-{k}": v for k, v in control["refused"].items()}
-    out["control-closed-for-garbage"] = control["closed_for_garbage"]
-    out["control-subscriber-dropped"] = control["subscribers_dropped"]
-    out.update({label: control["errors"].get(code, 0) for code, label in _CONTROL_ERRORS.items()})
-    out.update({label: link.get(name, 0) for name, label in _LINK_DROPS.items()})
-    out.update({f"message-{k}": v for k, v in messenger.rejections.items()})
-    return {k: v for k, v in out.items() if v}
-
-
-def _peer_json(record: Any, *, connected: bool) -> dict[str, Any]:
-    cert = record.certificate
-    return {
-        "peer": record.peer_id,
-        "state": record.state.value,
-        "source": None if record.source is None else record.source.value,
-        "fingerprint": record.fingerprint,
-        "serial": None if cert is None else cert.serial,
-        "connected": connected,
-        "updated_at": record.updated_at,
-    }
-
-
-def _read_psk(path: os.PathLike[str] | str) -> bytes:
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        raise DaemonError(f"cannot read the network PSK file {path}: {exc}") from exc
-    text = raw.strip()
-    try:
-        psk = bytes.fromhex(text.decode("ascii")) if len(text) == 64 else raw
-    except (UnicodeDecodeError, ValueError):
-        psk = raw
-    if len(psk) != 32:
-        raise DaemonError(
-            f"the network PSK file {path} must hold 32 bytes (or 64 hex digits)",
-            hint="create one with: head -c 32 /dev/urandom > network.psk",
-        )
-    return psk
-
-
-def _local_key(up: SessionUp) -> tuple[str, int]:
-    """(peer, this node's index) of the session `up` announces."""
-    return up.peer_id, up.session_id[0] if up.initiator else up.session_id[1]

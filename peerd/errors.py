@@ -16,6 +16,7 @@ from protocol.errors import (
 
 __all__ = [
     "ConfigError",
+    "DaemonError",
     "DecryptError",
     "LocalProtocolError",
     "PeerdError",
@@ -33,3 +34,7 @@ class ConfigError(PeerdError):
     """The configuration file is missing, unreadable or invalid."""
 
     hint = "fix the configuration file or pass --config"
+
+
+class DaemonError(PeerdError):
+    """The daemon cannot start or go on."""

@@ -126,6 +126,11 @@ class Host(Protocol):
 
     def connected_peers(self) -> list[str]: ...
 
+    def has_trusted_session(self, peer: str) -> bool:
+        """A session with `peer` exists that the store recorded and still allows (what a peer
+        sends is taken only from such a session)."""
+        ...
+
     def identity_changed(self, *, rehandshake: bool) -> None:
         """The keystore's static key or credentials changed: new handshakes present them, and
         with `rehandshake` every connected peer gets a fresh one now."""
@@ -139,8 +144,9 @@ class Host(Protocol):
         """Retain a revocation statement on the broker under this node's id (best effort)."""
         ...
 
-    def count_rejection(self, reason: str) -> None:
-        """Count something a peer sent that was refused, under `reason` (`peerd status`)."""
+    def count_rejection(self, reason: str, message: str | None = None, *args: object) -> None:
+        """Count something a peer sent that was refused, under `reason` (`peerd status`); with
+        `message` (%-formatted with `args`), log it too, within the daemon's log budget."""
         ...
 
     def spawn(self, work: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]:
@@ -196,6 +202,18 @@ class Extension(Protocol):
         """The broker link (re)connected."""
         return
 
+    def next_deadline(self) -> float | None:
+        """When `on_timer` is next due (the host's timer loop waits for the earliest)."""
+        return None
+
+    def on_timer(self, now: float) -> None:
+        """A deadline from `next_deadline` passed (in the timer loop: never block)."""
+        return
+
+    async def housekeeping(self, now: float) -> None:
+        """Periodic expiry (about once a minute)."""
+        return
+
     async def peers_with_work(self) -> set[str]:
         """Peers this extension waits for: the host connects to them after a reconnect."""
         return set()
@@ -206,6 +224,10 @@ class Extension(Protocol):
 
     def status(self) -> dict[str, Any]:
         """Entries merged into `v1.status`."""
+        return {}
+
+    def rejections(self) -> dict[str, int]:
+        """Refusals this extension counts itself, merged into `v1.status` `rejections`."""
         return {}
 
 

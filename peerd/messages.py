@@ -1,4 +1,6 @@
-"""Messages on named channels: the durable outbox and inbox around `protocol.messaging`.
+"""Messages on named channels: the durable outbox and inbox around `protocol.messaging`
+(`Messenger`), and the daemon extension that serves them (`Messages`: the `v1.msg.*` control
+methods, delivery of what peers send, retransmission timers and expiry).
 
 Sending: `send()` stores the message in the outbox with the next number of its (peer, channel)
 in one transaction, then the pump transmits what is due whenever the peer has a session. A
@@ -17,12 +19,14 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from peerd.errors import PeerdError
-from peerd.store import Store
+from peerd.control import optional, require
+from peerd.errors import PeerdError, UsageError
+from peerd.host import Extension, control_method
+from protocol.identity import TrustError, parse_peer_id
 from protocol.messaging import (
     MAX_MESSAGE,
     ChannelAck,
@@ -31,6 +35,11 @@ from protocol.messaging import (
     OutboundChannel,
     check_channel,
 )
+
+if TYPE_CHECKING:
+    from peerd.host import Host
+    from peerd.store import Store
+    from protocol.messaging import AppMessage
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +220,11 @@ class Messenger:
             log.info("%d undelivered message(s) expired", n)
         return n
 
+    async def peers_waiting(self) -> set[str]:
+        """Peers with messages in the outbox."""
+        rows = await self.store.fetchall("SELECT DISTINCT peer_id FROM outbox")
+        return {r[0] for r in rows}
+
     async def outbox(self) -> list[dict[str, Any]]:
         rows = await self.store.fetchall(
             "SELECT peer_id, channel, COUNT(*), SUM(length(data)), MIN(created_at)"
@@ -305,3 +319,93 @@ class Messenger:
             "SELECT channel, COUNT(*), SUM(length(data)) FROM inbox GROUP BY channel"
         )
         return [{"channel": c, "messages": n, "bytes": b} for c, n, b in rows]
+
+
+class Messages(Extension):
+    """The messenger in the daemon: what peers send reaches it on the event task, only from a
+    session the store recorded and still trusts; the `v1.msg.*` methods are its API."""
+
+    def __init__(self, host: Host, limits: OutboxLimits | None = None) -> None:
+        self.host = host
+        self.messenger = Messenger(host.store, host.transmit, limits)
+
+    def on_app(self, peer: str, app: AppMessage) -> None:
+        if isinstance(app, ChannelMessage):
+            self.host.defer(lambda: self._deliver(peer, self.messenger.on_message, app))
+        elif isinstance(app, ChannelAck):
+            self.host.defer(lambda: self._deliver(peer, self.messenger.on_ack, app))
+
+    async def _deliver(
+        self, peer: str, handler: Callable[..., Awaitable[None]], app: ChannelMessage | ChannelAck
+    ) -> None:
+        """Hand a message (or ACK) to the messenger only if a session with `peer` that the store
+        recorded and still trusts exists now: one refused at recording (say, a second joiner
+        with an invite already used) is closed by then, and what it sent must not reach the
+        inbox. Not acknowledged, a dropped message stays in its sender's outbox."""
+        if not self.host.has_trusted_session(peer):
+            self.host.count_rejection(
+                "message-untrusted-session", "a message from %s without a trusted session", peer
+            )
+            return
+        await handler(peer, app, now=time.time())
+
+    async def session_up(self, peer: str) -> None:
+        await self.messenger.pump(peer, now=time.time(), reset=True)
+
+    def next_deadline(self) -> float | None:
+        return self.messenger.next_deadline()
+
+    def on_timer(self, now: float) -> None:
+        self.host.defer(
+            lambda: self.messenger.on_timer(self.host.connected_peers(), now=time.time())
+        )
+
+    async def housekeeping(self, now: float) -> None:
+        await self.messenger.expire(now=now)
+
+    async def peers_with_work(self) -> set[str]:
+        return await self.messenger.peers_waiting()
+
+    def status(self) -> dict[str, Any]:
+        return {"messages": dict(self.messenger.counters)}
+
+    def rejections(self) -> dict[str, int]:
+        return {f"message-{k}": v for k, v in self.messenger.rejections.items() if v}
+
+    # -- control methods ---------------------------------------------------------------------
+
+    @control_method("v1.msg.send")
+    async def _send(self, params: dict[str, Any], conn: Any) -> dict[str, Any]:
+        import base64  # noqa: PLC0415 - only this method needs it
+
+        peer = parse_peer_id(require(params, "peer", str))
+        channel = require(params, "channel", str)
+        data = base64.b64decode(require(params, "data_b64", str), validate=True)
+        ttl = optional(params, "ttl", float, self.host.config.limits.message_ttl_days * 86400)
+        if not self.host.store.view().could_accept(peer):
+            raise TrustError(
+                f"peer {peer} is not trusted",
+                reason="unknown-peer",
+                hint="pair with it first (peerd invite / peerd join)",
+            )
+        seq = await self.messenger.send(peer, channel, data, ttl=ttl, now=time.time())
+        return {"peer": peer, "channel": channel, "seq": seq}
+
+    @control_method("v1.msg.recv")
+    async def _recv(self, params: dict[str, Any], conn: Any) -> list[dict[str, Any]]:
+        channel = require(params, "channel", str)
+        limit = optional(params, "limit", int, 100)
+        wait = optional(params, "wait", float, 0.0)
+        msgs = await self.messenger.receive(channel, limit=limit, wait=min(wait, 3600.0))
+        return [m.as_json() for m in msgs]
+
+    @control_method("v1.msg.ack")
+    async def _ack(self, params: dict[str, Any], conn: Any) -> dict[str, Any]:
+        ids = require(params, "ids", list)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise UsageError("ids must be a list of integers")
+        return {"acked": await self.messenger.ack(ids, now=time.time())}
+
+    @control_method("v1.msg.outbox")
+    async def _outbox(self, params: dict[str, Any], conn: Any) -> dict[str, Any]:
+        return {"outbox": await self.messenger.outbox(), "inbox": await self.messenger.inbox()}

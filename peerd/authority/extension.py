@@ -31,8 +31,9 @@ from peerd.authority.texts import (
     statement_from_text,
     statement_to_text,
 )
-from peerd.control import Connection, only, optional, require
+from peerd.control import only, optional, require
 from peerd.errors import UsageError
+from peerd.host import Extension, control_method
 from peerd.mqtt import BrokerError, statement_id
 from protocol.identity import (
     PeerState,
@@ -42,7 +43,7 @@ from protocol.identity import (
 from protocol.messaging import RevocationPush
 
 if TYPE_CHECKING:
-    from peerd.daemon import Daemon
+    from peerd.host import Host
 
 log = logging.getLogger("peerd.authority")
 
@@ -50,45 +51,34 @@ DAY: Final = 86400
 RETIRE_DRAIN: Final = 5.0  # s to wait for the broker to acknowledge a retiring node's statement
 RETIRE_STOP_AFTER: Final = 0.5  # s between answering `v1.revoke.identity` and stopping
 MEMBERSHIP_WARN: Final = 7 * DAY  # a membership closer than this to its end is logged daily
-REPUBLISH_POLL: Final = 2.0  # s between looks at the broker link's connect counter
 
 
 EVENTS: Final = ("membership.installed", "identity.succeeded", "identity.revoked")
 
 
-class Authority:
-    """Plugged into the daemon: membership, relayed revocations, succession, retirement."""
+class Authority(Extension):
+    """A daemon extension: membership, relayed revocations, succession, retirement."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.d = daemon
+    events = EVENTS
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
         self._relayed: set[str] | None = None  # statement ids this node relays (lazy)
         self._expelled_logged = False
-        daemon._extensions.append(self)
-        for name in EVENTS:
-            daemon.control.add_event(name)
-        self._register()
 
     # -- daemon hooks ------------------------------------------------------------------------
 
     async def run(self) -> None:
-        seen_connects = 0
-        next_check = 0.0
         while True:
-            link = self.d.link
-            if link.connected and link.stats.connects != seen_connects:
-                seen_connects = link.stats.connects
-                await self._republish()
-            now = time.time()
-            if now >= next_check:
-                self._check_own_membership(now)
-                next_check = now + DAY
-            await asyncio.sleep(REPUBLISH_POLL)
+            self._check_own_membership(time.time())
+            await asyncio.sleep(DAY)
 
-    async def stop(self) -> None:
-        return None
+    async def broker_up(self) -> None:
+        """What this node relays goes again after every reconnect, as an issuer's own does."""
+        await self._republish()
 
     def trust_changed(self) -> None:
-        record = self.d.store.view().peer(self.d.peer_id)
+        record = self.host.store.view().peer(self.host.peer_id)
         if record is not None and record.state is PeerState.REVOKED and not self._expelled_logged:
             self._expelled_logged = True
             log.error(
@@ -97,11 +87,11 @@ class Authority:
             )
 
     def status(self) -> dict[str, Any]:
-        keys = self.d.keys
+        keys = self.host.keys
         membership = keys.membership
         usable = membership is not None and membership.identity_public == keys.identity_public
-        authority = self.d.config.network.authority_public
-        own = self.d.store.view().peer(self.d.peer_id)
+        authority = self.host.config.network.authority_public
+        own = self.host.store.view().peer(self.host.peer_id)
         return {
             "authority_key": None if authority is None else format_authority_key(authority),
             "membership": None
@@ -115,8 +105,8 @@ class Authority:
         }
 
     def _check_own_membership(self, now: float) -> None:
-        m = self.d.keys.membership
-        if m is None or self.d.config.network.authority_public is None:
+        m = self.host.keys.membership
+        if m is None or self.host.config.network.authority_public is None:
             return
         if now >= m.not_after:
             log.error("this node's membership expired: members refuse new sessions with it")
@@ -130,7 +120,7 @@ class Authority:
 
     async def _relayed_ids(self) -> set[str]:
         if self._relayed is None:
-            rows = await self.d.store.fetchall(
+            rows = await self.host.store.fetchall(
                 "SELECT detail FROM events WHERE kind = 'revocation-relayed'"
             )
             self._relayed = {json.loads(r[0])["statement_id"] for r in rows}
@@ -140,20 +130,20 @@ class Authority:
         relayed = await self._relayed_ids()
         if not relayed:
             return
-        for statement in await self.d.store.revocation_statements():
+        for statement in await self.host.store.revocation_statements():
             if statement_id(statement) in relayed:
-                self.d._publish_revocation(statement)
+                self.host.publish_revocation(statement)
 
     async def publish(self, statement: bytes) -> dict[str, Any]:
         """Verify, record, push to connected peers and retain on the broker a statement that
         someone else issued (the authority's, or a node's carried here as text)."""
         now = time.time()
         parsed = decode_statement(statement)
-        changed = await self.d.store.record_revocation(statement, now=now)
+        changed = await self.host.store.record_revocation(statement, now=now)
         sid = statement_id(statement)
         relayed = await self._relayed_ids()
         if sid not in relayed:
-            async with self.d.store.transaction(now) as tx:
+            async with self.host.store.transaction(now) as tx:
                 await tx.log(
                     "revocation-relayed",
                     parsed.peer_id,
@@ -161,24 +151,24 @@ class Authority:
                 )
             relayed.add(sid)
         pushed = self._push(statement)
-        self.d._publish_revocation(statement)
+        self.host.publish_revocation(statement)
         if changed:
-            self.d._publish_event("trust.revoked", {"via": "command", "peer": parsed.peer_id})
+            self.host.publish_event("trust.revoked", {"via": "command", "peer": parsed.peer_id})
         return {
             **describe_statement(parsed),
             "changed": changed,
             "pushed": pushed,
-            "topic": self.d.topics.revocation(self.d.peer_id, statement),
+            "topic": self.host.topics.revocation(self.host.peer_id, statement),
         }
 
     def _push(self, statement: bytes) -> list[str]:
         push = RevocationPush(statement).encode()
-        return [p for p in self.d.sessions.connected_peers() if self.d._transmit(p, push)]
+        return [p for p in self.host.connected_peers() if self.host.transmit(p, push)]
 
     # -- this node's identity ----------------------------------------------------------------
 
     async def install(self, text: str) -> dict[str, Any]:
-        d = self.d
+        d = self.host
         result = await install_membership(
             d.keys,
             d.store,
@@ -188,20 +178,18 @@ class Authority:
             now=time.time(),
         )
         # New handshakes present it at once; running sessions do not need it.
-        d.sessions.set_identity(d.keys.static, d.keys.credentials())
-        d._publish_event("membership.installed", result)
+        d.identity_changed(rehandshake=False)
+        d.publish_event("membership.installed", result)
         return result
 
     async def succeed(self) -> dict[str, Any]:
-        d = self.d
+        d = self.host
         now = time.time()
         link, result = await succeed_identity(
             d.keys, d.store, now=now, certificate_days=d.config.keys.certificate_days
         )
-        d.sessions.set_identity(d.keys.static, d.keys.credentials())
         # A fresh handshake carries the new chain to every connected peer now.
-        for peer in d.sessions.connected_peers():
-            d._handle(d.sessions.connect(peer, now), now)
+        d.identity_changed(rehandshake=True)
         if result["membership_lost"]:
             result["membership_request"] = MembershipRequest(
                 d.config.node.network, d.keys.peer_id, d.keys.identity_public
@@ -209,15 +197,15 @@ class Authority:
         log.warning(
             "identity key succeeded (link %d): fingerprint %s", link.index, d.keys.fingerprint
         )
-        d._publish_event("identity.succeeded", result)
+        d.publish_event("identity.succeeded", result)
         return result
 
     async def retire(self, reason: str) -> dict[str, Any]:
-        d = self.d
+        d = self.host
         statement = await retire_identity(d.keys, d.store, reason=reason, now=time.time())
         encoded = statement.encode()
         pushed = self._push(encoded)
-        d._publish_revocation(encoded)
+        d.publish_revocation(encoded)
         published = True
         try:
             await d.link.drain(timeout=RETIRE_DRAIN)
@@ -225,7 +213,7 @@ class Authority:
             published = False
             log.error("the identity revocation may not have reached the broker: %s", exc)
         log.warning("this node's identity is revoked (%s); stopping for good", reason or "-")
-        d._publish_event("identity.revoked", {"peer": d.peer_id, "reason": reason})
+        d.publish_event("identity.revoked", {"peer": d.peer_id, "reason": reason})
         asyncio.get_running_loop().call_later(RETIRE_STOP_AFTER, d.stop)
         return {
             "peer": d.peer_id,
@@ -237,29 +225,24 @@ class Authority:
 
     # -- control methods ---------------------------------------------------------------------
 
-    def _register(self) -> None:
-        m = self.d.control.method
+    @control_method("v1.membership.install")
+    async def _install_method(self, params: dict[str, Any], conn: Any) -> dict[str, Any]:
+        only(params, "membership")
+        return await self.install(require(params, "membership", str))
 
-        @m("v1.membership.install")
-        async def _install(params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-            only(params, "membership")
-            return await self.install(require(params, "membership", str))
+    @control_method("v1.revocation.publish")
+    async def _publish_method(self, params: dict[str, Any], conn: Any) -> dict[str, Any]:
+        only(params, "statement")
+        return await self.publish(statement_from_text(require(params, "statement", str)))
 
-        @m("v1.revocation.publish")
-        async def _publish(params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-            only(params, "statement")
-            return await self.publish(statement_from_text(require(params, "statement", str)))
+    @control_method("v1.identity.succeed")
+    async def _succeed_method(self, params: dict[str, Any], conn: Any) -> dict[str, Any]:
+        only(params)
+        return await self.succeed()
 
-        @m("v1.identity.succeed")
-        async def _succeed(params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-            only(params)
-            return await self.succeed()
-
-        @m("v1.revoke.identity")
-        async def _retire(params: dict[str, Any], conn: Connection) -> dict[str, Any]:
-            only(params, "reason", "confirm")
-            if optional(params, "confirm", bool, False) is not True:
-                raise UsageError(
-                    "revoking the identity retires this node for good: pass confirm=true"
-                )
-            return await self.retire(optional(params, "reason", str, ""))
+    @control_method("v1.revoke.identity")
+    async def _retire_method(self, params: dict[str, Any], conn: Any) -> dict[str, Any]:
+        only(params, "reason", "confirm")
+        if optional(params, "confirm", bool, False) is not True:
+            raise UsageError("revoking the identity retires this node for good: pass confirm=true")
+        return await self.retire(optional(params, "reason", str, ""))

@@ -207,7 +207,7 @@ class ControlServer:
             "connections_total": self._counters["connections"],
             "requests": self._counters["requests"],
             "events": self._counters["events"],
-            "subscriptions": sum(len(c._subscriptions) for c in self._connections.values()),
+            "subscriptions": sum(len(c.subscriptions) for c in self._connections.values()),
             "subscribers_dropped": self._counters["subscribers_dropped"],
             "closed_for_garbage": self._counters["closed_for_garbage"],
             "refused": dict(self._refused),

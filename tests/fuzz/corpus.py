@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from peerd.daemon import _Trust
+from peerd.sessions import SessionTrust
 from protocol.identity import (
     Credentials,
     InviteToken,
@@ -101,7 +101,7 @@ def manager(node: Node, view: TrustView) -> SessionManager:
         network=NETWORK,
         static=node.static,
         credentials=node.credentials(),
-        trust=_Trust(view),  # the daemon's own trust policy over the view
+        trust=SessionTrust(view),  # the daemon's own trust policy over the view
     )
 
 

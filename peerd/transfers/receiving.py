@@ -1,0 +1,518 @@
+"""Receiving a file: the shell around `protocol.transfer.ReceiverTransfer`.
+
+An Offer from a trusted peer is checked against the receive policy (size limit, free space),
+space is reserved with fallocate, and chunks are decrypted into one reused buffer and written at
+their offsets of a temporary file in the sender's inbox directory. Progress is acknowledged only
+after fdatasync (the machine asks for it), the resumable state goes to the store before anything
+that depends on it is sent, and the final file appears under its name only after every chunk is
+durable, the whole-file hash and the sender's signature check out, and (for `.safetensors`) the
+header is valid: fsync, link into place without clobbering, fsync the directory. The content key
+is erased from the store when the transfer ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from peerd.events import LogBudget
+from peerd.mqtt import BrokerError, Message
+from peerd.transfers.files import (
+    PART_SUFFIX,
+    TransferError,
+    UnsafeInbox,
+    commit_file,
+    open_inbox,
+    reserve,
+    safetensors_problem,
+)
+from peerd.transfers.side import Side
+from protocol.errors import RemoteProtocolError
+from protocol.identity.trust import PeerState
+from protocol.safetensors import is_safetensors_name
+from protocol.transfer import (
+    Abort,
+    Commit,
+    Offer,
+    Persist,
+    Progress,
+    ReadChunk,
+    ReceivePolicy,
+    ReceiverTransfer,
+    Refuse,
+    SendControl,
+    Sync,
+    TransferConfig,
+    TransferFailed,
+    check_offer,
+)
+
+if TYPE_CHECKING:
+    from peerd.host import Host, Subscribed
+    from peerd.transfers.outcomes import Outcomes
+    from peerd.transfers.records import ActiveRow, TransferRecords
+
+log = logging.getLogger("peerd.transfers")
+
+# Reasons for which a receiver itself refuses a file it has received in full.
+CONTENT_REJECTIONS = frozenset(
+    {"hash-mismatch", "bad-signature", "manifest-mismatch", "bad-content", "bad-safetensors"}
+)
+# Reasons for which a receiver ends a transfer because of what its sender did (or did not do):
+# counted as rejections, so an operator sees forged content and senders that go quiet.
+COUNTED_FAILURES = CONTENT_REJECTIONS | {"timeout"}
+
+
+@dataclass(eq=False)
+class Incoming:
+    tid: bytes
+    machine: ReceiverTransfer
+    sender: str
+    name: str
+    size: int
+    temp: Path
+    directory: Path
+    fd: int
+    dirfd: int  # the sender's inbox directory: every name in it is resolved from this fd
+    topic: str
+    buf: bytearray
+    started_at: float
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Future[dict[str, Any]] | None = None
+    sub: Subscribed | None = None
+    syncing: bool = False
+    received: int = 0
+    task: asyncio.Task[None] | None = None
+    final: Path | None = None
+
+
+class Receiving(Side):
+    """The files this node is receiving, one task and one chunk-topic subscription each."""
+
+    def __init__(
+        self,
+        host: Host,
+        config: TransferConfig,
+        records: TransferRecords,
+        outcomes: Outcomes,
+    ) -> None:
+        super().__init__(host, config, records, outcomes)
+        self.inc: dict[bytes, Incoming] = {}
+        self.accepting: set[bytes] = set()  # offers being accepted (their records not yet made)
+        self.frames_rejected = 0
+        self._header_checks = asyncio.Semaphore(1)
+        # Lines a peer's offers can cause (a trusted sender may repeat an offer every probe).
+        self._logs = LogBudget(log)
+
+    def refuse(self, peer: str, message: Abort | Refuse) -> None:
+        """Answer an Offer (or a message for no transfer) with a refusal, and count it: an
+        operator sees offers refused by policy, and probes for transfers that do not exist."""
+        self.host.count_rejection(f"transfer-refused-{message.reason}")
+        self.host.transmit(peer, message.encode())
+
+    # -- starting ----------------------------------------------------------------------------
+
+    async def accept_offer(self, peer: str, offer: Offer) -> None:
+        host = self.host
+        view = host.store.view()
+        record = view.peer(peer)
+        now = time.time()
+        identity = None if record is None else record.identity
+        if record is None or record.state is not PeerState.TRUSTED or identity is None:
+            self.refuse(peer, Abort(offer.transfer_id, "not-trusted", "not a trusted peer"))
+            return
+        if len(self.inc) >= host.config.limits.active_receives:
+            self.refuse(peer, Abort(offer.transfer_id, "busy", "too many transfers at once"))
+            return
+        directory = host.config.node.inbox_dir / peer
+        try:
+            dirfd = open_inbox(host.config.node.inbox_dir, peer)
+        except (UnsafeInbox, OSError) as exc:
+            self._inbox_refused(peer, offer.transfer_id, directory, exc)
+            return
+        taken: list[Incoming] = []  # the transfer that took over dirfd, if one started
+        self.accepting.add(offer.transfer_id)
+        try:
+            await self._accept_into(
+                peer=peer,
+                offer=offer,
+                identity=identity,
+                directory=directory,
+                dirfd=dirfd,
+                now=now,
+                taken=taken,
+            )
+        finally:
+            self.accepting.discard(offer.transfer_id)
+            if not taken:
+                os.close(dirfd)
+
+    def _inbox_refused(
+        self, peer: str, tid: bytes, directory: Path, exc: UnsafeInbox | OSError
+    ) -> None:
+        # The peer learns only that this side failed; the path stays in the local log.
+        self.host.transmit(peer, Abort(tid, "receiver-error", "the inbox is not usable").encode())
+        if isinstance(exc, UnsafeInbox):
+            self.host.count_rejection("transfer-inbox-unsafe")
+            self._logs.log(logging.ERROR, "inbox-unsafe", "refusing a file from %s: %s", peer, exc)
+        else:
+            self._logs.log(
+                logging.ERROR, "inbox-error", "cannot prepare the inbox %s: %s", directory, exc
+            )
+
+    async def _accept_into(
+        self,
+        *,
+        peer: str,
+        offer: Offer,
+        identity: bytes,
+        directory: Path,
+        dirfd: int,
+        now: float,
+        taken: list[Incoming],
+    ) -> None:
+        host = self.host
+        cfg = host.config.receive
+        try:
+            vfs = os.fstatvfs(dirfd)
+        except OSError as exc:
+            self._inbox_refused(peer, offer.transfer_id, directory, exc)
+            return
+        policy = ReceivePolicy(
+            max_size=cfg.max_file_size,
+            free_space=vfs.f_bavail * vfs.f_frsize,
+            reserve=cfg.free_space_margin,
+        )
+        refusal = check_offer(offer, policy)
+        if refusal is not None:
+            self._logs.log(
+                logging.WARNING,
+                f"refused-{refusal.reason}",
+                "refused %s from %s: %s",
+                offer.name,
+                peer,
+                refusal.detail,
+            )
+            self.refuse(peer, refusal)
+            self.outcomes.done(
+                offer.transfer_id,
+                {
+                    "id": offer.transfer_id.hex(),
+                    "direction": "receive",
+                    "name": offer.name,
+                    "size": offer.size,
+                    "peers": [peer],
+                    "state": "refused",
+                    "reason": refusal.reason,
+                    "detail": refusal.detail,
+                    "started_at": now,
+                    "finished_at": now,
+                },
+            )
+            return
+        tid = offer.transfer_id
+        part = f".{tid.hex()}{PART_SUFFIX}"
+        temp = directory / part
+        try:
+            # O_EXCL | O_NOFOLLOW: a name planted in the inbox (a symlink, a file) is refused,
+            # never written through; the transfer id is fresh, so a clean inbox has no such name.
+            fd = os.open(
+                part,
+                os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o640,
+                dir_fd=dirfd,
+            )
+        except OSError as exc:
+            planted = exc.errno in (errno.EEXIST, errno.ELOOP)
+            problem = UnsafeInbox(f"{temp} exists already (planted?)") if planted else exc
+            self._inbox_refused(peer, tid, directory, problem)
+            return
+        try:
+            reserve(fd, offer.size)
+        except OSError as exc:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(part, dir_fd=dirfd)
+            host.transmit(
+                peer, Abort(tid, "no-space", f"cannot reserve the space: {exc.strerror}").encode()
+            )
+            return
+        machine = ReceiverTransfer(
+            offer, sender=peer, sender_key=identity, now=now, config=self.config
+        )
+        i = Incoming(
+            tid=tid,
+            machine=machine,
+            sender=peer,
+            name=offer.name,
+            size=offer.size,
+            temp=temp,
+            directory=directory,
+            fd=fd,
+            dirfd=dirfd,
+            topic=host.topics.transfer(peer, tid),
+            buf=bytearray(offer.chunk_size),
+            started_at=now,
+        )
+        taken.append(i)
+        i.done = asyncio.get_running_loop().create_future()
+        await self.records.add_receive(
+            tid,
+            sender=peer,
+            name=offer.name,
+            size=offer.size,
+            directory=str(directory),
+            temp=str(temp),
+            now=now,
+        )
+        self.inc[tid] = i
+        await self._start(i)
+        log.info("receiving %s (%d bytes) from %s as %s", offer.name, offer.size, peer, tid.hex())
+
+    async def resume(self, row: ActiveRow, snapshot: bytes, now: float) -> None:
+        sender = row.peers[0]
+        record = self.host.store.view().peer(sender)
+        identity = None if record is None else record.identity
+        if record is None or identity is None or record.state is not PeerState.TRUSTED:
+            raise TransferError(f"the sender {sender} is no longer trusted")
+        machine = ReceiverTransfer.restore(
+            snapshot, sender_key=identity, now=now, config=self.config
+        )
+        assert row.temp is not None
+        temp, directory = Path(row.temp), Path(row.path)
+        dirfd = open_inbox(directory.parent, directory.name)
+        try:
+            fd = os.open(temp.name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+        except BaseException:
+            os.close(dirfd)
+            raise
+        i = Incoming(
+            tid=row.tid,
+            machine=machine,
+            sender=sender,
+            name=row.name,
+            size=row.size,
+            temp=temp,
+            directory=directory,
+            fd=fd,
+            dirfd=dirfd,
+            topic=self.host.topics.transfer(sender, row.tid),
+            buf=bytearray(machine.offer.chunk_size),
+            started_at=row.created,
+        )
+        i.done = asyncio.get_running_loop().create_future()
+        self.inc[row.tid] = i
+        await self._start(i)
+        log.info("resuming receiving %s from %s", row.name, sender)
+
+    async def _start(self, i: Incoming) -> None:
+        # Subscribe before the Accept goes out, so the first chunks are not lost.
+        i.sub = await self.host.link.subscribe(i.topic, qos=0, handler=partial(self._on_frame, i))
+        i.task = self.host.spawn(self._loop(i), name=f"receive {i.tid.hex()[:8]}")
+
+    # -- hooks -------------------------------------------------------------------------------
+
+    def trust_changed(self) -> None:
+        """A revoked or blocked sender sends us no more."""
+        view = self.host.store.view()
+        for i in self.inc.values():
+            record = view.peer(i.sender)
+            if record is not None and record.state in (PeerState.REVOKED, PeerState.BLOCKED):
+                i.machine.abort(record.state.value, f"the sender is {record.state.value}")
+                i.wake.set()
+
+    def cancel(self, i: Incoming) -> None:
+        i.machine.abort("cancelled", "cancelled by the receiver's user")
+        i.wake.set()
+
+    def peers_with_work(self) -> set[str]:
+        return {i.sender for i in self.inc.values()}
+
+    def tasks(self) -> list[asyncio.Task[None]]:
+        return [i.task for i in self.inc.values() if i.task]
+
+    def close_files(self) -> None:
+        for i in self.inc.values():
+            os.close(i.fd)
+            os.close(i.dirfd)
+
+    # -- chunks and the machine's actions ----------------------------------------------------
+
+    def _on_frame(self, i: Incoming, msg: Message) -> None:
+        m = i.machine
+        try:
+            w = m.on_frame(msg.payload, i.buf, time.time())
+        except RemoteProtocolError as exc:
+            self.frames_rejected += 1
+            self.host.count_rejection(f"chunk-{exc.reason}")
+            return
+        if w is not None:
+            try:
+                os.pwrite(i.fd, w.data, w.offset)
+            except OSError as exc:
+                m.abort("receiver-error", f"writing failed: {exc.strerror}")
+            i.received += 1
+        if m.has_actions():
+            i.wake.set()
+
+    async def _loop(self, i: Incoming) -> None:
+        m = i.machine
+        while True:
+            await self._actions(i)
+            if i.done is not None and i.done.done():
+                return
+            now = time.time()
+            if (d := m.next_deadline()) is not None and d <= now:
+                m.on_timer(now)
+                continue
+            i.wake.clear()
+            if m.has_actions():
+                continue
+            delay = 1.0 if d is None else min(max(d - now, 0.0), 1.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(i.wake.wait(), max(delay, 0.001))
+
+    async def _actions(self, i: Incoming) -> None:
+        while actions := i.machine.take_actions():
+            await self._batch(i, actions)
+
+    async def _batch(self, i: Incoming, actions: list[Any]) -> None:
+        m = i.machine
+        for a in actions:
+            if isinstance(a, SendControl):
+                self.host.transmit(i.sender, a.message.encode())
+            elif isinstance(a, Persist):
+                await self.records.persist(i.tid, a.snapshot)
+            elif isinstance(a, Sync):
+                self._spawn_sync(i, a)
+            elif isinstance(a, ReadChunk):
+                data = os.pread(i.fd, a.length, a.offset)
+                m.on_read(a, data, time.time())
+                i.wake.set()
+            elif isinstance(a, Progress):
+                self._event(i, "transfer.progress", bytes=a.bytes)
+            elif isinstance(a, Commit):
+                await self._commit(i, a.manifest.manifest.file_hash)
+            elif isinstance(a, TransferFailed):
+                await self._fail(i, a)
+
+    def _spawn_sync(self, i: Incoming, sync: Sync) -> None:
+        async def do() -> None:
+            try:
+                await asyncio.to_thread(os.fdatasync, i.fd)
+            except OSError as exc:
+                i.machine.abort("receiver-error", f"fdatasync failed: {exc.strerror}")
+            else:
+                i.machine.on_synced(sync, time.time())
+            i.wake.set()
+
+        self.host.spawn(do(), name=f"sync {i.tid.hex()[:8]}")
+
+    # -- the end -----------------------------------------------------------------------------
+
+    async def _commit(self, i: Incoming, file_hash: bytes) -> None:
+        m = i.machine
+        now = time.time()
+        if is_safetensors_name(i.name):
+            problem = await self._check_safetensors(i)
+            if problem is not None:
+                log.warning("refusing %s from %s: %s", i.name, i.sender, problem)
+                m.abort("bad-safetensors", problem)
+                await self._actions(i)
+                return
+        try:
+            final = i.directory / commit_file(i.fd, i.dirfd, i.temp.name, i.name)
+        except OSError as exc:
+            m.abort("receiver-error", f"committing failed: {exc.strerror}")
+            await self._actions(i)
+            return
+        i.final = final
+        m.committed(now)
+        await self.records.update(
+            i.tid,
+            state="verified",
+            path=str(final),
+            temp_path=None,
+            snapshot=None,
+            finished_at=now,
+            file_hash=file_hash,
+        )
+        await self._actions(i)  # the Verified to the sender
+        await self._end(i, "verified")
+        log.info("received %s from %s: verified, %s", i.name, i.sender, final)
+
+    async def _check_safetensors(self, i: Incoming) -> str | None:
+        """The header check in a worker thread (a 16 MiB header of many tensors is CPU work the
+        event loop must not wait for), one at a time (each costs memory up to the caps). The
+        thread owns a duplicate of the fd: the transfer may end, and its fd close, meanwhile."""
+        async with self._header_checks:
+            fd = os.dup(i.fd)
+            job = asyncio.get_running_loop().run_in_executor(None, safetensors_problem, fd, i.size)
+            # Shielded: a cancelled caller must not cancel a job that has not started yet, or
+            # nobody would close its fd; the job runs (bounded by the caps) and closes it.
+            return await asyncio.shield(job)
+
+    async def _fail(self, i: Incoming, failed: TransferFailed) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(i.temp.name, dir_fd=i.dirfd)
+        await self.records.update(
+            i.tid,
+            state="cancelled" if failed.reason == "cancelled" else "failed",
+            reason=failed.reason,
+            detail=failed.detail,
+            snapshot=None,
+            temp_path=None,
+            finished_at=time.time(),
+        )
+        log.warning(
+            "receiving %s from %s failed: %s (%s)", i.name, i.sender, failed.reason, failed.detail
+        )
+        if not failed.remote and failed.reason in COUNTED_FAILURES:
+            # This node refused the file itself: forged chunks (a co-receiver holds the content
+            # key), a bad Seal, bad content, or a sender that went quiet and held the slot.
+            # Counted so an operator sees the attack.
+            self.host.count_rejection(f"transfer-failed-{failed.reason}")
+        await self._end(i, "failed", reason=failed.reason, detail=failed.detail)
+
+    async def _end(self, i: Incoming, state: str, **extra: Any) -> None:
+        self.inc.pop(i.tid, None)
+        with contextlib.suppress(OSError):
+            os.close(i.fd)
+        with contextlib.suppress(OSError):
+            os.close(i.dirfd)
+        if i.sub is not None:
+            with contextlib.suppress(BrokerError):
+                await i.sub.close()
+        result = self.describe(i)
+        result.update(state=state, finished_at=time.time(), **extra)
+        if i.done is not None and not i.done.done():
+            i.done.set_result(result)
+        self.outcomes.done(i.tid, result)
+
+    def _event(self, i: Incoming, name: str, **data: Any) -> None:
+        self.host.publish_event(
+            name, {"id": i.tid.hex(), "direction": "receive", "peer": i.sender, **data}
+        )
+
+    def describe(self, i: Incoming) -> dict[str, Any]:
+        return {
+            "id": i.tid.hex(),
+            "direction": "receive",
+            "name": i.name,
+            "path": str(i.final) if i.final else None,
+            "size": i.size,
+            "peers": [i.sender],
+            "state": "active",
+            "bytes": i.machine.durable_chunks * i.machine.offer.chunk_size
+            if i.final is None
+            else i.size,
+            "started_at": i.started_at,
+        }

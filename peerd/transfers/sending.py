@@ -1,0 +1,375 @@
+"""Sending a file: the shell around `protocol.transfer.SenderTransfer`.
+
+The file is read chunk by chunk into one reused buffer, sealed into one reused frame buffer and
+published once to the transfer's topic, which every receiver subscribes to; the state machine
+decides what to read next from the receivers' credit and acknowledgements, which arrive inside
+the Noise sessions (`on_control`). The file's size, mtime and inode are watched: a change aborts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from peerd.mqtt import BrokerError
+from peerd.transfers.files import (
+    StatKey,
+    TransferError,
+    open_source,
+    source_problem,
+    stat_key,
+    stat_of,
+)
+from peerd.transfers.side import Side
+from protocol.errors import LocalProtocolError
+from protocol.identity import TrustError
+from protocol.identity.trust import PeerState
+from protocol.transfer import (
+    PEER_FAULTS,
+    Accepted,
+    Finished,
+    Persist,
+    Progress,
+    ReceiverFailed,
+    ReceiverVerified,
+    Sealed,
+    SendControl,
+    SenderTransfer,
+    TransferConfig,
+    describe,
+)
+from protocol.transfer.chunks import frame_buffer
+
+if TYPE_CHECKING:
+    from peerd.host import Host
+    from peerd.transfers.outcomes import Outcomes
+    from peerd.transfers.records import ActiveRow, TransferRecords
+
+log = logging.getLogger("peerd.transfers")
+
+YIELD_EVERY = 4  # chunks published before the sender lets the event loop read acknowledgements
+
+
+@dataclass(eq=False)
+class Outgoing:
+    tid: bytes
+    machine: SenderTransfer
+    path: Path
+    fd: int
+    stat: StatKey
+    topic: str
+    receivers: list[str]
+    started_at: float
+    deadline: float | None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Future[dict[str, Any]] | None = None
+    progress: dict[str, int] = field(default_factory=dict)
+    outcome: dict[str, str] = field(default_factory=dict)
+    task: asyncio.Task[None] | None = None
+
+
+class Sending(Side):
+    """The files this node is sending, one task each."""
+
+    def __init__(
+        self,
+        host: Host,
+        config: TransferConfig,
+        records: TransferRecords,
+        outcomes: Outcomes,
+    ) -> None:
+        super().__init__(host, config, records, outcomes)
+        self.out: dict[bytes, Outgoing] = {}
+
+    # -- starting ----------------------------------------------------------------------------
+
+    async def send(
+        self, path: Path, receivers: list[str], *, answer_within: float | None = None
+    ) -> dict[str, Any]:
+        """Offer the file at `path` (absolute) to `receivers`; those that have not accepted
+        within `answer_within` seconds (if given) are dropped with reason "timeout"."""
+        host = self.host
+        most = host.config.limits.active_sends
+        if len(self.out) >= most:
+            raise TransferError(
+                f"{most} transfers are already being sent",
+                hint="wait for one to finish, or raise [limits] active_sends",
+            )
+        view = host.store.view()
+        for peer in receivers:
+            record = view.peer(peer)
+            # A trusted peer, or (with an authority) a member met at its first handshake.
+            if not view.is_trusted(peer) and not (record is None and view.could_accept(peer)):
+                state = "unknown" if record is None else record.state.value
+                raise TrustError(
+                    f"peer {peer} is {state}; files go only to trusted peers",
+                    reason="not-trusted",
+                    hint="pair with it first (peerd invite / peerd join)",
+                )
+        fd, st = open_source(path)
+        try:
+            now = time.time()
+            machine = SenderTransfer(
+                name=path.name,
+                size=st.st_size,
+                receivers=receivers,
+                sender=host.peer_id,
+                signing_key=host.keys.signing_key(),
+                now=now,
+                config=self.config,
+            )
+        except BaseException:
+            os.close(fd)
+            raise
+        tid = machine.transfer_id
+        o = Outgoing(
+            tid=tid,
+            machine=machine,
+            path=path,
+            fd=fd,
+            stat=stat_of(st),
+            topic=host.topics.transfer(host.peer_id, tid),
+            receivers=list(dict.fromkeys(receivers)),
+            started_at=now,
+            deadline=None if answer_within is None else now + answer_within,
+        )
+        o.done = asyncio.get_running_loop().create_future()
+        await self.records.add_send(
+            tid,
+            receivers=o.receivers,
+            name=path.name,
+            size=st.st_size,
+            path=str(path),
+            source_stat=o.stat,
+            deadline=o.deadline,
+            now=now,
+        )
+        self.out[tid] = o
+        for peer in o.receivers:
+            host.connect(peer)
+        o.task = host.spawn(self._pump(o), name=f"send {tid.hex()[:8]}")
+        log.info("sending %s (%d bytes) to %s as %s", path.name, st.st_size, o.receivers, tid.hex())
+        return self.describe(o)
+
+    async def resume(self, row: ActiveRow, snapshot: bytes, now: float) -> None:
+        machine = SenderTransfer.restore(
+            snapshot, signing_key=self.host.keys.signing_key(), now=now, config=self.config
+        )
+        path = Path(row.path)
+        fd, _ = open_source(path)
+        assert row.source_stat is not None
+        o = Outgoing(
+            tid=row.tid,
+            machine=machine,
+            path=path,
+            fd=fd,
+            stat=stat_key(json.loads(row.source_stat)),
+            topic=self.host.topics.transfer(self.host.peer_id, row.tid),
+            receivers=row.peers,
+            started_at=row.created,
+            deadline=row.deadline,
+        )
+        o.done = asyncio.get_running_loop().create_future()
+        self.out[row.tid] = o
+        if stat_of(os.fstat(fd)) != o.stat:
+            machine.source_changed("the file changed while the daemon was stopped")
+        o.task = self.host.spawn(self._pump(o), name=f"send {row.tid.hex()[:8]}")
+        log.info("resuming sending %s to %s", path.name, row.peers)
+
+    # -- what the receivers say --------------------------------------------------------------
+
+    def session_up(self, peer: str) -> None:
+        now = time.time()
+        for o in self.out.values():
+            if peer in o.receivers:
+                o.machine.peer_reachable(peer, now)
+                o.wake.set()
+
+    def trust_changed(self) -> None:
+        """A revoked or blocked peer gets no more of any file."""
+        view = self.host.store.view()
+        for o in self.out.values():
+            for peer in o.receivers:
+                record = view.peer(peer)
+                if record is not None and record.state in (PeerState.REVOKED, PeerState.BLOCKED):
+                    with contextlib.suppress(LocalProtocolError):
+                        o.machine.remove_receiver(peer, record.state.value)
+                    o.wake.set()
+
+    def cancel(self, o: Outgoing) -> None:
+        o.machine.cancel("cancelled", "cancelled by the sender's user")
+        o.wake.set()
+
+    def peers_with_work(self) -> set[str]:
+        return {p for o in self.out.values() for p in o.receivers}
+
+    def tasks(self) -> list[asyncio.Task[None]]:
+        return [o.task for o in self.out.values() if o.task]
+
+    def close_files(self) -> None:
+        for o in self.out.values():
+            os.close(o.fd)
+
+    # -- the pump ----------------------------------------------------------------------------
+
+    async def _pump(self, o: Outgoing) -> None:
+        m = o.machine
+        read_buf = bytearray(m.offer.chunk_size)
+        read_view = memoryview(read_buf)
+        out = frame_buffer(m.offer.chunk_size)
+        link = self.host.link
+        try:
+            while True:
+                await self._actions(o)
+                if m.finished:
+                    return
+                now = time.time()
+                if o.deadline is not None and now >= o.deadline:
+                    self._expire_unaccepted(o)
+                if (d := m.next_deadline()) is not None and d <= now:
+                    m.on_timer(now)
+                sent = 0
+                while (r := m.next_read(now)) is not None:
+                    problem = source_problem(o.fd, o.path, o.stat, sent)
+                    if problem:
+                        m.source_changed(problem)
+                        break
+                    n = os.preadv(o.fd, [read_view[: r.length]], r.offset)
+                    frame = m.on_chunk_read(r, read_view[:n], out)
+                    if frame is not None:
+                        await link.publish(o.topic, frame, qos=0)
+                    sent += 1
+                    if sent % YIELD_EVERY == 0:
+                        if m.has_actions():
+                            await self._actions(o)
+                        await asyncio.sleep(0)  # let acknowledgements in
+                        now = time.time()
+                if sent:
+                    continue
+                o.wake.clear()
+                await self._actions(o)
+                if o.machine.finished:
+                    return
+                d = m.next_deadline()
+                delay = 1.0 if d is None else min(max(d - time.time(), 0.0), 1.0)
+                if o.deadline is not None:
+                    delay = min(delay, max(o.deadline - time.time(), 0.0))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(o.wake.wait(), max(delay, 0.001))
+        except BrokerError as exc:
+            log.error("transfer %s: the broker link failed: %s", o.tid.hex(), exc)
+            m.cancel("broker", str(exc))
+            await self._actions(o)
+        except OSError as exc:
+            log.error("transfer %s: reading %s failed: %s", o.tid.hex(), o.path, exc)
+            m.source_changed(f"read error: {exc.strerror}")
+            await self._actions(o)
+
+    def _expire_unaccepted(self, o: Outgoing) -> None:
+        o.deadline = None
+        for peer, state in o.machine.receivers().items():
+            if state == "offered":
+                o.machine.remove_receiver(peer, "timeout", "the receiver did not answer in time")
+
+    async def _actions(self, o: Outgoing) -> None:
+        # Until none is left: control messages that arrive while a Persist is awaited add
+        # actions (the final Finished among them) that must not wait for the next wake-up.
+        while actions := o.machine.take_actions():
+            await self._batch(o, actions)
+
+    async def _batch(self, o: Outgoing, actions: list[Any]) -> None:
+        for a in actions:
+            if isinstance(a, SendControl):
+                self.host.transmit(a.peer, a.message.encode())
+            elif isinstance(a, Persist):
+                await self.records.persist(o.tid, a.snapshot)
+            elif isinstance(a, Progress):
+                o.progress[a.peer] = a.bytes
+                self._event(o, "transfer.progress", peer=a.peer, bytes=a.bytes)
+            elif isinstance(a, Accepted):
+                self._event(o, "transfer.progress", peer=a.peer, bytes=0, accepted=True)
+            elif isinstance(a, Sealed):
+                await self.records.update(o.tid, file_hash=a.manifest.manifest.file_hash)
+            elif isinstance(a, ReceiverVerified):
+                o.outcome[a.peer] = "verified"
+                o.progress[a.peer] = o.machine.offer.size
+                self._event(
+                    o, "transfer.progress", peer=a.peer, bytes=o.machine.offer.size, verified=True
+                )
+            elif isinstance(a, ReceiverFailed):
+                o.outcome[a.peer] = f"failed: {a.reason}"
+                if not a.remote and a.reason in PEER_FAULTS:
+                    # This side dropped the receiver for what it did (broke the protocol, asked
+                    # for more re-sends than the budget): counted against that peer.
+                    self.host.count_rejection(f"transfer-dropped-{a.reason}")
+                log.warning(
+                    "transfer %s to %s failed: %s (%s)", o.tid.hex(), a.peer, a.reason, a.detail
+                )
+                self._event(
+                    o,
+                    "transfer.progress",
+                    peer=a.peer,
+                    failed=a.reason,
+                    detail=a.detail or describe(a.reason),
+                )
+            elif isinstance(a, Finished):
+                await self._finish(o, a)
+
+    async def _finish(self, o: Outgoing, fin: Finished) -> None:
+        state = "failed" if fin.failed else "verified"
+        if (
+            fin.failed
+            and all(o.outcome.get(p, "").endswith("cancelled") for p in fin.failed)
+            and not fin.verified
+        ):
+            state = "cancelled"
+        reasons = {p: o.outcome.get(p, "") for p in fin.failed}
+        await self.records.update(
+            o.tid,
+            state=state,
+            snapshot=None,
+            finished_at=time.time(),
+            reason=json.dumps(reasons) if reasons else None,
+        )
+        self.out.pop(o.tid, None)
+        with contextlib.suppress(OSError):
+            os.close(o.fd)
+        result = self.describe(o)
+        result["state"] = state
+        result["finished_at"] = time.time()
+        if o.done is not None and not o.done.done():
+            o.done.set_result(result)
+        self.outcomes.done(o.tid, result)
+        log.info("transfer %s finished: %s", o.tid.hex(), state)
+
+    def _event(self, o: Outgoing, name: str, **data: Any) -> None:
+        self.host.publish_event(name, {"id": o.tid.hex(), "direction": "send", **data})
+
+    def describe(self, o: Outgoing) -> dict[str, Any]:
+        m = o.machine
+        return {
+            "id": o.tid.hex(),
+            "direction": "send",
+            "name": o.path.name,
+            "path": str(o.path),
+            "size": m.offer.size,
+            "peers": o.receivers,
+            "receivers": {
+                p: {
+                    "state": o.outcome.get(p, m.receivers().get(p, "?")),
+                    "bytes": o.progress.get(p, 0),
+                }
+                for p in o.receivers
+            },
+            "state": "active",
+            "started_at": o.started_at,
+            "published_bytes": m.published_bytes,
+            "resent_frames": m.resent_frames,
+        }

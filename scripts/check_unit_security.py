@@ -5,8 +5,8 @@
 
 Runs `systemd-analyze security --offline=true UNIT`, reads the overall exposure it reports
 (0.0 = fully confined .. 10.0 = unprotected), prints it, and exits 1 if it is above --max (2.0,
-the goal of DESIGN.md), 2 if the analysis itself failed. Where systemd-analyze is not installed
-it says so and exits 0: the check belongs to machines that have systemd.
+the project's goal, docs/service.md), 2 if the analysis itself failed. Where systemd-analyze is
+not installed it says so and exits 0: the check belongs to machines that have systemd.
 """
 
 from __future__ import annotations

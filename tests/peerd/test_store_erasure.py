@@ -51,7 +51,7 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
 
 
 async def _transfer_with_key(store: Store, key: bytes, tid: bytes) -> None:
-    """A transfer row as peerd/transfers.py writes it: snapshots persisted again and again,
+    """A transfer row as peerd/transfers/records.py writes it: snapshots persisted again and again,
     each with the content key and a growing state, so page images pile up in the WAL."""
     async with store.transaction(NOW) as tx:
         await tx.execute(

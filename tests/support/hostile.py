@@ -26,7 +26,7 @@ packet id; their sender keeps waiting for the PUBACK, as it would behind a slow 
         ...
         proxy.release(rule, order="reverse")
 
-This parser is written independently of peerd/mqtt.py on purpose: a shared bug would hide itself.
+This parser is written independently of protocol/mqtt/ on purpose: a shared bug would hide itself.
 """
 
 from __future__ import annotations

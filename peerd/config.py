@@ -282,8 +282,8 @@ class ReceiveConfig:
     )
     idle_timeout: float = key(
         6 * 3600.0,
-        doc="give up a file whose sender has sent nothing for this long, seconds (frees the"
-        " slot and the reserved space)",
+        doc="give up a transfer whose peer (its sender, or one receiver) has sent nothing for"
+        " this long, seconds (frees the slot, the reserved space and the content key)",
         check=_between(1, 30 * 24 * 3600),
     )
 

@@ -43,10 +43,12 @@ class TransferConfig:
     lag_timeout: float = 5.0
     # Sender: chunk reads handed to the shell and not yet returned.
     max_outstanding_reads: int = 64
-    # Receiver: with nothing heard from the sender (no valid frame, no control message) for
-    # this long, give up: the receive slot and the reserved space are not held forever by a
-    # sender that went quiet. A live sender probes at least every max_probe_interval; a
-    # stopped one resumes within this if it comes back.
+    # Both sides: with nothing heard from the peer for this long, give up on it (reason
+    # timeout). A receiver frees its slot and reserved space from a sender that went quiet; a
+    # sender stops offering to, and holding its slot and content key for, a receiver that is
+    # silent or gone. A live sender probes at least every max_probe_interval and a live
+    # receiver reports at least every max_status_interval; a stopped peer that comes back
+    # within this resumes.
     idle_timeout: float = 6 * 3600.0
     # Sender: restarts (new incarnations) one receiver may announce in one transfer; each can
     # cost a window of re-sends. Beyond, the receiver is dropped (reason over-budget).

@@ -104,6 +104,7 @@ class _Receiver:
         "cursor",
         "deliveries",
         "detail",
+        "heard_at",
         "incarnation",
         "lagging",
         "limit",
@@ -119,8 +120,9 @@ class _Receiver:
         "state",
     )
 
-    def __init__(self, peer: str) -> None:
+    def __init__(self, peer: str, now: float) -> None:
         self.peer = peer
+        self.heard_at = now  # its last message (or when it was offered the file)
         self.state = OFFERED
         self.reason = ""
         self.detail = ""
@@ -267,7 +269,7 @@ class SenderTransfer:
         self._random = random
         self._cipher = ChunkCipher(offer.content_key, offer.transfer_id)
         self._count = offer.chunk_count
-        self._receivers: dict[str, _Receiver] = {p: _Receiver(p) for p in peers}
+        self._receivers: dict[str, _Receiver] = {p: _Receiver(p, now) for p in peers}
         self._actions: list[SenderAction] = []
         self._reads: deque[tuple[ReadChunk, bool]] = deque()
         self._hasher: FileHasher | None = FileHasher()
@@ -334,6 +336,7 @@ class SenderTransfer:
         for r in self._receivers.values():
             if r.state in (OFFERED, ACTIVE):
                 deadlines.append(r.next_probe)
+                deadlines.append(r.heard_at + self.config.idle_timeout)
             if r.state == ACTIVE and r.stalled_since is not None and not r.lagging:
                 deadlines.append(r.stalled_since + lag)
         return min(deadlines) if deadlines else None
@@ -529,6 +532,7 @@ class SenderTransfer:
             raise RemoteProtocolError(
                 f"{peer} is not a receiver of this transfer", reason="not-a-receiver"
             )
+        r.heard_at = max(r.heard_at, now)
         if r.state == ACTIVE:
             self._heard(r, now)
         if isinstance(message, Accept | Ack):
@@ -687,12 +691,24 @@ class SenderTransfer:
         if not self._started and now >= self._start_at:
             self._started = True
         for r in self._receivers.values():
+            if r.state in (OFFERED, ACTIVE) and now >= r.heard_at + self.config.idle_timeout:
+                # Silent (or gone) for the idle deadline: it no longer holds the transfer, its
+                # slot and its content key open; the Abort tells it, should it come back.
+                self._fail(
+                    r,
+                    Reason.TIMEOUT,
+                    f"nothing heard from it for {self.config.idle_timeout:g} s",
+                    remote=False,
+                    notify=True,
+                )
+                continue
             if r.state in (OFFERED, ACTIVE) and now >= r.next_probe:
                 self._send_offer(r, now)
             if r.state == ACTIVE:
                 stalled = r.stalled_since
                 if stalled is not None and now - stalled >= self.config.lag_timeout:
                     r.lagging = True
+        self._check_finished()
 
     # -- internals ----------------------------------------------------------------------------
 

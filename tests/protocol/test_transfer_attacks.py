@@ -719,3 +719,39 @@ def test_acks_of_a_finished_receiver_do_not_each_cost_a_seal() -> None:
         s.receive("bob", Ack(tid, 1, 2, 10), k * 0.01)
     seals = [a for a in s.take_actions() if type(getattr(a, "message", None)).__name__ == "Seal"]
     assert len(seals) == 1
+
+
+def test_a_receiver_that_goes_quiet_is_given_up_after_the_idle_deadline() -> None:
+    """The sender's side of the same fault: a receiver that accepts and then says nothing (or
+    never answers the offer) held the transfer, its slot and its content key open for ever.
+    After `idle_timeout` without a word from it, it is ended with reason timeout (and told)."""
+    s = SenderTransfer(
+        name="x",
+        size=10 * CHUNK,
+        receivers=["bob", "carol"],
+        sender=SENDER,
+        signing_key=nacl.signing.SigningKey(bytes(32)),
+        now=0.0,
+        config=small_config(idle_timeout=100.0),
+    )
+    tid = s.transfer_id
+    s.receive("bob", Accept(tid, 1, 0, 8), 10.0)
+    _send_what_it_may(s, 10.0)
+    s.take_actions()
+    t = 10.0
+    while not s.finished:
+        d = s.next_deadline()
+        assert d is not None
+        assert d <= 110.0
+        t = d
+        s.on_timer(t)
+        if t < 100.0:
+            assert s.receiver_state("carol") == "offered"
+    assert s.receiver_state("carol") == "failed"  # never answered: at 100
+    assert s.receiver_state("bob") == "failed"  # silent since 10: at 110
+    actions = s.take_actions()
+    failed = [(a.peer, a.reason, a.remote) for a in actions if isinstance(a, ReceiverFailed)]
+    assert failed == [("carol", "timeout", False), ("bob", "timeout", False)]
+    aborts = [a.message for a in actions if isinstance(getattr(a, "message", None), Abort)]
+    assert [m.reason for m in aborts] == ["timeout", "timeout"]
+    assert s.next_deadline() is None

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import signal
 import time
@@ -87,23 +85,6 @@ class JoinFailed(PeerdError):
 
 class _Shutdown(Exception):
     """Raised inside the root TaskGroup to end it."""
-
-
-def tune_allocator() -> None:
-    """Large, short-lived buffers (256 KiB chunks) must not be mmap'd and unmapped each time:
-    with glibc's defaults every fresh one page-faults (~133 us per chunk, ~0.5 s per GiB per
-    copy). Keep them in the heap. A no-op where there is no glibc."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    mallopt(m_mmap_threshold, 4 << 20)
-    mallopt(m_trim_threshold, 256 << 20)
 
 
 class Daemon:

@@ -402,9 +402,18 @@ class RevocationJunk:
     (wrong issuer) and statements of itself signed by keys nobody knows (they pass every cheap
     check)."""
 
-    def __init__(self, network: str, publisher: str, seed: int, *, at_least: int = 0) -> None:
+    def __init__(
+        self,
+        network: str,
+        publisher: str,
+        seed: int,
+        *,
+        at_least: int = 0,
+        rate: float | None = None,
+    ) -> None:
         self.prefix = f"{Topics(network).prefix}rev/{publisher}/"
         self.at_least = at_least
+        self.rate = rate  # messages per second at most (None: as fast as the link takes them)
         self.rng = random.Random(seed)
         now = time.time()
         self.own = [
@@ -430,7 +439,13 @@ class RevocationJunk:
 
     def __iter__(self) -> Iterator[tuple[str, bytes]]:
         rng = self.rng
+        started = time.monotonic()
         while self.sent < 2_000_000 and not (self.stop.is_set() and self.sent >= self.at_least):
+            if self.rate is not None and self.sent % 256 == 0:
+                # Paced in the flooding thread itself (Wire.flood yields every 256 messages).
+                ahead = self.sent / self.rate - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
             kind = self.sent % 4
             if kind == 0:
                 yield self.prefix + rng.randbytes(16).hex(), rng.randbytes(rng.randrange(1, 200))

@@ -31,9 +31,13 @@ pytestmark = pytest.mark.slow
 MALLORY = made_up_peer_id()
 # What the victim's log may grow by while the flood lasts (it logged 8.7 MB in 25 s before).
 LOG_BUDGET = 256 << 10
-# Flood messages before the genuine revocation and the join start: several times the old
-# event queue (10 000), so that a daemon that queues junk is full by then.
-FLOOD_AHEAD = 60_000
+# The flood's pace, and how much of it goes out before the genuine revocation and the join:
+# several times the old event queue (10 000), which a daemon that does store work for each
+# statement (a few hundred a second) fills in seconds. Faster than the victim can read its
+# connection at all, a flood delays everything on it, handshakes included - a limit of one MQTT
+# connection per node that this test does not measure (docs/SECURITY.md 3.5.1, "Bound").
+FLOOD_RATE = 6000.0
+FLOOD_AHEAD = 40_000
 
 
 def _store(node: Node) -> Path:
@@ -70,7 +74,7 @@ def test_security_work_survives_a_revocation_flood(
     a = Api(alice)
     wire = Wire(broker.url, client_id=MALLORY, password="pw-mallory")
     flood: threading.Thread | None = None
-    junk = RevocationJunk(alice.network, MALLORY, seed=18, at_least=FLOOD_AHEAD)
+    junk = RevocationJunk(alice.network, MALLORY, seed=18, at_least=FLOOD_AHEAD, rate=FLOOD_RATE)
     try:
         before = a.rejections()
         invite = a.call("v1.invite.create", ttl=600)
@@ -119,7 +123,9 @@ def test_security_work_survives_a_revocation_flood(
         assert not flood.is_alive()
         # The flood's last messages are handled (or refused) before the log is measured.
         wait_until(
-            lambda: a.status()["events_queued"] == 0, SOON, what="alice's event lanes drained"
+            lambda: a.status().get("events_queued", 0) == 0,
+            SOON,
+            what="alice's event lanes drained",
         )
         grown = alice.log_path.stat().st_size - log_before
         assert grown < LOG_BUDGET, f"alice's log grew by {grown} bytes during the flood"

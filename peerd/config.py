@@ -139,6 +139,18 @@ def _broker_url(value: str) -> str:
     return value
 
 
+def _mqtt_version(value: str) -> str:
+    if value not in ("3.1.1", "5", "auto"):
+        raise ValueError(f"{value!r}: must be '3.1.1', '5' or 'auto'")
+    return value
+
+
+def _mqtt_client(value: str) -> str:
+    if value not in ("builtin", "aiomqtt"):
+        raise ValueError(f"{value!r}: must be 'builtin' or 'aiomqtt'")
+    return value
+
+
 def _authority(value: str) -> str:
     try:
         parse_authority_key(value)
@@ -207,6 +219,28 @@ class BrokerConfig:
         doc="file holding the broker password", example="/etc/peerd/broker-password"
     )
     keepalive: int = key(60, doc="MQTT keepalive, seconds", check=_between(5, 3600))
+    max_packet_size: int = key(
+        1024**2,
+        doc="the largest MQTT packet this broker takes (its message_size_limit / max_payload);"
+        " transfers use chunks that fit (down to 16 KiB). MQTT 5 brokers say theirs",
+        kind="size",
+        check=_between(16 * 1024 + 1024, 256 * 1024**2),
+    )
+    mqtt_version: str = key(
+        "3.1.1",
+        doc="3.1.1, 5, or auto (5 where the broker speaks it, else 3.1.1); builtin client",
+        check=_mqtt_version,
+    )
+    client: str = key(
+        "builtin",
+        doc="the MQTT client: builtin (peerd's own, faster) or aiomqtt (needs peerd[aiomqtt])",
+        check=_mqtt_client,
+    )
+
+    @property
+    def protocol_level(self) -> int:
+        """`mqtt_version` as BrokerSettings takes it (0: auto)."""
+        return {"3.1.1": 4, "5": 5, "auto": 0}[self.mqtt_version]
 
     @property
     def tls(self) -> bool:

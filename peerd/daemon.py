@@ -33,7 +33,15 @@ from peerd.events import EventLanes, LaneLimits, LogBudget
 from peerd.host import Extension, control_methods
 from peerd.keystore import Keystore, read_passphrase
 from peerd.messages import Messages, OutboxLimits
-from peerd.mqtt import BrokerError, BrokerQueueFull, BrokerSettings, Message, MqttLink, Topics
+from peerd.mqtt import (
+    BrokerError,
+    BrokerLink,
+    BrokerQueueFull,
+    BrokerSettings,
+    Message,
+    Topics,
+    open_link,
+)
 from peerd.node import NodeMethods, local_refusals, peer_json
 from peerd.revocations import Revocations
 from peerd.sessions import SessionTrust, local_key, read_psk
@@ -107,7 +115,7 @@ class Daemon:
         self.store: Store
         self.keys: Keystore
         self.sessions: SessionManager
-        self.link: MqttLink
+        self.link: BrokerLink
         self.control: ControlServer
         self.messages: Messages
         self.topics = Topics(config.node.network)
@@ -179,8 +187,10 @@ class Daemon:
             username=b.username,
             password=password,
             keepalive=b.keepalive,
+            max_packet_size=b.max_packet_size,
+            mqtt_version=b.protocol_level,
         )
-        self.link = MqttLink(settings, on_state=self._on_link_state)
+        self.link = open_link(settings, client=b.client, on_state=self._on_link_state)
         self.control = ControlServer(cfg.node.socket, group=cfg.control.group, events=EVENTS)
         self.messages = Messages(
             self,
@@ -741,6 +751,8 @@ class Daemon:
             "uptime": time.time() - self.started_at,
             "broker": {
                 "url": self.link.settings.url,
+                "client": self.config.broker.client,
+                "max_packet_size": self.link.limits.max_packet_size,
                 "connected": self.link.connected,
                 "queued": self.link.queued,
                 "last_error": None if self.link.last_error is None else str(self.link.last_error),

@@ -25,15 +25,18 @@ from peerd.mqtt.errors import (
 )
 from peerd.mqtt.link import MqttLink
 from peerd.mqtt.outgoing import Pipeline
+from peerd.mqtt.port import CLIENTS, BrokerLink, LinkLimits, open_link
 from peerd.mqtt.settings import DEFAULT_MAX_PACKET_SIZE, Backoff, BrokerSettings
 from peerd.mqtt.subscription import LinkStats, Message, Subscription
 from peerd.mqtt.topics import Topics, statement_id, topic_matches
 
 __all__ = [
+    "CLIENTS",
     "DEFAULT_MAX_PACKET_SIZE",
     "Backoff",
     "BrokerError",
     "BrokerLimitError",
+    "BrokerLink",
     "BrokerProtocolError",
     "BrokerQueueFull",
     "BrokerRefused",
@@ -43,6 +46,7 @@ __all__ = [
     "BrokerTlsError",
     "BrokerUnreachable",
     "LinkClosed",
+    "LinkLimits",
     "LinkStats",
     "Message",
     "MqttLink",
@@ -50,6 +54,7 @@ __all__ = [
     "SubscribeRefused",
     "Subscription",
     "Topics",
+    "open_link",
     "statement_id",
     "topic_matches",
 ]

@@ -28,11 +28,11 @@ __all__ = ["Conn"]
 class Conn(asyncio.BufferedProtocol):
     """Pumps one TCP/TLS connection through its `Connection` codec; the link outlives it."""
 
-    def __init__(self, link: MqttLink) -> None:
+    def __init__(self, link: MqttLink, version: int) -> None:
         self.link = link
         self.transport: asyncio.Transport | None = None
         s = link.settings
-        self.codec = Connection(max_packet_size=s.max_packet_size)
+        self.codec = Connection(version=version, max_packet_size=s.max_packet_size)
         # asyncio reads straight into the codec's buffer: no copy on the way in.
         self.get_buffer = self.codec.get_buffer  # type: ignore[method-assign] # the zero-copy path
         self.paused = False

@@ -58,10 +58,14 @@ from peerd.mqtt.errors import (
     LinkClosed,
 )
 from peerd.mqtt.outgoing import Outgoing, Pipeline, as_bytes_view
+from peerd.mqtt.port import LinkLimits
 from peerd.mqtt.settings import Backoff, BrokerSettings
 from peerd.mqtt.subscribing import Pending, Subscribing
 from peerd.mqtt.subscription import LinkStats, Routes
 from protocol.mqtt import (
+    V5,
+    V311,
+    ConnAck,
     Disconnect,
 )
 
@@ -123,6 +127,9 @@ class MqttLink(Subscribing):
         self._closed = False
         self._task: asyncio.Task[None] | None = None
         self._handler_errors_logged = 0
+        self._limits = LinkLimits(max_packet_size=settings.max_packet_size)
+        self._version = settings.mqtt_version or V5
+        self._keepalive = settings.keepalive  # the broker's Server Keep Alive overrides it
 
     # -- lifecycle --
 
@@ -147,6 +154,11 @@ class MqttLink(Subscribing):
     def unacked(self) -> int:
         """QoS 1 publishes sent (or to be re-sent) and not yet acknowledged."""
         return len(self._unacked)
+
+    @property
+    def limits(self) -> LinkLimits:
+        """The limits in force on the current (or last) connection."""
+        return self._limits
 
     @property
     def subscriptions(self) -> list[str]:
@@ -285,11 +297,32 @@ class MqttLink(Subscribing):
     # -- connection attempts --
 
     async def _open(self) -> Conn:
+        """Connect at the protocol level that worked last (MQTT 5 first, unless configured):
+        a broker that refuses 5 (CONNACK "unacceptable protocol version", or a close before any
+        CONNACK) is asked again at once in 3.1.1, which is then kept for this link."""
+        s = self.settings
+        version = self._version
+        try:
+            return await self._open_at(version)
+        except BrokerError as exc:
+            refused = isinstance(exc, BrokerRefused) and exc.code in (0x01, 0x84)
+            closed = isinstance(exc, BrokerUnreachable) and "closed the connection" in str(exc)
+            if s.mqtt_version or version != V5 or not (refused or closed):
+                raise
+            log.info("broker %s: no MQTT 5 (%s); trying MQTT 3.1.1", s.url, exc)
+        self._version = V311
+        try:
+            return await self._open_at(V311)
+        except BrokerError:
+            self._version = V5  # 3.1.1 failed too: the first attempt may have met a restart
+            raise
+
+    async def _open_at(self, version: int) -> Conn:
         s = self.settings
         if s.tls and self._ssl is None:
             self._ssl = s.ssl_context()
         loop = asyncio.get_running_loop()
-        conn = Conn(self)
+        conn = Conn(self, version)
         try:
             async with asyncio.timeout(s.connect_timeout):
                 await loop.create_connection(
@@ -317,6 +350,9 @@ class MqttLink(Subscribing):
         except ssl.SSLError as exc:
             conn.abort()
             raise BrokerTlsError(f"TLS with the broker at {s.url} failed: {exc}") from exc
+        except ConnectionResetError as exc:
+            conn.abort()
+            raise BrokerUnreachable(f"the broker at {s.url} {exc}") from exc
         except OSError as exc:
             conn.abort()
             raise BrokerUnreachable(
@@ -339,6 +375,10 @@ class MqttLink(Subscribing):
             )
         self._conn = conn
         self.stats.connects += 1
+        self._limits = _limits_of(ack, s.max_packet_size)
+        self._keepalive = ack.limits.server_keepalive or s.keepalive
+        if version == V5:
+            log.info("broker %s: MQTT 5, %s", s.url, self._limits)
         return conn
 
     def _dropped(self, conn: Conn) -> BrokerUnreachable | None:
@@ -377,7 +417,7 @@ class MqttLink(Subscribing):
             raise err
 
     async def _serve(self, conn: Conn) -> None:
-        keepalive = self.settings.keepalive
+        keepalive = self._keepalive
         assert self._stop is not None
         while not conn.closed.done():
             await asyncio.wait(
@@ -527,17 +567,29 @@ class MqttLink(Subscribing):
         rec.wired = True
         self._send(conn, rec.topic, rec.payload, rec.qos, rec.retain, rec.dup, rec.mid)
 
+    def _inflight_limit(self) -> int:
+        """QoS 1 publishes awaiting PUBACK: ours, and no more than the broker's Receive
+        Maximum (MQTT 5; it disconnects a client that exceeds it)."""
+        return min(self.max_inflight, self._limits.receive_maximum)
+
     def _admit(self, rec: Outgoing) -> None:
         """Send now if nothing is ahead of it, else queue within the outbox limits."""
         if self._closing:
             raise LinkClosed("the broker link is closed")
+        limits = self._limits
+        rec.qos = min(rec.qos, limits.maximum_qos)  # MQTT 5 Maximum QoS 0: no more than it allows
+        if rec.retain and not limits.retain_available:
+            # The broker would disconnect us for a retained publish (MQTT 5 Retain Available
+            # 0); it is sent unretained and counted: revocations are republished anyway.
+            rec.retain = False
+            self.stats.retain_refused += 1
         conn = self._conn
         if (
             self._up
             and not self._outbox
             and conn is not None
             and not conn.paused
-            and (rec.qos == 0 or len(self._unacked) < self.max_inflight)
+            and (rec.qos == 0 or len(self._unacked) < self._inflight_limit())
         ):
             if rec.qos:
                 rec.mid = self._alloc_mid()
@@ -566,7 +618,7 @@ class MqttLink(Subscribing):
                 outbox.popleft()
                 continue
             if rec.qos and not rec.mid:
-                if len(self._unacked) >= self.max_inflight:
+                if len(self._unacked) >= self._inflight_limit():
                     break
                 rec.mid = self._alloc_mid()
                 self._unacked[rec.mid] = rec
@@ -688,10 +740,10 @@ class MqttLink(Subscribing):
         """`topic` encoded, once the PUBLISH is known to fit the packet limit and the topic
         name to be valid."""
         raw = topic.encode()
-        if len(payload) + len(raw) + 8 > self.settings.max_packet_size:
+        limit = self._limits.max_packet_size  # configured, or the broker's if smaller
+        if len(payload) + len(raw) + 8 + (2 if self._limits.version == V5 else 0) > limit:
             raise ValueError(
-                f"a {len(payload)}-byte payload exceeds the broker packet limit of"
-                f" {self.settings.max_packet_size} bytes"
+                f"a {len(payload)}-byte payload exceeds the broker packet limit of {limit} bytes"
             )
         if not raw or len(raw) > 65535 or "+" in topic or "#" in topic or "\0" in topic:
             raise ValueError(f"invalid MQTT topic name {topic!r}")
@@ -702,3 +754,17 @@ class MqttLink(Subscribing):
         if not 1 <= depth <= self.max_inflight:
             raise ValueError(f"pipeline depth must be 1-{self.max_inflight}")
         return Pipeline(self, depth)
+
+
+def _limits_of(ack: ConnAck, configured: int) -> LinkLimits:
+    broker = ack.limits
+    packet = configured
+    if broker.max_packet_size is not None:
+        packet = min(packet, broker.max_packet_size)
+    return LinkLimits(
+        max_packet_size=packet,
+        version=ack.version,
+        receive_maximum=broker.receive_maximum,
+        maximum_qos=min(1, broker.maximum_qos),
+        retain_available=broker.retain_available,
+    )

@@ -44,6 +44,9 @@ class BrokerSettings:
     connect_timeout: float = 10.0
     clean_session: bool = True
     max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
+    # 4: MQTT 3.1.1 (the default, see docs/ARCHITECTURE.md); 5: MQTT 5 only; 0: MQTT 5 where
+    # the broker speaks it, else 3.1.1 (NATS refuses 5).
+    mqtt_version: int = 4
 
     def __post_init__(self) -> None:
         if not self.host or any(c.isspace() for c in self.host):
@@ -75,6 +78,8 @@ class BrokerSettings:
             raise _bad(f"invalid connect timeout {self.connect_timeout}")
         if not 1024 <= self.max_packet_size <= _MQTT_MAX_REMAINING:
             raise _bad(f"invalid max packet size {self.max_packet_size}")
+        if self.mqtt_version not in (0, 4, 5):
+            raise _bad(f"invalid MQTT version {self.mqtt_version}: 0 (either), 4 (3.1.1) or 5")
 
     @classmethod
     def from_url(
@@ -91,6 +96,7 @@ class BrokerSettings:
         connect_timeout: float = 10.0,
         clean_session: bool = True,
         max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
+        mqtt_version: int = 4,
     ) -> BrokerSettings:
         """Settings from `mqtt://host[:port]` or `mqtts://host[:port]` and options.
 
@@ -132,6 +138,7 @@ class BrokerSettings:
             connect_timeout=connect_timeout,
             clean_session=clean_session,
             max_packet_size=max_packet_size,
+            mqtt_version=mqtt_version,
         )
 
     @property

@@ -38,6 +38,7 @@ class LinkStats:
     dropped_bad_topic: int = 0
     handler_errors: int = 0
     publish_refused: int = 0
+    retain_refused: int = 0
     protocol_errors: int = 0
 
     def as_dict(self) -> dict[str, int]:

@@ -143,7 +143,12 @@ class Connection:
         password: str | None = None,
         session_expiry: int = 0,
         receive_maximum: int | None = None,
+        announce_limit: bool = False,
     ) -> None:
+        """CONNECT. `announce_limit` tells an MQTT 5 broker our `max_packet_size`; off by default:
+        Mosquitto then drops oversize messages for us but keeps their QoS 1 in-flight slots,
+        and delivery to us stalls (measured), where skipping and acknowledging them here does
+        not."""
         if self.state is not State.CONNECTING or self._out:
             raise LocalProtocolError("CONNECT is the first packet of a connection, once")
         self._out.append(
@@ -156,7 +161,7 @@ class Connection:
                 password=password,
                 session_expiry=session_expiry,
                 receive_maximum=receive_maximum,
-                max_packet_size=min(self.max_packet_size, 0xFFFFFFFF),
+                max_packet_size=min(self.max_packet_size, 0xFFFFFFFF) if announce_limit else None,
             )
         )
 

@@ -20,6 +20,8 @@ are deleted between runs; the source files stay in the page cache for every cont
    same file to one receiver, goal <= 2x.
 4. A receiver SIGKILLed half way (a proxy holds chunk frames after half of them), restarted: the
    frames the sender published again (`resent_frames`), goal <= one window (64 chunks).
+5. The two MQTT clients of the transport port side by side (`scripts/benchmarks/clients.py`):
+   transfer MB/s, daemon CPU per GB and session setup with `[broker] client` builtin and aiomqtt.
 """
 
 from __future__ import annotations
@@ -298,7 +300,7 @@ def throughput(
         "peerd": "**peerd** daemon to daemon, end to end encrypted, verified, fsynced",
         "aiomqtt16": "(a) aiomqtt, 256 KiB chunks, QoS 1, 16 in flight, plaintext",
         "scp-gcm": "(b) scp -c aes128-gcm@openssh.com, private sshd on loopback",
-        "link16": "info: peerd/mqtt.py pipeline, QoS 1, 16 in flight, plaintext",
+        "link16": "info: peerd/mqtt pipeline, QoS 1, 16 in flight, plaintext",
         "aiomqtt1": "info: aiomqtt, plain `await publish()` loop, QoS 1, plaintext",
         "scp": "info: scp, default cipher (chacha20-poly1305)",
     }
@@ -524,5 +526,8 @@ def run(quick: bool = False) -> bool:
                 r.start()
                 pair(sender, r)
             results.append(fanout(sender, receivers, files[fan], fan_runs, bpid))
+    from scripts.benchmarks.clients import compare  # noqa: PLC0415 - it imports this module
+
+    results.append(compare(files[fan if quick else big], runs=2 if quick else runs, rounds=30))
     print("\nSummary: " + "; ".join(s for _, s in results) + ".")
     return all(ok for ok, _ in results)

@@ -543,10 +543,15 @@ async def test_handler_is_called_synchronously_and_its_errors_are_counted(
         assert link.connected
 
 
+@pytest.mark.parametrize("version", [4, 5])
 async def test_oversize_message_is_dropped_acknowledged_and_the_link_survives(
-    shared_broker: Broker,
+    shared_broker: Broker, version: int
 ) -> None:
-    small = BrokerSettings.from_url(shared_broker.url, client_id=cid("os"), max_packet_size=65536)
+    """3.1.1: we skip and acknowledge what is above our limit. MQTT 5: CONNECT announced the
+    limit, so the broker drops it for us (and never sends it)."""
+    small = BrokerSettings.from_url(
+        shared_broker.url, client_id=cid("os"), max_packet_size=65536, mqtt_version=version
+    )
     async with MqttLink(small) as victim, link_for(shared_broker, "ot") as sender:
         topic = f"peerd/v1/t/in/{victim.settings.client_id}"
         sub = await victim.subscribe(topic, timeout=5)
@@ -556,6 +561,7 @@ async def test_oversize_message_is_dropped_acknowledged_and_the_link_survives(
         await sender.publish(topic, b"fits", qos=1)
         assert (await next_msg(sub, limit=10)).payload == b"fits"
         assert victim.stats.dropped_oversize == 70
+        assert victim.limits.version == version
         assert victim.stats.connects == 1
         assert victim.stats.protocol_errors == 0
 

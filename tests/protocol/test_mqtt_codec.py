@@ -48,7 +48,7 @@ def test_connect_packets_of_both_versions() -> None:
         b"\x10\x15\x00\x04MQTT\x04\xc2\x00\x1e\x00\x03abc\x00\x01u\x00\x01p"
     )
     c5 = Connection(version=V5, max_packet_size=131072)
-    c5.connect(client_id="abc", keepalive=30, session_expiry=60)
+    c5.connect(client_id="abc", keepalive=30, session_expiry=60, announce_limit=True)
     packet = b"".join(c5.data_to_send())
     # level 5, clean start, properties: session expiry 60, maximum packet size 131072
     assert packet[2:10] == b"\x00\x04MQTT\x05\x02"

@@ -49,6 +49,10 @@ def wait_until(
         time.sleep(interval)
 
 
+# The MQTT client the nodes' daemons use ([broker] client): unset means the default.
+MQTT_CLIENT_ENV = "PEERD_TEST_MQTT_CLIENT"
+
+
 class Node:
     def __init__(
         self, root: Path, name: str, broker_url: str, network: str = "test", **init: str
@@ -125,6 +129,10 @@ class Node:
         info = json.loads(result.stdout)
         self.peer_id = info["peer_id"]
         self.fingerprint = info["fingerprint"]
+        if client := os.environ.get(MQTT_CLIENT_ENV):
+            # The daemon and e2e suites run against each MQTT client (CI runs both).
+            conf = self.config.read_text()
+            self.config.write_text(conf.replace('client = "builtin"', f'client = "{client}"', 1))
         return self
 
     # -- daemon ---------------------------------------------------------------------------

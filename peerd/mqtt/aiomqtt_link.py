@@ -1,0 +1,515 @@
+"""`BrokerLink` on aiomqtt (`[broker] client = "aiomqtt"`): the standard asyncio MQTT client.
+
+An honest adapter: connecting, subscribing, publishing and reading go through aiomqtt's public
+API (`Client`, `subscribe`, `publish`, `messages`). The one exception is `publish_nowait`, which
+the daemon calls from synchronous code: it hands the message to aiomqtt's paho client
+(`Client._client.publish`, non-blocking) instead of spawning a task per frame.
+
+What this adapter adds is what `MqttLink` promises and aiomqtt leaves to its user: reconnects
+with backoff, subscriptions restored after each reconnect, a bounded outbox during an outage,
+bounded per-subscription queues (aiomqtt's own incoming queue is bounded too, and drained at
+once), errors translated into the Broker* family. Payloads are copied into `bytes` (paho takes
+no memoryview), so the caller may reuse its buffer once a publish returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+import aiomqtt
+import paho.mqtt.client as paho
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.reasoncodes import ReasonCode
+
+from peerd.mqtt.errors import (
+    CONNACK_REASONS,
+    BrokerError,
+    BrokerQueueFull,
+    BrokerRefused,
+    BrokerTimeout,
+    BrokerUnreachable,
+    LinkClosed,
+    SubscribeRefused,
+)
+from peerd.mqtt.port import LinkLimits
+from peerd.mqtt.settings import Backoff, BrokerSettings
+from peerd.mqtt.subscription import LinkStats, Message, Routes, Subscription
+from peerd.mqtt.topics import check_filter
+
+__all__ = ["AiomqttLink"]
+
+log = logging.getLogger("peerd.mqtt")
+# paho logs every packet at DEBUG: formatting a line per chunk is not what `--log-level debug`
+# is for, so its logger starts at INFO.
+_PAHO_LOG = logging.getLogger("peerd.mqtt.aiomqtt")
+_PAHO_LOG.setLevel(logging.INFO)
+_INCOMING = 4096  # aiomqtt's own queue, drained by our reader at once; a bound all the same
+
+
+class AiomqttLink:
+    """A self-healing connection through aiomqtt. Run it with `run()` or `async with`."""
+
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        *,
+        on_state: Callable[[bool], None] | None = None,
+        backoff: Backoff | None = None,
+        max_queued: int = 4096,
+        max_queued_bytes: int = 64 << 20,
+    ) -> None:
+        self.settings = settings
+        self.stats = LinkStats()
+        self.backoff = backoff or Backoff()
+        self.last_error: BrokerError | None = None
+        self.max_queued = max_queued
+        self.max_queued_bytes = max_queued_bytes
+        self._limits = LinkLimits(max_packet_size=settings.max_packet_size)
+        self._on_state = on_state
+        self._client: aiomqtt.Client | None = None
+        self._down: asyncio.Future[None] | None = None  # done when the current connection drops
+        self._up = False
+        self._closing = False
+        self._closed = False
+        self._stop: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._runner: asyncio.Task[Any] | None = None  # the task in run(), awaited by close()
+        self._routes = Routes()
+        self._outbox: deque[tuple[str, bytes, int, bool, asyncio.Future[None] | None]] = deque()
+        self._queued_bytes = 0
+        self._sent: deque[paho.MQTTMessageInfo] = deque()  # for drain(): written yet?
+        self._state_waiters: list[asyncio.Future[None]] = []
+        self._handler_errors_logged = 0
+
+    # -- the port's properties --
+
+    @property
+    def connected(self) -> bool:
+        return self._up
+
+    @property
+    def queued(self) -> int:
+        return len(self._outbox)
+
+    @property
+    def limits(self) -> LinkLimits:
+        return self._limits
+
+    @property
+    def subscriptions(self) -> list[str]:
+        return list(self._routes.by_filter)
+
+    async def __aenter__(self) -> AiomqttLink:
+        self._task = asyncio.create_task(self.run(), name=f"aiomqtt-link {self.settings.url}")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- lifecycle --
+
+    async def run(self) -> None:
+        if self._closed or self._stop is not None:
+            raise RuntimeError("an AiomqttLink runs once")
+        self._stop = asyncio.get_running_loop().create_future()
+        self._runner = asyncio.current_task()
+        try:
+            while not self._closing:
+                up_since: float | None = None
+                try:
+                    async with self._connect() as client:
+                        self.stats.connects += 1
+                        await self._restore(client)
+                        up_since = time.monotonic()
+                        self._set_up(client)
+                        reader = asyncio.ensure_future(self._read(client))
+                        try:
+                            await asyncio.wait(
+                                (reader, self._stop), return_when=asyncio.FIRST_COMPLETED
+                            )
+                        finally:
+                            reader.cancel()
+                            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                                await reader
+                            self._set_down()
+                except aiomqtt.MqttError as exc:
+                    self._failed(self._translate(exc))
+                except BrokerError as exc:
+                    self._failed(exc)
+                if self._stopping():
+                    break
+                if (
+                    up_since is not None
+                    and time.monotonic() - up_since >= self.backoff.healthy_after
+                ):
+                    self.backoff.reset()
+                delay = self.backoff.next_delay()
+                log.info("broker %s: reconnecting in %.2fs", self.settings.url, delay)
+                await asyncio.wait((self._stop,), timeout=delay)
+        finally:
+            self._shutdown()
+
+    def _stopping(self) -> bool:  # a call, so mypy does not narrow it across awaits
+        return self._closing
+
+    def _connect(self) -> aiomqtt.Client:
+        s = self.settings
+        return aiomqtt.Client(
+            s.host,
+            s.port,
+            identifier=s.client_id,
+            username=s.username,
+            password=s.password,
+            keepalive=s.keepalive,
+            clean_session=s.clean_session,
+            timeout=s.connect_timeout,
+            tls_context=s.ssl_context(),
+            max_queued_incoming_messages=_INCOMING,
+            # Nagle against delayed ACK costs a QoS 1 round trip 44-88 ms (DESIGN.md).
+            socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
+            logger=_PAHO_LOG,
+        )
+
+    def _translate(self, exc: aiomqtt.MqttError) -> BrokerError:
+        url = self.settings.url
+        if isinstance(exc, MqttConnectError):
+            code = _code(exc.rc)
+            reason = CONNACK_REASONS.get(code, f"return code {code}")
+            return BrokerRefused(f"the broker at {url} refused the connection: {reason}", code=code)
+        if "timed out" in str(exc):
+            return BrokerTimeout(f"the broker at {url} did not answer in time: {exc}")
+        return BrokerUnreachable(f"the connection to the broker at {url} failed: {exc}")
+
+    async def _restore(self, client: aiomqtt.Client) -> None:
+        for topic_filter, subs in list(self._routes.by_filter.items()):
+            await self._subscribe_at(client, topic_filter, max(s.qos for s in subs))
+
+    async def _subscribe_at(self, client: aiomqtt.Client, topic_filter: str, qos: int) -> None:
+        codes = await client.subscribe(topic_filter, qos, timeout=self.settings.connect_timeout)
+        refused = any(_code(c) >= 0x80 for c in codes)
+        for sub in list(self._routes.by_filter.get(topic_filter, ())):
+            if refused:
+                self._routes.drop(sub)
+                sub._confirm(
+                    SubscribeRefused(
+                        f"the broker at {self.settings.url} refused the subscription to"
+                        f" {topic_filter!r}"
+                    )
+                )
+            else:
+                sub._confirm(None)
+
+    async def _read(self, client: aiomqtt.Client) -> None:
+        routes, stats = self._routes, self.stats
+        async for m in client.messages:
+            payload = m.payload if isinstance(m.payload, bytes) else bytes(str(m.payload), "utf8")
+            routes.deliver(Message(m.topic.value, payload, m.qos, m.retain, False), stats)
+
+    def _set_up(self, client: aiomqtt.Client) -> None:
+        self._client = client
+        self._down = asyncio.get_running_loop().create_future()
+        self._up = True
+        self.last_error = None
+        log.info("broker %s: connected as %s (aiomqtt)", self.settings.url, self.settings.client_id)
+        self._flush()
+        for w in self._state_waiters:
+            if not w.done():
+                w.set_result(None)
+        self._notify(True)
+
+    def _set_down(self) -> None:
+        was_up, self._up, self._client = self._up, False, None
+        if self._down is not None and not self._down.done():
+            self._down.set_result(None)
+        if was_up:
+            self.stats.disconnects += 1
+            log.info("broker %s: connection lost", self.settings.url)
+            self._notify(False)
+
+    def _failed(self, exc: BrokerError) -> None:
+        self.last_error = exc
+        self.stats.connect_failures += 1
+        if exc.permanent:
+            log.warning("broker %s: %s", self.settings.url, exc.one_line())
+            for w in self._state_waiters:
+                if not w.done():
+                    w.set_exception(exc)
+        else:
+            log.info("broker %s: %s", self.settings.url, exc)
+
+    def _notify(self, up: bool) -> None:
+        if self._on_state is not None:
+            try:
+                self._on_state(up)
+            except Exception:
+                log.exception("the broker state callback failed")
+
+    def _shutdown(self) -> None:
+        self._closing = self._closed = True
+        self._up = False
+        closed = LinkClosed("the broker link was closed")
+        for *_, fut in self._outbox:
+            if fut is not None and not fut.done():
+                fut.set_exception(closed)
+                fut.exception()
+        self._outbox.clear()
+        self._queued_bytes = 0
+        for w in self._state_waiters:
+            if not w.done():
+                w.set_exception(closed)
+                w.exception()
+        for sub in self._routes.subs:
+            sub._confirm(closed)
+            sub._end(None)
+        self._routes.clear()
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._stop is not None and not self._stop.done():
+            self._stop.set_result(None)
+        self._task = None
+        runner = self._runner
+        if runner is not None and runner is not asyncio.current_task():
+            await asyncio.wait((runner,), timeout=self.settings.connect_timeout)
+        elif self._stop is None:
+            self._shutdown()
+
+    async def wait_connected(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - a BrokerTimeout that says what timed out
+        if self._up:
+            return
+        if self._closed:
+            raise LinkClosed("the broker link is closed")
+        if self.last_error is not None and self.last_error.permanent:
+            raise self.last_error
+        waiter = asyncio.get_running_loop().create_future()
+        self._state_waiters.append(waiter)
+        try:
+            async with asyncio.timeout(timeout):
+                await waiter
+        except TimeoutError:
+            why = f": {self.last_error}" if self.last_error else ""
+            raise BrokerTimeout(
+                f"not connected to the broker at {self.settings.url} after {timeout}s{why}"
+            ) from None
+        finally:
+            with contextlib.suppress(ValueError):
+                self._state_waiters.remove(waiter)
+
+    async def drain(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - a BrokerTimeout that says what timed out
+        """Wait until the outbox is empty and paho has written (QoS 1: had acknowledged) every
+        publish handed to it."""
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    while self._sent and self._sent[0].is_published():
+                        self._sent.popleft()
+                    if not self._outbox and not self._sent:
+                        return
+                    if self._closed:
+                        raise LinkClosed("the broker link closed with publishes outstanding")
+                    await asyncio.sleep(0.005)
+        except TimeoutError:
+            raise BrokerTimeout(
+                f"{len(self._outbox) + len(self._sent)} publishes still outstanding after"
+                f" {timeout}s"
+            ) from None
+
+    # -- publishing --
+
+    def _check(self, topic: str, payload: bytes | bytearray | memoryview, qos: int) -> bytes:
+        if qos not in (0, 1):
+            raise ValueError("peerd publishes at QoS 0 or 1")
+        if len(payload) + len(topic.encode()) + 8 > self._limits.max_packet_size:
+            raise ValueError(
+                f"a {len(payload)}-byte payload exceeds the broker packet limit of"
+                f" {self._limits.max_packet_size} bytes"
+            )
+        if not topic or "+" in topic or "#" in topic or "\0" in topic:
+            raise ValueError(f"invalid MQTT topic name {topic!r}")
+        if self._closing:
+            raise LinkClosed("the broker link is closed")
+        return bytes(payload)
+
+    def _enqueue(
+        self, topic: str, data: bytes, qos: int, retain: bool, fut: asyncio.Future[None] | None
+    ) -> None:
+        if len(self._outbox) >= self.max_queued or self._queued_bytes + len(data) > (
+            self.max_queued_bytes
+        ):
+            raise BrokerQueueFull(
+                f"{len(self._outbox)} publishes ({self._queued_bytes} bytes) already wait for the"
+                f" broker at {self.settings.url}"
+            )
+        self._outbox.append((topic, data, qos, retain, fut))
+        self._queued_bytes += len(data)
+        self._flush()  # up, with others queued ahead: they go first, then this one
+
+    def _hand_to_paho(self, topic: str, data: bytes, qos: int, retain: bool) -> bool:
+        client = self._client
+        if client is None:
+            return False
+        info = client._client.publish(topic, data, qos, retain)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            log.debug("broker %s: paho refused a publish (rc %s)", self.settings.url, info.rc)
+            return False
+        self._sent.append(info)
+        if len(self._sent) > 4096:
+            while self._sent and self._sent[0].is_published():
+                self._sent.popleft()
+        self.stats.published += 1
+        self.stats.published_bytes += len(data)
+        return True
+
+    def _flush(self) -> None:
+        while self._outbox and self._up:
+            topic, data, qos, retain, fut = self._outbox[0]
+            if not self._hand_to_paho(topic, data, qos, retain):
+                return
+            self._outbox.popleft()
+            self._queued_bytes -= len(data)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+    def publish_nowait(
+        self,
+        topic: str,
+        payload: bytes | bytearray | memoryview,
+        *,
+        qos: int = 0,
+        retain: bool = False,
+    ) -> None:
+        data = self._check(topic, payload, qos)
+        if self._up and not self._outbox and self._hand_to_paho(topic, data, qos, retain):
+            return
+        self._enqueue(topic, data, qos, retain, None)
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes | bytearray | memoryview,
+        *,
+        qos: int = 0,
+        retain: bool = False,
+        timeout: float | None = None,  # noqa: ASYNC109 - a BrokerTimeout that says what timed out
+    ) -> None:
+        data = self._check(topic, payload, qos)
+        client, down = self._client, self._down
+        if self._up and not self._outbox and client is not None and down is not None:
+            # aiomqtt waits for paho's on_publish without regard to the connection: a drop in
+            # between would leave this publish waiting forever, so race it with the drop.
+            pub = asyncio.ensure_future(client.publish(topic, data, qos, retain, timeout=math.inf))
+            try:
+                done, _ = await asyncio.wait(
+                    (pub, down), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                if not pub.done():
+                    pub.cancel()
+            if pub in done:
+                try:
+                    pub.result()
+                except aiomqtt.MqttError as exc:
+                    raise self._translate(exc) from exc
+                self.stats.published += 1
+                self.stats.published_bytes += len(data)
+                return
+            if not done:
+                raise BrokerTimeout(
+                    f"a publish to {topic!r} was not {'acknowledged' if qos else 'sent'} within"
+                    f" {timeout}s (broker {self.settings.url})"
+                )
+            if not qos:
+                return  # best effort: a QoS 0 publish on a connection that died is lost
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._enqueue(topic, data, qos, retain, fut)
+        try:
+            async with asyncio.timeout(timeout):
+                await fut
+        except TimeoutError:
+            raise BrokerTimeout(
+                f"a publish to {topic!r} was not sent within {timeout}s (broker"
+                f" {self.settings.url})"
+            ) from None
+
+    # -- subscribing --
+
+    async def subscribe(
+        self,
+        topic_filter: str,
+        *,
+        qos: int = 1,
+        handler: Callable[[Message], None] | None = None,
+        max_messages: int = 1024,
+        max_bytes: int = 16 << 20,
+        timeout: float | None = None,  # noqa: ASYNC109 - a BrokerTimeout that says what timed out
+    ) -> Subscription:
+        if qos not in (0, 1):
+            raise ValueError("peerd subscribes at QoS 0 or 1")
+        if max_messages < 1 or max_bytes < 1:
+            raise ValueError("a subscription queue needs room for at least one message")
+        check_filter(topic_filter)
+        if self._closing:
+            raise LinkClosed("the broker link is closed")
+        sub = Subscription(
+            self,
+            topic_filter,
+            qos=qos,
+            handler=handler,
+            max_messages=max_messages,
+            max_bytes=max_bytes,
+        )
+        want = self._routes.add(sub)
+        client = self._client
+        try:
+            async with asyncio.timeout(timeout):
+                if client is not None and self._up:
+                    with contextlib.suppress(aiomqtt.MqttError):  # a drop: _restore does it
+                        await self._subscribe_at(client, topic_filter, want)
+                await asyncio.shield(sub._confirmed)
+        except TimeoutError:
+            self._routes.drop(sub)
+            raise BrokerTimeout(
+                f"the broker at {self.settings.url} did not confirm the subscription to"
+                f" {topic_filter!r} within {timeout}s"
+            ) from None
+        except BaseException:
+            self._routes.drop(sub)
+            raise
+        return sub
+
+    async def _unsubscribe(self, sub: Subscription) -> None:
+        if not self._routes.drop(sub):
+            return
+        client = self._client
+        if client is None or self._closing:
+            return
+        with contextlib.suppress(aiomqtt.MqttError):
+            await client.unsubscribe(sub.filter, timeout=self.settings.connect_timeout)
+        self._routes.stale.discard(sub.filter)
+
+    def _handler_failed(self, sub: Subscription) -> None:
+        self.stats.handler_errors += 1
+        n = self._handler_errors_logged = self._handler_errors_logged + 1
+        if n <= 5 or n % 1000 == 0:
+            log.exception("the handler of subscription %r failed (%d so far)", sub.filter, n)
+
+
+def _code(rc: int | ReasonCode | None) -> int:
+    """A CONNACK or SUBACK code, whichever type paho gave it as."""
+    if isinstance(rc, ReasonCode):
+        return int(rc.value)
+    return int(rc or 0)

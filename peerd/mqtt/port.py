@@ -1,0 +1,129 @@
+"""The transport port: what the daemon needs of a broker link, and how one is chosen.
+
+The daemon depends on `BrokerLink`, not on a concrete client. Two implementations stand behind
+it, chosen by `[broker] client`: `MqttLink` (peerd's own client over `protocol.mqtt`, the
+default: measured faster, docs/ARCHITECTURE.md) and `AiomqttLink` (an adapter on aiomqtt, the
+standard asyncio client, an optional extra). Both keep the same promises: subscriptions restored
+after every reconnect, publishes held in a bounded outbox during an outage, incoming messages
+in bounded per-subscription queues or a synchronous handler, errors from the Broker* family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Protocol
+
+from peerd.mqtt.errors import BrokerError, BrokerSettingsError
+from peerd.mqtt.settings import Backoff, BrokerSettings
+from peerd.mqtt.subscription import LinkStats, Message, Subscription
+
+if TYPE_CHECKING:
+    from peerd.mqtt.link import MqttLink
+
+__all__ = ["CLIENTS", "BrokerLink", "ClientName", "LinkLimits", "open_link"]
+
+ClientName = Literal["builtin", "aiomqtt"]
+CLIENTS: tuple[ClientName, ...] = ("builtin", "aiomqtt")
+
+
+@dataclass(frozen=True, slots=True)
+class LinkLimits:
+    """The limits in force on the current (or last) connection.
+
+    `max_packet_size` bounds a whole PUBLISH packet: the smaller of what is configured and what
+    the broker said in its CONNACK (MQTT 5). `receive_maximum` bounds the QoS 1 publishes in
+    flight; `maximum_qos` and `retain_available` say what the broker accepts."""
+
+    max_packet_size: int
+    version: int = 4
+    receive_maximum: int = 65535
+    maximum_qos: int = 1
+    retain_available: bool = True
+
+    def max_payload(self, topic: str) -> int:
+        """The largest payload a PUBLISH to `topic` may carry (QoS 1 and MQTT 5 headers counted
+        at their largest)."""
+        return self.max_packet_size - (len(topic.encode()) + 2 + 2 + 5 + 1 + 7)
+
+
+class BrokerLink(Protocol):
+    """What the daemon needs of the broker: see the module docstring."""
+
+    settings: BrokerSettings  # the broker in use (its URL) and how we connect to it
+    stats: LinkStats
+    last_error: BrokerError | None
+
+    @property
+    def connected(self) -> bool: ...
+
+    @property
+    def queued(self) -> int: ...
+
+    @property
+    def limits(self) -> LinkLimits: ...
+
+    async def run(self) -> None:
+        """Keep a connection up until `close()`: reconnect with backoff, restore subscriptions."""
+
+    async def close(self) -> None: ...
+
+    async def wait_connected(self, timeout: float | None = None) -> None: ...  # noqa: ASYNC109 - a BrokerTimeout that says what timed out
+
+    async def drain(self, timeout: float | None = None) -> None: ...  # noqa: ASYNC109 - a BrokerTimeout that says what timed out
+
+    def publish_nowait(
+        self,
+        topic: str,
+        payload: bytes | bytearray | memoryview,
+        *,
+        qos: int = 0,
+        retain: bool = False,
+    ) -> None: ...
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes | bytearray | memoryview,
+        *,
+        qos: int = 0,
+        retain: bool = False,
+        timeout: float | None = None,  # noqa: ASYNC109 - a BrokerTimeout that says what timed out
+    ) -> None: ...
+
+    async def subscribe(
+        self,
+        topic_filter: str,
+        *,
+        qos: int = 1,
+        handler: Callable[[Message], None] | None = None,
+        max_messages: int = 1024,
+        max_bytes: int = 16 << 20,
+        timeout: float | None = None,  # noqa: ASYNC109 - a BrokerTimeout that says what timed out
+    ) -> Subscription: ...
+
+
+def open_link(
+    settings: BrokerSettings,
+    *,
+    client: str = "builtin",
+    on_state: Callable[[bool], None] | None = None,
+    backoff: Backoff | None = None,
+) -> BrokerLink:
+    """A link of the chosen client. `aiomqtt` is an optional extra: selecting it without the
+    package installed is a settings error that says how to install it."""
+    if client == "builtin":
+        from peerd.mqtt.link import MqttLink  # noqa: PLC0415 - avoids an import cycle
+
+        link: MqttLink = MqttLink(settings, on_state=on_state, backoff=backoff)
+        return link
+    if client == "aiomqtt":
+        try:
+            from peerd.mqtt.aiomqtt_link import AiomqttLink  # noqa: PLC0415 - optional extra
+        except ImportError as exc:
+            raise BrokerSettingsError(
+                "[broker] client = 'aiomqtt' needs the aiomqtt package",
+                hint="install it with `pip install 'peerd[aiomqtt]'`, or use client = 'builtin'",
+            ) from exc
+        return AiomqttLink(settings, on_state=on_state, backoff=backoff)
+    raise BrokerSettingsError(f"unknown MQTT client {client!r}: use one of {', '.join(CLIENTS)}")

@@ -228,7 +228,7 @@ class BrokerConfig:
     )
     mqtt_version: str = key(
         "3.1.1",
-        doc="3.1.1, 5, or auto (5 where the broker speaks it, else 3.1.1); builtin client",
+        doc="3.1.1, 5, or auto (5 where the broker speaks it, else 3.1.1)",
         check=_mqtt_version,
     )
     client: str = key(

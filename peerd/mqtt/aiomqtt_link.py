@@ -74,6 +74,7 @@ class AiomqttLink:
         self.max_queued = max_queued
         self.max_queued_bytes = max_queued_bytes
         self._limits = LinkLimits(max_packet_size=settings.max_packet_size)
+        self._version = settings.mqtt_version or _V5
         self._on_state = on_state
         self._client: aiomqtt.Client | None = None
         self._down: asyncio.Future[None] | None = None  # done when the current connection drops
@@ -131,7 +132,8 @@ class AiomqttLink:
             while not self._closing:
                 up_since: float | None = None
                 try:
-                    async with self._connect() as client:
+                    client = await self._open()
+                    try:
                         self.stats.connects += 1
                         await self._restore(client)
                         up_since = time.monotonic()
@@ -146,6 +148,9 @@ class AiomqttLink:
                             with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                                 await reader
                             self._set_down()
+                    finally:
+                        with contextlib.suppress(aiomqtt.MqttError):
+                            await client.__aexit__(None, None, None)
                 except aiomqtt.MqttError as exc:
                     self._failed(self._translate(exc))
                 except BrokerError as exc:
@@ -166,16 +171,37 @@ class AiomqttLink:
     def _stopping(self) -> bool:  # a call, so mypy does not narrow it across awaits
         return self._closing
 
-    def _connect(self) -> aiomqtt.Client:
+    async def _open(self) -> aiomqtt.Client:
+        """A connected client, at the protocol level that worked last (as MqttLink: MQTT 5
+        first when configured `auto`, then 3.1.1 if the broker refuses 5 or never answers)."""
+        version = self._version
+        props: list[Any] = []
+        client = self._connect(version, props)
+        try:
+            await client.__aenter__()
+        except aiomqtt.MqttError as exc:
+            refused = isinstance(exc, MqttConnectError) and _code(exc.rc) in (0x01, 0x84)
+            silent = not isinstance(exc, MqttConnectError)  # closed or timed out before CONNACK
+            if self.settings.mqtt_version or version != _V5 or not (refused or silent):
+                raise
+            log.info("broker %s: no MQTT 5 (%s); trying MQTT 3.1.1", self.settings.url, exc)
+            version = self._version = _V311
+            client = self._connect(version, props)
+            await client.__aenter__()
+        self._limits = _limits_of(props[-1] if props else None, version, self.settings)
+        return client
+
+    def _connect(self, version: int, props: list[Any]) -> aiomqtt.Client:
         s = self.settings
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             s.host,
             s.port,
             identifier=s.client_id,
             username=s.username,
             password=s.password,
             keepalive=s.keepalive,
-            clean_session=s.clean_session,
+            protocol=aiomqtt.ProtocolVersion.V5 if version == _V5 else aiomqtt.ProtocolVersion.V311,
+            clean_session=s.clean_session if version == _V311 else None,
             timeout=s.connect_timeout,
             tls_context=s.ssl_context(),
             max_queued_incoming_messages=_INCOMING,
@@ -183,6 +209,16 @@ class AiomqttLink:
             socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
             logger=_PAHO_LOG,
         )
+        # aiomqtt drops the CONNACK's properties; they carry the MQTT 5 limits, so keep them.
+        paho_client = client._client
+        on_connect: Any = paho_client.on_connect
+
+        def keep_properties(*args: Any) -> None:
+            props.append(args[4] if len(args) > 4 else None)
+            on_connect(*args)
+
+        paho_client.on_connect = keep_properties
+        return client
 
     def _translate(self, exc: aiomqtt.MqttError) -> BrokerError:
         url = self.settings.url
@@ -513,3 +549,21 @@ def _code(rc: int | ReasonCode | None) -> int:
     if isinstance(rc, ReasonCode):
         return int(rc.value)
     return int(rc or 0)
+
+
+_V311, _V5 = 4, 5
+
+
+def _limits_of(props: Any, version: int, settings: BrokerSettings) -> LinkLimits:
+    """The limits in force from paho's CONNACK properties (MQTT 5; None in 3.1.1)."""
+    packet = settings.max_packet_size
+    broker = getattr(props, "MaximumPacketSize", None)
+    if isinstance(broker, int) and broker > 0:
+        packet = min(packet, broker)
+    return LinkLimits(
+        max_packet_size=packet,
+        version=version,
+        receive_maximum=int(getattr(props, "ReceiveMaximum", 65535)),
+        maximum_qos=min(1, int(getattr(props, "MaximumQoS", 1))),
+        retain_available=bool(getattr(props, "RetainAvailable", 1)),
+    )

@@ -1,14 +1,15 @@
-"""MQTT 5 in the builtin client: the broker's CONNACK limits bind what the link sends, and `auto`
-falls back to 3.1.1 on a broker that refuses 5 (NATS)."""
+"""MQTT 5 in both clients: the broker's CONNACK limits bind what the link sends, and `auto` falls
+back to 3.1.1 on a broker that refuses 5 (NATS)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
 import pytest
 
-from peerd.mqtt import Backoff, BrokerSettings, MqttLink
+from peerd.mqtt import CLIENTS, Backoff, BrokerLink, BrokerSettings, MqttLink, open_link
 from tests.e2e.test_other_brokers import nats_url  # noqa: F401 - a fixture of this module too
 from tests.peerd.test_mqtt import next_msg
 from tests.support.broker import Broker
@@ -20,9 +21,16 @@ def settings(url: str, version: int, **kw: int) -> BrokerSettings:
     )
 
 
-async def test_the_brokers_packet_limit_binds_what_we_publish(tmp_path: Path) -> None:
+def link_of(client: str, s: BrokerSettings) -> BrokerLink:
+    return open_link(s, client=client, backoff=Backoff(0.02, 0.2))
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_the_brokers_packet_limit_binds_what_we_publish(tmp_path: Path, client: str) -> None:
     with Broker(tmp_path / "b", extra_conf="max_packet_size 131072\n") as broker:
-        async with MqttLink(settings(broker.url, 0), backoff=Backoff(0.02, 0.2)) as link:
+        link = link_of(client, settings(broker.url, 0))
+        task = asyncio.create_task(link.run())
+        try:
             await link.wait_connected(10)
             assert link.limits.version == 5
             assert link.limits.max_packet_size == 131072
@@ -34,6 +42,9 @@ async def test_the_brokers_packet_limit_binds_what_we_publish(tmp_path: Path) ->
             with pytest.raises(ValueError, match="packet limit of 131072"):
                 await link.publish(topic, bytes(131072), qos=1)
             assert link.stats.connects == 1
+        finally:
+            await link.close()
+            await task
 
 
 async def test_mqtt_311_keeps_the_configured_limit(shared_broker: Broker) -> None:
@@ -43,11 +54,17 @@ async def test_mqtt_311_keeps_the_configured_limit(shared_broker: Broker) -> Non
         assert link.limits.max_packet_size == 65536
 
 
-async def test_auto_falls_back_to_311_on_nats(nats_url: str) -> None:  # noqa: F811 - the fixture
-    async with MqttLink(settings(nats_url, 0), backoff=Backoff(0.02, 0.2)) as link:
-        await link.wait_connected(20)
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_auto_falls_back_to_311_on_nats(nats_url: str, client: str) -> None:  # noqa: F811 - the fixture
+    link = link_of(client, settings(nats_url, 0))
+    task = asyncio.create_task(link.run())
+    try:
+        await link.wait_connected(30)
         assert link.limits.version == 4
         topic = f"peerd/v1/t/in/{link.settings.client_id}"
         sub = await link.subscribe(topic, timeout=10)
         await link.publish(topic, b"over 3.1.1", qos=1, timeout=10)
         assert (await next_msg(sub, limit=10)).payload == b"over 3.1.1"
+    finally:
+        await link.close()
+        await task

@@ -33,15 +33,7 @@ from peerd.events import EventLanes, LaneLimits, LogBudget
 from peerd.host import Extension, control_methods
 from peerd.keystore import Keystore, read_passphrase
 from peerd.messages import Messages, OutboxLimits
-from peerd.mqtt import (
-    BrokerError,
-    BrokerLink,
-    BrokerQueueFull,
-    BrokerSettings,
-    Message,
-    Topics,
-    open_link,
-)
+from peerd.mqtt import BrokerError, BrokerLink, BrokerQueueFull, Message, Topics, link_for_config
 from peerd.node import NodeMethods, local_refusals, peer_json
 from peerd.revocations import Revocations
 from peerd.sessions import SessionTrust, local_key, read_psk
@@ -171,26 +163,9 @@ class Daemon:
                 max_half_open=cfg.limits.half_open_handshakes,
             ),
         )
-        b = cfg.broker
-        password = None
-        if b.password_file is not None:
-            try:
-                password = b.password_file.read_text().strip()
-            except OSError as exc:
-                raise DaemonError(f"cannot read the broker password file: {exc}") from exc
-        settings = BrokerSettings.from_url(
-            b.url,
-            client_id=self.keys.peer_id,
-            ca_file=b.ca_file,
-            cert_file=b.cert_file,
-            key_file=b.key_file,
-            username=b.username,
-            password=password,
-            keepalive=b.keepalive,
-            max_packet_size=b.max_packet_size,
-            mqtt_version=b.protocol_level,
+        self.link = link_for_config(
+            cfg.broker, client_id=self.keys.peer_id, on_state=self._on_link_state
         )
-        self.link = open_link(settings, client=b.client, on_state=self._on_link_state)
         self.control = ControlServer(cfg.node.socket, group=cfg.control.group, events=EVENTS)
         self.messages = Messages(
             self,

@@ -23,9 +23,10 @@ from peerd.mqtt.errors import (
     LinkClosed,
     SubscribeRefused,
 )
+from peerd.mqtt.limits import LinkLimits
 from peerd.mqtt.link import MqttLink
 from peerd.mqtt.outgoing import Pipeline
-from peerd.mqtt.port import CLIENTS, BrokerLink, LinkLimits, open_link
+from peerd.mqtt.port import CLIENTS, BrokerLink, link_for_config, open_link
 from peerd.mqtt.settings import DEFAULT_MAX_PACKET_SIZE, Backoff, BrokerSettings
 from peerd.mqtt.subscription import LinkStats, Message, Subscription
 from peerd.mqtt.topics import Topics, statement_id, topic_matches
@@ -54,6 +55,7 @@ __all__ = [
     "SubscribeRefused",
     "Subscription",
     "Topics",
+    "link_for_config",
     "open_link",
     "statement_id",
     "topic_matches",

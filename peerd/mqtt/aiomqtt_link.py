@@ -40,7 +40,7 @@ from peerd.mqtt.errors import (
     LinkClosed,
     SubscribeRefused,
 )
-from peerd.mqtt.port import LinkLimits
+from peerd.mqtt.limits import LinkLimits
 from peerd.mqtt.settings import Backoff, BrokerSettings
 from peerd.mqtt.subscription import LinkStats, Message, Routes, Subscription
 from peerd.mqtt.topics import check_filter

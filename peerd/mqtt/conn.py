@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from peerd.mqtt.settings import BrokerSettings
+from peerd.mqtt.subscription import LinkStats, Routes
 from protocol.mqtt import (
     ConnAck,
     Connection,
@@ -19,16 +21,35 @@ from protocol.mqtt import (
     Violation,
 )
 
-if TYPE_CHECKING:
-    from peerd.mqtt.link import MqttLink
-
 __all__ = ["Conn"]
+
+
+class _Owner(Protocol):
+    """What a connection reports to the link that owns it (MqttLink)."""
+
+    settings: BrokerSettings
+    stats: LinkStats
+    _routes: Routes
+
+    def _puback(self, mid: int, reason: int = 0) -> None: ...
+
+    def _suback(self, mid: int, codes: bytes) -> None: ...
+
+    def _unsuback(self, mid: int) -> None: ...
+
+    def _protocol_violation(self, conn: Conn, what: str) -> None: ...
+
+    def _broker_disconnected(self, conn: Conn, ev: Disconnect) -> None: ...
+
+    def _conn_lost(self, conn: Conn) -> None: ...
+
+    def _writable_changed(self, conn: Conn) -> None: ...
 
 
 class Conn(asyncio.BufferedProtocol):
     """Pumps one TCP/TLS connection through its `Connection` codec; the link outlives it."""
 
-    def __init__(self, link: MqttLink, version: int) -> None:
+    def __init__(self, link: _Owner, version: int) -> None:
         self.link = link
         self.transport: asyncio.Transport | None = None
         s = link.settings

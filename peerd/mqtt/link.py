@@ -57,8 +57,8 @@ from peerd.mqtt.errors import (
     BrokerUnreachable,
     LinkClosed,
 )
+from peerd.mqtt.limits import LinkLimits
 from peerd.mqtt.outgoing import Outgoing, Pipeline, as_bytes_view
-from peerd.mqtt.port import LinkLimits
 from peerd.mqtt.settings import Backoff, BrokerSettings
 from peerd.mqtt.subscribing import Pending, Subscribing
 from peerd.mqtt.subscription import LinkStats, Routes

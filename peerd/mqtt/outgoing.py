@@ -5,12 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from peerd.mqtt.errors import BrokerTimeout
-
-if TYPE_CHECKING:
-    from peerd.mqtt.link import MqttLink
 
 __all__ = ["Outgoing", "Pipeline", "as_bytes_view"]
 
@@ -69,6 +66,14 @@ def as_bytes_view(payload: bytes | bytearray | memoryview) -> bytes | bytearray 
     return payload
 
 
+class _Admits(Protocol):
+    """What a Pipeline needs of the link."""
+
+    def _admit(self, rec: Outgoing) -> None: ...
+
+    def _topic_for(self, topic: str, payload: bytes | bytearray | memoryview) -> bytes: ...
+
+
 class Pipeline:
     """Keeps up to `depth` QoS 1 publishes in flight without a task or future per message.
 
@@ -82,7 +87,7 @@ class Pipeline:
     reused when publish i + depth is admitted.
     """
 
-    def __init__(self, link: MqttLink, depth: int) -> None:
+    def __init__(self, link: _Admits, depth: int) -> None:
         self._link = link
         self.depth = depth
         self.sent = 0

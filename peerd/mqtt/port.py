@@ -11,40 +11,19 @@ in bounded per-subscription queues or a synchronous handler, errors from the Bro
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import Literal, Protocol
 
+from peerd.config import BrokerConfig
 from peerd.mqtt.errors import BrokerError, BrokerSettingsError
+from peerd.mqtt.limits import LinkLimits
+from peerd.mqtt.link import MqttLink
 from peerd.mqtt.settings import Backoff, BrokerSettings
 from peerd.mqtt.subscription import LinkStats, Message, Subscription
 
-if TYPE_CHECKING:
-    from peerd.mqtt.link import MqttLink
-
-__all__ = ["CLIENTS", "BrokerLink", "ClientName", "LinkLimits", "open_link"]
+__all__ = ["CLIENTS", "BrokerLink", "ClientName", "LinkLimits", "link_for_config", "open_link"]
 
 ClientName = Literal["builtin", "aiomqtt"]
 CLIENTS: tuple[ClientName, ...] = ("builtin", "aiomqtt")
-
-
-@dataclass(frozen=True, slots=True)
-class LinkLimits:
-    """The limits in force on the current (or last) connection.
-
-    `max_packet_size` bounds a whole PUBLISH packet: the smaller of what is configured and what
-    the broker said in its CONNACK (MQTT 5). `receive_maximum` bounds the QoS 1 publishes in
-    flight; `maximum_qos` and `retain_available` say what the broker accepts."""
-
-    max_packet_size: int
-    version: int = 4
-    receive_maximum: int = 65535
-    maximum_qos: int = 1
-    retain_available: bool = True
-
-    def max_payload(self, topic: str) -> int:
-        """The largest payload a PUBLISH to `topic` may carry (QoS 1 and MQTT 5 headers counted
-        at their largest)."""
-        return self.max_packet_size - (len(topic.encode()) + 2 + 2 + 5 + 1 + 7)
 
 
 class BrokerLink(Protocol):
@@ -113,8 +92,6 @@ def open_link(
     """A link of the chosen client. `aiomqtt` is an optional extra: selecting it without the
     package installed is a settings error that says how to install it."""
     if client == "builtin":
-        from peerd.mqtt.link import MqttLink  # noqa: PLC0415 - avoids an import cycle
-
         link: MqttLink = MqttLink(settings, on_state=on_state, backoff=backoff)
         return link
     if client == "aiomqtt":
@@ -127,3 +104,28 @@ def open_link(
             ) from exc
         return AiomqttLink(settings, on_state=on_state, backoff=backoff)
     raise BrokerSettingsError(f"unknown MQTT client {client!r}: use one of {', '.join(CLIENTS)}")
+
+
+def link_for_config(
+    broker: BrokerConfig, *, client_id: str, on_state: Callable[[bool], None] | None = None
+) -> BrokerLink:
+    """The link a `[broker]` section describes, logging in as `client_id` (the peer id)."""
+    password = None
+    if broker.password_file is not None:
+        try:
+            password = broker.password_file.read_text().strip()
+        except OSError as exc:
+            raise BrokerSettingsError(f"cannot read the broker password file: {exc}") from exc
+    settings = BrokerSettings.from_url(
+        broker.url,
+        client_id=client_id,
+        ca_file=broker.ca_file,
+        cert_file=broker.cert_file,
+        key_file=broker.key_file,
+        username=broker.username,
+        password=password,
+        keepalive=broker.keepalive,
+        max_packet_size=broker.max_packet_size,
+        mqtt_version=broker.protocol_level,
+    )
+    return open_link(settings, client=broker.client, on_state=on_state)

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from peerd.config import Config
     from peerd.keystore import Keystore
-    from peerd.mqtt import Message, Topics
+    from peerd.mqtt import LinkLimits, Message, Topics
     from peerd.store import Store
     from protocol.messaging import AppMessage
 
@@ -73,6 +73,11 @@ class Link(Protocol):
 
     @property
     def connected(self) -> bool: ...
+
+    @property
+    def limits(self) -> LinkLimits:
+        """The broker's limits in force: transfers size their chunks to fit."""
+        ...
 
     async def publish(
         self,

@@ -459,16 +459,19 @@ class AiomqttLink:
                 try:
                     pub.result()
                 except aiomqtt.MqttError as exc:
-                    raise self._translate(exc) from exc
-                self.stats.published += 1
-                self.stats.published_bytes += len(data)
-                return
-            if not done:
+                    # paho refuses a publish once it saw the connection go, which may be before
+                    # our reader does: like a publish during an outage, it waits in the outbox.
+                    log.debug("broker %s: publish refused (%s); queued", self.settings.url, exc)
+                else:
+                    self.stats.published += 1
+                    self.stats.published_bytes += len(data)
+                    return
+            elif not done:
                 raise BrokerTimeout(
                     f"a publish to {topic!r} was not {'acknowledged' if qos else 'sent'} within"
                     f" {timeout}s (broker {self.settings.url})"
                 )
-            if not qos:
+            elif not qos:
                 return  # best effort: a QoS 0 publish on a connection that died is lost
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._enqueue(topic, data, qos, retain, fut)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -45,7 +46,11 @@ from protocol.transfer import (
     TransferConfig,
     describe,
 )
-from protocol.transfer.chunks import frame_buffer
+from protocol.transfer.chunks import FRAME_OVERHEAD, frame_buffer
+
+# The smallest chunk a broker's packet limit may push a transfer down to (issue 12): below it
+# the per-chunk costs (a publish, a frame header and tag, an acknowledgement) dominate.
+MIN_CHUNK = 16 * 1024
 
 if TYPE_CHECKING:
     from peerd.host import Host
@@ -90,6 +95,24 @@ class Sending(Side):
 
     # -- starting ----------------------------------------------------------------------------
 
+    def _chunk_size(self) -> int:
+        """The configured chunk size, or the largest power of two below it whose frame fits the
+        broker's packet limit in force (negotiated with an MQTT 5 broker, or `[broker]
+        max_packet_size`), down to MIN_CHUNK; below that a transfer cannot go through."""
+        limits = self.host.link.limits
+        room = limits.max_payload(self.host.topics.transfer(self.host.peer_id, bytes(16)))
+        chunk = self.config.chunk_size
+        while chunk + FRAME_OVERHEAD > room and chunk > MIN_CHUNK:
+            chunk //= 2
+        if chunk + FRAME_OVERHEAD > room:
+            raise TransferError(
+                f"the broker's packet limit of {limits.max_packet_size} bytes leaves no room for"
+                f" a chunk of {MIN_CHUNK} bytes",
+                hint="raise the broker's limit (Mosquitto max_packet_size / message_size_limit)"
+                " and [broker] max_packet_size",
+            )
+        return chunk
+
     async def send(
         self, path: Path, receivers: list[str], *, answer_within: float | None = None
     ) -> dict[str, Any]:
@@ -113,6 +136,7 @@ class Sending(Side):
                     reason="not-trusted",
                     hint="pair with it first (peerd invite / peerd join)",
                 )
+        config = dataclasses.replace(self.config, chunk_size=self._chunk_size())
         fd, st = open_source(path)
         try:
             now = time.time()
@@ -123,7 +147,7 @@ class Sending(Side):
                 sender=host.peer_id,
                 signing_key=host.keys.signing_key(),
                 now=now,
-                config=self.config,
+                config=config,
             )
         except BaseException:
             os.close(fd)

@@ -19,7 +19,7 @@ from typing import Any
 from peerd.config import Config, default_config
 from peerd.host import Extension
 from peerd.keystore import Keystore
-from peerd.mqtt import Message, Topics
+from peerd.mqtt import LinkLimits, Message, Topics
 from peerd.store import Store, open_store
 from protocol.identity import fingerprint
 from protocol.messaging import decode_app
@@ -56,6 +56,7 @@ class FakeLink:
 
     def __init__(self, broker: FakeBroker) -> None:
         self.broker = broker
+        self.limits = LinkLimits(max_packet_size=1 << 20)  # as the real default
 
     @property
     def connected(self) -> bool:

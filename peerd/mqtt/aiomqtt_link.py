@@ -22,7 +22,6 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any
 
 import aiomqtt
@@ -30,6 +29,7 @@ import paho.mqtt.client as paho
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.reasoncodes import ReasonCode
 
+from peerd.mqtt.common import LinkCommon
 from peerd.mqtt.errors import (
     CONNACK_REASONS,
     BrokerError,
@@ -42,8 +42,7 @@ from peerd.mqtt.errors import (
 )
 from peerd.mqtt.limits import LinkLimits
 from peerd.mqtt.settings import Backoff, BrokerSettings
-from peerd.mqtt.subscription import LinkStats, Message, Routes, Subscription
-from peerd.mqtt.topics import check_filter
+from peerd.mqtt.subscription import Message, Subscription
 
 __all__ = ["AiomqttLink"]
 
@@ -55,7 +54,7 @@ _PAHO_LOG.setLevel(logging.INFO)
 _INCOMING = 4096  # aiomqtt's own queue, drained by our reader at once; a bound all the same
 
 
-class AiomqttLink:
+class AiomqttLink(LinkCommon):
     """A self-healing connection through aiomqtt. Run it with `run()` or `async with`."""
 
     def __init__(
@@ -67,59 +66,23 @@ class AiomqttLink:
         max_queued: int = 4096,
         max_queued_bytes: int = 64 << 20,
     ) -> None:
-        self.settings = settings
-        self.stats = LinkStats()
-        self.backoff = backoff or Backoff()
-        self.last_error: BrokerError | None = None
+        super().__init__(settings, on_state=on_state, backoff=backoff)
         self.max_queued = max_queued
         self.max_queued_bytes = max_queued_bytes
-        self._limits = LinkLimits(max_packet_size=settings.max_packet_size)
         self._version = settings.mqtt_version or _V5
-        self._on_state = on_state
         self._client: aiomqtt.Client | None = None
         self._down: asyncio.Future[None] | None = None  # done when the current connection drops
-        self._up = False
-        self._closing = False
-        self._closed = False
         self._stop: asyncio.Future[None] | None = None
-        self._task: asyncio.Task[None] | None = None
         self._runner: asyncio.Task[Any] | None = None  # the task in run(), awaited by close()
-        self._routes = Routes()
         self._outbox: deque[tuple[str, bytes, int, bool, asyncio.Future[None] | None]] = deque()
         self._queued_bytes = 0
         self._sent: deque[paho.MQTTMessageInfo] = deque()  # for drain(): written yet?
-        self._state_waiters: list[asyncio.Future[None]] = []
-        self._handler_errors_logged = 0
 
     # -- the port's properties --
 
     @property
-    def connected(self) -> bool:
-        return self._up
-
-    @property
     def queued(self) -> int:
         return len(self._outbox)
-
-    @property
-    def limits(self) -> LinkLimits:
-        return self._limits
-
-    @property
-    def subscriptions(self) -> list[str]:
-        return list(self._routes.by_filter)
-
-    async def __aenter__(self) -> AiomqttLink:
-        self._task = asyncio.create_task(self.run(), name=f"aiomqtt-link {self.settings.url}")
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # -- lifecycle --
 
@@ -167,9 +130,6 @@ class AiomqttLink:
                 await asyncio.wait((self._stop,), timeout=delay)
         finally:
             self._shutdown()
-
-    def _stopping(self) -> bool:  # a call, so mypy does not narrow it across awaits
-        return self._closing
 
     async def _open(self) -> aiomqtt.Client:
         """A connected client, at the protocol level that worked last (as MqttLink: MQTT 5
@@ -276,24 +236,6 @@ class AiomqttLink:
             log.info("broker %s: connection lost", self.settings.url)
             self._notify(False)
 
-    def _failed(self, exc: BrokerError) -> None:
-        self.last_error = exc
-        self.stats.connect_failures += 1
-        if exc.permanent:
-            log.warning("broker %s: %s", self.settings.url, exc.one_line())
-            for w in self._state_waiters:
-                if not w.done():
-                    w.set_exception(exc)
-        else:
-            log.info("broker %s: %s", self.settings.url, exc)
-
-    def _notify(self, up: bool) -> None:
-        if self._on_state is not None:
-            try:
-                self._on_state(up)
-            except Exception:
-                log.exception("the broker state callback failed")
-
     def _shutdown(self) -> None:
         self._closing = self._closed = True
         self._up = False
@@ -324,27 +266,6 @@ class AiomqttLink:
         elif self._stop is None:
             self._shutdown()
 
-    async def wait_connected(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - a BrokerTimeout that says what timed out
-        if self._up:
-            return
-        if self._closed:
-            raise LinkClosed("the broker link is closed")
-        if self.last_error is not None and self.last_error.permanent:
-            raise self.last_error
-        waiter = asyncio.get_running_loop().create_future()
-        self._state_waiters.append(waiter)
-        try:
-            async with asyncio.timeout(timeout):
-                await waiter
-        except TimeoutError:
-            why = f": {self.last_error}" if self.last_error else ""
-            raise BrokerTimeout(
-                f"not connected to the broker at {self.settings.url} after {timeout}s{why}"
-            ) from None
-        finally:
-            with contextlib.suppress(ValueError):
-                self._state_waiters.remove(waiter)
-
     async def drain(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - a BrokerTimeout that says what timed out
         """Wait until the outbox is empty and paho has written (QoS 1: had acknowledged) every
         publish handed to it."""
@@ -367,15 +288,7 @@ class AiomqttLink:
     # -- publishing --
 
     def _check(self, topic: str, payload: bytes | bytearray | memoryview, qos: int) -> bytes:
-        if qos not in (0, 1):
-            raise ValueError("peerd publishes at QoS 0 or 1")
-        if len(payload) + len(topic.encode()) + 8 > self._limits.max_packet_size:
-            raise ValueError(
-                f"a {len(payload)}-byte payload exceeds the broker packet limit of"
-                f" {self._limits.max_packet_size} bytes"
-            )
-        if not topic or "+" in topic or "#" in topic or "\0" in topic:
-            raise ValueError(f"invalid MQTT topic name {topic!r}")
+        self._check_publish(topic, len(payload), qos, 8 + 2 * (self._limits.version == _V5))
         if self._closing:
             raise LinkClosed("the broker link is closed")
         return bytes(payload)
@@ -496,22 +409,7 @@ class AiomqttLink:
         max_bytes: int = 16 << 20,
         timeout: float | None = None,  # noqa: ASYNC109 - a BrokerTimeout that says what timed out
     ) -> Subscription:
-        if qos not in (0, 1):
-            raise ValueError("peerd subscribes at QoS 0 or 1")
-        if max_messages < 1 or max_bytes < 1:
-            raise ValueError("a subscription queue needs room for at least one message")
-        check_filter(topic_filter)
-        if self._closing:
-            raise LinkClosed("the broker link is closed")
-        sub = Subscription(
-            self,
-            topic_filter,
-            qos=qos,
-            handler=handler,
-            max_messages=max_messages,
-            max_bytes=max_bytes,
-        )
-        want = self._routes.add(sub)
+        sub, want = self._new_subscription(topic_filter, qos, handler, max_messages, max_bytes)
         client = self._client
         try:
             async with asyncio.timeout(timeout):
@@ -539,12 +437,6 @@ class AiomqttLink:
         with contextlib.suppress(aiomqtt.MqttError):
             await client.unsubscribe(sub.filter, timeout=self.settings.connect_timeout)
         self._routes.stale.discard(sub.filter)
-
-    def _handler_failed(self, sub: Subscription) -> None:
-        self.stats.handler_errors += 1
-        n = self._handler_errors_logged = self._handler_errors_logged + 1
-        if n <= 5 or n % 1000 == 0:
-            log.exception("the handler of subscription %r failed (%d so far)", sub.filter, n)
 
 
 def _code(rc: int | ReasonCode | None) -> int:

@@ -41,7 +41,6 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from types import TracebackType
 from typing import Any, TypeVar
 
 from peerd.mqtt.conn import Conn
@@ -61,7 +60,6 @@ from peerd.mqtt.limits import LinkLimits
 from peerd.mqtt.outgoing import Outgoing, Pipeline, as_bytes_view
 from peerd.mqtt.settings import Backoff, BrokerSettings
 from peerd.mqtt.subscribing import Pending, Subscribing
-from peerd.mqtt.subscription import LinkStats, Routes
 from protocol.mqtt import (
     V5,
     V311,
@@ -101,49 +99,25 @@ class MqttLink(Subscribing):
     ) -> None:
         if not 1 <= max_inflight <= 60000 or max_queued < 1 or max_queued_bytes < 1:
             raise ValueError("invalid link limits")
-        self.settings = settings
-        self.stats = LinkStats()
-        self.backoff = backoff or Backoff()
+        super().__init__(settings, on_state=on_state, backoff=backoff)
         self.max_inflight = max_inflight
         self.max_queued = max_queued
         self.max_queued_bytes = max_queued_bytes
-        self.last_error: BrokerError | None = None
         self.last_delay: float | None = None
-        self._on_state = on_state
         self._ssl: ssl.SSLContext | None = None
         self._conn: Conn | None = None  # after CONNACK: control packets may be sent
-        self._up = False  # and subscriptions restored: publishes may be sent
         self._outbox: deque[Outgoing] = deque()
         self._queued_bytes = 0
         self._unacked: dict[int, Outgoing] = {}  # QoS 1 publishes holding a packet id
         self._pending: dict[int, Pending] = {}
         self._next_mid = 0
-        self._routes = Routes()
-        self._state_waiters: list[asyncio.Future[None]] = []
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._stop: asyncio.Future[None] | None = None  # set by close(): ends every wait in run()
         self._running = False
-        self._closing = False
-        self._closed = False
-        self._task: asyncio.Task[None] | None = None
-        self._handler_errors_logged = 0
-        self._limits = LinkLimits(max_packet_size=settings.max_packet_size)
         self._version = settings.mqtt_version or V5
         self._keepalive = settings.keepalive  # the broker's Server Keep Alive overrides it
 
     # -- lifecycle --
-
-    @property
-    def connected(self) -> bool:
-        return self._up
-
-    @property
-    def closing(self) -> bool:
-        """True once `close()` was called or `run()` was cancelled."""
-        return self._closing
-
-    def _stopping(self) -> bool:  # a call, so mypy does not narrow it across awaits
-        return self._closing
 
     @property
     def queued(self) -> int:
@@ -154,27 +128,6 @@ class MqttLink(Subscribing):
     def unacked(self) -> int:
         """QoS 1 publishes sent (or to be re-sent) and not yet acknowledged."""
         return len(self._unacked)
-
-    @property
-    def limits(self) -> LinkLimits:
-        """The limits in force on the current (or last) connection."""
-        return self._limits
-
-    @property
-    def subscriptions(self) -> list[str]:
-        return list(self._routes.by_filter)
-
-    async def __aenter__(self) -> MqttLink:
-        self._task = asyncio.create_task(self.run(), name=f"mqtt-link {self.settings.url}")
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def run(self) -> None:
         """Keep the connection up until `close()` or cancellation. Runs once per link."""
@@ -255,28 +208,6 @@ class MqttLink(Subscribing):
                 await task
         elif not self._running:
             self._shutdown()
-
-    async def wait_connected(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - a BrokerTimeout that says what timed out
-        """Return once connected; raise at once if the last attempt failed for good."""
-        if self._up:
-            return
-        if self._closed:
-            raise LinkClosed("the broker link is closed")
-        if self.last_error is not None and self.last_error.permanent:
-            raise self.last_error
-        waiter = asyncio.get_running_loop().create_future()
-        self._state_waiters.append(waiter)
-        try:
-            async with asyncio.timeout(timeout):
-                await waiter
-        except TimeoutError:
-            why = f": {self.last_error}" if self.last_error else ""
-            raise BrokerTimeout(
-                f"not connected to the broker at {self.settings.url} after {timeout}s{why}"
-            ) from None
-        finally:
-            with contextlib.suppress(ValueError):
-                self._state_waiters.remove(waiter)
 
     async def drain(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - a BrokerTimeout that says what timed out
         """Wait until every publish was written and every QoS 1 publish acknowledged."""
@@ -450,17 +381,6 @@ class MqttLink(Subscribing):
                 w.set_result(None)
         self._notify(True)
 
-    def _failed(self, exc: BrokerError) -> None:
-        self.last_error = exc
-        self.stats.connect_failures += 1
-        if exc.permanent:
-            log.warning("broker %s: %s", self.settings.url, exc.one_line())
-            for w in self._state_waiters:
-                if not w.done():
-                    w.set_exception(exc)
-        else:
-            log.info("broker %s: %s", self.settings.url, exc)
-
     def _conn_lost(self, conn: Conn) -> None:
         if conn is not self._conn:
             return
@@ -503,13 +423,6 @@ class MqttLink(Subscribing):
         conn.abort()
         conn.transport = None
         self._conn_lost(conn)
-
-    def _notify(self, up: bool) -> None:
-        if self._on_state is not None:
-            try:
-                self._on_state(up)
-            except Exception:
-                log.exception("the broker state callback failed")
 
     def _shutdown(self) -> None:
         self._closing = True

@@ -8,10 +8,9 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from peerd.mqtt.errors import BrokerTimeout, LinkClosed, SubscribeRefused
-from peerd.mqtt.settings import BrokerSettings
-from peerd.mqtt.subscription import LinkStats, Message, Routes, Subscription
-from peerd.mqtt.topics import check_filter
+from peerd.mqtt.common import LinkCommon
+from peerd.mqtt.errors import BrokerTimeout, SubscribeRefused
+from peerd.mqtt.subscription import Message, Subscription
 
 if TYPE_CHECKING:
     from peerd.mqtt.conn import Conn
@@ -33,16 +32,11 @@ class Pending:
         self.waiter = waiter
 
 
-class Subscribing:
-    settings: BrokerSettings
-    stats: LinkStats
-    _routes: Routes
+class Subscribing(LinkCommon):
     _conn: Conn | None
-    _closing: bool
     _pending: dict[int, Pending]
     _unacked: dict[int, Outgoing]
     _next_mid: int
-    _handler_errors_logged: int
 
     def _alloc_mid(self) -> int:
         """A packet id free among publishes awaiting PUBACK and (un)subscribes in flight."""
@@ -68,22 +62,7 @@ class Subscribing:
         The subscription is restored after every reconnect until closed. Messages beyond
         `max_messages` or `max_bytes` queued are dropped and counted.
         """
-        if qos not in (0, 1):
-            raise ValueError("peerd subscribes at QoS 0 or 1")
-        if max_messages < 1 or max_bytes < 1:
-            raise ValueError("a subscription queue needs room for at least one message")
-        check_filter(topic_filter)
-        if self._closing:
-            raise LinkClosed("the broker link is closed")
-        sub = Subscription(
-            self,
-            topic_filter,
-            qos=qos,
-            handler=handler,
-            max_messages=max_messages,
-            max_bytes=max_bytes,
-        )
-        qos = self._routes.add(sub)
+        sub, qos = self._new_subscription(topic_filter, qos, handler, max_messages, max_bytes)
         conn = self._conn
         if conn is not None:
             self._send_subscribe(conn, topic_filter, qos, None)
@@ -172,10 +151,3 @@ class Subscribing:
             ) from None
         except ConnectionError:
             pass  # with a clean session the broker forgot it; otherwise _restore finishes it
-
-    def _handler_failed(self, sub: Subscription) -> None:
-        self.stats.handler_errors += 1
-        # A flood must not become a log flood: the first few, then every 1000th.
-        n = self._handler_errors_logged = self._handler_errors_logged + 1
-        if n <= 5 or n % 1000 == 0:
-            log.exception("the handler of subscription %r failed (%d so far)", sub.filter, n)

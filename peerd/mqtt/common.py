@@ -1,0 +1,175 @@
+"""What both implementations of the transport port share: state, waiting for the connection,
+reporting failures and state changes, and making subscriptions. `MqttLink` and `AiomqttLink`
+derive from `LinkCommon`; each keeps its own connection handling."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from types import TracebackType
+from typing import Self
+
+from peerd.mqtt.errors import BrokerError, BrokerTimeout, LinkClosed
+from peerd.mqtt.limits import LinkLimits
+from peerd.mqtt.settings import Backoff, BrokerSettings
+from peerd.mqtt.subscription import LinkStats, Message, Routes, Subscription
+from peerd.mqtt.topics import check_filter
+
+__all__ = ["LinkCommon"]
+
+log = logging.getLogger("peerd.mqtt")
+
+
+class LinkCommon:
+    """The shared half of a broker link; subclasses provide `run()` and `close()`."""
+
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        *,
+        on_state: Callable[[bool], None] | None,
+        backoff: Backoff | None,
+    ) -> None:
+        self.settings = settings
+        self.stats = LinkStats()
+        self.backoff = backoff or Backoff()
+        self.last_error: BrokerError | None = None
+        self._limits = LinkLimits(max_packet_size=settings.max_packet_size)
+        self._on_state = on_state
+        self._routes = Routes()
+        self._up = False  # connected, subscriptions restored: publishes may be sent
+        self._closing = False
+        self._closed = False
+        self._task: asyncio.Task[None] | None = None
+        self._state_waiters: list[asyncio.Future[None]] = []
+        self._handler_errors_logged = 0
+
+    async def run(self) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def connected(self) -> bool:
+        return self._up
+
+    @property
+    def closing(self) -> bool:
+        """True once `close()` was called or `run()` was cancelled."""
+        return self._closing
+
+    def _stopping(self) -> bool:  # a call, so mypy does not narrow it across awaits
+        return self._closing
+
+    @property
+    def limits(self) -> LinkLimits:
+        """The limits in force on the current (or last) connection."""
+        return self._limits
+
+    @property
+    def subscriptions(self) -> list[str]:
+        return list(self._routes.by_filter)
+
+    async def __aenter__(self) -> Self:
+        self._task = asyncio.create_task(self.run(), name=f"mqtt-link {self.settings.url}")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def wait_connected(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - a BrokerTimeout that says what timed out
+        """Return once connected; raise at once if the last attempt failed for good."""
+        if self._up:
+            return
+        if self._closed:
+            raise LinkClosed("the broker link is closed")
+        if self.last_error is not None and self.last_error.permanent:
+            raise self.last_error
+        waiter = asyncio.get_running_loop().create_future()
+        self._state_waiters.append(waiter)
+        try:
+            async with asyncio.timeout(timeout):
+                await waiter
+        except TimeoutError:
+            why = f": {self.last_error}" if self.last_error else ""
+            raise BrokerTimeout(
+                f"not connected to the broker at {self.settings.url} after {timeout}s{why}"
+            ) from None
+        finally:
+            with contextlib.suppress(ValueError):
+                self._state_waiters.remove(waiter)
+
+    def _failed(self, exc: BrokerError) -> None:
+        self.last_error = exc
+        self.stats.connect_failures += 1
+        if exc.permanent:
+            log.warning("broker %s: %s", self.settings.url, exc.one_line())
+            for w in self._state_waiters:
+                if not w.done():
+                    w.set_exception(exc)
+        else:
+            log.info("broker %s: %s", self.settings.url, exc)
+
+    def _notify(self, up: bool) -> None:
+        if self._on_state is not None:
+            try:
+                self._on_state(up)
+            except Exception:
+                log.exception("the broker state callback failed")
+
+    def _new_subscription(
+        self,
+        topic_filter: str,
+        qos: int,
+        handler: Callable[[Message], None] | None,
+        max_messages: int,
+        max_bytes: int,
+    ) -> tuple[Subscription, int]:
+        """A checked, registered subscription, and the QoS its filter must now have."""
+        if qos not in (0, 1):
+            raise ValueError("peerd subscribes at QoS 0 or 1")
+        if max_messages < 1 or max_bytes < 1:
+            raise ValueError("a subscription queue needs room for at least one message")
+        check_filter(topic_filter)
+        if self._closing:
+            raise LinkClosed("the broker link is closed")
+        sub = Subscription(
+            self,
+            topic_filter,
+            qos=qos,
+            handler=handler,
+            max_messages=max_messages,
+            max_bytes=max_bytes,
+        )
+        return sub, self._routes.add(sub)
+
+    async def _unsubscribe(self, sub: Subscription) -> None:
+        raise NotImplementedError
+
+    def _handler_failed(self, sub: Subscription) -> None:
+        self.stats.handler_errors += 1
+        # A flood must not become a log flood: the first few, then every 1000th.
+        n = self._handler_errors_logged = self._handler_errors_logged + 1
+        if n <= 5 or n % 1000 == 0:
+            log.exception("the handler of subscription %r failed (%d so far)", sub.filter, n)
+
+    def _check_publish(self, topic: str, payload_len: int, qos: int, header: int = 8) -> None:
+        """A publish fits the packet limit in force, has a valid topic name and QoS."""
+        if qos not in (0, 1):
+            raise ValueError("peerd publishes at QoS 0 or 1")
+        limit = self._limits.max_packet_size
+        raw = topic.encode()
+        if payload_len + len(raw) + header > limit:
+            raise ValueError(
+                f"a {payload_len}-byte payload exceeds the broker packet limit of {limit} bytes"
+            )
+        if not raw or len(raw) > 65535 or "+" in topic or "#" in topic or "\0" in topic:
+            raise ValueError(f"invalid MQTT topic name {topic!r}")

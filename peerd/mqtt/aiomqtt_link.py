@@ -101,6 +101,7 @@ class AiomqttLink(LinkCommon):
                         await self._restore(client)
                         up_since = time.monotonic()
                         self._set_up(client)
+                        self.backoff.reset()  # the next outage starts over (as MqttLink)
                         reader = asyncio.ensure_future(self._read(client))
                         try:
                             await asyncio.wait(

@@ -112,3 +112,33 @@ def test_aiomqtt_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> No
     assert "peerd[aiomqtt]" in err.value.hint
     with pytest.raises(BrokerSettingsError, match="unknown MQTT client"):
         open_link(settings, client="paho")
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_a_successful_connect_resets_the_backoff(tmp_path: Path, client: str) -> None:
+    """Even a connection that lives a moment: restarts in a row must not grow the delay."""
+    chosen: list[int] = []
+
+    class Recording(Backoff):
+        def next_delay(self) -> float:
+            chosen.append(self.attempt)
+            return super().next_delay()
+
+    broker = Broker(tmp_path / "b")  # not started yet: the first attempts fail
+    s = BrokerSettings.from_url(broker.url, client_id=("r" + os.urandom(6).hex())[:23])
+    # healthy_after: never reached here, so only the connect itself may reset the sequence
+    backoff = Recording(initial=0.01, maximum=0.05, healthy_after=1000)
+    link = open_link(s, client=client, backoff=backoff)
+    task = asyncio.create_task(link.run())
+    try:
+        await eventually(lambda: len(chosen) >= 4, "four failed attempts")
+        broker.start()
+        await link.wait_connected(10)
+        before = len(chosen)
+        broker.kill()
+        await eventually(lambda: len(chosen) > before, "a reconnect attempt")
+        assert chosen[before] == 0
+    finally:
+        await link.close()
+        await task
+        broker.close()

@@ -9,6 +9,7 @@ code). `main` turns every `PeerdError` into one line on stderr (the traceback on
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -42,6 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return common.EXIT_USAGE
     try:
         code: int = args.func(args)
+        # Flush here, inside the handler below, not in the interpreter's exit where a closed
+        # pipe would print "Exception ignored ... BrokenPipeError".
+        sys.stdout.flush()
         return code
     except PeerdError as exc:
         if args.debug:
@@ -50,3 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return common.exit_code_for(exc)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`peerd status --json | head -1`): what it wanted was written.
+        # Point stdout at /dev/null so the interpreter's final flush cannot raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe

@@ -96,6 +96,13 @@ def cmd_msg_listen(args: argparse.Namespace) -> int:
                 # Acknowledge after it is out: a crash here repeats a message, never loses one.
                 await client.request("v1.msg.ack", {"ids": [m["id"]]})
                 seen += 1
+        if args.count and seen < args.count:
+            # Like `receive`: a script piping `--count 1` into a file must not succeed on nothing.
+            print(
+                f"peerd: timed out after {seen} of {args.count} messages on {args.channel!r}",
+                file=sys.stderr,
+            )
+            return common.EXIT_TIMEOUT
         return common.EXIT_OK
 
     code: int = common.client_call(args, listen, timeout=None)

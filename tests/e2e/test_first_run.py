@@ -1,0 +1,53 @@
+"""What a new user meets first, through the real CLI against a real daemon (issue 16 item 0)."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.broker import Broker
+from tests.support.cluster import PEERD, ROOT, Node, make_nodes
+
+
+@pytest.fixture
+def node(tmp_path: Path, broker: Broker) -> Iterator[Node]:
+    (a,) = make_nodes(tmp_path, broker.url, ["alice"])
+    a.start()
+    try:
+        yield a
+    finally:
+        a.kill()
+
+
+def closed_pipe(node: Node, *args: str) -> subprocess.CompletedProcess[bytes]:
+    """Run a command whose reader has already gone, as `... | head -1` ends up doing."""
+    proc = subprocess.Popen(
+        [*PEERD, "--config", str(node.config), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=node.env(),
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None
+    proc.stdout.close()
+    _, stderr = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, b"", stderr)
+
+
+@pytest.mark.parametrize("args", [("status", "--json"), ("id",)])
+def test_a_closed_pipe_ends_the_command_without_a_traceback(
+    node: Node, args: tuple[str, ...]
+) -> None:
+    result = closed_pipe(node, *args)
+    assert result.stderr == b""
+    assert result.returncode == 141
+
+
+def test_msg_listen_fails_when_the_timeout_comes_before_the_count(node: Node) -> None:
+    result = node.run_cli("msg", "listen", "updates", "--count", "1", "--timeout", "1s")
+    assert result.returncode == 6
+    assert result.stdout == ""
+    assert "timed out after 0 of 1 messages" in result.stderr

@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in _GROUPS:
         module = __import__(f"peerd.cli.{name}", fromlist=["register"])
         module.register(subparsers)
+    common.add_global_options_everywhere(parser)
     return parser
 
 

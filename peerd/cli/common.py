@@ -59,20 +59,39 @@ def exit_code_for(exc: PeerdError) -> int:
     return EXIT_FAILURE
 
 
-def add_global_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+def add_global_options(parser: argparse.ArgumentParser, *, inherited: bool = False) -> None:
+    """--debug, --config and --socket. `inherited` adds them to a subcommand: there they default
+    to SUPPRESS, so a value given before the subcommand is kept unless repeated after it."""
+    default: Any = argparse.SUPPRESS if inherited else None
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS if inherited else False,
+        help="show tracebacks on errors",
+    )
     parser.add_argument(
         "--config",
         metavar="FILE",
-        default=None,
+        default=default,
         help=f"configuration file (default: $PEERD_CONFIG, else {DEFAULT_CONFIG})",
     )
     parser.add_argument(
         "--socket",
         metavar="PATH",
-        default=None,
+        default=default,
         help="the daemon's control socket (default: the one the configuration names)",
     )
+
+
+def add_global_options_everywhere(parser: argparse.ArgumentParser) -> None:
+    """The global options on every subcommand too, so `peerd status --config F` works as the
+    README promises (argparse only takes a parser's options before its subcommand)."""
+    # argparse has no public way to list a parser's subparsers: _actions is the stable way in.
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                add_global_options(sub, inherited=True)
+                add_global_options_everywhere(sub)
 
 
 def config_path(args: argparse.Namespace) -> str:
@@ -208,6 +227,7 @@ __all__ = [
     "ConfigError",
     "UsageError",
     "add_global_options",
+    "add_global_options_everywhere",
     "add_json_option",
     "call",
     "client_call",

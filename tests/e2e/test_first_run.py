@@ -51,3 +51,28 @@ def test_msg_listen_fails_when_the_timeout_comes_before_the_count(node: Node) ->
     assert result.returncode == 6
     assert result.stdout == ""
     assert "timed out after 0 of 1 messages" in result.stderr
+
+
+def test_config_is_taken_after_the_subcommand_and_from_peerd_config(node: Node) -> None:
+    def peerd(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*PEERD, *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=60,
+            check=False,
+        )
+
+    after = peerd("status", "--json", "--config", str(node.config), env=node.env())
+    assert after.returncode == 0, after.stderr
+    assert node.peer_id in after.stdout
+    nested = peerd("msg", "outbox", "--config", str(node.config), env=node.env())
+    assert nested.returncode == 0, nested.stderr
+    from_env = peerd("status", "--json", env={**node.env(), "PEERD_CONFIG": str(node.config)})
+    assert from_env.returncode == 0, from_env.stderr
+    assert node.peer_id in from_env.stdout
+    # Given both before and after the subcommand, the one nearer the command wins.
+    both = peerd("--config", "/nonexistent", "status", "--config", str(node.config), env=node.env())
+    assert both.returncode == 0, both.stderr

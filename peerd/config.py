@@ -135,7 +135,10 @@ def _broker_url(value: str) -> str:
     if parts.netloc.endswith(":"):
         raise ValueError(f"{value!r}: a ':' with no port after it")
     if parts.username or parts.password:
-        raise ValueError(f"{value!r}: put credentials in username / password_file, not the URL")
+        raise ValueError(
+            f"{value!r}: put credentials in username / password_file, not the URL"
+            " (`peerd init --broker-user NAME --broker-password-file FILE`)"
+        )
     return value
 
 

@@ -35,6 +35,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--name", help="a name for this node, shown to people (default: host name)")
     p.add_argument("--network", help="the network to join (default: peerd)")
     p.add_argument("--broker", metavar="URL", help="mqtt://host:port or mqtts://host:port")
+    p.add_argument("--broker-user", metavar="NAME", help="the user name to log in to the broker as")
+    p.add_argument(
+        "--broker-password-file",
+        metavar="FILE",
+        help="a file holding the broker password (read by the daemon at each connect)",
+    )
     p.add_argument(
         "--state-dir",
         metavar="DIR",
@@ -82,7 +88,11 @@ def _init_config_path(args: argparse.Namespace) -> Path:
 def _init_settings(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return {
         "node": {"name": args.name, "network": args.network},
-        "broker": {"url": args.broker},
+        "broker": {
+            "url": args.broker,
+            "username": args.broker_user,
+            "password_file": args.broker_password_file,
+        },
         "keys": {"passphrase_file": args.passphrase_file},
         "network": {"authority_key": args.authority_key},
     }
@@ -96,7 +106,15 @@ def cmd_init(args: argparse.Namespace) -> int:
     settings = _init_settings(args)
     given = [
         f"--{k.replace('_', '-')}"
-        for k in ("name", "network", "broker", "passphrase_file", "authority_key")
+        for k in (
+            "name",
+            "network",
+            "broker",
+            "broker_user",
+            "broker_password_file",
+            "passphrase_file",
+            "authority_key",
+        )
         if getattr(args, k)
     ]
     if path.exists():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from peerd.config import load_config
 from tests.support.broker import Broker
 from tests.support.cluster import PEERD, ROOT, Node, make_nodes
 
@@ -76,3 +77,29 @@ def test_config_is_taken_after_the_subcommand_and_from_peerd_config(node: Node) 
     # Given both before and after the subcommand, the one nearer the command wins.
     both = peerd("--config", "/nonexistent", "status", "--config", str(node.config), env=node.env())
     assert both.returncode == 0, both.stderr
+
+
+def test_init_takes_the_broker_credentials(tmp_path: Path) -> None:
+    secret = tmp_path / "broker-password"
+    secret.write_text("s3cret\n")
+    node = Node(
+        tmp_path,
+        "carol",
+        "mqtt://127.0.0.1:1",
+        broker_user="carol",
+        broker_password_file=str(secret),
+    ).init()
+    config = load_config(node.config)
+    assert config.broker.username == "carol"
+    assert config.broker.password_file == secret
+    refused = subprocess.run(
+        [*PEERD, "init", "--state-dir", str(tmp_path / "dave"), "--broker", "mqtt://d:pw@h:1883"],
+        capture_output=True,
+        text=True,
+        env=node.env(),
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+    assert refused.returncode != 0
+    assert "--broker-user" in refused.stderr

@@ -15,6 +15,7 @@ breaks in the base32 part, so a token survives being wrapped by a mail client.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Self
 
 import nacl.utils
@@ -138,9 +139,26 @@ class InviteToken:
     def check_fresh(self, now: float) -> None:
         if now >= self.expires_at:
             raise Expired(
-                f"the invite token expired at {self.expires_at} (now {int(now)})",
+                f"the invite token expired at {_utc(self.expires_at)}"
+                f" ({_ago(now - self.expires_at)} ago)",
                 hint="ask the inviter for a new token",
             )
+
+
+def _utc(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _ago(seconds: float) -> str:
+    """A short human span: 42 s, 17 min, 5 h, 3 days."""
+    s = int(seconds)
+    if s < 120:
+        return f"{s} s"
+    if s < 7200:
+        return f"{s // 60} min"
+    if s < 172800:
+        return f"{s // 3600} h"
+    return f"{s // 86400} days"
 
 
 def new_invite(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -115,6 +117,16 @@ def test_expiry() -> None:
     token.check_fresh(token.expires_at - 1)
     with pytest.raises(Expired):
         token.check_fresh(token.expires_at)
+
+
+def test_an_expired_token_says_when_in_words_not_unix_seconds() -> None:
+    token = _token()
+    with pytest.raises(Expired) as caught:
+        token.check_fresh(token.expires_at + 17 * 60 + 5)
+    text = str(caught.value)
+    assert datetime.fromtimestamp(token.expires_at, UTC).strftime("%Y-%m-%d %H:%M:%SZ") in text
+    assert "17 min ago" in text
+    assert str(token.expires_at) not in text
 
 
 def test_issue_misuse() -> None:

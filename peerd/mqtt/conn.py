@@ -8,7 +8,7 @@ import time
 from typing import Protocol
 
 from peerd.mqtt.settings import BrokerSettings
-from peerd.mqtt.subscription import LinkStats, Routes
+from peerd.mqtt.subscription import LinkStats
 from protocol.mqtt import (
     ConnAck,
     Connection,
@@ -21,35 +21,38 @@ from protocol.mqtt import (
     Violation,
 )
 
-__all__ = ["Conn"]
+__all__ = ["Conn", "ConnOwner"]
 
 
-class _Owner(Protocol):
-    """What a connection reports to the link that owns it (MqttLink)."""
+class ConnOwner(Protocol):
+    """What a connection needs of the link that owns it (MqttLink): its settings and counters,
+    and one public method per thing the connection reports. Named here, so conn.py never
+    imports link.py."""
 
     settings: BrokerSettings
     stats: LinkStats
-    _routes: Routes
 
-    def _puback(self, mid: int, reason: int = 0) -> None: ...
+    def on_publish(self, ev: Publish) -> None: ...
 
-    def _suback(self, mid: int, codes: bytes) -> None: ...
+    def on_puback(self, mid: int, reason: int = 0) -> None: ...
 
-    def _unsuback(self, mid: int) -> None: ...
+    def on_suback(self, mid: int, codes: bytes) -> None: ...
 
-    def _protocol_violation(self, conn: Conn, what: str) -> None: ...
+    def on_unsuback(self, mid: int) -> None: ...
 
-    def _broker_disconnected(self, conn: Conn, ev: Disconnect) -> None: ...
+    def on_protocol_violation(self, conn: Conn, what: str) -> None: ...
 
-    def _conn_lost(self, conn: Conn) -> None: ...
+    def on_broker_disconnect(self, conn: Conn, ev: Disconnect) -> None: ...
 
-    def _writable_changed(self, conn: Conn) -> None: ...
+    def on_conn_lost(self, conn: Conn) -> None: ...
+
+    def on_writable_changed(self, conn: Conn) -> None: ...
 
 
 class Conn(asyncio.BufferedProtocol):
     """Pumps one TCP/TLS connection through its `Connection` codec; the link outlives it."""
 
-    def __init__(self, link: _Owner, version: int) -> None:
+    def __init__(self, link: ConnOwner, version: int) -> None:
         self.link = link
         self.transport: asyncio.Transport | None = None
         s = link.settings
@@ -88,15 +91,15 @@ class Conn(asyncio.BufferedProtocol):
             self.connack.exception()
         if not self.closed.done():
             self.closed.set_result(None)
-        self.link._conn_lost(self)
+        self.link.on_conn_lost(self)
 
     def pause_writing(self) -> None:
         self.paused = True
-        self.link._writable_changed(self)
+        self.link.on_writable_changed(self)
 
     def resume_writing(self) -> None:
         self.paused = False
-        self.link._writable_changed(self)
+        self.link.on_writable_changed(self)
 
     def eof_received(self) -> bool:
         return False
@@ -111,9 +114,9 @@ class Conn(asyncio.BufferedProtocol):
         link = self.link
         while (ev := codec.next_event()) is not None:
             if type(ev) is Publish:
-                link._routes.deliver(ev, link.stats)
+                link.on_publish(ev)
             elif type(ev) is PubAck:
-                link._puback(ev.mid, ev.reason)
+                link.on_puback(ev.mid, ev.reason)
             else:
                 self._event(ev)
             if self.transport is None:
@@ -123,9 +126,9 @@ class Conn(asyncio.BufferedProtocol):
     def _event(self, ev: object) -> None:
         link = self.link
         if isinstance(ev, SubAck):
-            link._suback(ev.mid, ev.codes)
+            link.on_suback(ev.mid, ev.codes)
         elif isinstance(ev, UnsubAck):
-            link._unsuback(ev.mid)
+            link.on_unsuback(ev.mid)
         elif isinstance(ev, Dropped):
             if ev.reason == "oversize":
                 link.stats.dropped_oversize += 1
@@ -136,9 +139,9 @@ class Conn(asyncio.BufferedProtocol):
             if not self.connack.done():
                 self.connack.set_result(ev)
         elif isinstance(ev, Violation):
-            link._protocol_violation(self, ev.what)
+            link.on_protocol_violation(self, ev.what)
         elif isinstance(ev, Disconnect):
-            link._broker_disconnected(self, ev)
+            link.on_broker_disconnect(self, ev)
 
     def flush(self) -> None:
         t = self.transport

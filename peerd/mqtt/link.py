@@ -65,6 +65,7 @@ from protocol.mqtt import (
     V311,
     ConnAck,
     Disconnect,
+    Publish,
 )
 
 __all__ = ["MqttLink"]
@@ -160,7 +161,7 @@ class MqttLink(Subscribing):
                 finally:
                     if conn is not None:
                         conn.finish(graceful=self._closing)
-                        self._conn_lost(conn)
+                        self.on_conn_lost(conn)
                 if self._stopping():
                     break
                 if (
@@ -384,7 +385,7 @@ class MqttLink(Subscribing):
                 w.set_result(None)
         self._notify(True)
 
-    def _conn_lost(self, conn: Conn) -> None:
+    def on_conn_lost(self, conn: Conn) -> None:
         if conn is not self._conn:
             return
         was_up = self._up
@@ -407,15 +408,15 @@ class MqttLink(Subscribing):
             log.info("broker %s: connection lost", self.settings.url)
             self._notify(False)
 
-    def _protocol_violation(self, conn: Conn, what: str) -> None:
+    def on_protocol_violation(self, conn: Conn, what: str) -> None:
         self.stats.protocol_errors += 1
         self.last_error = BrokerProtocolError(what)
         log.warning("broker %s: %s; reconnecting", self.settings.url, what)
         conn.abort()
         conn.transport = None
-        self._conn_lost(conn)
+        self.on_conn_lost(conn)
 
-    def _broker_disconnected(self, conn: Conn, ev: Disconnect) -> None:
+    def on_broker_disconnect(self, conn: Conn, ev: Disconnect) -> None:
         why = CONNACK_REASONS.get(ev.reason, f"reason {ev.reason:#x}")
         if ev.reason_string:
             why += f": {ev.reason_string}"
@@ -425,7 +426,7 @@ class MqttLink(Subscribing):
         log.warning("broker %s: disconnected us (%s); reconnecting", self.settings.url, why)
         conn.abort()
         conn.transport = None
-        self._conn_lost(conn)
+        self.on_conn_lost(conn)
 
     def _shutdown(self) -> None:
         self._closing = True
@@ -488,7 +489,7 @@ class MqttLink(Subscribing):
         Maximum (MQTT 5; it disconnects a client that exceeds it)."""
         return min(self.max_inflight, self._limits.receive_maximum)
 
-    def _admit(self, rec: Outgoing) -> None:
+    def admit(self, rec: Outgoing) -> None:
         """Send now if nothing is ahead of it, else queue within the outbox limits."""
         if self._closing:
             raise LinkClosed("the broker link is closed")
@@ -563,11 +564,14 @@ class MqttLink(Subscribing):
                 if not w.done():
                     w.set_result(None)
 
-    def _writable_changed(self, conn: Conn) -> None:
+    def on_publish(self, ev: Publish) -> None:
+        self._routes.deliver(ev, self.stats)
+
+    def on_writable_changed(self, conn: Conn) -> None:
         if conn is self._conn and not conn.paused:
             self._flush()
 
-    def _puback(self, mid: int, reason: int = 0) -> None:
+    def on_puback(self, mid: int, reason: int = 0) -> None:
         rec = self._unacked.pop(mid, None)
         if rec is None:
             return  # a duplicate acknowledgement: nothing waits for it
@@ -602,7 +606,7 @@ class MqttLink(Subscribing):
         if qos not in (0, 1):
             raise ValueError("peerd publishes at QoS 0 or 1")
         payload = as_bytes_view(payload)
-        self._admit(Outgoing(self._topic_for(topic, payload), payload, qos, retain, None, None))
+        self.admit(Outgoing(self.topic_for(topic, payload), payload, qos, retain, None, None))
 
     async def publish(
         self,
@@ -622,7 +626,7 @@ class MqttLink(Subscribing):
         if qos not in (0, 1):
             raise ValueError("peerd publishes at QoS 0 or 1")
         payload = as_bytes_view(payload)
-        topic_raw = self._topic_for(topic, payload)
+        topic_raw = self.topic_for(topic, payload)
         conn = self._conn
         if (
             qos == 0
@@ -636,7 +640,7 @@ class MqttLink(Subscribing):
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         rec = Outgoing(topic_raw, payload, qos, retain, waiter, None)
-        self._admit(rec)
+        self.admit(rec)
         if waiter.done():
             return
         try:
@@ -652,7 +656,7 @@ class MqttLink(Subscribing):
             self._withdraw(rec)
             raise
 
-    def _topic_for(self, topic: str, payload: bytes | bytearray | memoryview) -> bytes:
+    def topic_for(self, topic: str, payload: bytes | bytearray | memoryview) -> bytes:
         """`topic` encoded, once the PUBLISH is known to fit the packet limit and the topic
         name to be valid."""
         raw = topic.encode()

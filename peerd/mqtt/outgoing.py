@@ -9,7 +9,7 @@ from typing import Protocol
 
 from peerd.mqtt.errors import BrokerTimeout
 
-__all__ = ["Outgoing", "Pipeline", "as_bytes_view"]
+__all__ = ["Admits", "Outgoing", "Pipeline", "as_bytes_view"]
 
 
 class Outgoing:
@@ -66,12 +66,12 @@ def as_bytes_view(payload: bytes | bytearray | memoryview) -> bytes | bytearray 
     return payload
 
 
-class _Admits(Protocol):
+class Admits(Protocol):
     """What a Pipeline needs of the link."""
 
-    def _admit(self, rec: Outgoing) -> None: ...
+    def admit(self, rec: Outgoing) -> None: ...
 
-    def _topic_for(self, topic: str, payload: bytes | bytearray | memoryview) -> bytes: ...
+    def topic_for(self, topic: str, payload: bytes | bytearray | memoryview) -> bytes: ...
 
 
 class Pipeline:
@@ -87,7 +87,7 @@ class Pipeline:
     reused when publish i + depth is admitted.
     """
 
-    def __init__(self, link: _Admits, depth: int) -> None:
+    def __init__(self, link: Admits, depth: int) -> None:
         self._link = link
         self.depth = depth
         self.sent = 0
@@ -120,7 +120,7 @@ class Pipeline:
             await self._wait(self.depth - 1)
         payload = as_bytes_view(payload)
         link = self._link
-        link._admit(Outgoing(link._topic_for(topic, payload), payload, 1, retain, None, self._done))
+        link.admit(Outgoing(link.topic_for(topic, payload), payload, 1, retain, None, self._done))
         self.sent += 1
 
     async def drain(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - a BrokerTimeout that says what timed out

@@ -101,7 +101,7 @@ class Subscribing(LinkCommon):
         conn.codec.unsubscribe(mid, filters)
         conn.flush()
 
-    def _suback(self, mid: int, codes: bytes) -> None:
+    def on_suback(self, mid: int, codes: bytes) -> None:
         p = self._pending.get(mid)
         if p is None or p.kind != 9 or len(codes) != len(p.filters):
             return  # not for a SUBSCRIBE of ours: ignored
@@ -124,7 +124,7 @@ class Subscribing(LinkCommon):
         if p.waiter is not None and not p.waiter.done():
             p.waiter.set_result(codes)
 
-    def _unsuback(self, mid: int) -> None:
+    def on_unsuback(self, mid: int) -> None:
         p = self._pending.get(mid)
         if p is None or p.kind != 11:
             return

@@ -59,9 +59,9 @@ def _sqlite_error(path: Path, exc: sqlite3.Error) -> StoreError:
 class Transaction:
     """One open transaction: run statements, append log events, defer view updates."""
 
-    def __init__(self, store: StoreCore, now: float) -> None:
-        self._store = store
-        self._db = store._conn()
+    # Given the connection, not the store: a transaction needs nothing else of it.
+    def __init__(self, db: aiosqlite.Connection, now: float) -> None:
+        self._db = db
         self.now = float(now)
         self._after: list[Callable[[], None]] = []
         self.events: list[Event] = []
@@ -224,7 +224,7 @@ class StoreCore:
         """
         async with self._lock:
             db = self._conn()
-            tx = Transaction(self, now)
+            tx = Transaction(db, now)
             try:
                 await db.execute("BEGIN IMMEDIATE")
                 try:

@@ -36,7 +36,7 @@ from peerd.store.core import (
 )
 from peerd.store.invites import InviteRecord, InviteRecords
 from peerd.store.log import AuditError, Event, LogReport, StoreError, verify_entries
-from peerd.store.peers import CertificateRecord, OwnIdentity, _load_peers
+from peerd.store.peers import CertificateRecord, OwnIdentity, load_peers
 from peerd.store.schema import APPLICATION_ID, MIGRATIONS
 from protocol.identity import InviteGrant, TrustError, TrustView
 
@@ -161,7 +161,7 @@ class Store(InviteRecords):
             self._identity = OwnIdentity(*row)
             self._view.self_peer_id = row[0]
         try:
-            for record in await _load_peers(db):
+            for record in await load_peers(db):
                 self._view.put_peer(record)
         except TrustError as exc:
             raise CorruptStore(f"the store {self.path} holds an invalid object: {exc}") from exc

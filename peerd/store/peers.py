@@ -469,7 +469,7 @@ def _value(source: TrustSource | None) -> str | None:
     return None if source is None else source.value
 
 
-async def _load_peers(db: aiosqlite.Connection) -> list[PeerTrust]:
+async def load_peers(db: aiosqlite.Connection) -> list[PeerTrust]:
     chains: dict[str, list[Succession]] = {}
     for peer_id, encoded in await db.execute_fetchall(
         "SELECT peer_id, encoded FROM successions ORDER BY peer_id, idx"

@@ -36,7 +36,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("file", help="the file to send")
     p.add_argument("--to", required=True, help="peer id(s), comma-separated")
     p.add_argument(
-        "--wait", action="store_true", help="block until every receiver has verified the file"
+        "--wait",
+        action="store_true",
+        help="block until every receiver has verified the file (default: print the transfer id "
+        "and return once it is queued)",
     )
     p.add_argument(
         "--timeout",
@@ -44,7 +47,9 @@ def register(subparsers: Any) -> None:
         default=None,
         help="receivers that have not accepted within this time are dropped (e.g. 10m)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress display")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress display while --wait waits"
+    )
     common.add_json_option(p)
     p.set_defaults(func=cmd_send)
 
@@ -137,11 +142,13 @@ def cmd_send(args: argparse.Namespace) -> int:
     params: dict[str, Any] = {"path": path, "to": peers}
     if args.timeout is not None:
         params["timeout"] = args.timeout
-    show = not args.no_progress and not args.json
+    # Without --wait the command returns as soon as the transfer is queued (it survives restarts
+    # and offline peers); progress is drawn only while waiting for the receivers.
+    show = args.wait and not args.no_progress and not args.json
     from peerd.client import Timeout
 
     async def go(client: Client) -> Any:
-        if not args.wait and not show:
+        if not args.wait:
             return await client.request("v1.send", params)
         async with client.subscribe(["transfer.progress"]) as events:
             started = await client.request("v1.send", params)
@@ -173,7 +180,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     else:
         state = result.get("state", "active")
         print(f"transfer {result['id']}: {state}")
-    if (args.wait or show) and result.get("state") != "verified":
+    if args.wait and result.get("state") != "verified":
         failed = {
             p: r["state"]
             for p, r in result.get("receivers", {}).items()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +12,7 @@ import pytest
 
 from peerd.config import load_config
 from tests.support.broker import Broker
-from tests.support.cluster import PEERD, ROOT, Node, make_nodes
+from tests.support.cluster import PEERD, ROOT, Node, make_nodes, pair
 
 
 @pytest.fixture
@@ -103,3 +105,23 @@ def test_init_takes_the_broker_credentials(tmp_path: Path) -> None:
     )
     assert refused.returncode != 0
     assert "--broker-user" in refused.stderr
+
+
+def test_send_without_wait_prints_the_transfer_id_at_once(
+    node: Node, tmp_path: Path, broker: Broker
+) -> None:
+    (bob,) = make_nodes(tmp_path, broker.url, ["bob"])
+    bob.start()
+    try:
+        pair(node, bob)
+    finally:
+        bob.stop()  # trusted, and now offline
+    src = tmp_path / "model.bin"
+    src.write_bytes(os.urandom(4096))
+    # The old CLI drew progress and blocked until bob came online: the subprocess timeout fails it.
+    result = node.run_cli("send", str(src), "--to", bob.peer_id, timeout=30)
+    assert result.returncode == 0, result.stderr
+    printed = re.fullmatch(r"transfer ([0-9a-f]{32}): \S+\n", result.stdout)
+    assert printed is not None, result.stdout
+    queued = {t["id"]: t["state"] for t in node.json("transfers")}
+    assert queued[printed.group(1)] not in ("verified", "failed", "cancelled")

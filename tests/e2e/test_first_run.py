@@ -25,6 +25,13 @@ def node(tmp_path: Path, broker: Broker) -> Iterator[Node]:
         a.kill()
 
 
+def peerd(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The CLI with no --config added: the test says where the configuration comes from."""
+    return subprocess.run(
+        [*PEERD, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60, check=False
+    )
+
+
 def closed_pipe(node: Node, *args: str) -> subprocess.CompletedProcess[bytes]:
     """Run a command whose reader has already gone, as `... | head -1` ends up doing."""
     proc = subprocess.Popen(
@@ -57,17 +64,6 @@ def test_msg_listen_fails_when_the_timeout_comes_before_the_count(node: Node) ->
 
 
 def test_config_is_taken_after_the_subcommand_and_from_peerd_config(node: Node) -> None:
-    def peerd(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*PEERD, *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=ROOT,
-            timeout=60,
-            check=False,
-        )
-
     after = peerd("status", "--json", "--config", str(node.config), env=node.env())
     assert after.returncode == 0, after.stderr
     assert node.peer_id in after.stdout
@@ -94,14 +90,13 @@ def test_init_takes_the_broker_credentials(tmp_path: Path) -> None:
     config = load_config(node.config)
     assert config.broker.username == "carol"
     assert config.broker.password_file == secret
-    refused = subprocess.run(
-        [*PEERD, "init", "--state-dir", str(tmp_path / "dave"), "--broker", "mqtt://d:pw@h:1883"],
-        capture_output=True,
-        text=True,
+    refused = peerd(
+        "init",
+        "--state-dir",
+        str(tmp_path / "dave"),
+        "--broker",
+        "mqtt://d:pw@h:1883",
         env=node.env(),
-        cwd=ROOT,
-        timeout=60,
-        check=False,
     )
     assert refused.returncode != 0
     assert "--broker-user" in refused.stderr

@@ -22,6 +22,8 @@ from tests.peerd.test_control_support import FAIL_AFTER, short_dir
 
 REPO = Path(__file__).resolve().parents[2]
 UNITS = REPO / "systemd"
+# Where scripts/install puts the entry point; the shipped units run it from there.
+INSTALLED_PEERD = "/opt/peerd/bin/peerd"
 
 
 @pytest.fixture
@@ -218,7 +220,7 @@ def test_units_verify_cleanly(tmp_path: Path) -> None:
     # systemd-analyze verify checks every directive name and value; it also insists that
     # ExecStart= exists, so the copies point at an executable that does.
     for name in ("peerd.service", "peerd-rotate.service", "peerd-rotate.timer"):
-        text = (UNITS / name).read_text().replace("/usr/bin/peerd", "/bin/true")
+        text = (UNITS / name).read_text().replace(INSTALLED_PEERD, "/bin/true")
         (tmp_path / name).write_text(text)
     result = subprocess.run(
         ["systemd-analyze", "verify", "--man=no", *sorted(str(p) for p in tmp_path.iterdir())],
@@ -233,7 +235,7 @@ def test_units_verify_cleanly(tmp_path: Path) -> None:
 def test_service_declares_what_the_daemon_relies_on() -> None:
     service = unit("peerd.service")["Service"]
     assert service["Type"] == "notify"
-    assert service["ExecStart"].split() == ["/usr/bin/peerd", "run"]
+    assert service["ExecStart"].split() == [INSTALLED_PEERD, "run"]
     assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert service["WatchdogSec"]
     assert service["Restart"] == "on-failure"
@@ -245,7 +247,7 @@ def test_service_declares_what_the_daemon_relies_on() -> None:
     # PrivateUsers= would make every caller's uid "nobody" to SO_PEERCRED.
     assert "PrivateUsers" not in service
     rotate = unit("peerd-rotate.service")["Service"]
-    assert rotate["ExecStart"].split() == ["/usr/bin/peerd", "rotate"]
+    assert rotate["ExecStart"].split() == [INSTALLED_PEERD, "rotate"]
     assert rotate["User"] == service["User"]
     assert "OnCalendar" in unit("peerd-rotate.timer")["Timer"]
 

@@ -64,6 +64,14 @@ class LinkCommon:
     def _stopping(self) -> bool:  # a call, so mypy does not narrow it across awaits
         return self._closing
 
+    async def _pause_before_reconnect(self, stop: asyncio.Future[None] | None) -> None:
+        """Wait the backoff's next delay, or until `stop` (set by `close()`). Each successful
+        connect resets the backoff, so the delay grows only over attempts that failed in a row."""
+        assert stop is not None  # run() made it before its first attempt
+        delay = self.backoff.next_delay()
+        log.info("broker %s: reconnecting in %.2fs", self.settings.url, delay)
+        await asyncio.wait((stop,), timeout=delay)
+
     @property
     def limits(self) -> LinkLimits:
         """The limits in force on the current (or last) connection."""

@@ -104,7 +104,6 @@ class MqttLink(Subscribing):
         self.max_inflight = max_inflight
         self.max_queued = max_queued
         self.max_queued_bytes = max_queued_bytes
-        self.last_delay: float | None = None
         self._ssl: ssl.SSLContext | None = None
         self._conn: Conn | None = None  # after CONNACK: control packets may be sent
         self._outbox: deque[Outgoing] = deque()
@@ -139,13 +138,11 @@ class MqttLink(Subscribing):
         try:
             while not self.closing:
                 conn: Conn | None = None
-                up_since: float | None = None
                 try:
                     conn = await self._until_stopped(self._open())
                     await self._until_stopped(self._restore(conn))
                     if err := self._dropped(conn):  # between the two steps
                         raise err
-                    up_since = time.monotonic()
                     self._set_up(conn)
                     # Connected: the next outage starts the sequence over, however short this
                     # connection lives (issue 12: restarts in a row stalled transfers 9-28 s).
@@ -164,15 +161,7 @@ class MqttLink(Subscribing):
                         self.on_conn_lost(conn)
                 if self._stopping():
                     break
-                if (
-                    up_since is not None
-                    and time.monotonic() - up_since >= self.backoff.healthy_after
-                ):
-                    self.backoff.reset()
-                delay = self.backoff.next_delay()
-                self.last_delay = delay
-                log.info("broker %s: reconnecting in %.2fs", self.settings.url, delay)
-                await asyncio.wait((self._stop,), timeout=delay)
+                await self._pause_before_reconnect(self._stop)
         finally:
             self._shutdown()
 

@@ -179,23 +179,22 @@ class Backoff:
     """Exponential backoff with jitter for reconnects.
 
     Attempt n (from 0) waits `min(maximum, initial * factor**n)` scaled by a uniform draw in
-    `[1 - jitter, 1]`, so 200 daemons that lost the same broker do not return in lockstep. A
-    connection that stayed up for `healthy_after` seconds resets the sequence.
+    `[1 - jitter, 1]`, so 200 daemons that lost the same broker do not return in lockstep. The
+    link resets the sequence at every successful connect.
     """
 
     initial: float = 0.1
     maximum: float = 30.0
     factor: float = 2.0
     jitter: float = 0.5
-    healthy_after: float = 30.0
     rng: random.Random = field(default_factory=random.Random, repr=False)
     attempt: int = 0
 
     def __post_init__(self) -> None:
         if not 0 < self.initial <= self.maximum:
             raise ValueError("backoff needs 0 < initial <= maximum")
-        if self.factor < 1 or not 0 <= self.jitter <= 1 or self.healthy_after < 0:
-            raise ValueError("backoff needs factor >= 1, 0 <= jitter <= 1, healthy_after >= 0")
+        if self.factor < 1 or not 0 <= self.jitter <= 1:
+            raise ValueError("backoff needs factor >= 1 and 0 <= jitter <= 1")
 
     def ceiling(self, attempt: int) -> float:
         """The largest delay attempt `attempt` may wait."""

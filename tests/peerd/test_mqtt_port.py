@@ -126,8 +126,7 @@ async def test_a_successful_connect_resets_the_backoff(tmp_path: Path, client: s
 
     broker = Broker(tmp_path / "b")  # not started yet: the first attempts fail
     s = BrokerSettings.from_url(broker.url, client_id=("r" + os.urandom(6).hex())[:23])
-    # healthy_after: never reached here, so only the connect itself may reset the sequence
-    backoff = Recording(initial=0.01, maximum=0.05, healthy_after=1000)
+    backoff = Recording(initial=0.01, maximum=0.05)
     link = open_link(s, client=client, backoff=backoff)
     task = asyncio.create_task(link.run())
     try:

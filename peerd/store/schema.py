@@ -198,7 +198,7 @@ async def _v2_messages(db: aiosqlite.Connection) -> None:
 
 @migration
 async def _v3_transfers(db: aiosqlite.Connection) -> None:
-    """File transfers, both directions, resumable (peerd/transfers.py). `snapshot` holds the
+    """File transfers, both directions, resumable (peerd/transfers/records.py). `snapshot` holds the
     state machine's resumable state, content key included: it is set to NULL (and, with
     secure_delete, overwritten) as soon as the transfer ends."""
     await _run(

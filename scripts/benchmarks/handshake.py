@@ -167,7 +167,7 @@ def _latency_table(
         ]
     ]
     ratios = {}
-    for client, label in (("link", "peerd/mqtt.py"), ("aiomqtt", "aiomqtt")):
+    for client, label in (("link", "peerd builtin client"), ("aiomqtt", "aiomqtt")):
         xs = floors[client]
         ratio = median(hs) / median(xs)
         ratios[client] = ratio
@@ -246,7 +246,7 @@ def latency(quick: bool) -> bool:
         "\nFor information, the floor as the issue measured it (scripts/bench_mqtt.py: back to "
         "back, no pause between rounds; median of the blocks' medians): "
         + ", ".join(
-            f"{'peerd/mqtt.py' if c == 'link' else c} {statistics.median(xs):.3f} ms"
+            f"{'peerd builtin client' if c == 'link' else c} {statistics.median(xs):.3f} ms"
             for c, xs in back_to_back.items()
         )
         + f". Paced sessions are {median(results['bursts'][0]) * 1e3:.3f} ms (bursts) and "

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 from peerd.control import optional, require
 from peerd.errors import PeerdError, UsageError
 from peerd.host import Extension, control_method
-from protocol.identity import TrustError, parse_peer_id
+from peerd.receivers import check_receiver
+from protocol.identity import parse_peer_id
 from protocol.messaging import (
     MAX_MESSAGE,
     ChannelAck,
@@ -382,12 +383,7 @@ class Messages(Extension):
         channel = require(params, "channel", str)
         data = base64.b64decode(require(params, "data_b64", str), validate=True)
         ttl = optional(params, "ttl", float, self.host.config.limits.message_ttl_days * 86400)
-        if not self.host.store.view().could_accept(peer):
-            raise TrustError(
-                f"peer {peer} is not trusted",
-                reason="unknown-peer",
-                hint="pair with it first (peerd invite / peerd join)",
-            )
+        check_receiver(self.host.store.view(), peer, trusted_only=False)
         seq = await self.messenger.send(peer, channel, data, ttl=ttl, now=time.time())
         return {"peer": peer, "channel": channel, "seq": seq}
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from peerd.mqtt import BrokerError
+from peerd.receivers import check_receiver
 from peerd.transfers.files import (
     StatKey,
     TransferError,
@@ -30,7 +31,6 @@ from peerd.transfers.files import (
 )
 from peerd.transfers.side import Side
 from protocol.errors import LocalProtocolError
-from protocol.identity import TrustError
 from protocol.identity.trust import PeerState
 from protocol.transfer import (
     PEER_FAULTS,
@@ -127,15 +127,7 @@ class Sending(Side):
             )
         view = host.store.view()
         for peer in receivers:
-            record = view.peer(peer)
-            # A trusted peer, or (with an authority) a member met at its first handshake.
-            if not view.is_trusted(peer) and not (record is None and view.could_accept(peer)):
-                state = "unknown" if record is None else record.state.value
-                raise TrustError(
-                    f"peer {peer} is {state}; files go only to trusted peers",
-                    reason="not-trusted",
-                    hint="pair with it first (peerd invite / peerd join)",
-                )
+            check_receiver(view, peer, trusted_only=True)
         config = dataclasses.replace(self.config, chunk_size=self._chunk_size())
         fd, st = open_source(path)
         try:

@@ -12,7 +12,7 @@ import pytest
 
 from peerd.config import load_config
 from tests.support.broker import Broker
-from tests.support.cluster import PEERD, ROOT, Node, make_nodes, pair
+from tests.support.cluster import PEERD, ROOT, Node, make_nodes, pair, wait_until
 
 
 @pytest.fixture
@@ -120,3 +120,29 @@ def test_send_without_wait_prints_the_transfer_id_at_once(
     assert printed is not None, result.stdout
     queued = {t["id"]: t["state"] for t in node.json("transfers")}
     assert queued[printed.group(1)] not in ("verified", "failed", "cancelled")
+
+
+def test_sending_to_itself_or_to_a_revoked_peer_says_which(
+    node: Node, tmp_path: Path, broker: Broker
+) -> None:
+    src = tmp_path / "model.bin"
+    src.write_bytes(os.urandom(4096))
+    for command in (["send", str(src), "--to"], ["msg", "send"]):
+        to_self = node.run_cli(*command, node.peer_id, *([] if "--to" in command else ["ch", "hi"]))
+        assert to_self.returncode == 5, to_self.stderr
+        assert "this node's own id" in to_self.stderr
+        assert "pair with it first" not in to_self.stderr
+    (bob,) = make_nodes(tmp_path, broker.url, ["bob"])
+    bob.start()
+    try:
+        pair(node, bob)
+        node.wait_connected(bob)
+        bob.cli("revoke", "--identity", "--yes", "--reason", "laptop stolen")
+        wait_until(lambda: node.peers()[bob.peer_id]["state"] == "revoked", 15, what="revoked")
+    finally:
+        bob.kill()
+    for command in (["send", str(src), "--to"], ["msg", "send"]):
+        refused = node.run_cli(*command, bob.peer_id, *([] if "--to" in command else ["ch", "hi"]))
+        assert refused.returncode == 5, refused.stderr
+        assert re.search(r"was revoked on \d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ", refused.stderr)
+        assert "pair with it first" not in refused.stderr

@@ -12,7 +12,15 @@ import pytest
 
 from peerd.config import load_config
 from tests.support.broker import Broker
-from tests.support.cluster import PEERD, ROOT, Node, make_nodes, pair, wait_until
+from tests.support.cluster import (
+    PEERD,
+    ROOT,
+    UNREACHABLE,
+    Node,
+    make_nodes,
+    pair,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -146,3 +154,42 @@ def test_sending_to_itself_or_to_a_revoked_peer_says_which(
         assert refused.returncode == 5, refused.stderr
         assert re.search(r"was revoked on \d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ", refused.stderr)
         assert "pair with it first" not in refused.stderr
+
+
+def test_broker_login_changes_the_credentials_of_an_existing_node(tmp_path: Path) -> None:
+    """A node made without credentials cannot log in to a broker with accounts; `peerd
+    broker-login` sets them (password from stdin, written 0600), and the daemon then connects.
+    A wrong password is replaced the same way."""
+    (carol,) = make_nodes(tmp_path, UNREACHABLE, ["carol"])
+    password = "correct horse battery"
+    with Broker(tmp_path / "shipped", shipped=True, users={carol.peer_id: password}) as broker:
+        conf = carol.config.read_text().replace(UNREACHABLE, broker.url)
+        carol.config.write_text(conf + "# kept: the administrator's own remark\n")
+        wrong = carol.run_cli(
+            "broker-login", "--user", carol.peer_id, "--password-stdin", input="not it\n"
+        )
+        assert wrong.returncode == 0, wrong.stderr
+        carol.start(wait_broker=False)
+        try:
+            wait_until(
+                lambda: "not authori" in (carol.status()["broker"].get("last_error") or ""),
+                15,
+                what="refused login",
+            )
+        finally:
+            carol.stop()
+        fixed = carol.run_cli("broker-login", input=password + "\n")  # the user is kept
+        assert fixed.returncode == 0, fixed.stderr
+        assert password not in fixed.stdout + fixed.stderr
+        secret = carol.dir / "broker-password"
+        assert secret.read_text() == password + "\n"
+        assert secret.stat().st_mode & 0o777 == 0o600
+        config = load_config(carol.config)
+        assert (config.broker.username, config.broker.password_file) == (carol.peer_id, secret)
+        assert password not in carol.config.read_text()
+        assert "# kept: the administrator's own remark" in carol.config.read_text()
+        carol.start()  # waits until the daemon is on the broker
+        carol.kill()
+    empty = carol.run_cli("broker-login", input="")
+    assert empty.returncode == 2
+    assert "no password" in empty.stderr

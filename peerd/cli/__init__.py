@@ -18,7 +18,16 @@ from peerd.cli import common
 from peerd.errors import PeerdError
 
 # Command-group modules; each has register(subparsers). Order is the order of `peerd --help`.
-_GROUPS: list[str] = ["keys", "daemon", "messages", "transfer", "authority", "identity", "backup", "broker"]
+_GROUPS: list[str] = [
+    "keys",
+    "daemon",
+    "messages",
+    "transfer",
+    "authority",
+    "identity",
+    "backup",
+    "broker",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

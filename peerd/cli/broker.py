@@ -23,7 +23,7 @@ from typing import Any
 from peerd.cli import common
 from peerd.errors import UsageError
 
-SECRET_FILE = "broker-password"
+SECRET_FILE = "broker-password"  # noqa: S105 - a file name, not a password
 _MAX_PASSWORD = 65535  # MQTT's binary data limit
 
 

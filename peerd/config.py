@@ -122,16 +122,17 @@ def _network(value: str) -> str:
 
 def _broker_url(value: str) -> str:
     parts = urlsplit(value)
-    if parts.scheme not in ("mqtt", "mqtts"):
-        raise ValueError(f"{value!r}: the scheme must be mqtt:// or mqtts://")
+    if parts.scheme not in ("mqtt", "mqtts", "ws", "wss"):
+        raise ValueError(f"{value!r}: the scheme must be mqtt://, mqtts://, ws:// or wss://")
     if not parts.hostname:
         raise ValueError(f"{value!r}: no host")
     try:
         _ = parts.port
     except ValueError as exc:
         raise ValueError(f"{value!r}: bad port") from exc
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"{value!r}: only mqtt[s]://host[:port] is allowed")
+    websocket = parts.scheme in ("ws", "wss")
+    if parts.fragment or (not websocket and (parts.path not in ("", "/") or parts.query)):
+        raise ValueError(f"{value!r}: only mqtt[s]://host[:port] or ws[s]://host[:port]/path")
     if parts.netloc.endswith(":"):
         raise ValueError(f"{value!r}: a ':' with no port after it")
     if parts.username or parts.password:
@@ -206,16 +207,21 @@ class NodeConfig:
 @dataclass(frozen=True, slots=True)
 class BrokerConfig:
     url: str = key(
-        "mqtt://127.0.0.1:1883", doc="mqtt://host:port or mqtts://host:port", check=_broker_url
+        "mqtt://127.0.0.1:1883",
+        doc="mqtt://host:port, mqtts://host:port, or MQTT over WebSocket: ws://host:port/path,"
+        " wss://host:443/mqtt (through firewalls that pass only HTTPS)",
+        check=_broker_url,
     )
     ca_file: Path | None = key(
-        doc="CA certificates to verify the broker (mqtts)", example="/etc/peerd/broker-ca.pem"
+        doc="CA certificates to verify the broker (mqtts, wss)",
+        example="/etc/peerd/broker-ca.pem",
     )
     cert_file: Path | None = key(
-        doc="client certificate for the broker (mqtts)", example="/etc/peerd/client.pem"
+        doc="client certificate for the broker (mqtts, wss)", example="/etc/peerd/client.pem"
     )
     key_file: Path | None = key(
-        doc="private key of the client certificate", example="/etc/peerd/client.key"
+        doc="private key of the client certificate (mode 0600, or 0640 with the daemon's group)",
+        example="/etc/peerd/client.key",
     )
     username: str | None = key(doc="user name at the broker", example="peerd")
     password_file: Path | None = key(
@@ -247,7 +253,7 @@ class BrokerConfig:
 
     @property
     def tls(self) -> bool:
-        return self.url.startswith("mqtts://")
+        return self.url.startswith(("mqtts://", "wss://"))
 
     @property
     def host(self) -> str:
@@ -255,7 +261,8 @@ class BrokerConfig:
 
     @property
     def port(self) -> int:
-        return urlsplit(self.url).port or (8883 if self.tls else 1883)
+        default = {"mqtt": 1883, "mqtts": 8883, "ws": 80, "wss": 443}
+        return urlsplit(self.url).port or default.get(urlsplit(self.url).scheme, 1883)
 
 
 @dataclass(frozen=True, slots=True)
@@ -491,8 +498,8 @@ def _validate(config: Config, origin: str) -> None:
         raise ConfigError(f"{origin}: [broker] cert_file and key_file go together")
     if not broker.tls and (broker.ca_file or broker.cert_file):
         raise ConfigError(
-            f"{origin}: [broker] ca_file / cert_file need an mqtts:// url",
-            hint="use mqtts://host:8883 for TLS",
+            f"{origin}: [broker] ca_file / cert_file need an mqtts:// or wss:// url",
+            hint="use mqtts://host:8883 or wss://host:443/mqtt for TLS",
         )
 
 

@@ -34,7 +34,9 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--name", help="a name for this node, shown to people (default: host name)")
     p.add_argument("--network", help="the network to join (default: peerd)")
-    p.add_argument("--broker", metavar="URL", help="mqtt://host:port or mqtts://host:port")
+    p.add_argument(
+        "--broker", metavar="URL", help="mqtt[s]://host:port, or ws[s]://host:port/path (WebSocket)"
+    )
     p.add_argument("--broker-user", metavar="NAME", help="the user name to log in to the broker as")
     p.add_argument(
         "--broker-password-file",

@@ -38,6 +38,7 @@ from peerd.mqtt.errors import (
     BrokerUnreachable,
     LinkClosed,
     SubscribeRefused,
+    client_certificate_error,
 )
 from peerd.mqtt.limits import LinkLimits
 from peerd.mqtt.settings import Backoff, BrokerSettings
@@ -76,6 +77,8 @@ class AiomqttLink(LinkCommon):
         self._outbox: deque[tuple[str, bytes, int, bool, asyncio.Future[None] | None]] = deque()
         self._queued_bytes = 0
         self._sent: deque[paho.MQTTMessageInfo] = deque()  # for drain(): written yet?
+        self._socket_error = ""  # paho's last socket error, for _translate
+        self._alert: asyncio.Future[BrokerError] | None = None  # see _enter
 
     # -- the port's properties --
 
@@ -129,7 +132,7 @@ class AiomqttLink(LinkCommon):
         props: list[Any] = []
         client = self._connect(version, props)
         try:
-            await client.__aenter__()
+            await self._enter(client)
         except aiomqtt.MqttError as exc:
             refused = isinstance(exc, MqttConnectError) and _code(exc.rc) in (0x01, 0x84)
             silent = not isinstance(exc, MqttConnectError)  # closed or timed out before CONNACK
@@ -138,9 +141,27 @@ class AiomqttLink(LinkCommon):
             log.info("broker %s: no MQTT 5 (%s); trying MQTT 3.1.1", self.settings.url, exc)
             version = self._version = _V311
             client = self._connect(version, props)
-            await client.__aenter__()
+            await self._enter(client)
         self._limits = _limits_of(props[-1] if props else None, version, self.settings)
         return client
+
+    async def _enter(self, client: aiomqtt.Client) -> None:
+        """aiomqtt's connect, cut short by a TLS alert refusing our client certificate (which
+        aiomqtt would only report as a timeout, `connect_timeout` later)."""
+        alert: asyncio.Future[BrokerError] = asyncio.get_running_loop().create_future()
+        self._alert = alert
+        enter = asyncio.ensure_future(client.__aenter__())
+        try:
+            await asyncio.wait((enter, alert), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._alert = None
+            if not enter.done():
+                enter.cancel()
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await enter
+                if alert.done():
+                    raise alert.result()
+        enter.result()
 
     def _connect(self, version: int, props: list[Any]) -> aiomqtt.Client:
         s = self.settings
@@ -160,6 +181,9 @@ class AiomqttLink(LinkCommon):
             # peerd/mqtt/conn.py says).
             socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
             logger=_PAHO_LOG,
+            # ws:// and wss:// (peerd/mqtt/websocket.py says why): paho's own WebSocket framing.
+            transport="tcp" if s.websocket_path is None else "websockets",
+            websocket_path=s.websocket_path,
         )
         # aiomqtt drops the CONNACK's properties; they carry the MQTT 5 limits, so keep them.
         paho_client = client._client
@@ -170,10 +194,26 @@ class AiomqttLink(LinkCommon):
             on_connect(*args)
 
         paho_client.on_connect = keep_properties
+
+        def keep_socket_error(_c: Any, _u: Any, level: int, text: str) -> None:
+            # A TLS alert read after the handshake (a client certificate missing or refused)
+            # reaches aiomqtt as a timeout; paho reports the alert only here.
+            if level != paho.MQTT_LOG_ERR:
+                return
+            self._socket_error = text
+            err = client_certificate_error(s.url, text, has_cert=s.cert_file is not None)
+            if err is not None and self._alert is not None and not self._alert.done():
+                self._alert.set_result(err)
+
+        paho_client.on_log = keep_socket_error
         return client
 
     def _translate(self, exc: aiomqtt.MqttError) -> BrokerError:
         url = self.settings.url
+        has_cert = self.settings.cert_file is not None
+        seen, self._socket_error = f"{exc} {self._socket_error}", ""
+        if cert_error := client_certificate_error(url, seen, has_cert=has_cert):
+            return cert_error
         if isinstance(exc, MqttConnectError):
             code = _code(exc.rc)
             reason = CONNACK_REASONS.get(code, f"return code {code}")

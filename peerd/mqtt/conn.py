@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import time
 from typing import Protocol
 
@@ -85,8 +86,11 @@ class Conn(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.connack.done():
+            # A TLS alert (a client certificate missing or refused) says more than the close.
             self.connack.set_exception(
-                ConnectionResetError("the broker closed the connection before accepting it")
+                exc
+                if isinstance(exc, ssl.SSLError)
+                else ConnectionResetError("closed the connection before accepting it")
             )
             self.connack.exception()
         if not self.closed.done():

@@ -115,3 +115,37 @@ class BrokerLimitError(BrokerError):
     """A publish does not fit a limit of the broker (its packet size, in MQTT 5 its reason)."""
 
     hint = "the broker limits packet size; see [broker] max_packet_size in the configuration"
+
+
+# TLS alerts by which a broker refuses the client's certificate (OpenSSL's names for them).
+_CERT_REFUSALS = (
+    "UNKNOWN_CA",
+    "BAD_CERTIFICATE",
+    "CERTIFICATE_UNKNOWN",
+    "UNSUPPORTED_CERTIFICATE",
+    "CERTIFICATE_EXPIRED",
+    "CERTIFICATE_REVOKED",
+    "ACCESS_DENIED",
+)
+
+
+def client_certificate_error(url: str, what: str, *, has_cert: bool) -> BrokerTlsError | None:
+    """The one-line error for a TLS failure (`what`, OpenSSL's text) that says the broker wants
+    a client certificate, or refused ours; None when it says something else. Permanent:
+    retrying with the same files cannot succeed."""
+    text = what.upper()
+    if "CERTIFICATE_REQUIRED" in text or (not has_cert and "HANDSHAKE_FAILURE" in text):
+        err = BrokerTlsError(
+            f"the broker at {url} requires a client certificate",
+            hint="set [broker] cert_file and key_file to a certificate the broker's CA signed",
+        )
+    elif alert := next((a for a in _CERT_REFUSALS if a in text), None):
+        err = BrokerTlsError(
+            f"the broker at {url} refused the client certificate"
+            f" ({alert.lower().replace('_', ' ')})",
+            hint="[broker] cert_file must be signed by a CA the broker trusts, and be valid",
+        )
+    else:
+        return None
+    err.permanent = True
+    return err

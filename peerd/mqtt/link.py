@@ -55,11 +55,13 @@ from peerd.mqtt.errors import (
     BrokerTlsError,
     BrokerUnreachable,
     LinkClosed,
+    client_certificate_error,
 )
 from peerd.mqtt.limits import LinkLimits
 from peerd.mqtt.outgoing import Outgoing, Pipeline, as_bytes_view
 from peerd.mqtt.settings import Backoff, BrokerSettings
 from peerd.mqtt.subscribing import Pending, Subscribing
+from peerd.mqtt.websocket import websocket_pump
 from protocol.mqtt import (
     V5,
     V311,
@@ -247,10 +249,13 @@ class MqttLink(Subscribing):
             self._ssl = s.ssl_context()
         loop = asyncio.get_running_loop()
         conn = Conn(self, version)
+        factory: Callable[[], asyncio.BaseProtocol] = lambda: conn  # noqa: E731
+        if s.websocket_path is not None:
+            factory = websocket_pump(conn)
         try:
             async with asyncio.timeout(s.connect_timeout):
                 await loop.create_connection(
-                    lambda: conn,
+                    factory,
                     s.host,
                     s.port,
                     ssl=self._ssl,
@@ -273,7 +278,10 @@ class MqttLink(Subscribing):
             raise err from exc
         except ssl.SSLError as exc:
             conn.abort()
-            raise BrokerTlsError(f"TLS with the broker at {s.url} failed: {exc}") from exc
+            has_cert = s.cert_file is not None
+            raise client_certificate_error(s.url, str(exc), has_cert=has_cert) or BrokerTlsError(
+                f"TLS with the broker at {s.url} failed: {exc}"
+            ) from exc
         except ConnectionResetError as exc:
             conn.abort()
             raise BrokerUnreachable(f"the broker at {s.url} {exc}") from exc

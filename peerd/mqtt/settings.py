@@ -4,23 +4,42 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import random
 import re
 import ssl
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from peerd.mqtt.errors import BrokerSettingsError
 
-__all__ = ["CLIENT_ID", "DEFAULT_MAX_PACKET_SIZE", "Backoff", "BrokerSettings"]
+__all__ = [
+    "CLIENT_ID",
+    "DEFAULT_MAX_PACKET_SIZE",
+    "SCHEMES",
+    "Backoff",
+    "BrokerSettings",
+    "check_key_file",
+    "url_uses_tls",
+]
 
 # The shipped broker config (systemd/mosquitto-peerd.conf) uses the same limit: a 256 KiB chunk
 # frame plus headers fits with room to spare, and EMQX and NATS refuse 1 MiB+ packets by default.
 DEFAULT_MAX_PACKET_SIZE = 1 << 20
 _MQTT_MAX_REMAINING = 268_435_455
 CLIENT_ID = re.compile(r"[a-z0-9]{1,23}\Z")
-_DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+_DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883, "ws": 80, "wss": 443}
+SCHEMES = tuple(_DEFAULT_PORTS)
+# The path most brokers serve MQTT over WebSocket on (EMQX, Azure Event Grid, HiveMQ); Mosquitto
+# takes any path, RabbitMQ's web_mqtt wants /ws: a ws:// URL without a path gets this one.
+DEFAULT_WEBSOCKET_PATH = "/mqtt"
+
+
+def url_uses_tls(url: str) -> bool:
+    """mqtts:// and wss:// URLs use TLS (and so the CA, certificate and key files)."""
+    return url.strip().lower().startswith(("mqtts://", "wss://"))
 
 
 def _bad(message: str) -> BrokerSettingsError:
@@ -47,6 +66,8 @@ class BrokerSettings:
     # 4: MQTT 3.1.1 (the default, see docs/ARCHITECTURE.md); 5: MQTT 5 only; 0: MQTT 5 where
     # the broker speaks it, else 3.1.1 (NATS refuses 5).
     mqtt_version: int = 4
+    # MQTT over WebSocket (ws://, wss://): the HTTP path of the upgrade; None for MQTT over TCP.
+    websocket_path: str | None = None
 
     def __post_init__(self) -> None:
         if not self.host or any(c.isspace() for c in self.host):
@@ -59,14 +80,21 @@ class BrokerSettings:
                 " or digits (the node's peer id)"
             )
         if not self.tls and (self.ca_file or self.cert_file or self.key_file):
-            raise _bad("a CA file, client certificate or key needs an mqtts:// broker URL")
+            raise _bad(
+                "a CA file, client certificate or key needs an mqtts:// or wss:// broker URL"
+            )
+        if self.websocket_path is not None and (
+            not self.websocket_path.startswith("/")
+            or any(c.isspace() or ord(c) < 32 for c in self.websocket_path)
+        ):
+            raise _bad(f"invalid WebSocket path {self.websocket_path!r}")
         if self.key_file and not self.cert_file:
             raise _bad("a client key needs a client certificate (cert_file)")
         for what, path in (("CA", self.ca_file), ("certificate", self.cert_file)):
             if path is not None and not path.is_file():
                 raise _bad(f"the broker {what} file {path} does not exist")
-        if self.key_file is not None and not self.key_file.is_file():
-            raise _bad(f"the broker client key file {self.key_file} does not exist")
+        if self.key_file is not None:
+            check_key_file(self.key_file)
         if self.password is not None and self.username is None:
             raise _bad("a broker password needs a username (MQTT 3.1.1)")
         for what, value in (("username", self.username), ("password", self.password)):
@@ -98,10 +126,12 @@ class BrokerSettings:
         max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
         mqtt_version: int = 4,
     ) -> BrokerSettings:
-        """Settings from `mqtt://host[:port]` or `mqtts://host[:port]` and options.
+        """Settings from `mqtt://host[:port]`, `mqtts://host[:port]`, `ws://host[:port][/path]`
+        or `wss://host[:port][/path]` and options.
 
         Credentials may be in the URL (`mqtt://user:pass@host`, percent-encoded) or given as
-        options, not both. The default ports are 1883 and 8883.
+        options, not both. The default ports are 1883, 8883, 80 and 443; a WebSocket URL without
+        a path uses /mqtt.
         """
         try:
             parts = urlsplit(url.strip())
@@ -112,13 +142,18 @@ class BrokerSettings:
             raise _bad(f"invalid broker URL {_redact(url)!r}: {exc}") from exc
         if scheme not in _DEFAULT_PORTS:
             raise _bad(
-                f"unsupported broker URL {_redact(url)!r}: use mqtt://host:port or"
-                " mqtts://host:port"
+                f"unsupported broker URL {_redact(url)!r}: use mqtt://host:port,"
+                " mqtts://host:port, ws://host:port/path or wss://host:port/path"
             )
         if not host:
             raise _bad(f"the broker URL {_redact(url)!r} names no host")
-        if parts.path not in ("", "/") or parts.query or parts.fragment:
+        websocket = scheme in ("ws", "wss")
+        if parts.fragment or (not websocket and (parts.path not in ("", "/") or parts.query)):
             raise _bad(f"the broker URL {_redact(url)!r} must not have a path or query")
+        path = None
+        if websocket:
+            query = f"?{parts.query}" if parts.query else ""
+            path = (parts.path or DEFAULT_WEBSOCKET_PATH) + query
         if parts.username is not None:
             if username is not None or password is not None:
                 raise _bad("broker credentials given both in the URL and as options")
@@ -128,7 +163,7 @@ class BrokerSettings:
             host=host,
             port=port if port is not None else _DEFAULT_PORTS[scheme],
             client_id=client_id,
-            tls=scheme == "mqtts",
+            tls=scheme in ("mqtts", "wss"),
             ca_file=Path(ca_file) if ca_file is not None else None,
             cert_file=Path(cert_file) if cert_file is not None else None,
             key_file=Path(key_file) if key_file is not None else None,
@@ -139,6 +174,7 @@ class BrokerSettings:
             clean_session=clean_session,
             max_packet_size=max_packet_size,
             mqtt_version=mqtt_version,
+            websocket_path=path,
         )
 
     @property
@@ -148,6 +184,8 @@ class BrokerSettings:
         with contextlib.suppress(ValueError):
             if ipaddress.ip_address(host).version == 6:
                 host = f"[{host}]"
+        if self.websocket_path is not None:
+            return f"{'wss' if self.tls else 'ws'}://{host}:{self.port}{self.websocket_path}"
         return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
 
     def ssl_context(self) -> ssl.SSLContext | None:
@@ -165,6 +203,27 @@ class BrokerSettings:
         except (OSError, ssl.SSLError) as exc:
             raise _bad(f"cannot load the broker TLS files: {exc}") from exc
         return ctx
+
+
+def check_key_file(path: Path) -> None:
+    """The client key exists and only its owner (and group) can read it, as ssh insists for
+    its keys: a key anyone on the machine can read lets anyone log in to the broker as us."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise _bad(
+            f"the broker client key file {path} cannot be read: {exc.strerror or exc}"
+        ) from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise _bad(f"the broker client key file {path} is not a file")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & (stat.S_IRWXO | stat.S_IWGRP):
+        raise BrokerSettingsError(
+            f"the broker client key file {path} is accessible to other users (mode {mode:04o})",
+            hint=f"chmod 600 {path} (or 640 with a group the daemon's user is in)",
+        )
+    if not os.access(path, os.R_OK):
+        raise _bad(f"the broker client key file {path} is not readable by this user")
 
 
 def _redact(url: str) -> str:

@@ -117,7 +117,7 @@ def test_render_then_load_is_the_same_config(tmp_path: Path) -> None:
         ("[broker]\nkeepalive = 'often'\n", "[broker] keepalive: must be an integer"),
         ("[broker]\nkeepalive = true\n", "[broker] keepalive: must be an integer"),
         ("[broker]\nkeepalive = 1\n", "[broker] keepalive: must be between"),
-        ("[broker]\nca_file = '/ca.pem'\n", "need an mqtts:// url"),
+        ("[broker]\nca_file = '/ca.pem'\n", "need an mqtts:// or wss:// url"),
         ("[broker]\nurl = 'mqtts://x'\ncert_file = '/c'\n", "go together"),
         ("[keys]\ncertificate_days = 0\n", "[keys] certificate_days"),
         ("[keys]\ncertificate_days = 5\nrotate_before_days = 5\n", "rotate_before_days"),

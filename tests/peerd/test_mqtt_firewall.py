@@ -1,0 +1,201 @@
+"""Through firewalls: MQTT over WebSocket (ws://, wss://) and mqtts:// with client certificates,
+for both clients, against Mosquitto's own websockets and TLS listeners (a private broker per
+test, its certificates from a throwaway CA)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from peerd.mqtt import (
+    CLIENTS,
+    Backoff,
+    BrokerError,
+    BrokerLink,
+    BrokerRefused,
+    BrokerSettings,
+    BrokerSettingsError,
+    MqttLink,
+    open_link,
+)
+from tests.peerd.test_mqtt import next_msg
+from tests.support.broker import Broker, free_port, wait_for_port
+from tests.support.tls import TestCA
+
+
+def cid() -> str:
+    return ("w" + os.urandom(6).hex())[:23]
+
+
+class Listeners:
+    """One private Mosquitto with a ws:// listener, a wss:// one and an mqtts:// one, both TLS
+    listeners requiring a client certificate from the test CA."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.ca = TestCA(tmp / "certs")
+        self.ws_port, self.wss_port, self.mtls_port = free_port(), free_port(), free_port()
+        extra = (
+            # Mosquitto 2.0.11 (Debian 12) starts a websockets listener only beside a TCP one,
+            # which Broker always has.
+            f"listener {self.ws_port} 127.0.0.1\nprotocol websockets\n"
+            + self.ca.listener(self.wss_port, websockets=True)
+            + self.ca.listener(self.mtls_port)
+        )
+        self.broker = Broker(tmp / "broker", extra_conf=extra)
+
+    def start(self) -> Listeners:
+        self.broker.start()
+        for port in (self.ws_port, self.wss_port, self.mtls_port):
+            wait_for_port(port)
+        return self
+
+    def settings(self, url: str, *, cert: str = "good", **kw: object) -> BrokerSettings:
+        files: dict[str, object] = {}
+        if url.startswith(("wss", "mqtts")):
+            files["ca_file"] = self.ca.ca
+            if cert == "good":
+                files |= {"cert_file": self.ca.client_crt, "key_file": self.ca.client_key}
+            elif cert == "stranger":
+                files |= {"cert_file": self.ca.stranger_crt, "key_file": self.ca.stranger_key}
+        return BrokerSettings.from_url(url, client_id=cid(), **files, **kw)  # type: ignore[arg-type]
+
+    @property
+    def urls(self) -> dict[str, str]:
+        return {
+            "ws": f"ws://127.0.0.1:{self.ws_port}/mqtt",
+            "wss": f"wss://127.0.0.1:{self.wss_port}/mqtt",
+            "mqtts": f"mqtts://127.0.0.1:{self.mtls_port}",
+        }
+
+
+@pytest.fixture(scope="module")
+def listeners(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Listeners]:
+    ls = Listeners(tmp_path_factory.mktemp("firewall"))
+    try:
+        yield ls.start()
+    finally:
+        ls.broker.close()
+
+
+def open_for(settings: BrokerSettings, client: str) -> BrokerLink:
+    return open_link(settings, client=client, backoff=Backoff(initial=0.05, maximum=0.2))
+
+
+# --- settings (no broker) ------------------------------------------------------------------------
+
+
+def test_websocket_urls() -> None:
+    s = BrokerSettings.from_url("wss://broker.example.org/mqtt", client_id="n1")
+    assert (s.tls, s.port, s.websocket_path) == (True, 443, "/mqtt")
+    assert s.url == "wss://broker.example.org:443/mqtt"
+    s = BrokerSettings.from_url("ws://127.0.0.1:9001", client_id="n1")
+    assert (s.tls, s.port, s.websocket_path) == (False, 9001, "/mqtt")  # the usual default
+    s = BrokerSettings.from_url("ws://h/ws?x=1", client_id="n1")
+    assert (s.port, s.websocket_path) == (80, "/ws?x=1")
+    assert BrokerSettings.from_url("mqtt://h", client_id="n1").websocket_path is None
+    with pytest.raises(BrokerSettingsError, match="must not have a path"):
+        BrokerSettings.from_url("mqtt://h/mqtt", client_id="n1")
+    with pytest.raises(BrokerSettingsError, match=r"ws://host:port/path"):
+        BrokerSettings.from_url("http://h/mqtt", client_id="n1")
+    with pytest.raises(BrokerSettingsError, match="needs an mqtts:// or wss://"):
+        BrokerSettings.from_url("ws://h", client_id="n1", ca_file="/etc/hostname")
+
+
+def test_a_client_key_other_users_can_read_is_refused(tmp_path: Path) -> None:
+    ca = TestCA(tmp_path)
+    kw = {"client_id": "n1", "cert_file": ca.client_crt, "key_file": ca.client_key}
+    BrokerSettings.from_url("wss://h", **kw)  # type: ignore[arg-type] # 0600: fine
+    ca.client_key.chmod(0o640)
+    BrokerSettings.from_url("mqtts://h", **kw)  # type: ignore[arg-type] # a group: the daemon's
+    ca.client_key.chmod(0o644)
+    with pytest.raises(BrokerSettingsError, match=r"accessible to other users \(mode 0644\)") as e:
+        BrokerSettings.from_url("mqtts://h", **kw)  # type: ignore[arg-type]
+    assert f"chmod 600 {ca.client_key}" in (e.value.hint or "")
+    assert "\n" not in str(e.value)
+    ca.client_key.unlink()
+    with pytest.raises(BrokerSettingsError, match="cannot be read: No such file"):
+        BrokerSettings.from_url("mqtts://h", **kw)  # type: ignore[arg-type]
+
+
+# --- against Mosquitto's listeners --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+@pytest.mark.parametrize("kind", ["ws", "wss", "mqtts"])
+async def test_round_trip_through_each_listener(
+    listeners: Listeners, client: str, kind: str
+) -> None:
+    link = open_for(listeners.settings(listeners.urls[kind]), client)
+    async with link:
+        topic = f"peerd/v1/t/in/{link.settings.client_id}"
+        sub = await link.subscribe(topic, timeout=10)
+        # Many reads and frames; small because Mosquitto 2.0.11 reads a websockets client 4 KiB
+        # per main-loop tick (~40 KB/s, docs/brokers.md), whatever the client.
+        big = os.urandom(20_000)
+        await link.publish(topic, b"small", qos=1)
+        await link.publish(topic, big, qos=1)
+        link.publish_nowait(topic, b"qos0")
+        got = [(await next_msg(sub)).payload for _ in range(3)]
+        assert got == [b"small", big, b"qos0"]
+        assert link.stats.connects == 1
+    assert link.settings.url == listeners.urls[kind]
+
+
+async def test_builtin_websocket_sets_nodelay_and_closes_cleanly(listeners: Listeners) -> None:
+    link = MqttLink(listeners.settings(listeners.urls["wss"]))
+    async with link:
+        await link.wait_connected(10)
+        conn = link._conn
+        assert conn is not None
+        assert conn.transport is not None
+        assert conn.transport.get_extra_info("ssl_object") is not None
+        sock = conn.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        closed = conn.closed
+    assert closed.done()  # close() waited for the WebSocket and TCP close, not its timeout
+    assert link.stats.protocol_errors == 0
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+@pytest.mark.parametrize("kind", ["wss", "mqtts"])
+@pytest.mark.parametrize("cert", ["none", "stranger"])
+async def test_a_missing_or_wrong_client_certificate_is_one_clear_line(
+    listeners: Listeners, client: str, kind: str, cert: str
+) -> None:
+    link = open_for(listeners.settings(listeners.urls[kind], cert=cert), client)
+    async with link:
+        with pytest.raises(BrokerError) as info:
+            await link.wait_connected(10)
+        assert not link.connected
+    err = info.value
+    assert err.permanent  # retrying with the same certificate cannot help: said at once
+    assert listeners.urls[kind] in str(err)
+    assert "\n" not in str(err)
+    if cert == "none":
+        assert "requires a client certificate" in str(err)
+        assert "cert_file" in (err.hint or "")
+    else:
+        assert "refused the client certificate" in str(err)
+
+
+async def test_a_refused_websocket_upgrade_is_one_clear_line() -> None:
+    async def not_mqtt(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\n\r\nnot here\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(not_mqtt, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        url = f"ws://127.0.0.1:{port}/nope"
+        async with MqttLink(BrokerSettings.from_url(url, client_id=cid())) as link:
+            with pytest.raises(BrokerRefused, match=r"refused the WebSocket upgrade \(HTTP 404\)"):
+                await link.wait_connected(10)
+    finally:
+        server.close()

@@ -180,6 +180,8 @@ def cmd_send(args: argparse.Namespace) -> int:
     else:
         state = result.get("state", "active")
         print(f"transfer {result['id']}: {state}")
+        if note := savings(result):
+            print(note)
     if args.wait and result.get("state") != "verified":
         failed = {
             p: r["state"]
@@ -191,6 +193,30 @@ def cmd_send(args: argparse.Namespace) -> int:
             + ", ".join(f"{format_peer_id(p)} {s}" for p, s in failed.items())
         )
     return common.EXIT_OK
+
+
+def savings(t: dict[str, Any]) -> str | None:
+    """What deltas saved (protocol/SPEC.md 7.11): "sent 27 MB of 268 MB; 90% already at bob"
+    for a send, "received 27 MB of 268 MB; 90% was already here" for a receive; None when
+    nothing was reused."""
+    size = t.get("size") or 0
+    if size <= 0:
+        return None
+    if t.get("direction") == "send":
+        held = {p: r.get("held_bytes", 0) for p, r in t.get("receivers", {}).items()}
+        if not any(held.values()):
+            return None
+        at = ", ".join(
+            f"{100 * h / size:.0f}% already at {format_peer_id(p)}" for p, h in held.items()
+        )
+        return f"sent {_size(t.get('published_bytes', 0))} of {_size(size)}; {at}"
+    reused = t.get("reused_bytes", 0)
+    if not reused:
+        return None
+    return (
+        f"received {_size(max(0, size - reused))} of {_size(size)};"
+        f" {100 * reused / size:.0f}% was already here"
+    )
 
 
 def cmd_transfers(args: argparse.Namespace) -> int:
@@ -219,9 +245,12 @@ def cmd_transfers(args: argparse.Namespace) -> int:
                 t["state"],
                 f"{pct:.0f}%",
                 common.when(t.get("started_at")),
+                savings(t) or "",
             ]
         )
-    common.print_table(["id", "dir", "name", "size", "peers", "state", "done", "started"], rows)
+    common.print_table(
+        ["id", "dir", "name", "size", "peers", "state", "done", "started", "delta"], rows
+    )
     return common.EXIT_OK
 
 

@@ -344,7 +344,9 @@ class Client:
     ) -> dict[str, Any]:
         """Send a file to one or more trusted peers. Returns the transfer (its "id" among
         others) at once, or with `wait=True` once every receiver has verified the file (or
-        failed: see "receivers" and "state")."""
+        failed: see "receivers" and "state"). What deltas saved: "published_bytes" (sent to
+        the broker, once for all receivers) and, per receiver, "held_bytes" (what it already
+        had from earlier files of this node; protocol/SPEC.md 7.11)."""
         peers = [to] if isinstance(to, str) else list(to)
         # abspath only joins the cwd: the daemon needs the path as the caller means it.
         params: dict[str, Any] = {"path": os.path.abspath(path), "to": peers}  # noqa: ASYNC240

@@ -228,4 +228,43 @@ async def _v3_transfers(db: aiosqlite.Connection) -> None:
     )
 
 
+@migration
+async def _v4_chunk_index(db: aiosqlite.Connection) -> None:
+    """Deltas (protocol/SPEC.md 7.11): the chunks of received files, by sender and keyed id,
+    and the recipe of each file being received (to index it once committed)."""
+    await _run(
+        db,
+        """
+        CREATE TABLE chunk_files (
+            id INTEGER PRIMARY KEY,
+            sender TEXT NOT NULL,
+            path TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            mtime_ns INTEGER NOT NULL,
+            inode INTEGER NOT NULL,
+            created_at REAL NOT NULL
+        )
+        """,
+        "CREATE INDEX chunk_files_sender ON chunk_files (sender, id)",
+        """
+        CREATE TABLE chunk_index (
+            sender TEXT NOT NULL,
+            chunk BLOB NOT NULL CHECK (length(chunk) = 16),
+            file INTEGER NOT NULL REFERENCES chunk_files (id) ON DELETE CASCADE,
+            offset INTEGER NOT NULL,
+            length INTEGER NOT NULL,
+            PRIMARY KEY (sender, chunk)
+        ) WITHOUT ROWID
+        """,
+        "CREATE INDEX chunk_index_file ON chunk_index (file)",
+        """
+        CREATE TABLE chunk_recipes (
+            transfer_id BLOB PRIMARY KEY NOT NULL,
+            key BLOB NOT NULL,
+            entries BLOB NOT NULL
+        )
+        """,
+    )
+
+
 __all__ = ["APPLICATION_ID", "MIGRATIONS", "Migration", "migration"]

@@ -21,7 +21,16 @@ from peerd.transfers.rpc import TransferMethods
 from peerd.transfers.sending import Sending
 from protocol.errors import RemoteProtocolError
 from protocol.messaging import TransferPayload
-from protocol.transfer import Abort, ControlMessage, Offer, Seal, TransferConfig, Verified
+from protocol.transfer import (
+    Abort,
+    ControlMessage,
+    Have,
+    Offer,
+    Recipe,
+    Seal,
+    TransferConfig,
+    Verified,
+)
 from protocol.transfer.messages import decode_message
 
 if TYPE_CHECKING:
@@ -112,6 +121,9 @@ class Transfers(TransferMethods, Extension):
             self._reject(exc.reason, peer, str(exc))
             return
         tid = msg.transfer_id
+        if isinstance(msg, Recipe | Have):
+            self._delta_message(peer, msg)
+            return
         o = self.sending.out.get(tid)
         if o is not None:
             try:
@@ -132,6 +144,20 @@ class Transfers(TransferMethods, Extension):
             i.wake.set()
             return
         self.host.defer(lambda: self._unknown_transfer(peer, msg))
+
+    def _delta_message(self, peer: str, msg: Recipe | Have) -> None:
+        """Deltas (SPEC 7.11) live in the shells: a Recipe waits for its Offer, a Have is the
+        sender's report of what a receiver already held."""
+        tid = msg.transfer_id
+        if isinstance(msg, Have):
+            o = self.sending.out.get(tid)
+            if o is not None and peer in o.receivers:
+                o.held[peer] = msg.held
+            return
+        if tid in self.receiving.inc or tid in self.sending.out:
+            return  # accepted already: a repeated part changes nothing
+        if not self.receiving.recipes.add(peer, msg, time.time()):
+            self._reject("recipe-refused", peer, "over the bound or contradicting")
 
     def _reject(self, reason: str, peer: str | None, detail: str) -> None:
         self.control_rejected += 1

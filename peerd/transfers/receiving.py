@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from peerd.events import LogBudget
 from peerd.mqtt import BrokerError, Message
+from peerd.transfers.chunkindex import ChunkIndex, Recipe, Recipes, prepare
 from peerd.transfers.files import (
     PART_SUFFIX,
     TransferError,
@@ -41,6 +42,7 @@ from protocol.safetensors import is_safetensors_name
 from protocol.transfer import (
     Abort,
     Commit,
+    Have,
     Offer,
     Persist,
     Progress,
@@ -53,6 +55,7 @@ from protocol.transfer import (
     TransferConfig,
     TransferFailed,
     check_offer,
+    delta,
 )
 
 if TYPE_CHECKING:
@@ -92,6 +95,8 @@ class Incoming:
     received: int = 0
     task: asyncio.Task[None] | None = None
     final: Path | None = None
+    recipe: Recipe | None = None  # the file's chunk list (deltas): indexed once committed
+    reused: int = 0  # bytes copied from local files instead of received
 
 
 class Receiving(Side):
@@ -109,6 +114,8 @@ class Receiving(Side):
         self.accepting: set[bytes] = set()  # offers being accepted (their records not yet made)
         self.frames_rejected = 0
         self._header_checks = asyncio.Semaphore(1)
+        self.index = ChunkIndex(host.store)
+        self.recipes = Recipes()
         # Lines a peer's offers can cause (a trusted sender may repeat an offer every probe).
         self._logs = LogBudget(log)
 
@@ -245,9 +252,20 @@ class Receiving(Side):
                 peer, Abort(tid, "no-space", f"cannot reserve the space: {exc.strerror}").encode()
             )
             return
+        try:
+            recipe, copied = await prepare(
+                self.index, self.recipes, sender=peer, tid=tid, part_fd=fd, size=offer.size
+            )
+        except OSError as exc:
+            log.warning("copying local chunks for %s failed: %s", offer.name, exc)
+            recipe, copied = None, None
+        held = delta.held_frames(copied.covered, offer.size, offer.chunk_size) if copied else []
         machine = ReceiverTransfer(
-            offer, sender=peer, sender_key=identity, now=now, config=self.config
+            offer, sender=peer, sender_key=identity, now=now, config=self.config, held=held
         )
+        if recipe is not None:
+            # The sender's report ("90% already at bob"); what it may skip is in the Accept.
+            host.transmit(peer, Have(tid, copied.held_bytes if copied else 0).encode())
         i = Incoming(
             tid=tid,
             machine=machine,
@@ -261,6 +279,8 @@ class Receiving(Side):
             topic=host.topics.transfer(peer, tid),
             buf=bytearray(offer.chunk_size),
             started_at=now,
+            recipe=recipe,
+            reused=copied.held_bytes if copied else 0,
         )
         taken.append(i)
         i.done = asyncio.get_running_loop().create_future()
@@ -308,6 +328,7 @@ class Receiving(Side):
             buf=bytearray(machine.offer.chunk_size),
             started_at=row.created,
         )
+        i.recipe = await self.index.load_recipe(row.tid)
         i.done = asyncio.get_running_loop().create_future()
         self.inc[row.tid] = i
         await self._start(i)
@@ -328,6 +349,10 @@ class Receiving(Side):
             if record is not None and record.state in (PeerState.REVOKED, PeerState.BLOCKED):
                 i.machine.abort(record.state.value, f"the sender is {record.state.value}")
                 i.wake.set()
+        # What was received from them is no longer offered to them as a base for deltas.
+        for peer in view.peers():
+            if peer.state in (PeerState.REVOKED, PeerState.BLOCKED):
+                self.host.spawn(self.index.forget_sender(peer.peer_id), name="forget chunks")
 
     def cancel(self, i: Incoming) -> None:
         i.machine.abort("cancelled", "cancelled by the receiver's user")
@@ -446,6 +471,12 @@ class Receiving(Side):
             file_hash=file_hash,
         )
         await self._actions(i)  # the Verified to the sender
+        if i.recipe is not None:
+            try:
+                await self.index.add_file(i.sender, final, i.recipe)
+            except OSError as exc:
+                log.warning("not indexing %s for deltas: %s", final, exc)
+            await self.index.drop_recipe(i.tid)
         await self._end(i, "verified")
         log.info("received %s from %s: verified, %s", i.name, i.sender, final)
 
@@ -472,6 +503,8 @@ class Receiving(Side):
             temp_path=None,
             finished_at=time.time(),
         )
+        if i.recipe is not None:
+            await self.index.drop_recipe(i.tid)
         log.warning(
             "receiving %s from %s failed: %s (%s)", i.name, i.sender, failed.reason, failed.detail
         )
@@ -515,4 +548,5 @@ class Receiving(Side):
             if i.final is None
             else i.size,
             "started_at": i.started_at,
+            "reused_bytes": i.reused,
         }

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from peerd.mqtt import BrokerError
 from peerd.receivers import check_receiver
+from peerd.transfers.chunkindex import MIN_DELTA_SIZE, file_chunks, recipe_for
 from peerd.transfers.files import (
     StatKey,
     TransferError,
@@ -36,14 +37,17 @@ from protocol.transfer import (
     PEER_FAULTS,
     Accepted,
     Finished,
+    Offer,
     Persist,
     Progress,
     ReceiverFailed,
     ReceiverVerified,
+    Recipe,
     Sealed,
     SendControl,
     SenderTransfer,
     TransferConfig,
+    delta,
     describe,
 )
 from protocol.transfer.chunks import FRAME_OVERHEAD, frame_buffer
@@ -78,6 +82,9 @@ class Outgoing:
     progress: dict[str, int] = field(default_factory=dict)
     outcome: dict[str, str] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
+    chunks: list[tuple[int, bytes]] = field(default_factory=list)  # deltas: CDC chunks
+    recipe_sent: set[str] = field(default_factory=set)
+    held: dict[str, int] = field(default_factory=dict)  # bytes each receiver already had
 
 
 class Sending(Side):
@@ -131,6 +138,7 @@ class Sending(Side):
         config = dataclasses.replace(self.config, chunk_size=self._chunk_size())
         fd, st = open_source(path)
         try:
+            chunks = await self._chunks(fd, st.st_size, path)
             now = time.time()
             machine = SenderTransfer(
                 name=path.name,
@@ -155,6 +163,7 @@ class Sending(Side):
             receivers=list(dict.fromkeys(receivers)),
             started_at=now,
             deadline=None if answer_within is None else now + answer_within,
+            chunks=chunks,
         )
         o.done = asyncio.get_running_loop().create_future()
         await self.records.add_send(
@@ -173,6 +182,28 @@ class Sending(Side):
         o.task = host.spawn(self._pump(o), name=f"send {tid.hex()[:8]}")
         log.info("sending %s (%d bytes) to %s as %s", path.name, st.st_size, o.receivers, tid.hex())
         return self.describe(o)
+
+    async def _chunks(self, fd: int, size: int, path: Path) -> list[tuple[int, bytes]]:
+        """The file's content-defined chunks, for the receivers' recipes (deltas, SPEC 7.11);
+        none for a small file or one with more chunks than a recipe may list."""
+        if size < MIN_DELTA_SIZE or size > delta.MAX_RECIPE_ENTRIES * delta.CDC_MIN:
+            return []
+        try:
+            chunks = await asyncio.to_thread(file_chunks, fd, size, path.name)
+        except (OSError, ValueError) as exc:
+            log.warning("sending %s whole: chunking it failed: %s", path.name, exc)
+            return []
+        return chunks if len(chunks) <= delta.MAX_RECIPE_ENTRIES else []
+
+    def _send_recipe(self, o: Outgoing, peer: str) -> None:
+        """The recipe goes just before the Offer, on the same session, keyed for this pair."""
+        recipe = recipe_for(o.chunks, delta.pair_key(bytes(self.host.keys.signing_key()), peer))
+        parts = delta.parts_of(recipe.entries)
+        for k, entries in enumerate(parts):
+            msg = Recipe(o.tid, k, len(parts), recipe.key, entries)
+            if not self.host.transmit(peer, msg.encode()):
+                return  # no session yet: sent again with the next Offer
+        o.recipe_sent.add(peer)
 
     async def resume(self, row: ActiveRow, snapshot: bytes, now: float) -> None:
         machine = SenderTransfer.restore(
@@ -303,6 +334,8 @@ class Sending(Side):
     async def _batch(self, o: Outgoing, actions: list[Any]) -> None:
         for a in actions:
             if isinstance(a, SendControl):
+                if o.chunks and isinstance(a.message, Offer) and a.peer not in o.recipe_sent:
+                    self._send_recipe(o, a.peer)
                 self.host.transmit(a.peer, a.message.encode())
             elif isinstance(a, Persist):
                 await self.records.persist(o.tid, a.snapshot)
@@ -381,6 +414,7 @@ class Sending(Side):
                 p: {
                     "state": o.outcome.get(p, m.receivers().get(p, "?")),
                     "bytes": o.progress.get(p, 0),
+                    "held_bytes": o.held.get(p, 0),
                 }
                 for p in o.receivers
             },

@@ -17,6 +17,7 @@ from enum import IntEnum
 from typing import Any, ClassVar, Self
 
 from protocol.errors import LocalProtocolError
+from protocol.transfer import delta
 from protocol.transfer._codec import (
     MalformedTransferObject,
     fields,
@@ -42,6 +43,7 @@ from protocol.transfer.manifest import (
 )
 
 MAX_CONTROL_BYTES = 2048
+MAX_RECIPE_BYTES = 32768  # a Recipe message: 1600 entries of 20 bytes and its fields
 MAX_WINDOW = 1024  # chunks a receiver may grant beyond its durable prefix
 MAX_SACK_BYTES = MAX_WINDOW // 8
 MAX_REQUEST_RANGES = 64
@@ -59,6 +61,8 @@ class Tag(IntEnum):
     SEAL = 37
     VERIFIED = 38
     ABORT = 39
+    RECIPE = 40
+    HAVE = 41
 
 
 class Reason:
@@ -474,7 +478,66 @@ class Abort(_Ending):
     TAG: ClassVar[Tag] = Tag.ABORT
 
 
-ControlMessage = Offer | Accept | Refuse | Ack | Request | Seal | Verified | Abort
+# -- Recipe, Have (deltas, SPEC 7.11) ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Recipe(_Message):
+    """Sender -> receiver, before the Offer: part `part` of `parts` of the file's chunk list,
+    (length, id) records whose ids are keyed with `key`, the pair's chunk-id key."""
+
+    TAG: ClassVar[Tag] = Tag.RECIPE
+    transfer_id: bytes
+    part: int
+    parts: int
+    key: bytes = field(repr=False)
+    entries: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        _check_own(want_bytes, self.transfer_id, "transfer id", TRANSFER_ID_BYTES)
+        _check_own(self._check, self.part, self.parts, self.key, self.entries)
+
+    @staticmethod
+    def _check(part: Any, parts: Any, key: Any, entries: Any) -> None:
+        want_int(parts, "recipe parts", lo=1, hi=delta.MAX_RECIPE_PARTS)
+        want_int(part, "recipe part", lo=0, hi=parts - 1)
+        want_bytes(key, "recipe key", delta.KEY_BYTES)
+        delta.decode_entries(want_bytes(entries, "recipe entries", max_len=MAX_RECIPE_BYTES))
+
+    def fields(self) -> list[Any]:
+        return [self.part, self.parts, self.key, self.entries]
+
+    @classmethod
+    def _from(cls, transfer_id: bytes, v: list[Any]) -> Recipe:
+        fields(v, "recipe", 4)
+        cls._check(*v)
+        return cls(transfer_id, v[0], v[1], v[2], v[3])
+
+
+@dataclass(frozen=True, slots=True)
+class Have(_Message):
+    """Receiver -> sender, before its Accept: how many bytes of the offered file it found in
+    files it received from this sender (for the sender's report only; what it may skip is in
+    the Accept and Acks, as always)."""
+
+    TAG: ClassVar[Tag] = Tag.HAVE
+    transfer_id: bytes
+    held: int
+
+    def __post_init__(self) -> None:
+        _check_own(want_bytes, self.transfer_id, "transfer id", TRANSFER_ID_BYTES)
+        _check_own(want_int, self.held, "held bytes", lo=0, hi=MAX_FILE_SIZE)
+
+    def fields(self) -> list[Any]:
+        return [self.held]
+
+    @classmethod
+    def _from(cls, transfer_id: bytes, v: list[Any]) -> Have:
+        fields(v, "have", 1)
+        return cls(transfer_id, want_int(v[0], "held bytes", lo=0, hi=MAX_FILE_SIZE))
+
+
+ControlMessage = Offer | Accept | Refuse | Ack | Request | Seal | Verified | Abort | Recipe | Have
 
 _TYPES: dict[int, Any] = {
     Tag.OFFER: Offer,
@@ -485,6 +548,8 @@ _TYPES: dict[int, Any] = {
     Tag.SEAL: Seal,
     Tag.VERIFIED: Verified,
     Tag.ABORT: Abort,
+    Tag.RECIPE: Recipe,
+    Tag.HAVE: Have,
 }
 
 
@@ -495,7 +560,10 @@ def is_transfer_tag(tag: int) -> bool:
 
 def decode_message(data: bytes | bytearray | memoryview) -> ControlMessage:
     """Decode any transfer control message; raises MalformedTransferObject."""
-    value = unpack(data, what="transfer message", max_size=MAX_CONTROL_BYTES)
+    # A Recipe (tag 40, right after the array header) carries up to 32000 bytes of entries.
+    recipe = len(data) > 1 and data[1] == Tag.RECIPE
+    limit = MAX_RECIPE_BYTES if recipe else MAX_CONTROL_BYTES
+    value = unpack(data, what="transfer message", max_size=limit)
     if len(value) < 2:
         raise MalformedTransferObject("a transfer message has a type and a transfer id")
     tag = value[0]

@@ -21,6 +21,7 @@ this offset" and drives the rest: credit, durability, repair, verification, comm
 from __future__ import annotations
 
 import hmac
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,7 +84,8 @@ DONE = "done"
 FAILED = "failed"
 
 _SNAPSHOT_VERSION = 1
-_MAX_SNAPSHOT_BYTES = 16384
+_MAX_SNAPSHOT_BYTES = 65536
+_MAX_HELD_RANGES = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,11 +126,14 @@ class ReceiverTransfer:
         sender_key: bytes | nacl.signing.VerifyKey,
         now: float,
         config: TransferConfig | None = None,
+        held: Sequence[tuple[int, int]] = (),
     ) -> None:
         """Accept `offer` from `sender` (its peer id; `sender_key` its Ed25519 identity key).
 
-        Call `check_offer` first. Emits a Persist (store it, then create the temporary file)
-        and the Accept.
+        Call `check_offer` first. `held`: ranges (start, count) of chunks the shell has already
+        written into the temporary file from its own files and made durable (a delta, SPEC
+        7.11); they count as durable from the start, are never asked for, and are hashed by
+        reading them back like any chunk. Emits a Persist and the Accept.
         """
         self._setup(
             offer=offer,
@@ -138,8 +143,10 @@ class ReceiverTransfer:
             config=config or TransferConfig(),
             incarnation=1,
         )
+        self._hold(held)
         self._persist()
         self._send(self._status(Accept))
+        self._schedule_read()  # held chunks are hashed from the file, in order
 
     @classmethod
     def restore(
@@ -153,7 +160,7 @@ class ReceiverTransfer:
         """Rebuild from the last Persist after a restart: the temporary file holds at least the
         chunks the snapshot calls durable. Tells the sender what it has (an Accept) and re-reads
         the durable prefix to rebuild the running hash."""
-        offer, sender, incarnation, cum, durable, seal = _decode_snapshot(snapshot)
+        offer, sender, incarnation, cum, durable, seal, held = _decode_snapshot(snapshot)
         self = cls.__new__(cls)
         self._setup(
             offer=offer,
@@ -168,8 +175,9 @@ class ReceiverTransfer:
         self._cum = cum
         # A smaller window than before forgets what lies beyond it: it is simply asked again.
         self._durable = {i for i in durable if cum < i < cum + self.config.window}
-        self._received = cum + len(self._durable)
         self._highest = max([cum, *(i + 1 for i in self._durable)])
+        self._received = cum + len(self._durable)
+        self._hold((s, n) for s, n in held if s + n <= self._count)
         if seal is not None:
             try:
                 self._seal = self._open_seal(seal[0], seal[1])
@@ -230,8 +238,25 @@ class ReceiverTransfer:
         self._frame_since_status = False
         self._heard_at = now  # the sender's last valid frame or control message
         self._acked_chunks = -1
+        self._held: set[int] = set()  # chunks copied locally before the transfer (deltas)
         self.dropped_duplicates = 0
         self.dropped_beyond_window = 0
+
+    def _hold(self, held: Iterable[tuple[int, int]]) -> None:
+        """Chunks made durable by the shell before the transfer (a delta's local copies)."""
+        for start, count in held:
+            if start < 0 or count < 1 or start + count > self._count:
+                raise LocalProtocolError("held chunks past the end of the file")
+            self._held.update(range(start, start + count))
+        new = {i for i in self._held if i >= self._cum and i not in self._durable}
+        self._durable |= new
+        self._received += len(new)
+        cum = self._cum
+        while cum in self._durable:
+            self._durable.discard(cum)
+            cum += 1
+        self._cum = cum
+        self._highest = max(self._highest, cum)
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -559,12 +584,17 @@ class ReceiverTransfer:
 
     def _status(self, cls: type[Accept] | type[Ack]) -> Accept | Ack:
         cum = self._cum
+        durable: Iterable[int] = self._durable
+        if self._held:
+            # Held chunks (deltas) may lie beyond the window: the sack reports the window only;
+            # the rest is reported as the window reaches it.
+            durable = [i for i in range(cum + 1, cum + self._window) if i in self._durable]
         return cls(
             self.transfer_id,
             self.incarnation,
             cum,
             cum + self._window,
-            sack_bitmap(cum, self._durable),
+            sack_bitmap(cum, durable),
         )
 
     def _send_status(self, now: float) -> None:
@@ -601,9 +631,16 @@ class ReceiverTransfer:
                 self.sender,
                 self.incarnation,
                 self._cum,
-                sorted(self._durable),
+                sorted(i for i in self._durable if i not in self._held)[:MAX_WINDOW],
                 self._seal.body if self._seal else None,
                 self._seal.signature if self._seal else None,
+                # Held chunks not yet passed by the durable prefix, as [start, count] ranges
+                # (a bounded number: past it they are simply fetched again after a restart).
+                [list(r) for r in ranges_of(i for i in self._held if i >= self._cum)][
+                    :_MAX_HELD_RANGES
+                ]
+                if self._held
+                else [],
             ]
         )
 
@@ -613,13 +650,11 @@ class ReceiverTransfer:
 
 def _decode_snapshot(
     snapshot: bytes,
-) -> tuple[Offer, str, int, int, list[int], tuple[bytes, bytes] | None]:
+) -> tuple[Offer, str, int, int, list[int], tuple[bytes, bytes] | None, list[tuple[int, int]]]:
     try:
-        v: list[Any] = fields(
-            unpack(snapshot, what="receiver snapshot", max_size=_MAX_SNAPSHOT_BYTES),
-            "receiver snapshot",
-            8,
-        )
+        raw = unpack(snapshot, what="receiver snapshot", max_size=_MAX_SNAPSHOT_BYTES)
+        # 9 fields since deltas (held ranges); a snapshot of 8 holds none.
+        v: list[Any] = fields(raw, "receiver snapshot", 9 if len(raw) == 9 else 8)
         if want_int(v[0], "snapshot version") != _SNAPSHOT_VERSION:
             raise MalformedTransferObject("unknown snapshot version")
         offer = Offer.decode(want_bytes(v[1], "offer", max_len=_MAX_SNAPSHOT_BYTES))
@@ -636,6 +671,10 @@ def _decode_snapshot(
                 want_bytes(v[6], "seal", max_len=MAX_MANIFEST_BYTES),
                 want_bytes(v[7], "seal signature", SIGNATURE_BYTES),
             )
-    except RemoteProtocolError as exc:
+        held: list[tuple[int, int]] = []
+        for r in want_list(v[8], "held", max_len=_MAX_HELD_RANGES) if len(v) == 9 else []:
+            start, count = want_list(r, "held range", max_len=2)
+            held.append((want_int(start, "held start"), want_int(count, "held count", lo=1)))
+    except (RemoteProtocolError, ValueError) as exc:
         raise LocalProtocolError(f"corrupt receiver snapshot: {exc}") from exc
-    return offer, sender, incarnation, cum, durable, seal
+    return offer, sender, incarnation, cum, durable, seal, held

@@ -100,6 +100,7 @@ class Sim:
         sync_delay: tuple[float, float] = (0.001, 0.005),
         policy: ReceivePolicy | None = None,
         keys: dict[str, nacl.signing.SigningKey] | None = None,
+        held: dict[str, list[tuple[int, int]]] | None = None,
     ) -> None:
         self.rng = random.Random(seed)
         self.now = 1_700_000_000.0
@@ -128,6 +129,14 @@ class Sim:
         }
         for shell in self.shells.values():
             shell.buf = bytearray(self.config.chunk_size)
+        # Chunks a receiver already holds (deltas): in place and durable before the offer.
+        self.held = held or {}
+        cs = self.config.chunk_size
+        for peer, ranges in self.held.items():
+            for start, count in ranges:
+                a, b = start * cs, min((start + count) * cs, len(data))
+                self.shells[peer].disk[a:b] = data[a:b]
+                self.shells[peer].durable[a:b] = data[a:b]
         self.sender: SenderTransfer | None = SenderTransfer(
             name="model.safetensors",
             size=len(data),
@@ -273,6 +282,7 @@ class Sim:
                         sender_key=self.sender_keys.get(peer, bytes(self.signing_key.verify_key)),
                         now=self.now,
                         config=self.config,
+                        held=self.held.get(peer, ()),
                     )
                 return
             try:

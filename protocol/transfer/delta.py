@@ -1,0 +1,157 @@
+"""Deltas: a receiver reuses the chunks it already holds *from the same sender* (SPEC 7.11).
+
+Sans-IO pieces shared by both shells:
+
+- `regions` and `cut`: content-defined chunks (FastCDC 2020, ~64 KiB) computed inside each
+  safetensors tensor's byte range, restarting at every tensor boundary, so a changed tensor
+  never moves the chunk boundaries of the next one (the header is a region of its own; any
+  other file is one region).
+- `pair_key` and `chunk_id`: chunk ids keyed per (sender, receiver) pair. Only the two of them
+  know the key (the sender derives it from its identity seed and sends it inside the Noise
+  session), so an id means nothing to anyone else, and the same content has unrelated ids for
+  two different pairs.
+- `encode_entries` / `decode_entries`: the recipe of a file, a list of (length, id), cut into
+  Recipe messages (protocol/transfer/messages.py).
+- `held_frames`: which transfer chunks (fixed-size frames, 7.2) are entirely covered by the byte
+  ranges a receiver copied from its own files: the delta unit (a CDC chunk) is independent of
+  the frame size, which follows the broker's limits.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Sequence
+
+import blake3
+from pyfastcdc import FastCDC
+
+from protocol.errors import LocalProtocolError
+from protocol.transfer._codec import MalformedTransferObject
+
+# FastCDC's average parameter is the mean *beyond* the minimum (pyfastcdc's cut-point
+# skipping), so 16 KiB + 48 KiB gives ~64 KiB chunks, the size Xet's deduplication uses.
+CDC_MIN = 16 * 1024
+CDC_AVG = 48 * 1024
+CDC_MAX = 256 * 1024
+ID_BYTES = 16
+KEY_BYTES = 32
+_ENTRY = struct.Struct(">I16s")
+ENTRY_BYTES = _ENTRY.size  # 20
+RECIPE_PART_ENTRIES = 1600  # 32000 bytes of entries: one Recipe message well below 64 KiB
+MAX_RECIPE_ENTRIES = 1 << 18  # ~16 GiB at 64 KiB a chunk; a larger file is sent whole
+MAX_RECIPE_PARTS = -(-MAX_RECIPE_ENTRIES // RECIPE_PART_ENTRIES)
+_KEY_CONTEXT = "peerd 2026-12 transfer delta pair key"
+
+_chunker = FastCDC(CDC_AVG, min_size=CDC_MIN, max_size=CDC_MAX, normalized_chunking=2)
+
+Buffer = bytes | bytearray | memoryview
+
+
+def regions(
+    size: int, tensors: Iterable[tuple[int, int]] | None, data_start: int = 0
+) -> list[tuple[int, int]]:
+    """The byte ranges [start, end) that chunks never cross: for a safetensors file
+    (`tensors` = each tensor's (begin, end) within the data section that starts at
+    `data_start`) the header, then each tensor and any bytes between them; else the file."""
+    if size <= 0:
+        return []
+    if tensors is None:
+        return [(0, size)]
+    out: list[tuple[int, int]] = []
+    pos = 0
+    for begin, end in sorted(tensors):
+        a, b = data_start + begin, data_start + end
+        if a < pos or b > size or a > b:
+            raise LocalProtocolError("tensor ranges overlap or run past the file")
+        if a > pos:
+            out.append((pos, a))
+        if b > a:
+            out.append((a, b))
+        pos = b
+    if pos < size:
+        out.append((pos, size))
+    return out
+
+
+def cut(data: Buffer, spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Content-defined chunks (offset, length) of `data` within each span."""
+    view = memoryview(data)
+    out: list[tuple[int, int]] = []
+    for start, end in spans:
+        if end - start <= CDC_MIN:
+            out.append((start, end - start))
+            continue
+        for c in _chunker.cut_buf(view[start:end]):
+            out.append((start + c.offset, c.length))
+    return out
+
+
+def pair_key(sender_secret: bytes, receiver: str) -> bytes:
+    """The chunk-id key of (this sender, `receiver`): a PRF of the sender's secret (its
+    identity seed), so both ends get the same key every time without storing it."""
+    if len(sender_secret) != 32:
+        raise LocalProtocolError("the sender secret is 32 bytes")
+    base = blake3.blake3(sender_secret, derive_key_context=_KEY_CONTEXT).digest()
+    return blake3.blake3(receiver.encode(), key=base).digest()
+
+
+def content_hash(data: Buffer) -> bytes:
+    return blake3.blake3(data).digest()
+
+
+def keyed_id(key: bytes, digest: bytes) -> bytes:
+    """A chunk's id for one pair, from its unkeyed BLAKE3 digest: the file is hashed once
+    however many receivers there are."""
+    return blake3.blake3(digest, key=key).digest(ID_BYTES)
+
+
+def chunk_id(key: bytes, data: Buffer) -> bytes:
+    return keyed_id(key, content_hash(data))
+
+
+def encode_entries(entries: Sequence[tuple[int, bytes]]) -> bytes:
+    return b"".join(_ENTRY.pack(length, cid) for length, cid in entries)
+
+
+def decode_entries(raw: bytes) -> list[tuple[int, bytes]]:
+    """(length, id) pairs; raises MalformedTransferObject."""
+    if not raw or len(raw) % ENTRY_BYTES or len(raw) > RECIPE_PART_ENTRIES * ENTRY_BYTES:
+        raise MalformedTransferObject("recipe entries are 1..1600 records of 20 bytes")
+    out = [(length, cid) for length, cid in _ENTRY.iter_unpack(raw)]
+    if any(not 1 <= length <= CDC_MAX for length, _ in out):
+        raise MalformedTransferObject(f"a recipe chunk is 1..{CDC_MAX} bytes")
+    return out
+
+
+def parts_of(entries: Sequence[tuple[int, bytes]]) -> list[bytes]:
+    """The recipe cut into Recipe message payloads."""
+    if not entries or len(entries) > MAX_RECIPE_ENTRIES:
+        raise LocalProtocolError("a recipe has 1..MAX_RECIPE_ENTRIES entries")
+    n = RECIPE_PART_ENTRIES
+    return [encode_entries(entries[i : i + n]) for i in range(0, len(entries), n)]
+
+
+def held_frames(
+    covered: Iterable[tuple[int, int]], size: int, chunk_size: int
+) -> list[tuple[int, int]]:
+    """Ranges [start, count] of the transfer chunks lying entirely inside `covered` (byte
+    ranges (offset, length) already in place at the receiver)."""
+    merged: list[list[int]] = []
+    for off, length in sorted(covered):
+        if length <= 0:
+            continue
+        if merged and off <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], off + length)
+        else:
+            merged.append([off, off + length])
+    out: list[tuple[int, int]] = []
+    for a, b in merged:
+        first = -(-a // chunk_size)
+        end = size if b >= size else b
+        last = -(-size // chunk_size) if end == size else end // chunk_size
+        if last > first:
+            if out and out[-1][0] + out[-1][1] == first:
+                out[-1] = (out[-1][0], out[-1][1] + last - first)
+            else:
+                out.append((first, last - first))
+    return out

@@ -1,0 +1,147 @@
+"""Deltas between real daemons through a real Mosquitto (protocol/SPEC.md 7.11): a new version
+of a model costs only what changed, a receiver only ever reuses what it got from the same
+sender, and a damaged local copy is fetched again. Every file is checked byte for byte."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.broker import Broker
+from tests.support.cluster import Node, make_nodes, pair
+from tests.support.files import partial_files, sha256
+from tests.support.models import tensor_sizes, write_model
+
+CHUNK = 256 * 1024
+SIZES = tensor_sizes(12 << 20, 24, seed=7)  # ~12 MiB in 24 tensors of ~250-850 KiB
+CHANGED = {3: 1, 11: 1}  # two tensors of 24 (~8%)
+
+
+@pytest.fixture(scope="module")
+def trio(
+    tmp_path_factory: pytest.TempPathFactory, shared_broker: Broker
+) -> Iterator[tuple[Node, Node, Node]]:
+    """One set of daemons for the module (pairing three is most of the time): each test uses
+    files of its own seed, so no test can reuse another's chunks."""
+    root = tmp_path_factory.mktemp("deltas")
+    a, b, c = make_nodes(root, shared_broker.url, ["alice", "bob", "carol"])
+    for n in (a, b, c):
+        n.start()
+    try:
+        pair(a, b)
+        pair(c, b)
+        pair(a, c)
+        yield a, b, c
+    finally:
+        for n in (a, b, c):
+            n.kill()
+
+
+def send(src: Node, path: Path, *to: Node) -> dict:
+    result = src.json("send", str(path), "--to", ",".join(n.peer_id for n in to), "--wait")
+    assert result["state"] == "verified", result
+    return result
+
+
+def received(node: Node, sender: Node, name: str) -> Path:
+    return node.dir / "inbox" / sender.peer_id / name
+
+
+def index_rows(node: Node, sender: Node) -> int:
+    db = sqlite3.connect(node.dir / "peerd.db")
+    try:
+        return db.execute(
+            "SELECT count(*) FROM chunk_index WHERE sender = ?", (sender.peer_id,)
+        ).fetchone()[0]
+    finally:
+        db.close()
+
+
+def changed_bytes(changed: dict[int, int]) -> int:
+    return sum(SIZES[i] for i in changed)
+
+
+def test_a_new_version_costs_only_its_changed_tensors(
+    trio: tuple[Node, Node, Node], tmp_path: Path
+) -> None:
+    a, b, _ = trio
+    v1 = write_model(tmp_path / "v1.safetensors", SIZES, seed=1)
+    first = send(a, v1, b)
+    assert first["published_bytes"] >= v1.stat().st_size  # nothing to reuse the first time
+    assert index_rows(b, a) > 0
+    v2 = write_model(tmp_path / "v2.safetensors", SIZES, seed=1, changed=CHANGED)
+    second = send(a, v2, b)
+    assert sha256(received(b, a, v2.name)) == sha256(v2)
+    # Only the changed tensors and the frames they straddle: at most two frames more each.
+    budget = changed_bytes(CHANGED) + 2 * len(CHANGED) * CHUNK
+    assert second["published_bytes"] <= budget
+    held = second["receivers"][b.peer_id]["held_bytes"]
+    assert held >= v2.stat().st_size - budget
+    # The CLI says what was saved, on both sides.
+    assert "already at" in a.cli("transfers")
+    assert "was already here" in b.cli("transfers")
+    # The same file again costs (almost) nothing: every frame is already there.
+    again = send(a, v2, b)
+    assert again["published_bytes"] <= v2.stat().st_size // 100
+    assert sha256(received(b, a, "v2-2.safetensors")) == sha256(v2)
+    assert not partial_files(b)
+
+
+def test_fan_out_sends_the_union_of_what_the_receivers_miss(
+    trio: tuple[Node, Node, Node], tmp_path: Path
+) -> None:
+    a, b, c = trio
+    base = write_model(tmp_path / "base.safetensors", SIZES, seed=2)
+    send(a, base, b)
+    other = write_model(tmp_path / "other.safetensors", SIZES, seed=2, changed={20: 5})
+    send(a, other, c)  # carol holds another version: tensor 20 differs from bob's
+    v2 = write_model(tmp_path / "fan-v2.safetensors", SIZES, seed=2, changed=CHANGED)
+    result = send(a, v2, b, c)
+    for node in (b, c):
+        assert sha256(received(node, a, v2.name)) == sha256(v2)
+    # Carol misses tensor 20 on top of the changed ones: the union, published once.
+    union = changed_bytes(CHANGED) + SIZES[20]
+    assert result["published_bytes"] <= union + 2 * 3 * CHUNK
+    held_b = result["receivers"][b.peer_id]["held_bytes"]
+    held_c = result["receivers"][c.peer_id]["held_bytes"]
+    assert held_b > held_c > 0
+
+
+def test_a_damaged_local_copy_is_fetched_again(
+    trio: tuple[Node, Node, Node], tmp_path: Path
+) -> None:
+    a, b, _ = trio
+    v1 = write_model(tmp_path / "dmg-v1.safetensors", SIZES, seed=3)
+    send(a, v1, b)
+    got = received(b, a, v1.name)
+    # Damage one tensor in place and hide it: same size, same mtime, same inode.
+    st = got.stat()
+    start = got.stat().st_size - SIZES[-1] // 2
+    with got.open("r+b") as f:
+        f.seek(start)
+        f.write(bytes(4096))
+    os.utime(got, ns=(st.st_atime_ns, st.st_mtime_ns))
+    v2 = write_model(tmp_path / "dmg-v2.safetensors", SIZES, seed=3, changed=CHANGED)
+    result = send(a, v2, b)
+    assert sha256(received(b, a, v2.name)) == sha256(v2)
+    # The damaged chunk was not reused: more than the changed tensors went over the wire.
+    assert result["published_bytes"] > changed_bytes(CHANGED)
+    assert result["published_bytes"] <= changed_bytes(CHANGED) + 6 * CHUNK + 2 * 256 * 1024
+
+
+def test_a_peer_cannot_make_the_receiver_claim_another_senders_chunks(
+    trio: tuple[Node, Node, Node], tmp_path: Path
+) -> None:
+    a, b, c = trio
+    secret = write_model(tmp_path / "secret.safetensors", SIZES, seed=99)
+    send(a, secret, b)
+    # Carol has the very same file and offers it to bob: were bob to reuse alice's chunks,
+    # carol would learn from the traffic that bob holds it (the confirmation-of-file attack).
+    result = send(c, secret, b)
+    assert result["receivers"][b.peer_id]["held_bytes"] == 0
+    assert result["published_bytes"] >= secret.stat().st_size
+    assert sha256(received(b, c, secret.name)) == sha256(secret)

@@ -1,0 +1,138 @@
+"""The receiver's chunk index and local copies (peerd/transfers/chunkindex.py) on a real sqlite
+store and real files: lookups see only the sender's own rows, a changed or damaged file is never
+copied, the index is bounded and erased per sender, and the sender's chunk pass is stable."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from peerd.store import Store
+from peerd.transfers import chunkindex
+from peerd.transfers.chunkindex import ChunkIndex, file_chunks, prefill, recipe_for
+from protocol.transfer import delta
+from tests.support.models import tensor_sizes, write_model
+
+ALICE_SEED, CAROL_SEED = bytes(range(32)), bytes(range(1, 33))
+SIZES = tensor_sizes(2 << 20, 8, seed=1)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    s = await Store.open(tmp_path / "peerd.db", network="lab", overlap=3600.0, create=True)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def chunks_of(path: Path) -> list[tuple[int, bytes]]:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return file_chunks(fd, path.stat().st_size, path.name)
+    finally:
+        os.close(fd)
+
+
+async def received(index: ChunkIndex, path: Path, sender: str, seed: bytes) -> None:
+    await index.add_file(sender, path, recipe_for(chunks_of(path), delta.pair_key(seed, "bob")))
+
+
+def copy_into(tmp_path: Path, recipe: chunkindex.Recipe, found: dict) -> chunkindex.Prefill:
+    part = tmp_path / "new.part"
+    fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        return prefill(fd, recipe, found)
+    finally:
+        os.close(fd)
+
+
+async def test_lookups_only_see_the_senders_own_rows(store: Store, tmp_path: Path) -> None:
+    index = ChunkIndex(store)
+    model = write_model(tmp_path / "m.safetensors", SIZES)
+    await received(index, model, "alice", ALICE_SEED)
+    alice_recipe = recipe_for(chunks_of(model), delta.pair_key(ALICE_SEED, "bob"))
+    ids = {cid for _, cid in alice_recipe.entries}
+    assert len(await index.lookup("alice", ids)) == len(ids)
+    # Carol replays alice's exact ids (as if she knew alice's key): bob finds nothing.
+    assert await index.lookup("carol", ids) == {}
+    # Carol's own ids for the same content are unrelated to alice's.
+    carol_recipe = recipe_for(chunks_of(model), delta.pair_key(CAROL_SEED, "bob"))
+    assert ids.isdisjoint({cid for _, cid in carol_recipe.entries})
+
+
+async def test_a_new_version_copies_the_unchanged_tensors(store: Store, tmp_path: Path) -> None:
+    index = ChunkIndex(store)
+    v1 = write_model(tmp_path / "v1.safetensors", SIZES)
+    await received(index, v1, "alice", ALICE_SEED)
+    v2 = write_model(tmp_path / "v2.safetensors", SIZES, changed={2: 1})
+    recipe = recipe_for(chunks_of(v2), delta.pair_key(ALICE_SEED, "bob"))
+    found = await index.lookup("alice", {cid for _, cid in recipe.entries})
+    done = copy_into(tmp_path, recipe, found)
+    assert done.held_bytes >= v2.stat().st_size - SIZES[2] - 4096  # all but tensor 2
+    assert done.held_bytes < v2.stat().st_size
+    assert not done.stale
+    assert not done.corrupt
+    part = (tmp_path / "new.part").read_bytes()
+    want = v2.read_bytes()
+    for off, length in done.covered:
+        assert part[off : off + length] == want[off : off + length]
+
+
+async def test_a_changed_or_damaged_file_is_not_copied(store: Store, tmp_path: Path) -> None:
+    index = ChunkIndex(store)
+    v1 = write_model(tmp_path / "v1.safetensors", SIZES)
+    await received(index, v1, "alice", ALICE_SEED)
+    recipe = recipe_for(chunks_of(v1), delta.pair_key(ALICE_SEED, "bob"))
+    ids = {cid for _, cid in recipe.entries}
+    # Damaged in place, size and mtime kept: the copies of the damaged chunk are refused.
+    st = v1.stat()
+    with v1.open("r+b") as f:
+        f.seek(st.st_size - 1000)
+        f.write(b"x" * 10)
+    os.utime(v1, ns=(st.st_atime_ns, st.st_mtime_ns))
+    done = copy_into(tmp_path, recipe, await index.lookup("alice", ids))
+    assert done.corrupt == 1
+    assert done.held_bytes < st.st_size
+    # Rewritten (a new mtime): the file is stale, dropped from the index at this use.
+    v1.write_bytes(v1.read_bytes())
+    done = copy_into(tmp_path, recipe, await index.lookup("alice", ids))
+    assert done.held_bytes == 0
+    assert len(done.stale) == 1
+    await index.forget_files(done.stale)
+    assert await index.count("alice") == 0
+
+
+async def test_the_index_is_bounded_and_erased_per_sender(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(chunkindex, "MAX_FILES_PER_SENDER", 2)
+    index = ChunkIndex(store)
+    models = [write_model(tmp_path / f"m{i}.safetensors", SIZES, seed=i) for i in range(3)]
+    for m in models:
+        await received(index, m, "alice", ALICE_SEED)
+    await received(index, models[0], "carol", CAROL_SEED)
+
+    def ids(*paths: Path) -> set[bytes]:
+        key = delta.pair_key(ALICE_SEED, "bob")
+        return {cid for p in paths for _, cid in recipe_for(chunks_of(p), key).entries}
+
+    # The oldest file went (its chunks shared with newer files stay, pointing at them).
+    assert await index.count("alice") == len(ids(models[1], models[2]))
+    assert await index.count("carol") == len(ids(models[0]))
+    await index.forget_sender("alice")
+    assert await index.count("alice") == 0
+    assert await index.count("carol") == len(ids(models[0]))
+
+
+async def test_recipes_survive_in_the_store(store: Store, tmp_path: Path) -> None:
+    index = ChunkIndex(store)
+    entries = [(65536 + i, os.urandom(16)) for i in range(delta.RECIPE_PART_ENTRIES + 400)]
+    recipe = chunkindex.Recipe(os.urandom(32), entries)  # more than one message's worth
+    await index.save_recipe(b"t" * 16, recipe)
+    assert await index.load_recipe(b"t" * 16) == recipe
+    await index.drop_recipe(b"t" * 16)
+    assert await index.load_recipe(b"t" * 16) is None

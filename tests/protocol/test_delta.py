@@ -1,0 +1,118 @@
+"""Deltas, the sans-IO half (protocol/transfer/delta.py, SPEC 7.11): chunk boundaries that
+survive edits, pair-keyed ids, the recipe's wire form, and which frames held bytes cover."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol.errors import RemoteProtocolError
+from protocol.transfer import Have, Recipe, decode_message, delta
+
+
+def model(sizes: list[int], versions: dict[int, int]) -> tuple[bytes, list[tuple[int, int]]]:
+    data, spans, pos = bytearray(), [], 0
+    for i, n in enumerate(sizes):
+        data += random.Random(f"{i}/{versions.get(i, 0)}").randbytes(n)
+        spans.append((pos, pos + n))
+        pos += n
+    return bytes(data), spans
+
+
+def chunk_bytes(data: bytes, spans: list[tuple[int, int]]) -> list[bytes]:
+    return [data[o : o + n] for o, n in delta.cut(data, delta.regions(len(data), spans))]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 300_000), min_size=2, max_size=8),
+    changed=st.integers(0, 7),
+    edit=st.sampled_from(["rewrite", "grow", "shrink"]),
+)
+def test_changing_one_tensor_leaves_the_others_chunks_identical(
+    sizes: list[int], changed: int, edit: str
+) -> None:
+    changed %= len(sizes)
+    before, spans = model(sizes, {})
+    new_sizes = list(sizes)
+    if edit == "grow":
+        new_sizes[changed] += 4096
+    elif edit == "shrink":
+        new_sizes[changed] = max(1, new_sizes[changed] // 2)
+    after, new_spans = model(new_sizes, {changed: 1})
+    old = chunk_bytes(before, spans)
+    new = chunk_bytes(after, new_spans)
+    # Every chunk of every other tensor is found, unchanged, in the new version.
+    for i, (a, b) in enumerate(spans):
+        if i == changed:
+            continue
+        tensor = before[a:b]
+        assert [c for c in old if c in tensor] == [c for c in new if c in tensor]
+    unchanged = sum(len(c) for c in new if c in set(old))
+    assert unchanged >= len(after) - new_sizes[changed]
+
+
+def test_chunks_are_bounded_and_cover_the_file() -> None:
+    data = random.Random(1).randbytes(3 << 20)
+    chunks = delta.cut(data, delta.regions(len(data), None))
+    assert sum(n for _, n in chunks) == len(data)
+    assert all(n <= delta.CDC_MAX for _, n in chunks)
+    assert all(n >= delta.CDC_MIN for _, n in chunks[:-1])
+    assert 32 * 1024 <= len(data) / len(chunks) <= 128 * 1024  # ~64 KiB on average
+
+
+def test_an_insertion_shifts_only_the_chunks_around_it() -> None:
+    data = random.Random(2).randbytes(2 << 20)
+    edited = data[:700_000] + b"inserted" + data[700_000:]
+    old = {data[o : o + n] for o, n in delta.cut(data, [(0, len(data))])}
+    new = [edited[o : o + n] for o, n in delta.cut(edited, [(0, len(edited))])]
+    reused = sum(len(c) for c in new if c in old)
+    assert reused >= len(data) - 3 * delta.CDC_MAX
+
+
+def test_ids_are_keyed_per_pair() -> None:
+    secret_a, secret_c = bytes(range(32)), bytes(32)
+    chunk = b"the same weights" * 1000
+    for_bob = delta.chunk_id(delta.pair_key(secret_a, "bob"), chunk)
+    assert for_bob == delta.chunk_id(delta.pair_key(secret_a, "bob"), chunk)  # stable
+    assert for_bob != delta.chunk_id(delta.pair_key(secret_a, "dave"), chunk)
+    assert for_bob != delta.chunk_id(delta.pair_key(secret_c, "bob"), chunk)
+    assert len(for_bob) == delta.ID_BYTES
+
+
+def test_recipe_messages_round_trip_and_are_bounded() -> None:
+    tid = bytes(16)
+    entries = [(65536, bytes([i % 256]) * 16) for i in range(delta.RECIPE_PART_ENTRIES + 5)]
+    parts = delta.parts_of(entries)
+    assert len(parts) == 2
+    msgs = [Recipe(tid, k, len(parts), bytes(32), p) for k, p in enumerate(parts)]
+    for m in msgs:
+        assert decode_message(m.encode()) == m
+    decoded = [e for m in msgs for e in delta.decode_entries(m.entries)]
+    assert decoded == entries
+    assert decode_message(Have(tid, 12345).encode()) == Have(tid, 12345)
+    bad = (
+        Recipe(tid, 0, 1, bytes(32), parts[1])
+        .encode()
+        .replace((65536).to_bytes(4, "big"), (delta.CDC_MAX + 1).to_bytes(4, "big"), 1)
+    )
+    with pytest.raises(RemoteProtocolError):
+        decode_message(bad)
+
+
+@pytest.mark.parametrize(
+    ("covered", "size", "expected"),
+    [
+        ([(0, 100)], 100, [(0, 1)]),  # the whole (short) last frame
+        ([(0, 1024), (1024, 1024)], 4096, [(0, 2)]),
+        ([(10, 3000)], 4096, [(1, 1)]),  # partial frames at both ends are not held
+        ([(0, 1500), (1500, 2596)], 4096, [(0, 4)]),
+        ([(1024, 2000)], 3024, [(1, 2)]),  # reaches the end: the short last frame counts
+        ([], 4096, []),
+    ],
+)
+def test_held_frames(covered: list[tuple[int, int]], size: int, expected: list) -> None:
+    assert delta.held_frames(covered, size, 1024) == expected

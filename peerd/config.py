@@ -30,11 +30,9 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from peerd.errors import ConfigError
+from peerd.locate import CONFIG_NAME, DEFAULT_CONFIG_PATH, DEFAULT_RUNTIME_DIR, SOCKET_NAME
 from protocol.identity import InvalidText, check_network_name, parse_authority_key
 
-DEFAULT_CONFIG_PATH: Final = Path("/etc/peerd/peerd.toml")
-CONFIG_NAME: Final = "peerd.toml"
-SOCKET_NAME: Final = "peerd.sock"
 MAX_SOCKET_PATH: Final = 107  # sun_path is 108 bytes including the terminating NUL
 MAX_CONFIG_SIZE: Final = 1 << 20
 
@@ -198,7 +196,7 @@ class NodeConfig:
         check=_network,
     )
     state_dir: Path = key(Path("/var/lib/peerd"), doc="keys, trust store and received files")
-    runtime_dir: Path = key(Path("/run/peerd"), doc="the control socket lives here")
+    runtime_dir: Path = key(DEFAULT_RUNTIME_DIR, doc="the control socket lives here")
     socket: Path = key(doc="the control socket", derived="<runtime_dir>/peerd.sock")
     inbox_dir: Path = key(doc="where received files are written", derived="<state_dir>/inbox")
     store: Path = key(doc="the trust store (sqlite)", derived="<state_dir>/peerd.db")

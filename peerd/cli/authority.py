@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 from peerd.cli import common
 from peerd.errors import PeerdError, UsageError
-from protocol.identity import format_authority_key, format_peer_id, parse_peer_id
 
 if TYPE_CHECKING:
     from peerd.authority import AuthorityKey, MembershipRequest
@@ -146,6 +145,8 @@ def cmd_authority_key(args: argparse.Namespace) -> int:
     from peerd.authority import AuthorityKey
 
     public, sealed = AuthorityKey.read_public(_dir(args))
+    from protocol.identity import format_authority_key
+
     text = format_authority_key(public)
     if args.json:
         common.print_json({"authority_key": text, "dir": str(_dir(args)), "sealed": sealed})
@@ -178,6 +179,8 @@ def _request_from_args(args: argparse.Namespace) -> MembershipRequest:
         identity = b""
     if len(identity) != 32:
         raise UsageError("--identity-key is the 64 hex digits of `peerd id --json`")
+    from protocol.identity import parse_peer_id
+
     try:
         request = MembershipRequest(args.network, parse_peer_id(member), identity)
         MembershipRequest.decode(request.encode())  # the same checks as a pasted request
@@ -198,7 +201,7 @@ def cmd_authority_issue(args: argparse.Namespace) -> int:
         return common.EXIT_OK
     print(text)
     common.note(
-        f"membership of {format_peer_id(request.peer_id)} in network {request.network!r}, "
+        f"membership of {common.show_id(request.peer_id)} in network {request.network!r}, "
         f"valid until {common.when(membership.not_after)}\n"
         f"  member fingerprint: {request.fingerprint}  (compare it with the member's)\n"
         "On the member: peerd membership install TEXT"
@@ -209,6 +212,7 @@ def cmd_authority_issue(args: argparse.Namespace) -> int:
 def cmd_authority_revoke(args: argparse.Namespace) -> int:
     from peerd.authority import AuthorityKey, statement_to_text
     from peerd.client import DaemonNotRunning
+    from protocol.identity import parse_peer_id
 
     peer = parse_peer_id(args.peer)
     directory = _dir(args)
@@ -243,13 +247,13 @@ def cmd_authority_revoke(args: argparse.Namespace) -> int:
         print(text)
         if published is not None:
             common.note(
-                f"{format_peer_id(peer)} expelled from {network!r}: published by this node's "
+                f"{common.show_id(peer)} expelled from {network!r}: published by this node's "
                 f"daemon, pushed to {len(published['pushed'])} connected peer(s)"
             )
         else:
             why = "" if problem is None else f" (not published here: {problem.one_line()})"
             common.note(
-                f"{format_peer_id(peer)} expelled from {network!r} by this statement{why}.\n"
+                f"{common.show_id(peer)} expelled from {network!r} by this statement{why}.\n"
                 "Publish it on any node of the network: peerd revocation publish TEXT"
             )
     if problem is not None and not isinstance(problem, DaemonNotRunning | common.ConfigError):

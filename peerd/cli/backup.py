@@ -5,7 +5,6 @@ runs."""
 from __future__ import annotations
 
 import argparse
-import getpass
 import os
 import sys
 from typing import Any
@@ -56,6 +55,8 @@ def _passphrase_option(p: argparse.ArgumentParser) -> None:
 
 
 def _passphrase(args: argparse.Namespace, *, confirm: bool) -> bytes:
+    import getpass
+
     from peerd.keystore import read_passphrase
 
     if args.passphrase_file:

@@ -9,19 +9,17 @@ run (the control client for daemon commands, the store and keys only for offline
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import os
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from peerd import locate
 from peerd.errors import ConfigError, PeerdError, UsageError
 
 if TYPE_CHECKING:
-    from peerd.client import Client
     from peerd.config import Config
+    from peerd.control.blocking import ControlLink
     from peerd.store import Store
 
 T = TypeVar("T")
@@ -49,13 +47,17 @@ EXIT_CODES: dict[str, int] = {
     "IdentityRevoked": EXIT_RETIRED,
 }
 
-DEFAULT_CONFIG = "/etc/peerd/peerd.toml"
-
 
 def exit_code_for(exc: PeerdError) -> int:
-    for cls in type(exc).__mro__:
-        if cls.__name__ in EXIT_CODES:
-            return EXIT_CODES[cls.__name__]
+    names = [cls.__name__ for cls in type(exc).__mro__]
+    # An error from the daemon whose class this process never imported arrives as a stand-in
+    # of the same name; its ancestors' names come with it (the CLI loads little, on purpose).
+    data = getattr(exc, "data", None)
+    if isinstance(data, dict) and isinstance(data.get("bases"), list):
+        names[1:1] = [b for b in data["bases"] if isinstance(b, str)]
+    for name in names:
+        if name in EXIT_CODES:
+            return EXIT_CODES[name]
     return EXIT_FAILURE
 
 
@@ -73,7 +75,8 @@ def add_global_options(parser: argparse.ArgumentParser, *, inherited: bool = Fal
         "--config",
         metavar="FILE",
         default=default,
-        help=f"configuration file (default: $PEERD_CONFIG, else {DEFAULT_CONFIG})",
+        help="configuration file (default: $PEERD_CONFIG, else ~/.config/peerd/peerd.toml if "
+        f"it exists, else {locate.DEFAULT_CONFIG_PATH})",
     )
     parser.add_argument(
         "--socket",
@@ -95,8 +98,16 @@ def add_global_options_everywhere(parser: argparse.ArgumentParser) -> None:
 
 
 def config_path(args: argparse.Namespace) -> str:
-    path: str = args.config or os.environ.get("PEERD_CONFIG") or DEFAULT_CONFIG
-    return path
+    """--config, else $PEERD_CONFIG, else the per-user file if it exists, else the system one."""
+    return str(locate.config_file(args.config))
+
+
+def socket_path(args: argparse.Namespace) -> str:
+    """--socket, else the one the configuration names (read cheaply: peerd.locate)."""
+    if args.socket:
+        return str(args.socket)
+    found = locate.socket_from_config(locate.config_file(args.config))
+    return found if found is not None else str(load(args).node.socket)
 
 
 def load(args: argparse.Namespace) -> Config:
@@ -104,6 +115,18 @@ def load(args: argparse.Namespace) -> Config:
     from peerd.config import load_config
 
     return load_config(config_path(args))
+
+
+def show_id(peer_id: str) -> str:
+    """A canonical peer id (as the daemon sends it) in its display form, groups of five.
+    The checksum was checked where the id came from; this only formats, so it needs none of
+    the protocol's code."""
+    return "-".join(peer_id[i : i + 5] for i in range(0, len(peer_id), 5))
+
+
+def with_name(peer_id: str, name: str | None) -> str:
+    """`abcde-fghjk-... (bob)`: the id, and the name people know the peer by, when there is one."""
+    return f"{show_id(peer_id)} ({name})" if name else show_id(peer_id)
 
 
 def duration(text: str) -> float:
@@ -133,7 +156,9 @@ def when(ts: float | None) -> str:
     """A UTC timestamp for tables and messages; `-` for none."""
     if ts is None:
         return "-"
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ts))
 
 
 def usage(parser: argparse.ArgumentParser) -> int:
@@ -150,23 +175,14 @@ def note(text: str) -> None:
 # -- reaching the node ---------------------------------------------------------------------------
 
 
-def client_call(
-    args: argparse.Namespace,
-    work: Callable[[Client], Awaitable[T]],
-    *,
-    timeout: float | None = 60.0,
+def with_link(
+    args: argparse.Namespace, work: Callable[[ControlLink], T], *, connect_within: float = 10.0
 ) -> T:
-    """`work` with a client connected to the daemon's control socket."""
-    from peerd.client import Client
+    """`work` with a blocking connection to the daemon's control socket."""
+    from peerd.control.blocking import ControlLink
 
-    async def go() -> T:
-        client = await Client.connect(
-            socket_path=args.socket, config_path=args.config, timeout=timeout
-        )
-        async with client:
-            return await work(client)
-
-    return asyncio.run(go())
+    with ControlLink.connect(socket_path(args), timeout=connect_within) as link:
+        return work(link)
 
 
 def call(
@@ -174,10 +190,10 @@ def call(
     method: str,
     params: dict[str, Any] | None = None,
     *,
-    within: float = 60.0,
+    within: float | None = 60.0,
 ) -> Any:
     """One control method of the running daemon; its result."""
-    return client_call(args, lambda c: c.request(method, params or {}, timeout=within))
+    return with_link(args, lambda link: link.call(method, params or {}, timeout=within))
 
 
 def daemon_or_offline(
@@ -189,7 +205,9 @@ def daemon_or_offline(
     """(result, through the daemon?): the daemon's method when one runs, else `offline` on the
     node's files. Only a daemon that is not there falls back: one that refuses, or hangs up
     mid-call, is an error, never a reason to write its files behind its back."""
-    from peerd.client import ConnectionLost, DaemonNotRunning
+    import asyncio
+
+    from peerd.client.errors import ConnectionLost, DaemonNotRunning
 
     try:
         result: dict[str, Any] = call(args, method, params)
@@ -230,7 +248,6 @@ __all__ = [
     "add_global_options_everywhere",
     "add_json_option",
     "call",
-    "client_call",
     "config_path",
     "daemon_or_offline",
     "duration",
@@ -239,7 +256,11 @@ __all__ = [
     "note",
     "print_json",
     "print_table",
+    "show_id",
+    "socket_path",
     "usage",
     "when",
+    "with_link",
+    "with_name",
     "with_store",
 ]

@@ -10,7 +10,6 @@ from typing import Any
 
 from peerd.cli import common
 from peerd.cli.identity import cmd_revoke_identity
-from protocol.identity import format_peer_id
 
 
 def register(subparsers: Any) -> None:
@@ -147,7 +146,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         common.print_json(st)
         return common.EXIT_OK
     broker = st["broker"]
-    print(f"node        {format_peer_id(st['peer_id'])}  ({st['name']})")
+    print(f"node        {common.show_id(st['peer_id'])}  ({st['name']})")
     print(f"network     {st['network']}")
     print(f"fingerprint {st['fingerprint']}")
     print(
@@ -182,7 +181,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
         ["peer", "state", "via", "session", "serial", "fingerprint"],
         [
             [
-                format_peer_id(p["peer"]),
+                common.show_id(p["peer"]),
                 p["state"],
                 p["source"] or "-",
                 "up" if p["connected"] else "-",
@@ -222,7 +221,7 @@ def cmd_join(args: argparse.Namespace) -> int:
     if args.json:
         common.print_json(result)
     else:
-        print(f"paired with {format_peer_id(result['peer'])} (fingerprint {result['fingerprint']})")
+        print(f"paired with {common.show_id(result['peer'])} (fingerprint {result['fingerprint']})")
     return common.EXIT_OK
 
 
@@ -230,7 +229,7 @@ def _peer_result(args: argparse.Namespace, result: dict[str, Any], verb: str) ->
     if args.json:
         common.print_json(result)
     else:
-        print(f"{format_peer_id(result['peer'])}: {result['state']} ({verb})")
+        print(f"{common.show_id(result['peer'])}: {result['state']} ({verb})")
     return common.EXIT_OK
 
 
@@ -273,5 +272,5 @@ def cmd_connect(args: argparse.Namespace) -> int:
     if args.json:
         common.print_json(result)
     else:
-        print(f"connecting to {format_peer_id(result['peer'])}")
+        print(f"connecting to {common.show_id(result['peer'])}")
     return common.EXIT_OK

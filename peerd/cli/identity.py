@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 from peerd.cli import common
 from peerd.errors import UsageError
-from protocol.identity import format_peer_id
 
 if TYPE_CHECKING:
     from peerd.config import Config
@@ -211,7 +210,7 @@ def cmd_revocation_publish(args: argparse.Namespace) -> int:
     what = "expelled by the authority" if result["kind"] == "authority" else "revoked"
     news = "" if result["changed"] else " (already known here: nothing changed)"
     print(
-        f"{format_peer_id(result['peer'])} {what}{news}; retained on the broker, pushed to "
+        f"{common.show_id(result['peer'])} {what}{news}; retained on the broker, pushed to "
         f"{len(result['pushed'])} connected peer(s)"
     )
     return common.EXIT_OK
@@ -296,13 +295,13 @@ def cmd_revoke_identity(args: argparse.Namespace) -> int:
             else "NOT confirmed by the broker (publish it again from another node)"
         )
         common.note(
-            f"{format_peer_id(result['peer'])} is revoked for good: {state}, pushed to "
+            f"{common.show_id(result['peer'])} is revoked for good: {state}, pushed to "
             f"{len(result['pushed'])} connected peer(s). The daemon stops now and will not "
             "start again."
         )
     else:
         common.note(
-            f"{format_peer_id(result['peer'])} is revoked for good, but no daemon ran here to "
+            f"{common.show_id(result['peer'])} is revoked for good, but no daemon ran here to "
             "publish it: on another node run `peerd revocation publish TEXT`."
         )
     return common.EXIT_OK

@@ -10,14 +10,12 @@ written is completed by running it again.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from peerd.cli import common
 from peerd.errors import UsageError
-from protocol.identity import format_peer_id
 
 if TYPE_CHECKING:
     from peerd.config import Config
@@ -101,6 +99,8 @@ def _init_settings(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    import asyncio
+
     from peerd.config import default_config, load_config, render_config
     from peerd.keystore import Keystore, write_file_atomic
 
@@ -162,7 +162,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"  state        {config.node.state_dir}")
     if config.keys.passphrase_file is not None:
         print(f"  keys sealed with the passphrase in {config.keys.passphrase_file}")
-    run = "peerd run" if args.state_dir is None else f"peerd --config {path} run"
+    from peerd import locate
+
+    # Found without --config (the per-user or system file, or $PEERD_CONFIG)? Then say so.
+    found = locate.config_file().expanduser().absolute() == path
+    run = "peerd run" if found else f"peerd --config {path} run"
     print(f"Next: start the daemon ({run}) and pair with a peer (peerd invite / peerd join).")
     return common.EXIT_OK
 
@@ -175,6 +179,8 @@ def _passphrase(config: Config) -> bytes | None:
 
 
 def _init_keys(config: Config, now: float) -> Keystore:
+    import asyncio
+
     from peerd.keystore import IdentityExists, Keystore
 
     keys_dir = config.keys.dir
@@ -258,7 +264,7 @@ def cmd_id(args: argparse.Namespace) -> int:
     cert = public.certificate
     result: dict[str, Any] = {
         "peer_id": public.peer_id,
-        "peer_id_display": format_peer_id(public.peer_id),
+        "peer_id_display": common.show_id(public.peer_id),
         "fingerprint": public.fingerprint,
         "identity_public": public.identity_public.hex(),
         "name": config.node.name,
@@ -290,6 +296,8 @@ def cmd_id(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
+    import asyncio
+
     from peerd.store import AuditError
 
     config = common.load(args)
@@ -312,6 +320,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_show(args: argparse.Namespace) -> int:
+    import asyncio
 
     config = common.load(args)
 

@@ -11,10 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 from peerd.cli import common
 from peerd.errors import UsageError
-from protocol.identity import format_peer_id
 
 if TYPE_CHECKING:
-    from peerd.client import Client
+    from peerd.control.blocking import ControlLink
 
 
 def register(subparsers: Any) -> None:
@@ -61,7 +60,7 @@ def cmd_msg_send(args: argparse.Namespace) -> int:
     if args.json:
         common.print_json(result)
     else:
-        print(f"queued as {result['channel']}#{result['seq']} for {format_peer_id(result['peer'])}")
+        print(f"queued as {result['channel']}#{result['seq']} for {common.show_id(result['peer'])}")
     return common.EXIT_OK
 
 
@@ -70,7 +69,7 @@ def cmd_msg_listen(args: argparse.Namespace) -> int:
         raise UsageError("--count cannot be negative")
     deadline = time.monotonic() + args.timeout if args.timeout else None
 
-    async def listen(client: Client) -> int:
+    def listen(link: ControlLink) -> int:
         seen = 0
         while not args.count or seen < args.count:
             wait = 30.0
@@ -79,7 +78,7 @@ def cmd_msg_listen(args: argparse.Namespace) -> int:
                 if wait <= 0:
                     break
             limit = (args.count - seen) if args.count else 100
-            msgs = await client.request(
+            msgs = link.call(
                 "v1.msg.recv",
                 {"channel": args.channel, "wait": wait, "limit": limit},
                 timeout=wait + 30,
@@ -94,7 +93,7 @@ def cmd_msg_listen(args: argparse.Namespace) -> int:
                         sys.stdout.buffer.write(b"\n")
                 sys.stdout.flush()
                 # Acknowledge after it is out: a crash here repeats a message, never loses one.
-                await client.request("v1.msg.ack", {"ids": [m["id"]]})
+                link.call("v1.msg.ack", {"ids": [m["id"]]})
                 seen += 1
         if args.count and seen < args.count:
             # Like `receive`: a script piping `--count 1` into a file must not succeed on nothing.
@@ -105,7 +104,7 @@ def cmd_msg_listen(args: argparse.Namespace) -> int:
             return common.EXIT_TIMEOUT
         return common.EXIT_OK
 
-    code: int = common.client_call(args, listen, timeout=None)
+    code: int = common.with_link(args, listen)
     return code
 
 
@@ -119,7 +118,7 @@ def cmd_msg_outbox(args: argparse.Namespace) -> int:
         ["peer", "channel", "messages", "bytes", "oldest"],
         [
             [
-                format_peer_id(o["peer"]),
+                common.show_id(o["peer"]),
                 o["channel"],
                 o["messages"],
                 o["bytes"],

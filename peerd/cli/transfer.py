@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 import time
@@ -11,10 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 from peerd.cli import common
 from peerd.errors import PeerdError, UsageError
-from protocol.identity import format_peer_id
 
 if TYPE_CHECKING:
-    from peerd.client import Client
+    from peerd.control.blocking import ControlLink
 
 
 class TransferFailed(PeerdError):
@@ -115,13 +113,18 @@ class _Progress:
         for peer in self.peers:
             done = self.bytes[peer]
             rate = done / elapsed
+            state = self.state[peer]
             frac = min(done / self.size, 1.0)
+            if state != "verified":
+                # Every byte acknowledged is not a verified file: 100% only once it is.
+                frac = min(frac, 0.999)
             bar = "#" * int(frac * 30)
             eta = (self.size - done) / rate if rate > 0 and done < self.size else 0
-            state = self.state[peer]
             if state == "sending" and done < self.size:
                 state = f"{_size(rate)}/s, ETA {eta:.0f}s"
-            lines.append(f"{format_peer_id(peer)[:23]:23} [{bar:30}] {frac * 100:5.1f}%  {state}")
+            elif state == "sending":
+                state = "all sent, the receiver verifies"
+            lines.append(f"{common.show_id(peer)[:23]:23} [{bar:30}] {frac * 100:5.1f}%  {state}")
         if self.tty:
             if self.drawn:
                 sys.stderr.write(f"\x1b[{self.drawn}F")
@@ -130,6 +133,31 @@ class _Progress:
         elif final:
             sys.stderr.write("".join(f"{line}\n" for line in lines))
         sys.stderr.flush()
+
+
+def _final_state(rec: dict[str, Any]) -> str:
+    state = str(rec.get("state", "?"))
+    detail = rec.get("detail")
+    return f"{state} ({detail})" if detail and state.startswith("failed") else state
+
+
+def _interrupted(link: ControlLink, tid: str) -> None:
+    """Ctrl-C while `send --wait` waits: the transfer goes on in the daemon (it is queued and
+    survives restarts), so say so, and how to stop it; at a terminal, offer to stop it now."""
+    sys.stderr.write("\n")
+    if sys.stdin.isatty() and sys.stderr.isatty():
+        try:
+            answer = input(f"interrupted. Cancel transfer {tid} too? [y/N] ")
+        except (EOFError, KeyboardInterrupt):
+            answer = ""
+        if answer.strip().lower() in ("y", "yes"):
+            link.call("v1.cancel", {"id": tid}, timeout=10)
+            common.note(f"transfer {tid}: cancelled")
+            return
+    common.note(
+        f"interrupted: transfer {tid} goes on in the daemon; `peerd transfers` shows it, "
+        f"`peerd cancel {tid}` stops it"
+    )
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -145,36 +173,35 @@ def cmd_send(args: argparse.Namespace) -> int:
     # Without --wait the command returns as soon as the transfer is queued (it survives restarts
     # and offline peers); progress is drawn only while waiting for the receivers.
     show = args.wait and not args.no_progress and not args.json
-    from peerd.client import Timeout
 
-    async def go(client: Client) -> Any:
+    def go(link: ControlLink) -> Any:
         if not args.wait:
-            return await client.request("v1.send", params)
-        async with client.subscribe(["transfer.progress"]) as events:
-            started = await client.request("v1.send", params)
-            progress = _Progress(started) if show else None
-            waiter = asyncio.ensure_future(
-                client.request("v1.transfer.wait", {"id": started["id"]}, timeout=None)
-            )
-            try:
-                while not waiter.done():
-                    try:
-                        ev = await events.get(timeout=0.2)
-                    except Timeout:
-                        continue
-                    if progress is not None and ev.data.get("id") == started["id"]:
-                        progress.update(ev.data)
-                result = waiter.result()
-            finally:
-                waiter.cancel()
-            if progress is not None:
-                for peer, rec in result.get("receivers", {}).items():
-                    progress.bytes[peer] = rec.get("bytes", progress.bytes[peer])
-                    progress.state[peer] = rec.get("state", progress.state[peer])
-                progress.draw(final=True)
-            return result
+            return link.call("v1.send", params)
+        link.subscribe(["transfer.progress"])
+        started = link.call("v1.send", params)
+        tid = started["id"]
+        progress = _Progress(started) if show else None
+        if not args.json:  # the id first: whatever happens while waiting, it is known
+            common.note(f"transfer {tid}: {started['name']}, {_size(started['size'])}")
 
-    result = common.client_call(args, go, timeout=None)
+        def on_event(name: str, data: Any) -> None:
+            if progress is not None and isinstance(data, dict) and data.get("id") == tid:
+                progress.update(data)
+
+        try:
+            result = link.call("v1.transfer.wait", {"id": tid}, timeout=None, on_event=on_event)
+        except KeyboardInterrupt:
+            _interrupted(link, tid)
+            raise
+        if progress is not None:
+            for peer, rec in result.get("receivers", {}).items():
+                progress.bytes[peer] = rec.get("bytes", progress.bytes[peer])
+                if not progress.state.get(peer, "").startswith("failed"):  # keep its detail
+                    progress.state[peer] = _final_state(rec)
+            progress.draw(final=True)
+        return result
+
+    result = common.with_link(args, go)
     if args.json:
         common.print_json(result)
     else:
@@ -190,7 +217,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         }
         raise TransferFailed(
             "not every receiver verified the file: "
-            + ", ".join(f"{format_peer_id(p)} {s}" for p, s in failed.items())
+            + ", ".join(f"{common.show_id(p)} {s}" for p, s in failed.items())
         )
     return common.EXIT_OK
 
@@ -230,10 +257,10 @@ def cmd_transfers(args: argparse.Namespace) -> int:
             receivers = t.get("receivers", {})
             done = sum(r.get("bytes", 0) for r in receivers.values())
             total = max(1, t["size"] * max(1, len(receivers)))
-            who = ",".join(format_peer_id(p)[:11] for p in t["peers"])
+            who = ",".join(common.show_id(p)[:11] for p in t["peers"])
         else:
             done, total = t.get("bytes", 0), max(1, t["size"])
-            who = format_peer_id(t["peers"][0])[:11]
+            who = common.show_id(t["peers"][0])[:11]
         pct = 100.0 if t["state"] == "verified" else min(100.0, 100.0 * done / total)
         rows.append(
             [

@@ -19,16 +19,8 @@ and hint. A daemon that is not running is `DaemonNotRunning`; a refused caller
 
 from __future__ import annotations
 
-from peerd.client.aio import (
-    DEFAULT,
-    DEFAULT_SOCKET_PATH,
-    DEFAULT_TIMEOUT,
-    Client,
-    Event,
-    EventStream,
-    ReceivedMessage,
-    socket_path_from_config,
-)
+from typing import TYPE_CHECKING
+
 from peerd.client.errors import (
     ConnectionLost,
     DaemonNotRunning,
@@ -37,8 +29,50 @@ from peerd.client.errors import (
     error_from_wire,
     register_error,
 )
-from peerd.client.sync import SyncClient, SyncEventStream
 from peerd.control import AccessDenied, InvalidParams, MethodNotFound, SubscriberDropped
+
+if TYPE_CHECKING:
+    from peerd.client.aio import (
+        DEFAULT,
+        DEFAULT_SOCKET_PATH,
+        DEFAULT_TIMEOUT,
+        Client,
+        Event,
+        EventStream,
+        ReceivedMessage,
+        socket_path_from_config,
+    )
+    from peerd.client.sync import SyncClient, SyncEventStream
+
+# Loaded when first used: asyncio and the clients are most of this package's import time, and
+# the CLI needs only the errors (it talks to the daemon with peerd.control.blocking).
+_LAZY = {
+    **dict.fromkeys(
+        (
+            "DEFAULT",
+            "DEFAULT_SOCKET_PATH",
+            "DEFAULT_TIMEOUT",
+            "Client",
+            "Event",
+            "EventStream",
+            "ReceivedMessage",
+            "socket_path_from_config",
+        ),
+        "peerd.client.aio",
+    ),
+    "SyncClient": "peerd.client.sync",
+    "SyncEventStream": "peerd.client.sync",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'peerd.client' has no attribute {name!r}")
+    import importlib  # noqa: PLC0415 - only when a client name is first used
+
+    return getattr(importlib.import_module(module), name)
+
 
 __all__ = [
     "DEFAULT",

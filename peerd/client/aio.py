@@ -10,11 +10,10 @@ import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, NamedTuple, TypeVar
 
-from peerd import control
+from peerd import control, locate
 from peerd.client.errors import (
     ConnectionLost,
     DaemonNotRunning,
@@ -22,7 +21,6 @@ from peerd.client.errors import (
     Timeout,
     error_from_wire,
 )
-from peerd.config import DEFAULT_CONFIG_PATH, SOCKET_NAME, NodeConfig, load_config
 from peerd.control import (
     DROPPED_METHOD,
     EVENT_METHOD,
@@ -38,7 +36,7 @@ from peerd.errors import (
 
 log = logging.getLogger("peerd.client")
 
-DEFAULT_SOCKET_PATH: Final = str(NodeConfig().runtime_dir / SOCKET_NAME)
+DEFAULT_SOCKET_PATH: Final = locate.DEFAULT_SOCKET_PATH
 DEFAULT_TIMEOUT: Final = 60.0  # seconds a call may take unless told otherwise
 MAX_PENDING_EVENTS: Final = 4096  # per subscription, waiting for the application to read
 _READ_LIMIT: Final = control.MAX_REPLY + 1024
@@ -53,12 +51,16 @@ T = TypeVar("T")
 def socket_path_from_config(config_path: str | os.PathLike[str] | None = None) -> str:
     """The control socket that the configuration names (`[node] socket`, by default
     `<runtime_dir>/peerd.sock`). The file is `config_path`, else $PEERD_CONFIG, else
-    /etc/peerd/peerd.toml. A file at the default location that does not exist or that this user
-    may not read means the default socket; anywhere else, it is a ConfigError."""
-    path = Path(config_path or os.environ.get("PEERD_CONFIG") or DEFAULT_CONFIG_PATH)
-    if path.absolute() == DEFAULT_CONFIG_PATH and not os.access(path, os.R_OK):
-        return DEFAULT_SOCKET_PATH
-    return str(load_config(path).node.socket)
+    ~/.config/peerd/peerd.toml if it exists, else /etc/peerd/peerd.toml (`peerd.locate`). A
+    file at the default location that does not exist or that this user may not read means the
+    default socket; anywhere else, it is a ConfigError."""
+    path = locate.config_file(config_path)
+    found = locate.socket_from_config(path)
+    if found is None:
+        from peerd.config import load_config  # noqa: PLC0415 - names what is wrong in the file
+
+        found = str(load_config(path).node.socket)
+    return found
 
 
 # --- the async client ---------------------------------------------------------------------------

@@ -16,6 +16,7 @@ BENCHMARKS = {
     "erasure": ("erasure", "the WAL scrub after a commit that erases a secret, on a real store"),
     "wan": ("wan", "transfers across emulated 20-200 ms paths: vs the path, aiomqtt and scp"),
     "safetensors": ("safetensors", "checking a received header: the caps, memory, the loop"),
+    "cli": ("cli", "a CLI command from the shell: vs a bare interpreter and vs peerd.Client"),
 }
 
 

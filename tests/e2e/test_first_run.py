@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -193,3 +194,39 @@ def test_broker_login_changes_the_credentials_of_an_existing_node(tmp_path: Path
     empty = carol.run_cli("broker-login", input="")
     assert empty.returncode == 2
     assert "no password" in empty.stderr
+
+
+def test_ctrl_c_during_send_wait_says_the_transfer_goes_on_and_how_to_cancel_it(
+    node: Node, tmp_path: Path, broker: Broker
+) -> None:
+    (bob,) = make_nodes(tmp_path, broker.url, ["bob"])
+    bob.start()
+    try:
+        pair(node, bob)
+    finally:
+        bob.stop()  # offline: the send waits
+    src = tmp_path / "model.bin"
+    src.write_bytes(os.urandom(4096))
+    proc = subprocess.Popen(
+        [*PEERD, "--config", str(node.config), "send", str(src), "--to", bob.peer_id, "--wait"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=node.env(),
+        cwd=ROOT,
+    )
+    assert proc.stderr is not None
+    first = proc.stderr.readline()  # printed before it waits
+    started = re.match(r"transfer ([0-9a-f]{32}): model.bin", first)
+    assert started is not None, first
+    tid = started.group(1)
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert "Traceback" not in rest
+    assert f"transfer {tid} goes on in the daemon" in rest
+    assert f"peerd cancel {tid}" in rest
+    states = {t["id"]: t["state"] for t in node.json("transfers")}
+    assert states[tid] == "active"
+    assert node.cli("cancel", tid).strip() == f"transfer {tid}: cancelled"

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
+from peerd import locate
 from peerd.config import (
+    SECTIONS,
     Config,
+    NodeConfig,
     default_config,
     format_size,
     load_config,
@@ -190,3 +194,55 @@ def test_config_dataclasses_are_frozen() -> None:
     with pytest.raises(AttributeError):
         config.node = config.node  # type: ignore[misc]
     assert isinstance(config, Config)
+
+
+# -- peerd.locate: the CLI's cheap way to the socket -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        '[node]\nsocket = "/srv/peerd/ctl.sock"\n',
+        '[node]\nruntime_dir = "/run/peerd-test"\n',
+        '[node]\nruntime_dir = "run"\n',
+        '[node]\nsocket = "sock/ctl"\nruntime_dir = "/elsewhere"\n',
+        '[node]\nsocket = "~/peerd.sock"\n',
+        '[node]\nstate_dir = "/var/lib/x"\n[broker]\nurl = "mqtt://h:1883"\n',
+    ],
+)
+def test_locate_finds_the_socket_load_config_names(tmp_path: Path, text: str) -> None:
+    path = _write(tmp_path, text)
+    assert locate.socket_from_config(path) == str(load_config(path).node.socket)
+
+
+def test_locate_leaves_what_it_cannot_read_to_load_config(tmp_path: Path) -> None:
+    for text, problem in [
+        ("[node\nbroken", "not valid TOML"),
+        ("[node]\nsockett = '/x'\n", "unknown key"),
+        ("[nodes]\nsocket = '/x'\n", "unknown section"),
+        ("[node]\nsocket = 3\n", "must be a path"),
+    ]:
+        path = _write(tmp_path, text)
+        assert locate.socket_from_config(path) is None
+        with pytest.raises(ConfigError, match=problem):
+            load_config(path)
+
+
+def test_locate_knows_only_names_the_configuration_has() -> None:
+    assert set(SECTIONS) >= locate.KNOWN_SECTIONS
+    assert {f.name for f in dataclasses.fields(NodeConfig)} == locate.NODE_KEYS
+    assert NodeConfig().runtime_dir == locate.DEFAULT_RUNTIME_DIR
+
+
+def test_the_config_file_is_found_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PEERD_CONFIG", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    assert locate.config_file() == locate.DEFAULT_CONFIG_PATH
+    user = tmp_path / "xdg" / "peerd" / "peerd.toml"
+    user.parent.mkdir(parents=True)
+    user.write_text("")
+    assert locate.config_file() == user
+    monkeypatch.setenv("PEERD_CONFIG", str(tmp_path / "env.toml"))
+    assert locate.config_file() == tmp_path / "env.toml"
+    assert locate.config_file(str(tmp_path / "given.toml")) == tmp_path / "given.toml"

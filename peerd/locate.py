@@ -1,0 +1,113 @@
+"""Where this node's configuration file and control socket are, found cheaply.
+
+Every CLI command that talks to the daemon needs only the socket's path. Reading it through
+`peerd.config.load_config` would load the whole configuration machinery (and, through its
+checks, the protocol's identity code and PyNaCl): most of a command's start-up. Here the file is
+parsed with tomllib alone and only `[node] socket` / `runtime_dir` are read, with the same
+rules as `peerd.config` (relative paths are relative to the file's directory, `~` expands, the
+socket defaults to `<runtime_dir>/peerd.sock`); tests/peerd/test_config.py holds the two to the
+same answers. Anything unusual in the file is left to `load_config` (None here), whose error
+message names the file, the key and the problem.
+
+The configuration file is the first of: the path given (`--config`), `$PEERD_CONFIG`,
+`$XDG_CONFIG_HOME/peerd/peerd.toml` (default `~/.config/peerd/peerd.toml`) if it exists, and
+`/etc/peerd/peerd.toml`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Final
+
+DEFAULT_CONFIG_PATH: Final = Path("/etc/peerd/peerd.toml")
+CONFIG_NAME: Final = "peerd.toml"
+SOCKET_NAME: Final = "peerd.sock"
+DEFAULT_RUNTIME_DIR: Final = Path("/run/peerd")
+DEFAULT_SOCKET_PATH: Final = str(DEFAULT_RUNTIME_DIR / SOCKET_NAME)
+_MAX_CONFIG_SIZE: Final = 1 << 20
+# The fast path reads a file whose sections and [node] keys are all among these; anything else
+# (a typo, a section added since) goes through load_config, which names the problem.
+# tests/peerd/test_config.py checks these against peerd.config.
+KNOWN_SECTIONS: Final = frozenset(
+    {"node", "broker", "control", "keys", "network", "receive", "limits"}
+)
+NODE_KEYS: Final = frozenset(
+    {"name", "network", "state_dir", "runtime_dir", "socket", "inbox_dir", "store"}
+)
+
+
+def user_config_path() -> Path:
+    """The per-user configuration file (`peerd init --config` it for a node of your own)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "peerd" / CONFIG_NAME
+
+
+def config_file(given: str | os.PathLike[str] | None = None) -> Path:
+    """The configuration file to use (see the module's docstring for the order)."""
+    if given:
+        return Path(given).expanduser()
+    env = os.environ.get("PEERD_CONFIG")
+    if env:
+        return Path(env).expanduser()
+    user = user_config_path()
+    if user.is_file():
+        return user
+    return DEFAULT_CONFIG_PATH
+
+
+def socket_from_config(path: Path) -> str | None:
+    """The control socket the configuration file at `path` names, or None when only
+    `load_config` can tell (and name what is wrong). At the default location, a file that does
+    not exist or that this user may not read means the default socket (the system daemon's)."""
+    import tomllib  # noqa: PLC0415 - kept off `import peerd.locate` for commands that need none
+
+    path = path.absolute()
+    try:
+        with path.open("rb") as f:
+            raw = f.read(_MAX_CONFIG_SIZE + 1)
+        data = tomllib.loads(raw.decode("utf-8"))
+    except PermissionError:
+        return DEFAULT_SOCKET_PATH if path == DEFAULT_CONFIG_PATH else None
+    except FileNotFoundError:
+        return DEFAULT_SOCKET_PATH if path == DEFAULT_CONFIG_PATH else None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    node = data.get("node", {})
+    if (
+        len(raw) > _MAX_CONFIG_SIZE
+        or not isinstance(node, dict)
+        or not KNOWN_SECTIONS.issuperset(data)
+        or not NODE_KEYS.issuperset(node)
+    ):
+        return None
+    socket, runtime_dir = node.get("socket"), node.get("runtime_dir")
+    for value in (socket, runtime_dir):
+        if value is not None and (not isinstance(value, str) or not value or "\0" in value):
+            return None
+
+    def resolve(value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else path.parent / p
+
+    if socket is not None:
+        found = resolve(socket)
+    elif runtime_dir is not None:
+        found = resolve(runtime_dir) / SOCKET_NAME
+    else:
+        found = DEFAULT_RUNTIME_DIR / SOCKET_NAME
+    return str(found)
+
+
+__all__ = [
+    "CONFIG_NAME",
+    "DEFAULT_CONFIG_PATH",
+    "DEFAULT_RUNTIME_DIR",
+    "DEFAULT_SOCKET_PATH",
+    "KNOWN_SECTIONS",
+    "NODE_KEYS",
+    "SOCKET_NAME",
+    "config_file",
+    "socket_from_config",
+    "user_config_path",
+]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import time
@@ -728,6 +729,7 @@ class Daemon:
                 "url": self.link.settings.url,
                 "client": self.config.broker.client,
                 "max_packet_size": self.link.limits.max_packet_size,
+                "limits": dataclasses.asdict(self.link.limits),  # for `peerd doctor`
                 "connected": self.link.connected,
                 "queued": self.link.queued,
                 "last_error": None if self.link.last_error is None else str(self.link.last_error),

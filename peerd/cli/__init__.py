@@ -27,6 +27,7 @@ _GROUPS: list[str] = [
     "identity",
     "backup",
     "broker",
+    "doctor",
 ]
 
 

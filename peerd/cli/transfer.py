@@ -234,7 +234,7 @@ def savings(t: dict[str, Any]) -> str | None:
         if not any(held.values()):
             return None
         at = ", ".join(
-            f"{100 * h / size:.0f}% already at {format_peer_id(p)}" for p, h in held.items()
+            f"{100 * h / size:.0f}% already at {common.show_id(p)}" for p, h in held.items()
         )
         return f"sent {_size(t.get('published_bytes', 0))} of {_size(size)}; {at}"
     reused = t.get("reused_bytes", 0)

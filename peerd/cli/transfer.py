@@ -211,7 +211,7 @@ def cmd_send(args: argparse.Namespace) -> int:
             print(note)
     if args.wait and result.get("state") != "verified":
         failed = {
-            p: r["state"]
+            p: _final_state(r)
             for p, r in result.get("receivers", {}).items()
             if r["state"] != "verified"
         }

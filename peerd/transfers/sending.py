@@ -81,6 +81,7 @@ class Outgoing:
     done: asyncio.Future[dict[str, Any]] | None = None
     progress: dict[str, int] = field(default_factory=dict)
     outcome: dict[str, str] = field(default_factory=dict)
+    details: dict[str, str] = field(default_factory=dict)  # why a receiver failed, in words
     task: asyncio.Task[None] | None = None
     chunks: list[tuple[int, bytes]] = field(default_factory=list)  # deltas: CDC chunks
     recipe_sent: set[str] = field(default_factory=set)
@@ -354,6 +355,7 @@ class Sending(Side):
                 )
             elif isinstance(a, ReceiverFailed):
                 o.outcome[a.peer] = f"failed: {a.reason}"
+                o.details[a.peer] = a.detail or describe(a.reason)
                 if not a.remote and a.reason in PEER_FAULTS:
                     # This side dropped the receiver for what it did (broke the protocol, asked
                     # for more re-sends than the budget): counted against that peer.
@@ -366,7 +368,7 @@ class Sending(Side):
                     "transfer.progress",
                     peer=a.peer,
                     failed=a.reason,
-                    detail=a.detail or describe(a.reason),
+                    detail=o.details[a.peer],
                 )
             elif isinstance(a, Finished):
                 await self._finish(o, a)
@@ -414,6 +416,7 @@ class Sending(Side):
                 p: {
                     "state": o.outcome.get(p, m.receivers().get(p, "?")),
                     "bytes": o.progress.get(p, 0),
+                    **({"detail": o.details[p]} if p in o.details else {}),
                     "held_bytes": o.held.get(p, 0),
                 }
                 for p in o.receivers

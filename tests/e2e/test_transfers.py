@@ -208,6 +208,12 @@ def test_malformed_safetensors_is_refused(pair_ab: tuple[Node, Node], tmp_path: 
     result = a.run_cli("send", str(bad), "--to", b.peer_id, "--wait")
     assert result.returncode == 1
     assert "safetensors" in result.stderr
+    # The sender sees the receiver's reason in words, and never 100% for a file that failed.
+    assert "failed: bad-safetensors (" in result.stderr, result.stderr
+    assert "tensor 'w' is 99 bytes" in result.stderr, result.stderr
+    assert "100.0%" not in result.stderr
+    (sent,) = a.json("transfers")
+    assert sent["receivers"][b.peer_id]["detail"]
     assert not received_files(b, a)
     assert not partial_files(b)
 

@@ -37,7 +37,7 @@ from peerd.messages import Messages, OutboxLimits
 from peerd.mqtt import BrokerError, BrokerLink, BrokerQueueFull, Message, Topics, link_for_config
 from peerd.node import NodeMethods, local_refusals, peer_json
 from peerd.revocations import Revocations
-from peerd.sessions import SessionTrust, local_key, read_psk
+from peerd.sessions import SessionTrust, TicketKeeper, local_key, read_psk
 from peerd.store import Store, open_store
 from peerd.systemd import Notifier, watchdog_interval, watchdog_loop
 from peerd.transfers import Transfers
@@ -59,6 +59,8 @@ from protocol.session import (
     SessionLimits,
     SessionManager,
     SessionUp,
+    TicketIssued,
+    TicketSpent,
 )
 from protocol.session import Message as SessionMessage
 
@@ -164,6 +166,8 @@ class Daemon:
                 max_half_open=cfg.limits.half_open_handshakes,
             ),
         )
+        self.tickets = TicketKeeper(self.store)
+        self._handle(self.sessions.load_tickets(await self.tickets.load(), now), now)
         self.link = link_for_config(
             cfg.broker, client_id=self.keys.peer_id, on_state=self._on_link_state
         )
@@ -340,11 +344,17 @@ class Daemon:
             log.exception("cannot publish to %r", out.peer_id)
 
     def transmit(self, peer: str, payload: bytes) -> bool:
-        """Send an application payload on `peer`'s session; False (and connect) if none."""
+        """Send an application payload on `peer`'s session; False (and connect) if none. With
+        a resumption under way (a known peer) it goes as early data, right behind the HELLO."""
         now = time.time()
         if not self.sessions.has_session(peer):
             self._connect(peer, now)
-            return False
+            try:
+                outs = self.sessions.send(peer, payload, now)
+            except PeerdError:
+                return False
+            self._handle(outs, now)
+            return True
         try:
             outs = self.sessions.send(peer, payload, now)
         except PeerdError:
@@ -360,9 +370,9 @@ class Daemon:
         return self.sessions.connected_peers()
 
     def identity_changed(self, *, rehandshake: bool) -> None:
-        self.sessions.set_identity(self.keys.static, self.keys.credentials())
+        now = time.time()
+        self._handle(self.sessions.set_identity(self.keys.static, self.keys.credentials()), now)
         if rehandshake:
-            now = time.time()
             for peer in self.sessions.connected_peers():
                 self._handle(self.sessions.connect(peer, now), now)
 
@@ -415,6 +425,8 @@ class Daemon:
                 self._on_session_down(out)  # type: ignore[arg-type]
             elif kind is HandshakeFailed:
                 self._on_handshake_failed(out)  # type: ignore[arg-type]
+            elif kind is TicketIssued or kind is TicketSpent:
+                self.tickets.note(out, self._events.urgent)  # type: ignore[arg-type]
         self._wake.set()
 
     def _session_up(self, up: SessionUp, now: float) -> None:

@@ -16,6 +16,7 @@ from protocol.errors import RemoteProtocolError
 VERSION = 1
 MAX_PEER_ID_LEN = 23
 INVITE_ID_LEN = 16
+TICKET_ID_LEN = 16
 # A Noise message is at most 65535 bytes; the largest header is HELLO_PSK's.
 MAX_FRAME_LEN = 65535 + 2 + 4 + 1 + MAX_PEER_ID_LEN + INVITE_ID_LEN
 
@@ -26,6 +27,8 @@ class FrameType(IntEnum):
     REPLY = 0x03  # Noise message 2
     FINISH = 0x04  # Noise message 3
     DATA = 0x05  # transport message
+    RESUME = 0x06  # Noise message 1 of a resumption (KKhfs+psk0 with a ticket, SPEC.md 4.7)
+    EARLY = 0x07  # an initiator's early data, between RESUME and the REPLY
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +37,7 @@ class Hello:
     reply_to: str
     noise: bytes
     invite_id: bytes | None = None  # set for HELLO_PSK
+    ticket_id: bytes | None = None  # set for RESUME
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +61,15 @@ class Data:
     header: bytes  # the first DATA_HEADER.size bytes: the AEAD associated data
 
 
-Frame = Hello | Reply | Finish | Data
+@dataclass(frozen=True, slots=True)
+class Early:
+    sender_index: int  # the initiator's index, as in its RESUME
+    counter: int
+    ciphertext: bytes
+    header: bytes  # the first DATA_HEADER.size bytes: the AEAD associated data
+
+
+Frame = Hello | Reply | Finish | Data | Early
 
 _HEAD = struct.Struct(">BB")
 _HELLO = struct.Struct(">BBIB")
@@ -83,6 +95,16 @@ def encode_hello(sender_index: int, reply_to: str, noise: bytes, invite_id: byte
     return head + (invite_id or b"") + noise
 
 
+def encode_resume(sender_index: int, reply_to: str, ticket_id: bytes, noise: bytes) -> bytes:
+    rt = reply_to.encode("ascii")
+    head = _HELLO.pack(VERSION, FrameType.RESUME, sender_index, len(rt)) + rt
+    return head + ticket_id + noise
+
+
+def early_header(sender_index: int, counter: int) -> bytes:
+    return DATA_HEADER.pack(VERSION, FrameType.EARLY, sender_index, counter)
+
+
 def encode_reply(receiver_index: int, sender_index: int, noise: bytes) -> bytes:
     return _REPLY.pack(VERSION, FrameType.REPLY, receiver_index, sender_index) + noise
 
@@ -106,20 +128,24 @@ def decode(frame: bytes) -> Frame:
     version, kind = _HEAD.unpack_from(frame)
     if version != VERSION:
         raise RemoteProtocolError(f"frame version {version} is not {VERSION}", reason="version")
-    if kind == FrameType.DATA:
+    if kind in (FrameType.DATA, FrameType.EARLY):
         if n < DATA_HEADER.size + 16:
             raise RemoteProtocolError("DATA frame too short", reason="malformed")
         _, _, index, counter = DATA_HEADER.unpack_from(frame)
-        return Data(index, counter, frame[DATA_HEADER.size :], frame[: DATA_HEADER.size])
-    if kind in (FrameType.HELLO, FrameType.HELLO_PSK):
+        cls = Data if kind == FrameType.DATA else Early
+        return cls(index, counter, frame[DATA_HEADER.size :], frame[: DATA_HEADER.size])
+    if kind in (FrameType.HELLO, FrameType.HELLO_PSK, FrameType.RESUME):
         if n < _HELLO.size:
             raise RemoteProtocolError("HELLO frame too short", reason="malformed")
         _, _, index, rt_len = _HELLO.unpack_from(frame)
         pos = _HELLO.size + rt_len
-        invite_id = None
+        invite_id = ticket_id = None
         if kind == FrameType.HELLO_PSK:
             invite_id = frame[pos : pos + INVITE_ID_LEN]
             pos += INVITE_ID_LEN
+        elif kind == FrameType.RESUME:
+            ticket_id = frame[pos : pos + TICKET_ID_LEN]
+            pos += TICKET_ID_LEN
         if n < pos + 32:  # at least the initiator's ephemeral key
             raise RemoteProtocolError("HELLO frame too short", reason="malformed")
         try:
@@ -128,7 +154,7 @@ def decode(frame: bytes) -> Frame:
             reply_to = ""
         if not valid_peer_id(reply_to):
             raise RemoteProtocolError("HELLO names an invalid reply peer id", reason="malformed")
-        return Hello(index, reply_to, frame[pos:], invite_id)
+        return Hello(index, reply_to, frame[pos:], invite_id, ticket_id)
     if kind == FrameType.REPLY:
         if n < _REPLY.size + 32:
             raise RemoteProtocolError("REPLY frame too short", reason="malformed")

@@ -11,7 +11,11 @@ when the responder is not who it meant.
 Sessions are `Noise_XXhfs_25519+MLKEM768_ChaChaPoly_BLAKE2b`: XX with an ephemeral ML-KEM-768
 exchange mixed in beside X25519 (hybrid forward secrecy against a recording quantum adversary;
 `XXhfs+psk0` with a network PSK; `XXhfs+psk3` with an invite's PSK when pairing). There is no
-classic mode: a HELLO too short to carry a KEM key is refused (`classic-handshake`). Transport
+classic mode: a HELLO too short to carry a KEM key is refused (`classic-handshake`). With a peer
+met before, a node opens the next session in one round trip instead: every session leaves both
+sides a single-use resumption ticket, and the next handshake is
+`Noise_KKhfs+psk0_25519+MLKEM768_ChaChaPoly_BLAKE2b` with it (protocol/resumption.py,
+SPEC.md 4.7); without a ticket, or when the peer no longer has it, XX as before. Transport
 frames carry an explicit 64-bit counter checked against a
 sliding replay window, because MQTT may duplicate and reorder across reconnects. A session is
 replaced by a fresh handshake (rekey) after a time or message budget; superseded sessions keep
@@ -31,7 +35,22 @@ import nacl.utils
 
 from protocol import frames
 from protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
-from protocol.noise import MLKEM768, CipherState, HandshakeState, KeyPair, message_overheads
+from protocol.noise import (
+    MLKEM768,
+    CipherState,
+    HandshakeState,
+    KeyPair,
+    message_overheads,
+    parse_protocol_name,
+)
+from protocol.resumption import (
+    NOISE_RESUME,
+    Ticket,
+    TicketBook,
+    derive_tickets,
+    early_key,
+    resume_psk,
+)
 
 PROTOCOL_VERSION = 1
 # Every handshake is hybrid (SPEC.md 4.1): the names bind the KEM into the transcript (they
@@ -47,6 +66,7 @@ MAX_NETWORK_LEN = 64
 # A transport plaintext is one kind byte and a body; a Noise message is at most 65535 bytes.
 MAX_PAYLOAD = 65535 - 16 - 1
 MAX_HELLO_PAYLOAD = 256
+MAX_RESUME_PAYLOAD = 4096  # message 1 of a resumption carries the initiator's credentials
 
 # Kinds of transport plaintext (the first byte).
 KIND_CLOSE = 0x00
@@ -132,6 +152,11 @@ class SessionLimits:
     previous_grace: float = 60.0  # superseded sessions keep receiving this long
     max_sessions_per_peer: int = 3
     replay_window: int = 8192
+    ticket_lifetime: float = 86400.0  # a resumption ticket unused this long is dropped
+    # Early data an initiator keeps until the resumption answers (sent again on the session
+    # that replaces it if it does not): bounded in messages and bytes.
+    max_early_messages: int = 32
+    max_early_bytes: int = 256 * 1024
 
 
 # -- outputs ----------------------------------------------------------------------------------
@@ -187,7 +212,30 @@ class HandshakeFailed:
     reason: str
 
 
-Output = SendFrame | SessionUp | SessionDown | Message | Rejected | HandshakeFailed
+@dataclass(frozen=True, slots=True)
+class TicketIssued:
+    """A session left a resumption ticket: the shell stores it (a secret: erased for real)."""
+
+    ticket: Ticket
+
+
+@dataclass(frozen=True, slots=True)
+class TicketSpent:
+    """A ticket was used, refused or replaced: the shell erases its stored copy."""
+
+    ticket: Ticket
+
+
+Output = (
+    SendFrame
+    | SessionUp
+    | SessionDown
+    | Message
+    | Rejected
+    | HandshakeFailed
+    | TicketIssued
+    | TicketSpent
+)
 
 
 # -- replay window -------------------------------------------------------------------------------
@@ -261,6 +309,22 @@ class _Handshake:
     # Initiator: the session after message 3, unusable until the responder's first transport
     # message confirms that it accepted message 3 (it may have refused us, silently).
     session: Session | None = None
+    # Initiator of a resumption: the key of its EARLY frames until the REPLY arrives.
+    early: CipherState | None = None
+    early_counter: int = 0
+    # Application payloads sent as early data: sent again on the session that replaces a
+    # resumption that got no answer (the peer may never have read them).
+    queued: list[bytes] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _EarlyRx:
+    """Responder: how to read the EARLY frames that follow an accepted resumption."""
+
+    peer_id: str
+    cipher: CipherState
+    window: ReplayWindow
+    deadline: float
 
 
 @dataclass(slots=True)
@@ -284,8 +348,13 @@ class Session:
     invite_id: bytes | None = None
     started_at: float = 0.0
     protocol: str = NOISE_XX  # the Noise protocol name of its handshake
+    # What its tickets are made of, until it is activated (then the ticket book has them).
+    resumption: tuple[bytes, bytes] | None = None
+    local_static: bytes = b""
+    peer_static: bytes = b""
 
     def wipe(self) -> None:
+        self.resumption = None
         self.sender.clear()
         self.receiver.clear()
 
@@ -326,6 +395,11 @@ class SessionManager:
         self._protocol = NOISE_XXPSK0 if network_psk else NOISE_XX
         self._prologue = prologue(network, self._protocol)
         self._psk_prologue = prologue(network, NOISE_XXPSK3)
+        self._resume_prologue = prologue(network, NOISE_RESUME)
+        self._min_resume = message_overheads(NOISE_RESUME)[0]
+        self._cipher = parse_protocol_name(NOISE_RESUME)[3]
+        self.tickets = TicketBook(self.limits.ticket_lifetime)
+        self._early_rx: OrderedDict[int, _EarlyRx] = OrderedDict()  # by the initiator's index
         # The shortest message 1 each protocol allows (its payload empty): anything shorter
         # cannot carry an ML-KEM key, i.e. it is a classic handshake.
         self._min_hello = message_overheads(self._protocol)[0]
@@ -342,10 +416,25 @@ class SessionManager:
 
     # -- identity ---------------------------------------------------------------------------
 
-    def set_identity(self, static: KeyPair, credentials: bytes) -> None:
-        """After a key rotation: new handshakes use the new key; sessions keep theirs."""
+    def set_identity(self, static: KeyPair, credentials: bytes) -> list[Output]:
+        """After a key rotation: new handshakes use the new key; sessions keep theirs. Every
+        ticket names the old key as a pre-message: they are dropped (the next session with
+        each peer is XX, and leaves new ones)."""
         self.static = static
         self.credentials = credentials
+        return [TicketSpent(t) for t in self.tickets.drop_all()]
+
+    def load_tickets(self, tickets: list[Ticket], now: float) -> list[Output]:
+        """The tickets the shell stored (at start); expired ones come back to be erased."""
+        return [TicketSpent(t) for t in tickets if not self.tickets.load(t, now)]
+
+    def forget_tickets(self, peer_id: str) -> list[Output]:
+        """No resumption with `peer_id` any more (it was revoked or blocked)."""
+        return [TicketSpent(t) for t in self.tickets.drop_peer(peer_id)]
+
+    def can_resume(self, peer_id: str, now: float) -> bool:
+        """Whether the next handshake with `peer_id` would be a resumption."""
+        return self.tickets.has_out(peer_id, self.static.public, now)
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -383,7 +472,13 @@ class SessionManager:
         peer = self._peers.setdefault(peer_id, _Peer())
         if peer.handshake is not None:
             return []
-        return self._start(peer_id, peer, now, invite_id=None, psk=None)
+        out: list[Output] = []
+        ticket = self.tickets.take_out(peer_id)
+        if ticket is not None:
+            out.append(TicketSpent(ticket))  # used once, whatever the answer
+            if ticket.expires <= now or ticket.local_static != self.static.public:
+                ticket = None
+        return out + self._start(peer_id, peer, now, invite_id=None, psk=None, ticket=ticket)
 
     def join(self, inviter: str, invite_id: bytes, invite_psk: bytes, now: float) -> list[Output]:
         """Pair with the node that issued an invite: XXpsk3 with the invite's PSK."""
@@ -417,8 +512,20 @@ class SessionManager:
         psk: bytes | None,
         attempt: int = 1,
         started_at: float | None = None,
+        ticket: Ticket | None = None,
+        queued: list[bytes] | None = None,
     ) -> list[Output]:
-        state = self._handshake_state(True, psk)
+        if ticket is not None:
+            state = HandshakeState(
+                NOISE_RESUME,
+                True,
+                self._resume_prologue,
+                s=self.static,
+                rs=ticket.peer_static,
+                psks=[resume_psk(self.network_psk, ticket.secret)],
+            )
+        else:
+            state = self._handshake_state(True, psk)
         index = self._new_index()
         hs = _Handshake(
             local_index=index,
@@ -430,10 +537,16 @@ class SessionManager:
             attempt=attempt,
             invite_id=invite_id,
             psk=psk,
+            queued=queued or [],
         )
         peer.handshake = hs
         self._initiating[index] = hs
-        frame = frames.encode_hello(index, self.peer_id, state.write_message(b""), invite_id)
+        if ticket is not None:
+            noise = state.write_message(self.credentials)
+            hs.early = CipherState(self._cipher, early_key(state.symmetric.ck))
+            frame = frames.encode_resume(index, self.peer_id, ticket.ticket_id, noise)
+        else:
+            frame = frames.encode_hello(index, self.peer_id, state.write_message(b""), invite_id)
         return [SendFrame(peer_id, frame)]
 
     def _handshake_state(self, initiator: bool, psk: bytes | None) -> HandshakeState:
@@ -463,7 +576,11 @@ class SessionManager:
             frame = frames.decode(data)
             if isinstance(frame, frames.Data):
                 return self._on_data(frame, now)
+            if isinstance(frame, frames.Early):
+                return self._on_early(frame, now)
             if isinstance(frame, frames.Hello):
+                if frame.ticket_id is not None:
+                    return self._on_resume(frame, now)
                 return self._on_hello(frame, now)
             if isinstance(frame, frames.Reply):
                 return self._on_reply(frame, now)
@@ -522,6 +639,91 @@ class SessionManager:
         )
         return [SendFrame(claimed, frames.encode_reply(hello.sender_index, index, reply))]
 
+    def _on_resume(self, hello: frames.Hello, now: float) -> list[Output]:
+        """Message 1 of a resumption (SPEC.md 4.7): answered only with the ticket it names,
+        which is erased at once, so a replay of it is refused by the same check."""
+        claimed = hello.reply_to
+        if claimed == self.peer_id:
+            return [self._reject("self", claimed, "a HELLO claiming to come from this node")]
+        if (refusal := self.trust.refuse_hello(claimed)) is not None:
+            return [self._reject(refusal, claimed, "HELLO from a peer that cannot be accepted")]
+        if not self._hello_bucket.take(now) or not self._peer_bucket(claimed, now).take(now):
+            return [self._reject("rate-limited", claimed, "too many handshakes")]
+        assert hello.ticket_id is not None
+        ticket = self.tickets.take_in(hello.ticket_id)
+        if ticket is None:
+            # Never issued, already used (a replay), or forgotten (a restart without it, a
+            # rotation): no answer, and the initiator falls back to XX after its timeout.
+            return [self._reject("unknown-ticket", claimed, "RESUME with no ticket of ours")]
+        out: list[Output] = [TicketSpent(ticket)]
+        if ticket.peer_id != claimed:
+            return [*out, self._reject("wrong-peer", claimed, "a ticket of another peer")]
+        if ticket.expires <= now or ticket.local_static != self.static.public:
+            return [*out, self._reject("stale-ticket", claimed, "an expired or rotated ticket")]
+        if len(hello.noise) < self._min_resume:
+            return [*out, self._reject("classic-handshake", claimed, "RESUME without a KEM key")]
+        state = HandshakeState(
+            NOISE_RESUME,
+            False,
+            self._resume_prologue,
+            s=self.static,
+            rs=ticket.peer_static,
+            psks=[resume_psk(self.network_psk, ticket.secret)],
+        )
+        try:
+            creds = state.read_message(hello.noise)
+            if len(creds) > MAX_RESUME_PAYLOAD:
+                raise RemoteProtocolError("RESUME payload too large", reason="oversize")
+            early = CipherState(self._cipher, early_key(state.symmetric.ck))
+            auth = self.trust.authenticate(creds, ticket.peer_static, now, expected_peer=claimed)
+            if auth.peer_id != claimed:
+                raise RemoteProtocolError(
+                    f"HELLO claimed {claimed} but credentials are {auth.peer_id}",
+                    reason="wrong-peer",
+                )
+            index = self._new_index()
+            reply = state.write_message(self.credentials)
+        except ProtocolError as exc:
+            reason = exc.reason if isinstance(exc, RemoteProtocolError) else "local-error"
+            return [*out, self._reject(reason, claimed, str(exc))]
+        hs = _Handshake(
+            local_index=index,
+            peer_id=claimed,
+            initiator=False,
+            state=state,
+            started_at=now,
+            deadline=now,
+            remote_index=hello.sender_index,
+        )
+        # Message 1 was fresh (its ticket is gone now) and authenticated both statics: the
+        # session is up for the responder once it has written message 2.
+        session = self._new_session(hs, hello.sender_index, auth, now, confirmed=True)
+        window = ReplayWindow(self.limits.replay_window)
+        deadline = now + self.limits.half_open_timeout
+        self._early_rx[hello.sender_index] = _EarlyRx(claimed, early, window, deadline)
+        self._early_rx.move_to_end(hello.sender_index)
+        while len(self._early_rx) > self.limits.max_half_open:
+            self._early_rx.popitem(last=False)
+        out.append(SendFrame(claimed, frames.encode_reply(hello.sender_index, index, reply)))
+        out.extend(self._activate(session, now))
+        return out
+
+    def _on_early(self, early: frames.Early, now: float) -> list[Output]:
+        rx = self._early_rx.get(early.sender_index)
+        if rx is None:
+            return [self._reject("unknown-session", None, "EARLY for no resumption of ours")]
+        try:
+            rx.window.check(early.counter)
+            plaintext = rx.cipher.decrypt_with_nonce(early.counter, early.header, early.ciphertext)
+        except RemoteProtocolError as exc:
+            return [self._reject(exc.reason, rx.peer_id, str(exc))]
+        rx.window.update(early.counter)
+        if not self.has_session(rx.peer_id):
+            return [self._reject("unknown-session", rx.peer_id, "EARLY after the session ended")]
+        if not plaintext or plaintext[0] != KIND_APP:
+            return [self._reject("malformed", rx.peer_id, "early data that is not APP")]
+        return [Message(rx.peer_id, plaintext[1:])]
+
     def _peer_bucket(self, peer_id: str, now: float) -> TokenBucket:
         bucket = self._peer_buckets.get(peer_id)
         if bucket is None:
@@ -553,6 +755,8 @@ class SessionManager:
         hs = self._initiating.get(reply.receiver_index)
         if hs is None or hs.session is not None:
             return [self._reject("unknown-session", None, "REPLY for no handshake of ours")]
+        if hs.early is not None:
+            return self._on_resume_reply(hs, reply, now)
         peer = self._peers[hs.peer_id]
         try:
             creds = hs.state.read_message(reply.noise)
@@ -580,6 +784,51 @@ class SessionManager:
             ]
         hs.session = self._new_session(hs, reply.sender_index, auth, now, confirmed=False)
         return [SendFrame(hs.peer_id, frames.encode_finish(reply.sender_index, finish))]
+
+    def _on_resume_reply(self, hs: _Handshake, reply: frames.Reply, now: float) -> list[Output]:
+        """Message 2 of our resumption: it authenticates the responder and shows it accepted
+        message 1 (and so read our early data), so the session is up at once."""
+        try:
+            creds = hs.state.read_message(reply.noise)
+            assert hs.state.rs is not None
+            auth = self.trust.authenticate(creds, hs.state.rs, now, expected_peer=hs.peer_id)
+            if auth.peer_id != hs.peer_id:
+                raise RemoteProtocolError(
+                    f"the responder is {auth.peer_id}, not {hs.peer_id}", reason="wrong-peer"
+                )
+        except ProtocolError as exc:
+            reason = exc.reason if isinstance(exc, RemoteProtocolError) else "local-error"
+            # Not a hang: XX at once, as after a resumption that got no answer.
+            out: list[Output] = [self._reject(reason, hs.peer_id, str(exc))]
+            return out + self._fall_back(hs, now)
+        self._initiating.pop(hs.local_index, None)
+        peer = self._peers.get(hs.peer_id)
+        if peer is not None and peer.handshake is hs:
+            peer.handshake = None
+        assert hs.early is not None
+        hs.early.clear()
+        hs.early = None
+        hs.queued.clear()
+        session = self._new_session(hs, reply.sender_index, auth, now, confirmed=True)
+        return self._activate(session, now)
+
+    def _fall_back(self, hs: _Handshake, now: float) -> list[Output]:
+        """Replace a resumption that failed by an XX handshake, keeping its early data."""
+        self._drop_handshake(hs)
+        peer = self._peers.get(hs.peer_id)
+        if peer is None or peer.handshake is not hs:
+            return []
+        peer.handshake = None
+        return self._start(
+            hs.peer_id,
+            peer,
+            now,
+            invite_id=None,
+            psk=None,
+            attempt=hs.attempt + 1,
+            started_at=hs.started_at,
+            queued=hs.queued,
+        )
 
     def _on_finish(self, finish: frames.Finish, now: float) -> list[Output]:
         hs = self._half_open.pop(finish.receiver_index, None)
@@ -619,6 +868,10 @@ class SessionManager:
     ) -> Session:
         c1, c2 = hs.state.split()
         sender, receiver = (c1, c2) if hs.initiator else (c2, c1)
+        name = hs.state.protocol_name
+        assert hs.state.s is not None
+        assert hs.state.rs is not None
+        material = derive_tickets(name, hs.state.symmetric.ck)
         session = Session(
             local_index=hs.local_index,
             remote_index=remote_index,
@@ -634,12 +887,17 @@ class SessionManager:
             confirmed=confirmed,
             invite_id=hs.invite_id,
             started_at=hs.started_at,
-            protocol=hs.state.protocol_name,
+            protocol=name,
+            resumption=material,
+            local_static=hs.state.s.public,
+            peer_static=hs.state.rs,
         )
         self._by_index[session.local_index] = session
         return session
 
-    def _activate(self, session: Session, now: float) -> list[Output]:
+    def _activate(
+        self, session: Session, now: float, queued: list[bytes] | None = None
+    ) -> list[Output]:
         """A confirmed session becomes the peer's newest, superseding older ones."""
         self._seq += 1
         session.seq = self._seq
@@ -653,7 +911,7 @@ class SessionManager:
         while len(peer.sessions) > self.limits.max_sessions_per_peer:
             self._forget(peer.sessions.pop(0))
         local, remote = session.local_index, session.remote_index
-        return [
+        out: list[Output] = [
             SessionUp(
                 session.peer_id,
                 session.auth,
@@ -666,6 +924,28 @@ class SessionManager:
                 session.protocol,
             )
         ]
+        out.extend(self._issue_tickets(session, now))
+        if queued is None:
+            queued = peer.handshake.queued if peer.handshake is not None else []
+        # Early data of a resumption that got no answer: the peer may never have read it.
+        for payload in queued:
+            out.extend(self._send_on(session, bytes([KIND_APP]) + payload))
+        queued.clear()
+        return out
+
+    def _issue_tickets(self, session: Session, now: float) -> list[Output]:
+        material, session.resumption = session.resumption, None
+        if material is None:
+            return []
+        installed, replaced = self.tickets.issue(
+            session.peer_id,
+            session_initiator=session.initiator,
+            material=material,
+            local_static=session.local_static,
+            peer_static=session.peer_static,
+            now=now,
+        )
+        return [*(TicketSpent(t) for t in replaced), *(TicketIssued(t) for t in installed)]
 
     def _forget(self, session: Session) -> None:
         self._by_index.pop(session.local_index, None)
@@ -692,10 +972,12 @@ class SessionManager:
         if not session.confirmed:
             session.confirmed = True
             peer = self._peers.get(session.peer_id)
+            queued: list[bytes] = []
             if peer is not None and peer.handshake is not None:
                 self._initiating.pop(peer.handshake.local_index, None)
+                queued = peer.handshake.queued
                 peer.handshake = None
-            out = self._activate(session, now)
+            out = self._activate(session, now, queued)
         if not plaintext:
             return [*out, self._reject("malformed", session.peer_id, "empty transport message")]
         kind = plaintext[0]
@@ -722,6 +1004,8 @@ class SessionManager:
         peer = self._peers.get(peer_id)
         session = peer.current() if peer else None
         if session is None or not self._usable(session, now):
+            if peer is not None and peer.handshake is not None:
+                return self._send_early(peer.handshake, payload)
             raise LocalProtocolError(f"no session with {peer_id}")
         out = self._send_on(session, bytes([KIND_APP]) + payload)
         if session.awaiting_since is None:
@@ -729,6 +1013,22 @@ class SessionManager:
         if self._wants_rekey(session, now):
             out.extend(self.connect(peer_id, now))
         return out
+
+    def _send_early(self, hs: _Handshake, payload: bytes) -> list[Output]:
+        """Early data: right behind our RESUME, before its answer (SPEC.md 4.7)."""
+        limits = self.limits
+        if (
+            hs.early is None
+            or len(hs.queued) >= limits.max_early_messages
+            or sum(map(len, hs.queued)) + len(payload) > limits.max_early_bytes
+        ):
+            raise LocalProtocolError(f"no session with {hs.peer_id}")
+        counter = hs.early_counter
+        hs.early_counter = counter + 1
+        header = frames.early_header(hs.local_index, counter)
+        ciphertext = hs.early.encrypt_with_nonce(counter, header, bytes([KIND_APP]) + payload)
+        hs.queued.append(payload)
+        return [SendFrame(hs.peer_id, header + ciphertext)]
 
     def _usable(self, session: Session, now: float) -> bool:
         return (
@@ -799,6 +1099,8 @@ class SessionManager:
         deadlines: list[float] = [h.deadline for h in self._initiating.values()]
         if self._half_open:
             deadlines.append(next(iter(self._half_open.values())).deadline)
+        if self._early_rx:
+            deadlines.append(next(iter(self._early_rx.values())).deadline)
         limits = self.limits
         for peer in self._peers.values():
             for s in peer.sessions:
@@ -833,6 +1135,7 @@ class SessionManager:
                     psk=hs.psk,
                     attempt=hs.attempt + 1,
                     started_at=hs.started_at,
+                    queued=hs.queued,
                 )
             )
         while self._half_open:
@@ -841,6 +1144,12 @@ class SessionManager:
                 break
             del self._half_open[index]
             self.rejections["handshake-timeout"] += 1
+        while self._early_rx:
+            index, rx = next(iter(self._early_rx.items()))
+            if rx.deadline > now:
+                break
+            del self._early_rx[index]
+            rx.cipher.clear()
         for peer_id, peer in list(self._peers.items()):
             for s in list(peer.sessions):
                 expired = now - s.established_at >= limits.reject_after_time

@@ -1,7 +1,8 @@
 """Erasing secrets for real: no file of the state directory keeps a secret once its row let go.
 
 The store holds secrets in sqlite pages (`SECRET_COLUMNS`): a transfer's content key (inside
-`transfers.snapshot`, while the transfer runs), an open invite's PSK (`invites.psk`), and the
+`transfers.snapshot`, while the transfer runs), an open invite's PSK (`invites.psk`), resumption
+tickets (`tickets.secret`, until used or replaced), and the
 bodies of messages until they are delivered or taken (`outbox.data`, `inbox.data`). Private keys
 are not in sqlite: they are files in the keys directory (peerd/keystore.py).
 
@@ -68,6 +69,9 @@ SECRET_COLUMNS: Final = (
     # message (scripts/bench erasure), so they leave the files within LAZY_SCRUB_SECONDS.
     Secret("outbox", "data", at_once=False),
     Secret("inbox", "data", at_once=False),
+    # A resumption ticket's secret: with a static key it opens the early data of the session
+    # it resumes (protocol/SPEC.md 4.7), so it goes as soon as it is used or replaced.
+    Secret("tickets", "secret", at_once=True),
 )
 
 ERASED_FUNCTION: Final = "peerd_secret_erased"

@@ -267,4 +267,26 @@ async def _v4_chunk_index(db: aiosqlite.Connection) -> None:
     )
 
 
+@migration
+async def _v5_tickets(db: aiosqlite.Connection) -> None:
+    """Resumption tickets (protocol/resumption.py, SPEC.md 4.7): at most one per peer and
+    direction. `secret` is a secret (peerd/store/erasure.py): a row is deleted when its ticket
+    is used, refused, replaced or expired, and the file scrubbed."""
+    await _run(
+        db,
+        """
+        CREATE TABLE tickets (
+            peer_id TEXT NOT NULL,
+            initiator INTEGER NOT NULL CHECK (initiator IN (0, 1)),
+            ticket_id BLOB NOT NULL UNIQUE CHECK (length(ticket_id) = 16),
+            secret BLOB NOT NULL CHECK (length(secret) = 32),
+            local_static BLOB NOT NULL CHECK (length(local_static) = 32),
+            peer_static BLOB NOT NULL CHECK (length(peer_static) = 32),
+            expires_at REAL NOT NULL,
+            PRIMARY KEY (peer_id, initiator)
+        ) WITHOUT ROWID
+        """,
+    )
+
+
 __all__ = ["APPLICATION_ID", "MIGRATIONS", "Migration", "migration"]

@@ -14,6 +14,7 @@ import pytest
 
 from protocol import frames
 from protocol.noise import HandshakeState, KeyPair
+from protocol.resumption import NOISE_RESUME
 from protocol.session import NOISE_XX, Rejected, SendFrame, SessionManager, prologue
 from tests.attacks.helpers import (
     SOON,
@@ -26,13 +27,34 @@ from tests.attacks.helpers import (
     with_reply_to,
 )
 from tests.support.cluster import Node, wait_until
-from tests.support.hostile import TO_BROKER, TO_CLIENT, HostileProxy, Packet, Record, Rewrite
+from tests.support.hostile import (
+    TO_BROKER,
+    TO_CLIENT,
+    Drop,
+    HostileProxy,
+    Packet,
+    Record,
+    Rewrite,
+)
 
-HELLO, REPLY, FINISH, DATA = 1, 3, 4, 5
+HELLO, REPLY, FINISH, DATA, RESUME, EARLY = 1, 3, 4, 5, 6, 7
 
 
 def _inbox(node: Node) -> str:
     return f"peerd/v1/{node.network}/in/{node.peer_id}"
+
+
+def _force_xx(proxy: HostileProxy, victim: Node, target: Node) -> None:
+    """Drop `victim`'s resumptions to `target` (SPEC.md 4.7): these peers met before, so their
+    next handshake is a one-round-trip resumption, which an attacker without the ticket can only
+    drop; after one handshake timeout `victim` falls back to XX, the handshake attacked here."""
+    proxy.add_rule(
+        TO_BROKER,
+        _inbox(target),
+        Drop(),
+        client=victim.peer_id,
+        where=lambda pkt: frame_type(pkt.payload) == RESUME,
+    )
 
 
 def _mitm(proxy: HostileProxy, victim: Node, target: Node, rogue: SessionManager) -> list[Packet]:
@@ -52,6 +74,7 @@ def _mitm(proxy: HostileProxy, victim: Node, target: Node, rogue: SessionManager
                 assert not isinstance(out, Rejected), out
         return []
 
+    _force_xx(proxy, victim, target)
     proxy.add_rule(TO_BROKER, _inbox(target), Rewrite(intercept), client=victim.peer_id)
     return sent
 
@@ -158,6 +181,7 @@ def test_identity_misbinding_is_refused(
     with the claim and refuses: she never believes she talks to bob."""
     alice, bob, carol = trio
     api = apis["carol"]
+    _force_xx(proxy, alice, carol)
     proxy.add_rule(
         TO_CLIENT,
         _inbox(carol),
@@ -178,6 +202,7 @@ def test_identity_misbinding_is_refused(
     apis["alice"].call("v1.connect", peer=carol.peer_id)
     api.wait_rejected("wrong-peer", before.get("wrong-peer", 0) + 1)
     # alice's own retry (without the broker's help) still reaches carol.
+    proxy.clear_rules()
     wait_until(lambda: apis["alice"].connected(carol), SOON, what="alice reaches carol")
 
 
@@ -247,6 +272,7 @@ def test_replayed_handshake_messages_do_nothing(
     session comes up from it, before or after the responder restarts."""
     alice, bob, _ = trio
     a, b = apis["alice"], apis["bob"]
+    _force_xx(proxy, alice, bob)
     proxy.add_rule(TO_BROKER, _inbox(bob), Record(), client=alice.peer_id)
     proxy.add_rule(TO_BROKER, _inbox(alice), Record(), client=bob.peer_id)
     sessions_before = len(a.handshakes())
@@ -347,3 +373,61 @@ def test_a_classic_x25519_only_hello_is_refused_by_name(
     assert proxy.recordings("#") == []
     line = next(x for x in alice.cli("status").splitlines() if x.startswith("rejected"))
     assert "classic-handshake" in line
+
+
+def test_a_replayed_resume_and_its_early_data_bring_up_nothing(
+    trio: tuple[Node, Node, Node], apis: dict[str, Api], proxy: HostileProxy
+) -> None:
+    """A resumption recorded off the broker (SPEC.md 4.7): alice, restarted, sends bob a message
+    as early data behind her RESUME. Replayed, the RESUME finds no ticket (`unknown-ticket`, no
+    answer, no session) - also after bob restarted, the erasure being stored - and the EARLY
+    frame finds its window (`replay`) or no resumption (`unknown-session`). The message is
+    delivered once."""
+    import base64  # noqa: PLC0415
+
+    alice, bob, _ = trio
+    a, b = apis["alice"], apis["bob"]
+    a.call("v1.connect", peer=bob.peer_id)
+    wait_until(lambda: a.connected(bob) and b.connected(alice), SOON, what="a session")
+    alice.stop()
+    alice.start()
+    record = proxy.add_rule(
+        TO_BROKER,
+        _inbox(bob),
+        Record(),
+        client=alice.peer_id,
+        where=lambda pkt: frame_type(pkt.payload) in (RESUME, EARLY),
+    )
+    channel = "resume/check"
+    a.call(
+        "v1.msg.send",
+        peer=bob.peer_id,
+        channel=channel,
+        data_b64=base64.b64encode(b"once").decode(),
+    )
+    wait_until(lambda: _inbox_messages(b, channel), SOON, what="bob receives the early message")
+    proxy.remove_rule(record)
+    recorded = {frame_type(p.payload): p for p in proxy.recordings("#")}
+    assert set(recorded) == {RESUME, EARLY}  # the message went as early data
+    assert b.handshakes()[-1]["protocol"] == NOISE_RESUME
+    index = frames.decode(recorded[RESUME].payload).sender_index  # type: ignore[union-attr]
+
+    def sessions_from_it() -> int:
+        return sum(h["session_id"][0] == index for h in b.handshakes())
+
+    assert sessions_from_it() == 1
+    for attempt in (1, 2):
+        before_ticket = b.rejected("unknown-ticket")
+        before_early = b.rejected("replay") + b.rejected("unknown-session")
+        proxy.replay([recorded[RESUME], recorded[EARLY]])
+        b.wait_rejected("unknown-ticket", before_ticket + 1)
+        wait_until(
+            lambda n=before_early: b.rejected("replay") + b.rejected("unknown-session") > n,
+            SOON,
+            what="bob to refuse the replayed EARLY frame",
+        )
+        assert sessions_from_it() == (1 if attempt == 1 else 0)
+        if attempt == 1:
+            bob.stop()
+            bob.start()
+    assert _inbox_messages(b, channel) == [b"once"]  # delivered once, never again

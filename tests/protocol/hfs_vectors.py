@@ -36,8 +36,8 @@ SUITE = "25519+MLKEM768_ChaChaPoly_BLAKE2b"
 HASHLEN = 64
 TAGLEN = 16
 
-# Token lists as SPEC.md section 4.1 (peerd's three) and the HFS extension's section 5 write
-# them (NN, IK, KK for the one-round-trip patterns a known peer may use).
+# Token lists as SPEC.md sections 4.1 and 4.7 (peerd's XX three and its resumption, KKhfs+psk0)
+# and the HFS extension's section 5 write them (NN, IK, KK: one-round-trip patterns).
 PATTERNS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[str, ...], ...]]] = {
     "XXhfs": ((), (), (("e", "e1"), ("e", "ee", "ekem1", "s", "es"), ("s", "se"))),
     "XXhfs+psk0": ((), (), (("psk", "e", "e1"), ("e", "ee", "ekem1", "s", "es"), ("s", "se"))),
@@ -45,7 +45,16 @@ PATTERNS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[str, ...
     "NNhfs": ((), (), (("e", "e1"), ("e", "ee", "ekem1"))),
     "IKhfs": ((), ("s",), (("e", "es", "e1", "s", "ss"), ("e", "ee", "ekem1", "se"))),
     "KKhfs": (("s",), ("s",), (("e", "es", "e1", "ss"), ("e", "ee", "ekem1", "se"))),
+    # peerd's resumption (SPEC.md 4.7): KKhfs with the ticket's PSK first.
+    "KKhfs+psk0": (
+        ("s",),
+        ("s",),
+        (("psk", "e", "es", "e1", "ss"), ("e", "ee", "ekem1", "se")),
+    ),
 }
+# peerd's derivations from the chaining key (SPEC.md 4.7), written out again.
+EARLY_LABEL = b"peerd/v1/early-data"
+RESUMPTION_LABEL = b"peerd/v1/resumption"
 PAYLOADS = [b"Ludwig von Mises", b"Murray Rothbard", b"F. A. Hayek", b"Carl Menger",
             b"Jean-Baptiste Say", b"Eugen B\xf6hm von Bawerk"]  # fmt: skip
 
@@ -251,12 +260,16 @@ def make_vector(pattern: str, prologue: bytes) -> dict[str, Any]:
     for side in sides.values():
         side.init(name, prologue, (ipre, rpre))
     wire = []
+    early_key = b""
     for i, tokens in enumerate(messages):
         writer, reader = (init, resp) if i % 2 == 0 else (resp, init)
         payload = PAYLOADS[i]
         ciphertext = writer.write(tokens, payload, psk_mode)
         assert reader.read(tokens, ciphertext, psk_mode) == payload
         wire.append({"payload": payload.hex(), "ciphertext": ciphertext.hex()})
+        if i == 0:
+            assert init.ck == resp.ck
+            early_key = _hkdf(init.ck, EARLY_LABEL, 2)[0][:32]
     assert init.h == resp.h
     assert init.split() == resp.split()
     c1, c2 = init.split()
@@ -285,14 +298,21 @@ def make_vector(pattern: str, prologue: bytes) -> dict[str, Any]:
             vector[f"{role}_kem_encaps_m"] = side.kem_m.hex()
     vector["handshake_hash"] = init.h.hex()
     vector["messages"] = wire
+    if prologue.startswith(b"peerd\x00"):
+        # Every peerd session leaves resumption tickets; a resumption's message 1 an early key.
+        vector["peerd_resumption_tickets"] = [
+            t[:48].hex() for t in _hkdf(init.ck, RESUMPTION_LABEL, 2)
+        ]
+        if pattern == "KKhfs+psk0":
+            vector["peerd_early_key"] = early_key.hex()
     return vector
 
 
 def make_vectors() -> dict[str, Any]:
     john_galt = b"John Galt"  # cacophony's prologue
     vectors = [make_vector(p, john_galt) for p in PATTERNS]
-    # peerd's own three, with its prologue for a network "vectors" (SPEC.md 1.1).
-    for pattern in ("XXhfs", "XXhfs+psk0", "XXhfs+psk3"):
+    # peerd's own four, with its prologue for a network "vectors" (SPEC.md 1.1).
+    for pattern in ("XXhfs", "XXhfs+psk0", "XXhfs+psk3", "KKhfs+psk0"):
         vectors.append(make_vector(pattern, peerd_prologue("vectors", f"Noise_{pattern}_{SUITE}")))
     return {"vectors": vectors}
 

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import mlkem
 from kyber_py.ml_kem import ML_KEM_768
 
 from protocol.noise import MLKEM768, CipherState, HandshakeState, Kem
+from protocol.resumption import derive_tickets, early_key
 from tests.protocol import hfs_vectors
 
 VECTORS = json.loads(
@@ -77,8 +78,8 @@ CASES = [
 
 def test_vector_files_are_complete() -> None:
     assert len(VECTORS) == 59
-    assert len(HFS_VECTORS) == 9
-    assert len(CASES) == 2 * (59 + 9)
+    assert len(HFS_VECTORS) == 11
+    assert len(CASES) == 2 * (59 + 11)
 
 
 def test_hfs_vectors_are_reproducible_from_their_seeds() -> None:
@@ -124,3 +125,31 @@ def test_vector(vector: dict[str, Any], role: str) -> None:
             assert cs.encrypt_with_ad(b"", payload) == ciphertext
         else:
             assert cs.decrypt_with_ad(b"", ciphertext) == payload
+
+
+PEERD_VECTORS = [v for v in HFS_VECTORS if "peerd_resumption_tickets" in v]
+
+
+@pytest.mark.parametrize(
+    ("vector", "role"),
+    [(v, r) for v in PEERD_VECTORS for r in ("init", "resp")],
+    ids=[f"{v['protocol_name']}-{r}" for v in PEERD_VECTORS for r in ("init", "resp")],
+)
+def test_resumption_tickets_and_early_key_match_the_vectors(
+    vector: dict[str, Any], role: str
+) -> None:
+    """SPEC.md 4.7's derivations from the chaining key, against the separate implementation:
+    the tickets every session leaves, and a resumption's early-data key after message 1."""
+    me = _side(vector, role)
+    for msg in vector["messages"]:
+        payload, ciphertext = bytes.fromhex(msg["payload"]), bytes.fromhex(msg["ciphertext"])
+        if me.is_my_turn():
+            me.write_message(payload)
+        else:
+            me.read_message(ciphertext)
+        if me.message_index == 1 and "peerd_early_key" in vector:
+            assert early_key(me.symmetric.ck).hex() == vector["peerd_early_key"]
+        if me.complete:
+            break
+    tickets = derive_tickets(vector["protocol_name"], me.symmetric.ck)
+    assert [t.hex() for t in tickets] == vector["peerd_resumption_tickets"]

@@ -15,6 +15,7 @@ BENCHMARKS = {
     "transfer": ("transfer", "files between daemons: vs aiomqtt and scp, memory, fan-out, resume"),
     "erasure": ("erasure", "the WAL scrub after a commit that erases a secret, on a real store"),
     "wan": ("wan", "transfers across emulated 20-200 ms paths: vs the path, aiomqtt and scp"),
+    "firstbyte": ("firstbyte", "time to first transfer byte at 20-200 ms (wan's, alone)"),
     "safetensors": ("safetensors", "checking a received header: the caps, memory, the loop"),
     "cli": ("cli", "a CLI command from the shell: vs a bare interpreter and vs peerd.Client"),
 }

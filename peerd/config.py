@@ -369,6 +369,61 @@ class LimitsConfig:
     )
 
 
+def _listen(value: str) -> str:
+    """host:port (IPv6 in brackets) for the metrics endpoint."""
+    parts = urlsplit(f"//{value}")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"{value!r}: bad port") from exc
+    if not parts.hostname or port is None or port == 0 or parts.username or parts.path:
+        raise ValueError(f"{value!r}: must be host:port, e.g. '127.0.0.1:9464' or '[::1]:9464'")
+    return value
+
+
+def _log_format(value: str) -> str:
+    if value not in ("auto", "text", "json", "journald"):
+        raise ValueError(f"{value!r}: must be 'auto', 'text', 'json' or 'journald'")
+    return value
+
+
+def _log_level(value: str) -> str:
+    if value not in ("debug", "info", "warning", "error"):
+        raise ValueError(f"{value!r}: must be 'debug', 'info', 'warning' or 'error'")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    listen: str | None = key(
+        doc="serve Prometheus metrics over HTTP at http://<listen>/metrics (off unless set)",
+        check=_listen,
+        example="127.0.0.1:9464",
+    )
+    per_peer: bool = key(
+        False, doc="also export series labelled by peer id (one set per known peer)"
+    )
+
+    @property
+    def host(self) -> str:
+        return urlsplit(f"//{self.listen}").hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        return urlsplit(f"//{self.listen}").port or 9464
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    format: str = key(
+        "auto",
+        doc="text (key=value), json (one object a line), journald (native fields), or auto"
+        " (journald when systemd's journal reads stderr, else text)",
+        check=_log_format,
+    )
+    level: str = key("info", doc="debug, info, warning or error", check=_log_level)
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     path: Path | None = None
@@ -379,6 +434,8 @@ class Config:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     receive: ReceiveConfig = field(default_factory=ReceiveConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 SECTIONS: Final[dict[str, type[Any]]] = {
@@ -612,6 +669,8 @@ __all__ = [
     "ControlConfig",
     "KeysConfig",
     "LimitsConfig",
+    "LogConfig",
+    "MetricsConfig",
     "NetworkConfig",
     "NodeConfig",
     "ReceiveConfig",

@@ -33,7 +33,9 @@ from peerd.errors import DaemonError, PeerdError, UsageError
 from peerd.events import EventLanes, LaneLimits, LogBudget
 from peerd.host import Extension, control_methods
 from peerd.keystore import Keystore, read_passphrase
+from peerd.logs import log_event
 from peerd.messages import Messages, OutboxLimits
+from peerd.metrics import Metrics
 from peerd.mqtt import BrokerError, BrokerLink, BrokerQueueFull, Message, Topics, link_for_config
 from peerd.node import NodeMethods, local_refusals, peer_json
 from peerd.revocations import Revocations
@@ -96,6 +98,7 @@ class Daemon:
         self.passphrase = passphrase
         self.started_at = time.time()
         self.counters: Counter[str] = Counter()
+        self.handshake_counts: Counter[str] = Counter()  # "new", "rekey", "failed:<reason>"
         self._events = EventLanes(LaneLimits(bulk=EVENT_QUEUE))
         self._logs = LogBudget(log)
         self._wake = asyncio.Event()
@@ -192,7 +195,8 @@ class Daemon:
             for name in ext.events:
                 if name not in self.control.events:
                     self.control.add_event(name)
-        for part in (NodeMethods(self), *self._extensions):
+        self.metrics = Metrics(self)
+        for part in (NodeMethods(self), self.metrics, *self._extensions):
             for method, handler in control_methods(part).items():
                 self.control.register(method, handler)  # a name declared twice is an error
         self.store.add_listener(lambda _event: self._trust_changed())
@@ -207,13 +211,17 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, lambda: self.spawn(self._reload(), name="reload"))
         try:
             await self.control.start()
-            log.info(
-                "peerd %s: node %s (%s) in network %r, broker %s",
-                __version__,
-                format_peer_id(self.peer_id),
-                self.config.node.name,
-                self.config.node.network,
-                self.link.settings.url,
+            await self.metrics.start()
+            log_event(log, "config.loaded", path=self.config.path)
+            log_event(
+                log,
+                "daemon.start",
+                version=__version__,
+                node=format_peer_id(self.peer_id),
+                name=self.config.node.name,
+                network=self.config.node.network,
+                broker=self.link.settings.url,
+                config=self.config.path,
             )
             try:
                 async with asyncio.TaskGroup() as tg:
@@ -239,10 +247,11 @@ class Daemon:
                 loop.remove_signal_handler(sig)
             with contextlib.suppress(Exception):
                 await self.link.close()
+            await self.metrics.close()
             await self.control.close()
             await self.store.close()
             if self._stop.is_set():
-                log.info("peerd stopped")
+                log_event(log, "daemon.stop")
 
     def stop(self) -> None:
         self._stop.set()
@@ -272,7 +281,8 @@ class Daemon:
     def _task_done(self, task: asyncio.Future[Any]) -> None:
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
-            log.error("background work failed: %s", exc, exc_info=exc)
+            name = task.get_name() if isinstance(task, asyncio.Task) else None
+            log_event(log, "daemon.task_failed", logging.ERROR, task=name, exc_info=exc)
 
     async def _reload(self) -> None:
         """SIGHUP: re-read the config; apply what can change live, say what needs a restart."""
@@ -282,13 +292,13 @@ class Daemon:
         try:
             new = load_config(path)
         except PeerdError as exc:
-            log.error("reload: %s; keeping the running configuration", exc.one_line())
+            log_event(log, "config.reload_failed", logging.ERROR, error=exc.one_line())
             return
         # Live: [receive] limits, [keys] overlap and rotation schedule, the authority key.
         # The rest names sockets, files and the broker connection: those need a restart.
         restart = [
             name
-            for name in ("node", "broker", "control")
+            for name in ("node", "broker", "control", "metrics", "log")
             if getattr(new, name) != getattr(self.config, name)
         ]
         if new.network.psk_file != self.config.network.psk_file:
@@ -300,9 +310,8 @@ class Daemon:
         self._trust_changed()  # a new authority key or overlap may end some sessions
         for ext in self._extensions:
             ext.reload(new)
-        if restart:
-            log.warning("reload: changes in [%s] take effect at restart", "], [".join(restart))
-        log.info("configuration reloaded from %s", path)
+        level = logging.WARNING if restart else logging.INFO
+        log_event(log, "config.reloaded", level, path=path, restart_needed=restart or None)
 
     # -- the broker --------------------------------------------------------------------------
 
@@ -317,7 +326,9 @@ class Daemon:
 
     def _on_link_state(self, up: bool) -> None:
         self.notifier.status(self._status_line())
-        log.info("broker %s: %s", self.link.settings.url, "connected" if up else "disconnected")
+        error = self.link.last_error
+        event = "broker.connected" if up else "broker.lost"
+        log_event(log, event, url=self.link.settings.url, error=None if up else error)
         self.publish_event("broker." + ("up" if up else "down"), {"url": self.link.settings.url})
         if up:
             # Whatever waited for the broker: peers with queued work, republished revocations.
@@ -383,7 +394,9 @@ class Daemon:
     def count_rejection(self, reason: str, message: str | None = None, *args: object) -> None:
         self.sessions.rejections[reason] += 1
         if message is not None:
-            self._logs.log(logging.INFO, reason, message, *args)
+            self._logs.event(
+                logging.INFO, reason, "input.rejected", reason=reason, detail=message % args
+            )
 
     def has_session(self, peer: str) -> bool:
         return self.sessions.has_session(peer)
@@ -430,6 +443,7 @@ class Daemon:
         self._wake.set()
 
     def _session_up(self, up: SessionUp, now: float) -> None:
+        self.handshake_counts["rekey" if up.rekey else "new"] += 1
         key = local_key(up)
         self._unrecorded.add(key)
         if not self._events.urgent(lambda: self._on_session_up(up)):
@@ -447,13 +461,13 @@ class Daemon:
 
     def _rejected(self, rej: Rejected) -> None:
         # Counted by the session manager; logged with a budget so a flood is not a log flood.
-        self._logs.log(
+        self._logs.event(
             logging.INFO,
             rej.reason,
-            "rejected (%s)%s: %s",
-            rej.reason,
-            f" from {rej.peer_id}" if rej.peer_id else "",
-            rej.detail,
+            "handshake.rejected",
+            reason=rej.reason,
+            peer=rej.peer_id,
+            detail=rej.detail,
         )
 
     async def _on_session_up(self, up: SessionUp) -> None:
@@ -490,8 +504,8 @@ class Daemon:
             waiter.set_result(up)
         if not up.rekey:
             # A trusted peer may cycle sessions at its handshake rate: lines within the budget.
-            self._logs.log(
-                logging.INFO, "session-up", "session with %s up (%s)", up.peer_id, up.protocol
+            self._logs.event(
+                logging.INFO, "session-up", "session.up", peer=up.peer_id, protocol=up.protocol
             )
             self.notifier.status(self._status_line())
         self.publish_event("session.up", record)
@@ -503,8 +517,13 @@ class Daemon:
         too) and fail a join waiting for it. Messages already queued from it are dropped at
         delivery (`_from_trusted_session`)."""
         self.sessions.rejections[reason] += 1
-        self._logs.log(
-            logging.WARNING, reason, "session with %s refused on recording: %s", up.peer_id, detail
+        self._logs.event(
+            logging.WARNING,
+            reason,
+            "session.refused",
+            peer=up.peer_id,
+            reason=reason,
+            detail=detail,
         )
         self._handle(self.sessions.close(up.peer_id, reason, now), now)
         waiter = self._joins.pop(up.peer_id, None)
@@ -513,8 +532,8 @@ class Daemon:
 
     def _on_session_down(self, down: SessionDown) -> None:
         self._session_since.pop(down.peer_id, None)
-        self._logs.log(
-            logging.INFO, "session-down", "session with %s down: %s", down.peer_id, down.reason
+        self._logs.event(
+            logging.INFO, "session-down", "session.down", peer=down.peer_id, reason=down.reason
         )
         self.notifier.status(self._status_line())
         self.publish_event("session.down", {"peer": down.peer_id, "reason": down.reason})
@@ -522,12 +541,13 @@ class Daemon:
             ext.session_down(down.peer_id, down.reason)
 
     def _on_handshake_failed(self, failed: HandshakeFailed) -> None:
-        self._logs.log(
+        self.handshake_counts[f"failed:{failed.reason}"] += 1
+        self._logs.event(
             logging.INFO,
             f"handshake-{failed.reason}",
-            "handshake with %s failed: %s",
-            failed.peer_id,
-            failed.reason,
+            "handshake.failed",
+            peer=failed.peer_id,
+            reason=failed.reason,
         )
         self.publish_event("session.failed", {"peer": failed.peer_id, "reason": failed.reason})
         waiter = self._joins.pop(failed.peer_id, None)
@@ -575,12 +595,13 @@ class Daemon:
             for session, exc in list(self._session_trust(peer, now)):
                 if exc is None:
                     continue
-                self._logs.log(
+                self._logs.event(
                     logging.WARNING,
                     f"closing-{exc.reason}",
-                    "closing a session with %s: %s",
-                    peer,
-                    exc,
+                    "session.closed",
+                    peer=peer,
+                    reason=exc.reason,
+                    detail=str(exc),
                 )
                 self.sessions.rejections[exc.reason] += 1
                 self._handle(self.sessions.close_session(session, exc.reason, now), now)
@@ -629,7 +650,9 @@ class Daemon:
             try:
                 await work()
             except PeerdError as exc:
-                self._logs.log(logging.WARNING, "event-error", "%s", exc.one_line())
+                self._logs.event(
+                    logging.WARNING, "event-error", "event.error", error=exc.one_line()
+                )
             except Exception:  # noqa: BLE001 - one failure must not end the event task
                 self._logs.log(
                     logging.ERROR, "event-failed", "event handling failed", exc_info=True
@@ -653,7 +676,7 @@ class Daemon:
                     await self.rotate(reason="scheduled")
                 self.keys.prune(now, overlap=self.config.keys.overlap_seconds)
             except PeerdError as exc:
-                log.error("housekeeping: %s", exc.one_line())
+                log_event(log, "housekeeping.failed", logging.ERROR, error=exc.one_line())
             await asyncio.sleep(HOUSEKEEPING_EVERY)
 
     # -- operations behind the control methods ------------------------------------------------
@@ -664,7 +687,7 @@ class Daemon:
         await self.store.record_own_certificate(cert, now=now)
         # A fresh handshake with every connected peer carries the new certificate to it.
         self.identity_changed(rehandshake=True)
-        log.info("static key rotated to serial %d (%s)", cert.serial, reason)
+        log_event(log, "keys.rotated", serial=cert.serial, reason=reason)
         self.publish_event("keys.rotated", {"serial": cert.serial, "not_after": cert.not_after})
         return {"serial": cert.serial, "not_after": cert.not_after}
 
@@ -735,6 +758,7 @@ class Daemon:
             "network": self.config.node.network,
             "fingerprint": self.keys.fingerprint,
             "serial": self.keys.serial,
+            "certificate_not_before": self.keys.certificate.not_before,
             "certificate_not_after": self.keys.certificate.not_after,
             "uptime": time.time() - self.started_at,
             "broker": {
@@ -757,10 +781,12 @@ class Daemon:
                 )
             ),
             "half_open_handshakes": self.sessions.half_open_count,
+            "handshakes": dict(self.handshake_counts),
             "peers": dict(states),
             "rejections": rejections,
             "control": self.control.stats(),
             "events_queued": len(self._events),
+            "event_lanes": self._events.depths(),
             "log_lines_suppressed": self._logs.suppressed,
             **{name: value for ext in self._extensions for name, value in ext.status().items()},
         }

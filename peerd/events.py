@@ -29,7 +29,9 @@ import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
+from peerd.logs import log_event
 from protocol.session import TokenBucket
 
 Work = Callable[[], Awaitable[None]]
@@ -72,6 +74,11 @@ class EventLanes:
 
     def __len__(self) -> int:
         return len(self._urgent) + len(self._bulk) + sum(len(q) for q in self._lanes.values())
+
+    def depths(self) -> dict[str, int]:
+        """Work waiting in each lane (metrics, `peerd status`)."""
+        statements = sum(len(q) for q in self._lanes.values())
+        return {"urgent": len(self._urgent), "statements": statements, "bulk": len(self._bulk)}
 
     def _added(self) -> None:
         self._unfinished += 1
@@ -199,6 +206,30 @@ class LogBudget:
         """Log `msg % args` at `level` if the budget allows; True if it did."""
         if not self.logger.isEnabledFor(level):
             return False
+        held = self._take(key)
+        if held is None:
+            return False
+        if held:
+            msg += " (%d similar line(s) suppressed)"
+            args = (*args, held)
+        self.logger.log(level, msg, *args, exc_info=exc_info)
+        return True
+
+    def event(self, level: int, key: str, event: str, **fields: Any) -> bool:
+        """The event `event` (`peerd.logs.log_event`) at `level` if the budget allows; a line
+        after suppressed ones says how many with `suppressed=N`. True if it was logged."""
+        if not self.logger.isEnabledFor(level):
+            return False
+        held = self._take(key)
+        if held is None:
+            return False
+        if held:
+            fields["suppressed"] = held
+        log_event(self.logger, event, level, **fields)
+        return True
+
+    def _take(self, key: str) -> int | None:
+        """None: over budget (counted); else how many lines of `key` were held back before."""
         now = self._clock()
         bucket = self._buckets.get(key)
         if bucket is None:
@@ -208,16 +239,11 @@ class LogBudget:
         if not (bucket.take(now) and self._total.take(now)):
             self._held[key] += 1
             self.suppressed += 1
-            return False
-        held = self._held.pop(key, 0)
-        if held:
-            msg += " (%d similar line(s) suppressed)"
-            args = (*args, held)
-        self.logger.log(level, msg, *args, exc_info=exc_info)
-        return True
+            return None
+        return self._held.pop(key, 0)
 
     def flush(self) -> None:
         """Say what is still held back (the flood ended before the key's next line)."""
         held, self._held = self._held, Counter()
         for key, n in sorted(held.items()):
-            self.logger.warning("%d log line(s) about %s suppressed (log budget)", n, key)
+            log_event(self.logger, "log.suppressed", logging.WARNING, about=key, lines=n)

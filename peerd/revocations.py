@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from peerd.errors import PeerdError
 from peerd.host import Extension
+from peerd.logs import log_event
 from peerd.mqtt import statement_id
 from protocol.errors import RemoteProtocolError
 from protocol.identity import Revocation, decode_statement
@@ -36,11 +37,15 @@ class Revocations(Extension):
     def __init__(self, host: Host, lanes: EventLanes) -> None:
         self.host = host
         self.lanes = lanes
+        self.applied = 0  # statements that changed the trust store (metrics)
 
     async def run(self) -> None:
         await self.host.link.subscribe(
             self.host.topics.revocations, qos=1, handler=self.on_broker_message
         )
+
+    def status(self) -> dict[str, Any]:
+        return {"revocations": {"applied": self.applied}}
 
     async def broker_up(self) -> None:
         """Retained statements can be lost with a broker's state: this node's own go again."""
@@ -118,5 +123,6 @@ class Revocations(Extension):
             return
         self.lanes.applied(sid)
         if changed:
-            log.warning("learned a revocation (via %s)", source)
+            self.applied += 1
+            log_event(log, "revocation.applied", logging.WARNING, via=source)
             self.host.publish_event("trust.revoked", {"via": source})

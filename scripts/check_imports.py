@@ -35,6 +35,7 @@ FORBIDDEN = (
     "peerd.store",
     "peerd.keystore",
     "peerd.daemon",
+    "prometheus_client",
 )
 # protocol.* is forbidden except its error classes, which peerd.errors builds on.
 ALLOWED_PROTOCOL = ("protocol", "protocol.errors")
@@ -53,6 +54,7 @@ COMMANDS = [
     ["msg", "listen", "ch", "--count", "1"],
     ["msg", "send", "x", "ch", "hello"],
     ["connect", "x"],
+    ["metrics"],
 ]
 
 

@@ -20,11 +20,24 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--log-level",
-        default=os.environ.get("PEERD_LOG_LEVEL", "info"),
+        default=os.environ.get("PEERD_LOG_LEVEL"),
         choices=["debug", "info", "warning", "error"],
-        help="log verbosity (default: info, or $PEERD_LOG_LEVEL)",
+        help="log verbosity (default: $PEERD_LOG_LEVEL, else [log] level, else info)",
+    )
+    p.add_argument(
+        "--log-format",
+        default=os.environ.get("PEERD_LOG_FORMAT"),
+        choices=["auto", "text", "json", "journald"],
+        help="text (key=value), json, journald (native fields), or auto: journald when systemd"
+        " connected stderr to the journal, else text (default: $PEERD_LOG_FORMAT, else [log]"
+        " format)",
     )
     p.set_defaults(func=cmd_run)
+
+    p = subparsers.add_parser(
+        "metrics", help="the daemon's metrics in the Prometheus text format (as /metrics serves)"
+    )
+    p.set_defaults(func=cmd_metrics)
 
     p = subparsers.add_parser("status", help="the daemon's state: broker, sessions, rejections")
     common.add_json_option(p)
@@ -96,24 +109,20 @@ def register(subparsers: Any) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
 
     from peerd.daemon import Daemon
+    from peerd.logs import setup_logging
 
     config = common.load(args)
     _tune_allocator()
-    level = getattr(logging, args.log_level.upper())
-    journald = "JOURNAL_STREAM" in os.environ  # journald stamps time and unit itself
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(levelname)s %(name)s: %(message)s"
-        if journald
-        else "%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # aiosqlite logs every statement at DEBUG: that is its debugging, not ours.
-    logging.getLogger("aiosqlite").setLevel(max(level, logging.INFO))
+    setup_logging(args.log_level or config.log.level, args.log_format or config.log.format)
     asyncio.run(Daemon(config).run())
+    return common.EXIT_OK
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    result = common.call(args, "v1.metrics")
+    sys.stdout.write(result["text"])
     return common.EXIT_OK
 
 

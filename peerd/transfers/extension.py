@@ -106,6 +106,7 @@ class Transfers(TransferMethods, Extension):
                 "receiving": receiving,
                 "active": sending + receiving,
                 **{k: v for k, v in counters.items() if v},
+                "totals": self.outcomes.stats.as_dict(),
             }
         }
 

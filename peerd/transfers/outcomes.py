@@ -5,24 +5,84 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from peerd.logs import log_event
 
 if TYPE_CHECKING:
     from peerd.host import Host
 
+log = logging.getLogger("peerd.transfers")
+
 KEEP_FINISHED = 24 * 3600.0  # finished transfers are listed (and late Seals answered) this long
+
+
+@dataclass(slots=True)
+class TransferStats:
+    """Counters since start, for `peerd status` and the metrics: chunk payload (file) bytes,
+    so a transfer moves `bytes_sent` and `bytes_received` by the file's size (plus re-sends)."""
+
+    chunks_sent: int = 0
+    bytes_sent: int = 0
+    chunks_resent: int = 0
+    bytes_resent: int = 0
+    chunks_received: int = 0
+    bytes_received: int = 0
+    bytes_reused: int = 0  # copied from local files by a delta instead of received
+    started: Counter[str] = field(default_factory=Counter)  # by direction
+    finished: Counter[str] = field(default_factory=Counter)  # "<direction> <state>"
+
+    def sent(self, n: int, *, resent: bool) -> None:
+        self.chunks_sent += 1
+        self.bytes_sent += n
+        if resent:
+            self.chunks_resent += 1
+            self.bytes_resent += n
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "chunks_sent": self.chunks_sent,
+            "bytes_sent": self.bytes_sent,
+            "chunks_resent": self.chunks_resent,
+            "bytes_resent": self.bytes_resent,
+            "chunks_received": self.chunks_received,
+            "bytes_received": self.bytes_received,
+            "bytes_reused": self.bytes_reused,
+            "started": dict(self.started),
+            "finished": dict(self.finished),
+        }
 
 
 class Outcomes:
     def __init__(self, host: Host) -> None:
         self.host = host
+        self.stats = TransferStats()
         self.finished: dict[bytes, dict[str, Any]] = {}
         self._done_event = asyncio.Event()
 
     def done(self, tid: bytes, result: dict[str, Any]) -> None:
         """Record how a transfer ended, wake whoever waits for one, and say so to subscribers."""
         self.finished[tid] = result
+        self.stats.finished[f"{result['direction']} {result['state']}"] += 1
+        state = result["state"]
+        log_event(
+            log,
+            "transfer.done" if state == "verified" else f"transfer.{state}",
+            logging.INFO if state == "verified" else logging.WARNING,
+            id=result["id"],
+            direction=result["direction"],
+            name=result["name"],
+            bytes=result["size"],
+            peers=result["peers"],
+            seconds=round(result.get("finished_at", time.time()) - result["started_at"], 3),
+            reason=result.get("reason"),
+            detail=result.get("detail"),
+            receivers={p: r["state"] for p, r in result.get("receivers", {}).items()} or None,
+        )
         self._done_event.set()
         self._done_event = asyncio.Event()
         self.host.publish_event("transfer.done", result)

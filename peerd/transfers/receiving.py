@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from peerd.events import LogBudget
+from peerd.logs import log_event
 from peerd.mqtt import BrokerError, Message
 from peerd.transfers.chunkindex import ChunkIndex, Recipe, Recipes, prepare
 from peerd.transfers.files import (
@@ -294,8 +295,18 @@ class Receiving(Side):
             now=now,
         )
         self.inc[tid] = i
+        self.outcomes.stats.started["receive"] += 1
+        self.outcomes.stats.bytes_reused += i.reused
         await self._start(i)
-        log.info("receiving %s (%d bytes) from %s as %s", offer.name, offer.size, peer, tid.hex())
+        log_event(
+            log,
+            "transfer.start",
+            id=tid.hex(),
+            direction="receive",
+            name=offer.name,
+            bytes=offer.size,
+            peer=peer,
+        )
 
     async def resume(self, row: ActiveRow, snapshot: bytes, now: float) -> None:
         sender = row.peers[0]
@@ -332,7 +343,7 @@ class Receiving(Side):
         i.done = asyncio.get_running_loop().create_future()
         self.inc[row.tid] = i
         await self._start(i)
-        log.info("resuming receiving %s from %s", row.name, sender)
+        log_event(log, "transfer.resume", id=row.tid.hex(), direction="receive", peer=sender)
 
     async def _start(self, i: Incoming) -> None:
         # Subscribe before the Accept goes out, so the first chunks are not lost.
@@ -385,6 +396,8 @@ class Receiving(Side):
             except OSError as exc:
                 m.abort("receiver-error", f"writing failed: {exc.strerror}")
             i.received += 1
+            self.outcomes.stats.chunks_received += 1
+            self.outcomes.stats.bytes_received += len(w.data)
         if m.has_actions():
             i.wake.set()
 
@@ -449,7 +462,15 @@ class Receiving(Side):
         if is_safetensors_name(i.name):
             problem = await self._check_safetensors(i)
             if problem is not None:
-                log.warning("refusing %s from %s: %s", i.name, i.sender, problem)
+                log_event(
+                    log,
+                    "transfer.refused",
+                    logging.WARNING,
+                    id=i.tid.hex(),
+                    peer=i.sender,
+                    reason="bad-safetensors",
+                    detail=problem,
+                )
                 m.abort("bad-safetensors", problem)
                 await self._actions(i)
                 return
@@ -478,7 +499,6 @@ class Receiving(Side):
                 log.warning("not indexing %s for deltas: %s", final, exc)
             await self.index.drop_recipe(i.tid)
         await self._end(i, "verified")
-        log.info("received %s from %s: verified, %s", i.name, i.sender, final)
 
     async def _check_safetensors(self, i: Incoming) -> str | None:
         """The header check in a worker thread (a 16 MiB header of many tensors is CPU work the
@@ -505,9 +525,6 @@ class Receiving(Side):
         )
         if i.recipe is not None:
             await self.index.drop_recipe(i.tid)
-        log.warning(
-            "receiving %s from %s failed: %s (%s)", i.name, i.sender, failed.reason, failed.detail
-        )
         if not failed.remote and failed.reason in COUNTED_FAILURES:
             # This node refused the file itself: forged chunks (a co-receiver holds the content
             # key), a bad Seal, bad content, or a sender that went quiet and held the slot.

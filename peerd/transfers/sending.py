@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from peerd.logs import log_event
 from peerd.mqtt import BrokerError
 from peerd.receivers import check_receiver
 from peerd.transfers.chunkindex import MIN_DELTA_SIZE, file_chunks, recipe_for
@@ -181,7 +182,16 @@ class Sending(Side):
         for peer in o.receivers:
             host.connect(peer)
         o.task = host.spawn(self._pump(o), name=f"send {tid.hex()[:8]}")
-        log.info("sending %s (%d bytes) to %s as %s", path.name, st.st_size, o.receivers, tid.hex())
+        self.outcomes.stats.started["send"] += 1
+        log_event(
+            log,
+            "transfer.start",
+            id=tid.hex(),
+            direction="send",
+            name=path.name,
+            bytes=st.st_size,
+            peers=o.receivers,
+        )
         return self.describe(o)
 
     async def _chunks(self, fd: int, size: int, path: Path) -> list[tuple[int, bytes]]:
@@ -229,7 +239,7 @@ class Sending(Side):
         if stat_of(os.fstat(fd)) != o.stat:
             machine.source_changed("the file changed while the daemon was stopped")
         o.task = self.host.spawn(self._pump(o), name=f"send {row.tid.hex()[:8]}")
-        log.info("resuming sending %s to %s", path.name, row.peers)
+        log_event(log, "transfer.resume", id=row.tid.hex(), direction="send", peers=row.peers)
 
     # -- what the receivers say --------------------------------------------------------------
 
@@ -273,6 +283,7 @@ class Sending(Side):
         read_view = memoryview(read_buf)
         out = frame_buffer(m.offer.chunk_size)
         link = self.host.link
+        stats, resent = self.outcomes.stats, m.resent_frames
         try:
             while True:
                 await self._actions(o)
@@ -293,6 +304,8 @@ class Sending(Side):
                     frame = m.on_chunk_read(r, read_view[:n], out)
                     if frame is not None:
                         await link.publish(o.topic, frame, qos=0)
+                        stats.sent(n, resent=m.resent_frames != resent)
+                        resent = m.resent_frames
                     sent += 1
                     if sent % YIELD_EVERY == 0:
                         if m.has_actions():
@@ -312,11 +325,11 @@ class Sending(Side):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(o.wake.wait(), max(delay, 0.001))
         except BrokerError as exc:
-            log.error("transfer %s: the broker link failed: %s", o.tid.hex(), exc)
+            log_event(log, "transfer.error", logging.ERROR, id=o.tid.hex(), error=str(exc))
             m.cancel("broker", str(exc))
             await self._actions(o)
         except OSError as exc:
-            log.error("transfer %s: reading %s failed: %s", o.tid.hex(), o.path, exc)
+            log_event(log, "transfer.error", logging.ERROR, id=o.tid.hex(), error=str(exc))
             m.source_changed(f"read error: {exc.strerror}")
             await self._actions(o)
 
@@ -360,8 +373,14 @@ class Sending(Side):
                     # This side dropped the receiver for what it did (broke the protocol, asked
                     # for more re-sends than the budget): counted against that peer.
                     self.host.count_rejection(f"transfer-dropped-{a.reason}")
-                log.warning(
-                    "transfer %s to %s failed: %s (%s)", o.tid.hex(), a.peer, a.reason, a.detail
+                log_event(
+                    log,
+                    "transfer.receiver_failed",
+                    logging.WARNING,
+                    id=o.tid.hex(),
+                    peer=a.peer,
+                    reason=a.reason,
+                    detail=a.detail,
                 )
                 self._event(
                     o,
@@ -398,7 +417,6 @@ class Sending(Side):
         if o.done is not None and not o.done.done():
             o.done.set_result(result)
         self.outcomes.done(o.tid, result)
-        log.info("transfer %s finished: %s", o.tid.hex(), state)
 
     def _event(self, o: Outgoing, name: str, **data: Any) -> None:
         self.host.publish_event(name, {"id": o.tid.hex(), "direction": "send", **data})

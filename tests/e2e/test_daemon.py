@@ -357,13 +357,13 @@ def test_sighup_reloads_the_receive_limits(paired: tuple[Node, Node], tmp_path: 
     b.config.write_text(config.replace('max_file_size = "100GiB"', 'max_file_size = "1MiB"'))
     assert b.proc is not None
     b.proc.send_signal(signal.SIGHUP)
-    wait_until(lambda: "configuration reloaded" in b.log(), 10, what="the reload")
+    wait_until(lambda: "event=config.reloaded" in b.log(), 10, what="the reload")
     refused = a.run_cli("send", str(src), "--to", b.peer_id, "--wait")
     assert refused.returncode == 1
     assert "too-large" in refused.stderr or "limit" in refused.stderr
     b.config.write_text(config)
     b.proc.send_signal(signal.SIGHUP)
-    wait_until(lambda: b.log().count("configuration reloaded") == 2, 10, what="second reload")
+    wait_until(lambda: b.log().count("event=config.reloaded") == 2, 10, what="second reload")
     assert a.json("send", str(src), "--to", b.peer_id, "--wait")["state"] == "verified"
     assert b.running  # SIGHUP never stops the daemon
 
@@ -394,7 +394,7 @@ def test_trusting_peers_in_a_row_keeps_each_first_session(tmp_path: Path, broker
             hub.wait_connected(s)
         # (The spokes' own first HELLOs, sent before the hub trusted them, were refused as
         # unknown-peer, rightly; what must not happen is an established session closed.)
-        assert "closing a session" not in hub.log()
+        assert "event=session.closed" not in hub.log()
     finally:
         for n in nodes:
             n.kill()

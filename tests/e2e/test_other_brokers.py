@@ -127,12 +127,12 @@ def _exercise(root: Path, url: str, *, retained_for_wildcards: bool) -> None:
         # can only learn it from the broker's retained copy of his statement.
         c.stop()
         b.cli("revoke", "--reason", "laptop stolen")
-        wait_until(lambda: "learned a revocation" in a.log(), 30, what="alice learning it")
+        wait_until(lambda: "event=revocation.applied" in a.log(), 30, what="alice learning it")
         b.stop()
         c.start()
         if retained_for_wildcards:
             wait_until(
-                lambda: "learned a revocation (via broker)" in c.log(),
+                lambda: "event=revocation.applied via=broker" in c.log(),
                 30,
                 what="carol learning bob's revocation from the retained copy",
             )
@@ -141,10 +141,10 @@ def _exercise(root: Path, url: str, *, retained_for_wildcards: bool) -> None:
         # `peerd/v1/<net>/rev/#`; docs/SECURITY.md): carol learns it only when bob is back and
         # publishes his statements again.
         time.sleep(3)
-        assert "learned a revocation" not in c.log()
+        assert "event=revocation.applied" not in c.log()
         b.start()
         wait_until(
-            lambda: "learned a revocation (via broker)" in c.log(),
+            lambda: "event=revocation.applied via=broker" in c.log(),
             30,
             what="carol learning bob's revocation when bob republishes it",
         )

@@ -113,8 +113,25 @@ def test_the_log_budget_says_what_it_suppressed(caplog: pytest.LogCaptureFixture
     for i in range(10):
         budget.log(logging.INFO, "malformed", "junk %d", i)
     budget.flush()
+    assert caplog.records[-1].getMessage() == "event=log.suppressed about=malformed lines=7"
+
+
+def test_budgeted_events_keep_their_keys_and_count_what_was_held(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    budget = LogBudget(logging.getLogger("test.events"), burst=2, per_second=1.0, clock=clock)
+    caplog.set_level(logging.INFO, logger="test.events")
+    for i in range(10):
+        budget.event(logging.INFO, "rejected", "handshake.rejected", reason="bad-mac", n=i)
+    assert [r.getMessage() for r in caplog.records] == [
+        "event=handshake.rejected reason=bad-mac n=0",
+        "event=handshake.rejected reason=bad-mac n=1",
+    ]
+    clock.now += 1.0
+    budget.event(logging.INFO, "rejected", "handshake.rejected", reason="bad-mac", n=10)
     assert caplog.records[-1].getMessage() == (
-        "7 log line(s) about malformed suppressed (log budget)"
+        "event=handshake.rejected reason=bad-mac n=10 suppressed=8"
     )
 
 

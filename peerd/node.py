@@ -59,7 +59,15 @@ class NodeMethods:
 
     @control_method("v1.peers")
     async def _peers(self, params: dict[str, Any], conn: Any) -> list[dict[str, Any]]:
-        return self.node.peers()
+        names = await self.node.store.peer_names()
+        return [{**p, "name": names.get(p["peer"], "")} for p in self.node.peers()]
+
+    @control_method("v1.peer.name")
+    async def _name(self, params: dict[str, Any], conn: Any) -> dict[str, Any]:
+        peer = parse_peer_id(require(params, "peer", str))
+        await self.node.store.name_peer(peer, require(params, "name", str), now=time.time())
+        names = await self.node.store.peer_names()
+        return {"peer": peer, "name": names.get(peer, "")}
 
     @control_method("v1.invite.create")
     async def _invite(self, params: dict[str, Any], conn: Any) -> dict[str, Any]:
@@ -78,7 +86,11 @@ class NodeMethods:
     async def _join(self, params: dict[str, Any], conn: Any) -> dict[str, Any]:
         token = require(params, "token", str)
         timeout = optional(params, "timeout", float, JOIN_TIMEOUT)
-        return await self.node.join(token, timeout)
+        name = optional(params, "name", str, "")
+        result = await self.node.join(token, timeout)
+        if name:
+            await self.node.store.name_peer(result["peer"], name, now=time.time())
+        return {**result, "name": name}
 
     @control_method("v1.trust")
     async def _trust(self, params: dict[str, Any], conn: Any) -> dict[str, Any]:

@@ -196,6 +196,12 @@ def call(
     return with_link(args, lambda link: link.call(method, params or {}, timeout=within))
 
 
+def peer_names(link: ControlLink) -> dict[str, str]:
+    """The daemon's names for its peers (`peerd name`, an invite's note), for showing them
+    next to ids."""
+    return {p["peer"]: p["name"] for p in link.call("v1.peers") if p.get("name")}
+
+
 def daemon_or_offline(
     args: argparse.Namespace,
     method: str,
@@ -254,6 +260,7 @@ __all__ = [
     "exit_code_for",
     "load",
     "note",
+    "peer_names",
     "print_json",
     "print_table",
     "show_id",

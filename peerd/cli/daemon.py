@@ -63,8 +63,15 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--timeout", type=common.duration, default=30.0, help="give up after (default 30s)"
     )
+    p.add_argument("--name", default="", help="a name for the inviter, shown next to its id")
     common.add_json_option(p)
     p.set_defaults(func=cmd_join)
+
+    p = subparsers.add_parser("name", help="name a peer (shown next to its id; empty to remove)")
+    p.add_argument("peer", help="the peer id")
+    p.add_argument("name", help="the name, e.g. bob-lab (this node's own label for the peer)")
+    common.add_json_option(p)
+    p.set_defaults(func=cmd_name)
 
     p = subparsers.add_parser(
         "trust", help="trust a peer whose fingerprint you compared out of band, or lift a block"
@@ -150,7 +157,10 @@ def _tune_allocator() -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    st = common.call(args, "v1.status")
+    def both(link: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        return link.call("v1.status"), link.call("v1.peers")
+
+    st, peer_list = common.with_link(args, both)
     if args.json:
         common.print_json(st)
         return common.EXIT_OK
@@ -166,7 +176,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         state += f" ({broker['last_error']})"
     print(f"broker      {broker['url']}: {state}")
     peers = ", ".join(f"{n} {s}" for s, n in sorted(st["peers"].items())) or "none"
-    print(f"peers       {peers}; {st['sessions']} session(s) up")
+    up = [common.with_name(p["peer"], p.get("name")) for p in peer_list if p["connected"]]
+    print(f"peers       {peers}; {st['sessions']} session(s) up" + (": " if up else ""))
+    for who in up:
+        print(f"            {who}")
     print(f"uptime      {int(st['uptime'])} s")
     rejections = st.get("rejections") or {}
     if rejections:
@@ -187,10 +200,11 @@ def cmd_peers(args: argparse.Namespace) -> int:
         common.print_json(peers)
         return common.EXIT_OK
     common.print_table(
-        ["peer", "state", "via", "session", "serial", "fingerprint"],
+        ["peer", "name", "state", "via", "session", "serial", "fingerprint"],
         [
             [
                 common.show_id(p["peer"]),
+                p.get("name") or "-",
                 p["state"],
                 p["source"] or "-",
                 "up" if p["connected"] else "-",
@@ -224,13 +238,25 @@ def cmd_join(args: argparse.Namespace) -> int:
     result = common.call(
         args,
         "v1.join",
-        {"token": args.token.strip(), "timeout": args.timeout},
+        {"token": args.token.strip(), "timeout": args.timeout, "name": args.name},
         within=args.timeout + 10,
     )
     if args.json:
         common.print_json(result)
     else:
-        print(f"paired with {common.show_id(result['peer'])} (fingerprint {result['fingerprint']})")
+        who = common.with_name(result["peer"], result.get("name"))
+        print(f"paired with {who} (fingerprint {result['fingerprint']})")
+    return common.EXIT_OK
+
+
+def cmd_name(args: argparse.Namespace) -> int:
+    result = common.call(args, "v1.peer.name", {"peer": args.peer, "name": args.name})
+    if args.json:
+        common.print_json(result)
+    elif result["name"]:
+        print(f"{common.show_id(result['peer'])} is now {result['name']!r}")
+    else:
+        print(f"{common.show_id(result['peer'])} has no name now")
     return common.EXIT_OK
 
 

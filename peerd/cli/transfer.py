@@ -79,7 +79,8 @@ def _size(n: float) -> str:
 class _Progress:
     """A live, in-place progress display on stderr: one line per receiver."""
 
-    def __init__(self, transfer: dict[str, Any]) -> None:
+    def __init__(self, transfer: dict[str, Any], names: dict[str, str]) -> None:
+        self.names = names
         self.size = max(1, transfer["size"])
         self.peers = transfer["peers"]
         self.start = time.monotonic()
@@ -124,7 +125,8 @@ class _Progress:
                 state = f"{_size(rate)}/s, ETA {eta:.0f}s"
             elif state == "sending":
                 state = "all sent, the receiver verifies"
-            lines.append(f"{common.show_id(peer)[:23]:23} [{bar:30}] {frac * 100:5.1f}%  {state}")
+            label = self.names.get(peer) or common.show_id(peer)
+            lines.append(f"{label[:23]:23} [{bar:30}] {frac * 100:5.1f}%  {state}")
         if self.tty:
             if self.drawn:
                 sys.stderr.write(f"\x1b[{self.drawn}F")
@@ -180,9 +182,11 @@ def cmd_send(args: argparse.Namespace) -> int:
         link.subscribe(["transfer.progress"])
         started = link.call("v1.send", params)
         tid = started["id"]
-        progress = _Progress(started) if show else None
+        names = common.peer_names(link)
+        progress = _Progress(started, names) if show else None
         if not args.json:  # the id first: whatever happens while waiting, it is known
-            common.note(f"transfer {tid}: {started['name']}, {_size(started['size'])}")
+            to = ", ".join(common.with_name(p, names.get(p)) for p in started["peers"])
+            common.note(f"transfer {tid}: {started['name']}, {_size(started['size'])}, to {to}")
 
         def on_event(name: str, data: Any) -> None:
             if progress is not None and isinstance(data, dict) and data.get("id") == tid:
@@ -199,9 +203,10 @@ def cmd_send(args: argparse.Namespace) -> int:
                 if not progress.state.get(peer, "").startswith("failed"):  # keep its detail
                     progress.state[peer] = _final_state(rec)
             progress.draw(final=True)
-        return result
+        return {**result, "_names": names}
 
     result = common.with_link(args, go)
+    names: dict[str, str] = result.pop("_names", {})
     if args.json:
         common.print_json(result)
     else:
@@ -217,7 +222,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         }
         raise TransferFailed(
             "not every receiver verified the file: "
-            + ", ".join(f"{common.show_id(p)} {s}" for p, s in failed.items())
+            + ", ".join(f"{common.with_name(p, names.get(p))} {s}" for p, s in failed.items())
         )
     return common.EXIT_OK
 
@@ -247,7 +252,10 @@ def savings(t: dict[str, Any]) -> str | None:
 
 
 def cmd_transfers(args: argparse.Namespace) -> int:
-    items = common.call(args, "v1.transfers")
+    def both(link: ControlLink) -> tuple[list[dict[str, Any]], dict[str, str]]:
+        return link.call("v1.transfers"), common.peer_names(link)
+
+    items, names = common.with_link(args, both)
     if args.json:
         common.print_json(items)
         return common.EXIT_OK
@@ -257,10 +265,10 @@ def cmd_transfers(args: argparse.Namespace) -> int:
             receivers = t.get("receivers", {})
             done = sum(r.get("bytes", 0) for r in receivers.values())
             total = max(1, t["size"] * max(1, len(receivers)))
-            who = ",".join(common.show_id(p)[:11] for p in t["peers"])
+            who = ",".join(names.get(p) or common.show_id(p)[:11] for p in t["peers"])
         else:
             done, total = t.get("bytes", 0), max(1, t["size"])
-            who = common.show_id(t["peers"][0])[:11]
+            who = names.get(t["peers"][0]) or common.show_id(t["peers"][0])[:11]
         pct = 100.0 if t["state"] == "verified" else min(100.0, 100.0 * done / total)
         rows.append(
             [

@@ -105,6 +105,12 @@ class InviteRecords(PeerRecords):
             detail = {"invite": invite_id.hex(), **({"protocol": protocol} if protocol else {})}
             await tx.log("invite-used", auth.peer_id, detail)
             await self._record_auth(tx, auth, protocol)
+            # The invite's note ("for bob") names the peer here, unless it already has a name.
+            await tx.execute(
+                "UPDATE peers SET name = (SELECT note FROM invites WHERE invite_id = ?)"
+                " WHERE peer_id = ? AND name = ''",
+                (invite_id, auth.peer_id),
+            )
             tx.after_commit(lambda: self._view.drop_invite(invite_id))
         return self._peer_after(auth.peer_id)
 

@@ -32,6 +32,8 @@ from protocol.identity import (
 )
 from protocol.identity.trust import MAX_SUPERSEDED
 
+MAX_PEER_NAME = 64  # characters of a peer's name kept (display only)
+
 
 @dataclass(frozen=True, slots=True)
 class OwnIdentity:
@@ -200,6 +202,22 @@ class PeerRecords(StoreCore):
 
     def peers(self) -> list[PeerTrust]:
         return sorted(self._view.peers(), key=lambda p: p.peer_id)
+
+    async def peer_names(self) -> dict[str, str]:
+        """This node's names for its peers (only those that have one)."""
+        rows = await self.fetchall("SELECT peer_id, name FROM peers WHERE name != ''")
+        return dict(rows)
+
+    async def name_peer(self, peer_id: str, name: str, *, now: float) -> None:
+        """Give a known peer a name (empty: none), recorded in the trust event log."""
+        name = " ".join(name.split())[:MAX_PEER_NAME]
+        async with self.transaction(now) as tx:
+            cursor = await tx.execute(
+                "UPDATE peers SET name = ? WHERE peer_id = ?", (name, peer_id)
+            )
+            if cursor.rowcount != 1:
+                raise StoreError(f"{peer_id} is not a known peer", hint="`peerd peers` lists them")
+            await tx.log("peer-named", peer_id, {"name": name})
 
     async def add_pending(
         self,

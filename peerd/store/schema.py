@@ -289,4 +289,12 @@ async def _v5_tickets(db: aiosqlite.Connection) -> None:
     )
 
 
+@migration
+async def _v6_peer_names(db: aiosqlite.Connection) -> None:
+    """A name for each peer, shown next to its id: this node's own label for it (the invite's
+    note on the inviter, `join --name` / `peerd name` otherwise), never one the peer claims, so
+    a peer cannot pass itself off under a name people trust."""
+    await _run(db, "ALTER TABLE peers ADD COLUMN name TEXT NOT NULL DEFAULT ''")
+
+
 __all__ = ["APPLICATION_ID", "MIGRATIONS", "Migration", "migration"]

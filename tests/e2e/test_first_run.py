@@ -230,3 +230,37 @@ def test_ctrl_c_during_send_wait_says_the_transfer_goes_on_and_how_to_cancel_it(
     states = {t["id"]: t["state"] for t in node.json("transfers")}
     assert states[tid] == "active"
     assert node.cli("cancel", tid).strip() == f"transfer {tid}: cancelled"
+
+
+def test_peers_are_shown_by_name_next_to_their_id(
+    node: Node, tmp_path: Path, broker: Broker
+) -> None:
+    """The inviter names the joiner after the invite's note; the joiner names the inviter with
+    `join --name`; `peerd name` renames. Names show in peers, status, send and transfers."""
+    (bob,) = make_nodes(tmp_path, broker.url, ["bob"])
+    bob.start()
+    try:
+        token = node.cli("invite", "--note", "bob at the lab").strip()
+        joined = bob.cli("join", token, "--name", "alice-hq")
+        assert "(alice-hq)" in joined
+        node.wait_connected(bob)
+        assert node.peers()[bob.peer_id]["name"] == "bob at the lab"
+        assert bob.peers()[node.peer_id]["name"] == "alice-hq"
+        table = node.cli("peers")
+        assert "NAME" in table.splitlines()[0]
+        assert "bob at the lab" in table
+        assert node.cli("name", bob.peer_id, "bob-gpu").strip().endswith("is now 'bob-gpu'")
+        assert node.peers()[bob.peer_id]["name"] == "bob-gpu"
+        status = node.cli("status")
+        assert re.search(r"^\s+[0-9a-z-]+ \(bob-gpu\)$", status, re.M), status
+        src = tmp_path / "model.bin"
+        src.write_bytes(os.urandom(4096))
+        sent = node.run_cli("send", str(src), "--to", bob.peer_id, "--wait")
+        assert sent.returncode == 0, sent.stderr
+        assert "(bob-gpu)" in sent.stderr.splitlines()[0]  # "transfer ID: ..., to ID (bob-gpu)"
+        assert any(line.startswith("bob-gpu ") for line in sent.stderr.splitlines())
+        assert "bob-gpu" in node.cli("transfers")
+        audit = node.json("audit", "show")
+        assert any(e["kind"] == "peer-named" and e["detail"]["name"] == "bob-gpu" for e in audit)
+    finally:
+        bob.kill()

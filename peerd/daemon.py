@@ -281,7 +281,7 @@ class Daemon:
     def _task_done(self, task: asyncio.Future[Any]) -> None:
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
-            name = task.get_name() if isinstance(task, asyncio.Task) else None
+            name = getattr(task, "get_name", lambda: None)()
             log_event(log, "daemon.task_failed", logging.ERROR, task=name, exc_info=exc)
 
     async def _reload(self) -> None:
@@ -512,23 +512,18 @@ class Daemon:
         for ext in self._extensions:
             await ext.session_up(up.peer_id)
 
-    def _refuse_session(self, up: SessionUp, reason: str, detail: str, now: float) -> None:
+    def _refuse_session(self, up: SessionUp, reason: str, why: str, now: float) -> None:
         """A session up that the store will not record: close it (its peer's other sessions
         too) and fail a join waiting for it. Messages already queued from it are dropped at
         delivery (`_from_trusted_session`)."""
         self.sessions.rejections[reason] += 1
         self._logs.event(
-            logging.WARNING,
-            reason,
-            "session.refused",
-            peer=up.peer_id,
-            reason=reason,
-            detail=detail,
+            logging.WARNING, reason, "session.refused", peer=up.peer_id, reason=reason, detail=why
         )
         self._handle(self.sessions.close(up.peer_id, reason, now), now)
         waiter = self._joins.pop(up.peer_id, None)
         if waiter is not None and not waiter.done():
-            waiter.set_exception(JoinFailed(f"pairing with {up.peer_id} failed: {detail}"))
+            waiter.set_exception(JoinFailed(f"pairing with {up.peer_id} failed: {why}"))
 
     def _on_session_down(self, down: SessionDown) -> None:
         self._session_since.pop(down.peer_id, None)

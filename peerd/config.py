@@ -328,6 +328,11 @@ class ReceiveConfig:
         " this long, seconds (frees the slot, the reserved space and the content key)",
         check=_between(1, 30 * 24 * 3600),
     )
+    deltas: bool = key(
+        True,
+        doc="deltas (both directions): send a peer only what it lacks of files it received from"
+        " this node, and reuse chunks of files received from the same sender",
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ import logging
 import mmap
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -71,7 +72,8 @@ class Prefill:
 
 def file_chunks(fd: int, size: int, name: str) -> list[tuple[int, bytes]]:
     """(length, unkeyed BLAKE3 digest) of each content-defined chunk of the open file.
-    CPU and I/O: run it in a worker thread."""
+    CPU and I/O: run it in a worker thread. Regions are independent and both pyfastcdc and
+    blake3 release the GIL, so the two halves of the file are cut on two threads."""
     if size == 0:
         return []
     with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mm:
@@ -82,13 +84,25 @@ def file_chunks(fd: int, size: int, name: str) -> list[tuple[int, bytes]]:
                 with_tensors = _tensor_spans(view, size)
                 if with_tensors is not None:
                     spans = with_tensors
-            out = [
-                (length, delta.content_hash(view[off : off + length]))
-                for off, length in delta.cut(view, spans)
-            ]
+            if len(spans) == 1:
+                return _chunk_spans(view, spans)  # one region: one pass (boundaries chain)
+            half = size // 2
+            first = [s for s in spans if s[0] < half]
+            second = [s for s in spans if s[0] >= half]
+            with ThreadPoolExecutor(2) as pool:
+                later = pool.submit(_chunk_spans, view, second)
+                out = _chunk_spans(view, first)
+                out += later.result()
         finally:
             view.release()
     return out
+
+
+def _chunk_spans(view: memoryview, spans: list[tuple[int, int]]) -> list[tuple[int, bytes]]:
+    return [
+        (length, delta.content_hash(view[off : off + length]))
+        for off, length in delta.cut(view, spans)
+    ]
 
 
 def _tensor_spans(view: memoryview, size: int) -> list[tuple[int, int]] | None:
@@ -295,6 +309,9 @@ class Recipes:
         if len(p.got) == p.parts:
             p.complete.set()
         return True
+
+    def discard(self, tid: bytes) -> None:
+        self._pending.pop(tid, None)
 
     async def take(self, sender: str, tid: bytes) -> Recipe | None:
         """The whole recipe of `tid` from `sender`, waiting a little for its last parts; None

@@ -253,6 +253,8 @@ class Receiving(Side):
                 peer, Abort(tid, "no-space", f"cannot reserve the space: {exc.strerror}").encode()
             )
             return
+        if not host.config.receive.deltas:
+            self.recipes.discard(tid)
         try:
             recipe, copied = await prepare(
                 self.index, self.recipes, sender=peer, tid=tid, part_fd=fd, size=offer.size

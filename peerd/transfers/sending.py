@@ -64,6 +64,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("peerd.transfers")
 
+CHUNK_CACHE_ENTRIES = 1 << 19  # chunk-list entries kept (deltas): ~130 bytes each, ~32 GiB of files
 YIELD_EVERY = 4  # chunks published before the sender lets the event loop read acknowledgements
 
 
@@ -101,6 +102,9 @@ class Sending(Side):
     ) -> None:
         super().__init__(host, config, records, outcomes)
         self.out: dict[bytes, Outgoing] = {}
+        # The chunk lists of the last files sent, by (device, inode, size, mtime): the same
+        # file to one more peer, or again, is not chunked again.
+        self._chunk_cache: dict[tuple[int, ...], list[tuple[int, bytes]]] = {}
 
     # -- starting ----------------------------------------------------------------------------
 
@@ -197,14 +201,28 @@ class Sending(Side):
     async def _chunks(self, fd: int, size: int, path: Path) -> list[tuple[int, bytes]]:
         """The file's content-defined chunks, for the receivers' recipes (deltas, SPEC 7.11);
         none for a small file or one with more chunks than a recipe may list."""
+        if not self.host.config.receive.deltas:
+            return []
         if size < MIN_DELTA_SIZE or size > delta.MAX_RECIPE_ENTRIES * delta.CDC_MIN:
             return []
         try:
-            chunks = await asyncio.to_thread(file_chunks, fd, size, path.name)
+            st = os.fstat(fd)
+            ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            chunks = self._chunk_cache.get(ident)
+            if chunks is None:
+                chunks = await asyncio.to_thread(file_chunks, fd, size, path.name)
         except (OSError, ValueError) as exc:
             log.warning("sending %s whole: chunking it failed: %s", path.name, exc)
             return []
-        return chunks if len(chunks) <= delta.MAX_RECIPE_ENTRIES else []
+        if len(chunks) > delta.MAX_RECIPE_ENTRIES:
+            return []
+        self._chunk_cache.pop(ident, None)
+        self._chunk_cache[ident] = chunks
+        while len(self._chunk_cache) > 1 and (
+            sum(map(len, self._chunk_cache.values())) > CHUNK_CACHE_ENTRIES
+        ):
+            del self._chunk_cache[next(iter(self._chunk_cache))]
+        return chunks
 
     def _send_recipe(self, o: Outgoing, peer: str) -> None:
         """The recipe goes just before the Offer, on the same session, keyed for this pair."""

@@ -18,6 +18,7 @@ BENCHMARKS = {
     "firstbyte": ("firstbyte", "time to first transfer byte at 20-200 ms (wan's, alone)"),
     "safetensors": ("safetensors", "checking a received header: the caps, memory, the loop"),
     "cli": ("cli", "a CLI command from the shell: vs a bare interpreter and vs peerd.Client"),
+    "delta": ("delta", "new versions of a model: bytes on the wire vs rsync, no-gain cost"),
 }
 
 

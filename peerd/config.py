@@ -141,6 +141,16 @@ def _broker_url(value: str) -> str:
     return value
 
 
+def _broker_urls(value: tuple[str, ...]) -> tuple[str, ...]:
+    if not value:
+        raise ValueError("name at least one broker URL")
+    if len(value) > 16:
+        raise ValueError(f"{len(value)} URLs: at most 16")
+    if len(set(value)) != len(value):
+        raise ValueError("a URL is given twice")
+    return tuple(_broker_url(v) for v in value)
+
+
 def _mqtt_version(value: str) -> str:
     if value not in ("3.1.1", "5", "auto"):
         raise ValueError(f"{value!r}: must be '3.1.1', '5' or 'auto'")
@@ -210,6 +220,13 @@ class BrokerConfig:
         " wss://host:443/mqtt (through firewalls that pass only HTTPS)",
         check=_broker_url,
     )
+    urls: tuple[str, ...] | None = key(
+        doc="several broker URLs (the nodes of a cluster, or bridged brokers), instead of url:"
+        " on a lost connection the node moves to the next, in order",
+        kind="strlist",
+        check=_broker_urls,
+        example=["mqtt://broker1.example:1883", "mqtt://broker2.example:1883"],
+    )
     ca_file: Path | None = key(
         doc="CA certificates to verify the broker (mqtts, wss)",
         example="/etc/peerd/broker-ca.pem",
@@ -250,17 +267,26 @@ class BrokerConfig:
         return {"3.1.1": 4, "5": 5, "auto": 0}[self.mqtt_version]
 
     @property
+    def broker_urls(self) -> tuple[str, ...]:
+        """The URLs the link may use, in order: `urls`, else `url`."""
+        return self.urls or (self.url,)
+
+    @property
     def tls(self) -> bool:
-        return self.url.startswith(("mqtts://", "wss://"))
+        """Some URL is mqtts:// or wss:// (so the TLS files have a use)."""
+        return any(u.startswith(("mqtts://", "wss://")) for u in self.broker_urls)
 
     @property
     def host(self) -> str:
-        return urlsplit(self.url).hostname or "127.0.0.1"
+        """The host of the first URL."""
+        return urlsplit(self.broker_urls[0]).hostname or "127.0.0.1"
 
     @property
     def port(self) -> int:
+        """The port of the first URL."""
         default = {"mqtt": 1883, "mqtts": 8883, "ws": 80, "wss": 443}
-        return urlsplit(self.url).port or default.get(urlsplit(self.url).scheme, 1883)
+        first = urlsplit(self.broker_urls[0])
+        return first.port or default.get(first.scheme, 1883)
 
 
 @dataclass(frozen=True, slots=True)
@@ -470,6 +496,10 @@ def _read_value(where: str, kind: str, value: Any, base: Path) -> Any:
             raise ConfigError(f"{where}: a path cannot contain NUL")
         p = Path(value).expanduser()
         return p if p.is_absolute() else (base / p)
+    if kind == "strlist":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: must be a list of strings")
+        return tuple(value)
     if kind == "str":
         if not isinstance(value, str):
             raise ConfigError(f"{where}: must be a string")
@@ -577,6 +607,11 @@ def config_from_mapping(data: Mapping[str, Any], *, origin: str, base: Path) -> 
         if not isinstance(table, dict):
             raise ConfigError(f"{origin}: [{name}] must be a table")
         sections[name] = _read_section(cls, name, table, origin, base)
+    broker = data.get("broker")
+    if isinstance(broker, dict) and "url" in broker and "urls" in broker:
+        raise ConfigError(
+            f"{origin}: [broker] has both url and urls", hint="keep one: urls = [...] for several"
+        )
     config = _derive(Config(**sections))
     _validate(config, origin)
     return config
@@ -629,6 +664,8 @@ def default_config(
 
 
 def _toml(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -654,6 +691,8 @@ def render_config(config: Config) -> str:
             kind = f.metadata.get("kind")
             if value is None:
                 lines.append(f"# {f.name} = {_toml(f.metadata['example'] or '')}")
+            elif name == "broker" and f.name == "url" and section.urls:
+                lines.append(f"# {f.name} = {_toml(value)}")  # urls is in force
             elif f.metadata["derived"] and f.name != "socket":
                 # Left to follow state_dir; the client reads `socket`, so that one is explicit.
                 lines.append(f"# {f.name} = {_toml(value)}")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import signal
 import time
@@ -37,7 +36,8 @@ from peerd.logs import log_event
 from peerd.messages import Messages, OutboxLimits
 from peerd.metrics import Metrics
 from peerd.mqtt import BrokerError, BrokerLink, BrokerQueueFull, Message, Topics, link_for_config
-from peerd.node import NodeMethods, local_refusals, peer_json
+from peerd.mqtt.port import subscribe_steadily
+from peerd.node import NodeMethods, broker_json, local_refusals, peer_json
 from peerd.revocations import Revocations
 from peerd.sessions import SessionTrust, TicketKeeper, local_key, read_psk
 from peerd.store import Store, open_store
@@ -316,7 +316,8 @@ class Daemon:
     # -- the broker --------------------------------------------------------------------------
 
     async def _subscribe(self) -> None:
-        await self.link.subscribe(self.topics.inbox(self.peer_id), qos=0, handler=self._on_inbox)
+        inbox = self.topics.inbox(self.peer_id)
+        await subscribe_steadily(self.link, inbox, qos=0, handler=self._on_inbox)
 
     def _status_line(self) -> str:
         """The one line `systemctl status` shows."""
@@ -756,16 +757,7 @@ class Daemon:
             "certificate_not_before": self.keys.certificate.not_before,
             "certificate_not_after": self.keys.certificate.not_after,
             "uptime": time.time() - self.started_at,
-            "broker": {
-                "url": self.link.settings.url,
-                "client": self.config.broker.client,
-                "max_packet_size": self.link.limits.max_packet_size,
-                "limits": dataclasses.asdict(self.link.limits),  # for `peerd doctor`
-                "connected": self.link.connected,
-                "queued": self.link.queued,
-                "last_error": None if self.link.last_error is None else str(self.link.last_error),
-                "stats": self.link.stats.as_dict(),
-            },
+            "broker": broker_json(self.link, self.config.broker.client),
             "sessions": len(self.sessions.connected_peers()),
             # Each peer's current session, by the Noise protocol of its handshake (issue 14).
             "session_protocols": dict(

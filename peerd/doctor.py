@@ -260,8 +260,7 @@ def check_store(config: Config) -> tuple[list[Finding], float | None]:
 
 def broker_urls(config: Config) -> list[str]:
     """Every broker URL the configuration names (one `url`, or a list where it has one)."""
-    urls = getattr(config.broker, "urls", None)
-    return list(urls) if urls else [config.broker.url]
+    return list(config.broker.broker_urls)
 
 
 def _version(level: int) -> str:
@@ -303,9 +302,7 @@ async def check_broker(
         return Finding(
             name, OK, f"the daemon is connected: {tls}logged in, {what}{_limits_text(limits)}"
         )
-    broker = dataclasses.replace(config.broker, url=url)
-    if hasattr(broker, "urls"):
-        broker = dataclasses.replace(broker, urls=[url])  # type: ignore[call-arg]
+    broker = dataclasses.replace(config.broker, url=url, urls=None)  # this URL alone
     quiet = logging.getLogger("peerd.mqtt")
     before = quiet.level
     quiet.setLevel(logging.CRITICAL)  # the link logs its retries; the finding says it all

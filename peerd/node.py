@@ -5,6 +5,7 @@ JSON views they return. The daemon implements `NodeOps`; the methods are declare
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -14,9 +15,26 @@ from protocol.identity import parse_fingerprint, parse_peer_id
 
 if TYPE_CHECKING:
     from peerd.config import Config
+    from peerd.mqtt import BrokerLink
     from peerd.store import Store
 
 JOIN_TIMEOUT = 30.0
+
+
+def broker_json(link: BrokerLink, client: str) -> dict[str, Any]:
+    """The broker part of `peerd status`."""
+    return {
+        "url": link.settings.url,
+        "client": client,
+        "max_packet_size": link.limits.max_packet_size,
+        "limits": dataclasses.asdict(link.limits),  # for `peerd doctor`
+        "connected": link.connected,
+        "queued": link.queued,
+        "last_error": None if link.last_error is None else str(link.last_error),
+        # Each configured URL: the one in use, and why the others were left.
+        "urls": link.brokers.view(),
+        "stats": link.stats.as_dict(),
+    }
 
 
 class NodeOps(Protocol):

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from peerd.errors import PeerdError
 from peerd.host import Extension
 from peerd.logs import log_event
-from peerd.mqtt import statement_id
+from peerd.mqtt import statement_id, subscribe_steadily
 from protocol.errors import RemoteProtocolError
 from protocol.identity import Revocation, decode_statement
 from protocol.messaging import RevocationPush
@@ -40,8 +40,8 @@ class Revocations(Extension):
         self.applied = 0  # statements that changed the trust store (metrics)
 
     async def run(self) -> None:
-        await self.host.link.subscribe(
-            self.host.topics.revocations, qos=1, handler=self.on_broker_message
+        await subscribe_steadily(
+            self.host.link, self.host.topics.revocations, qos=1, handler=self.on_broker_message
         )
 
     def status(self) -> dict[str, Any]:

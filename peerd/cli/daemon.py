@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from typing import Any
 
 from peerd.cli import common
@@ -175,6 +176,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not broker["connected"] and broker.get("last_error"):
         state += f" ({broker['last_error']})"
     print(f"broker      {broker['url']}: {state}")
+    for other in broker.get("urls") or ():
+        if other["url"] != broker["url"] and other.get("last_error"):
+            ago = int(time.time() - other["left_at"]) if other.get("left_at") else 0
+            print(f"  left      {other['url']} {ago} s ago: {other['last_error']}")
+        elif other["url"] != broker["url"]:
+            print(f"  spare     {other['url']}")
     peers = ", ".join(f"{n} {s}" for s, n in sorted(st["peers"].items())) or "none"
     up = [common.with_name(p["peer"], p.get("name")) for p in peer_list if p["connected"]]
     print(f"peers       {peers}; {st['sessions']} session(s) up" + (": " if up else ""))

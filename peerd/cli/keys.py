@@ -33,7 +33,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--name", help="a name for this node, shown to people (default: host name)")
     p.add_argument("--network", help="the network to join (default: peerd)")
     p.add_argument(
-        "--broker", metavar="URL", help="mqtt[s]://host:port, or ws[s]://host:port/path (WebSocket)"
+        "--broker",
+        metavar="URL",
+        action="append",
+        help="mqtt[s]://host:port, or ws[s]://host:port/path (WebSocket); repeat it for the"
+        " nodes of a cluster (the node moves to the next when one is lost)",
     )
     p.add_argument("--broker-user", metavar="NAME", help="the user name to log in to the broker as")
     p.add_argument(
@@ -89,7 +93,8 @@ def _init_settings(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return {
         "node": {"name": args.name, "network": args.network},
         "broker": {
-            "url": args.broker,
+            "url": args.broker[0] if args.broker and len(args.broker) == 1 else None,
+            "urls": args.broker if args.broker and len(args.broker) > 1 else None,
             "username": args.broker_user,
             "password_file": args.broker_password_file,
         },

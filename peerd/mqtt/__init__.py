@@ -5,6 +5,7 @@ settings.py      BrokerSettings (URL, TLS, credentials, limits) and the reconnec
 topics.py        the topic layout of a network and filter matching
 conn.py          one TCP/TLS connection: an asyncio protocol pumping protocol.mqtt.Connection
 link.py          MqttLink: reconnects, outbox, QoS 1 retransmission, keepalive
+urls.py          BrokerSet: several broker URLs, the one in use, why the others were left
 subscribing.py   its subscribe/unsubscribe half
 subscription.py  Subscription queues, routing of incoming messages, LinkStats
 outgoing.py      the record of one publish, and Pipeline
@@ -26,7 +27,7 @@ from peerd.mqtt.errors import (
 from peerd.mqtt.limits import LinkLimits
 from peerd.mqtt.link import MqttLink
 from peerd.mqtt.outgoing import Pipeline
-from peerd.mqtt.port import CLIENTS, BrokerLink, link_for_config, open_link
+from peerd.mqtt.port import CLIENTS, BrokerLink, link_for_config, open_link, subscribe_steadily
 from peerd.mqtt.settings import DEFAULT_MAX_PACKET_SIZE, Backoff, BrokerSettings
 from peerd.mqtt.subscription import LinkStats, Message, Subscription
 from peerd.mqtt.topics import Topics, statement_id, topic_matches
@@ -58,5 +59,6 @@ __all__ = [
     "link_for_config",
     "open_link",
     "statement_id",
+    "subscribe_steadily",
     "topic_matches",
 ]

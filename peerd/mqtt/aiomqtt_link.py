@@ -43,6 +43,7 @@ from peerd.mqtt.errors import (
 from peerd.mqtt.limits import LinkLimits
 from peerd.mqtt.settings import Backoff, BrokerSettings
 from peerd.mqtt.subscription import Message, Subscription
+from peerd.mqtt.urls import BrokerSet
 
 __all__ = ["AiomqttLink"]
 
@@ -59,7 +60,7 @@ class AiomqttLink(LinkCommon):
 
     def __init__(
         self,
-        settings: BrokerSettings,
+        settings: BrokerSettings | BrokerSet,
         *,
         on_state: Callable[[bool], None] | None = None,
         backoff: Backoff | None = None,
@@ -69,7 +70,7 @@ class AiomqttLink(LinkCommon):
         super().__init__(settings, on_state=on_state, backoff=backoff)
         self.max_queued = max_queued
         self.max_queued_bytes = max_queued_bytes
-        self._version = settings.mqtt_version or _V5
+        self._version = self.settings.mqtt_version or _V5
         self._client: aiomqtt.Client | None = None
         self._down: asyncio.Future[None] | None = None  # done when the current connection drops
         self._stop: asyncio.Future[None] | None = None
@@ -101,7 +102,7 @@ class AiomqttLink(LinkCommon):
                         self.stats.connects += 1
                         await self._restore(client)
                         self._set_up(client)
-                        self.backoff.reset()  # the next outage starts over (as MqttLink)
+                        self._connected()
                         reader = asyncio.ensure_future(self._read(client))
                         try:
                             await asyncio.wait(
@@ -224,13 +225,23 @@ class AiomqttLink(LinkCommon):
 
     async def _restore(self, client: aiomqtt.Client) -> None:
         for topic_filter, subs in list(self._routes.by_filter.items()):
-            await self._subscribe_at(client, topic_filter, max(s.qos for s in subs))
+            if await self._subscribe_at(client, topic_filter, max(s.qos for s in subs)):
+                # As MqttLink: kept, and the connection tried again (the next broker, if several).
+                err = SubscribeRefused(
+                    f"the broker at {self.settings.url} refused to restore a subscription"
+                )
+                err.permanent = False
+                raise err
 
-    async def _subscribe_at(self, client: aiomqtt.Client, topic_filter: str, qos: int) -> None:
+    async def _subscribe_at(self, client: aiomqtt.Client, topic_filter: str, qos: int) -> bool:
+        """Subscribe; True if the broker refused a subscription it had confirmed before."""
         codes = await client.subscribe(topic_filter, qos, timeout=self.settings.connect_timeout)
         refused = any(_code(c) >= 0x80 for c in codes)
+        kept = False
         for sub in list(self._routes.by_filter.get(topic_filter, ())):
-            if refused:
+            if refused and sub._confirmed.done():
+                kept = True
+            elif refused:
                 self._routes.drop(sub)
                 sub._confirm(
                     SubscribeRefused(
@@ -240,6 +251,7 @@ class AiomqttLink(LinkCommon):
                 )
             else:
                 sub._confirm(None)
+        return kept
 
     async def _read(self, client: aiomqtt.Client) -> None:
         routes, stats = self._routes, self.stats

@@ -16,6 +16,7 @@ from peerd.mqtt.limits import LinkLimits
 from peerd.mqtt.settings import Backoff, BrokerSettings
 from peerd.mqtt.subscription import LinkStats, Message, Routes, Subscription
 from peerd.mqtt.topics import check_filter
+from peerd.mqtt.urls import BrokerSet
 
 __all__ = ["LinkCommon"]
 
@@ -23,20 +24,25 @@ log = logging.getLogger("peerd.mqtt")
 
 
 class LinkCommon:
-    """The shared half of a broker link; subclasses provide `run()` and `close()`."""
+    """The shared half of a broker link; subclasses provide `run()` and `close()`.
+
+    `settings` is the broker in use; given a `BrokerSet` (several URLs), the link moves to the
+    next one after every failed attempt and every lost connection (`_pause_before_reconnect`).
+    """
 
     def __init__(
         self,
-        settings: BrokerSettings,
+        settings: BrokerSettings | BrokerSet,
         *,
         on_state: Callable[[bool], None] | None,
         backoff: Backoff | None,
     ) -> None:
-        self.settings = settings
+        self.brokers = settings if isinstance(settings, BrokerSet) else BrokerSet([settings])
+        self.settings = self.brokers.current
         self.stats = LinkStats()
         self.backoff = backoff or Backoff()
         self.last_error: BrokerError | None = None
-        self._limits = LinkLimits(max_packet_size=settings.max_packet_size)
+        self._limits = LinkLimits(max_packet_size=self.settings.max_packet_size)
         self._on_state = on_state
         self._routes = Routes()
         self._up = False  # connected, subscriptions restored: publishes may be sent
@@ -68,9 +74,22 @@ class LinkCommon:
         """Wait the backoff's next delay, or until `stop` (set by `close()`). Each successful
         connect resets the backoff, so the delay grows only over attempts that failed in a row."""
         assert stop is not None  # run() made it before its first attempt
+        left = self.settings.url
+        why = str(self.last_error) if self.last_error is not None else "the connection was lost"
+        self.settings = self.brokers.leave(why)
         delay = self.backoff.next_delay()
-        log.info("broker %s: reconnecting in %.2fs", self.settings.url, delay)
+        if self.settings.url != left:
+            log.info("broker %s left (%s); trying %s in %.2fs", left, why, self.settings.url, delay)
+        else:
+            log.info("broker %s: reconnecting in %.2fs", left, delay)
         await asyncio.wait((stop,), timeout=delay)
+
+    def _connected(self) -> None:
+        """A connection is up: the backoff and the broker's reason to be left start over."""
+        self.brokers.connected()
+        # The next outage starts the sequence over, however short this connection lives
+        # (issue 12: restarts in a row stalled transfers 9-28 s).
+        self.backoff.reset()
 
     @property
     def limits(self) -> LinkLimits:

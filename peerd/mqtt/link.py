@@ -55,12 +55,14 @@ from peerd.mqtt.errors import (
     BrokerTlsError,
     BrokerUnreachable,
     LinkClosed,
+    SubscribeRefused,
     client_certificate_error,
 )
 from peerd.mqtt.limits import LinkLimits
 from peerd.mqtt.outgoing import Outgoing, Pipeline, as_bytes_view
 from peerd.mqtt.settings import Backoff, BrokerSettings
 from peerd.mqtt.subscribing import Pending, Subscribing
+from peerd.mqtt.urls import BrokerSet
 from peerd.mqtt.websocket import websocket_pump
 from protocol.mqtt import (
     V5,
@@ -92,7 +94,7 @@ class MqttLink(Subscribing):
 
     def __init__(
         self,
-        settings: BrokerSettings,
+        settings: BrokerSettings | BrokerSet,
         *,
         on_state: Callable[[bool], None] | None = None,
         backoff: Backoff | None = None,
@@ -116,8 +118,8 @@ class MqttLink(Subscribing):
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._stop: asyncio.Future[None] | None = None  # set by close(): ends every wait in run()
         self._running = False
-        self._version = settings.mqtt_version or V5
-        self._keepalive = settings.keepalive  # the broker's Server Keep Alive overrides it
+        self._version = self.settings.mqtt_version or V5
+        self._keepalive = self.settings.keepalive  # the broker's Server Keep Alive overrides it
 
     # -- lifecycle --
 
@@ -146,9 +148,7 @@ class MqttLink(Subscribing):
                     if err := self._dropped(conn):  # between the two steps
                         raise err
                     self._set_up(conn)
-                    # Connected: the next outage starts the sequence over, however short this
-                    # connection lives (issue 12: restarts in a row stalled transfers 9-28 s).
-                    self.backoff.reset()
+                    self._connected()
                     await self._serve(conn)
                 except LinkClosed:
                     pass
@@ -247,6 +247,7 @@ class MqttLink(Subscribing):
         s = self.settings
         if s.tls and self._ssl is None:
             self._ssl = s.ssl_context()
+        tls = self._ssl if s.tls else None  # several URLs may mix mqtt:// and mqtts://
         loop = asyncio.get_running_loop()
         conn = Conn(self, version)
         factory: Callable[[], asyncio.BaseProtocol] = lambda: conn  # noqa: E731
@@ -258,9 +259,9 @@ class MqttLink(Subscribing):
                     factory,
                     s.host,
                     s.port,
-                    ssl=self._ssl,
-                    server_hostname=s.host if self._ssl else None,
-                    ssl_handshake_timeout=s.connect_timeout if self._ssl else None,
+                    ssl=tls,
+                    server_hostname=s.host if tls else None,
+                    ssl_handshake_timeout=s.connect_timeout if tls else None,
                 )
                 ack = await conn.connack
         except TimeoutError:
@@ -345,6 +346,8 @@ class MqttLink(Subscribing):
                 raise self._dropped(conn) or BrokerTimeout(
                     f"the broker at {self.settings.url} did not confirm subscriptions in time"
                 )
+            if any(isinstance(c, bytes) and any(x >= 0x80 for x in c) for c in acks.result()):
+                raise _restore_refused(self.settings.url)
         if err := self._dropped(conn):
             raise err
 
@@ -671,6 +674,14 @@ class MqttLink(Subscribing):
         if not 1 <= depth <= self.max_inflight:
             raise ValueError(f"pipeline depth must be 1-{self.max_inflight}")
         return Pipeline(self, depth)
+
+
+def _restore_refused(url: str) -> SubscribeRefused:
+    """A subscription refused on a reconnect: worth another try (on the next broker, if several),
+    not the end of the subscription."""
+    err = SubscribeRefused(f"the broker at {url} refused to restore a subscription")
+    err.permanent = False
+    return err
 
 
 def _limits_of(ack: ConnAck, configured: int) -> LinkLimits:

@@ -10,17 +10,30 @@ in bounded per-subscription queues or a synchronous handler, errors from the Bro
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Callable
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
 from peerd.config import BrokerConfig
-from peerd.mqtt.errors import BrokerError, BrokerSettingsError
+from peerd.mqtt.errors import BrokerError, BrokerSettingsError, SubscribeRefused
 from peerd.mqtt.limits import LinkLimits
 from peerd.mqtt.link import MqttLink
-from peerd.mqtt.settings import Backoff, BrokerSettings
+from peerd.mqtt.settings import Backoff, BrokerSettings, url_uses_tls
 from peerd.mqtt.subscription import LinkStats, Message, Subscription
+from peerd.mqtt.urls import BrokerSet
 
-__all__ = ["CLIENTS", "BrokerLink", "ClientName", "LinkLimits", "link_for_config", "open_link"]
+__all__ = [
+    "CLIENTS",
+    "BrokerLink",
+    "ClientName",
+    "LinkLimits",
+    "link_for_config",
+    "open_link",
+    "subscribe_steadily",
+]
+
+log = logging.getLogger("peerd.mqtt")
 
 ClientName = Literal["builtin", "aiomqtt"]
 CLIENTS: tuple[ClientName, ...] = ("builtin", "aiomqtt")
@@ -30,6 +43,7 @@ class BrokerLink(Protocol):
     """What the daemon needs of the broker: see the module docstring."""
 
     settings: BrokerSettings  # the broker in use (its URL) and how we connect to it
+    brokers: BrokerSet  # every broker URL it may use, and why it left the others
     stats: LinkStats
     last_error: BrokerError | None
 
@@ -83,7 +97,7 @@ class BrokerLink(Protocol):
 
 
 def open_link(
-    settings: BrokerSettings,
+    settings: BrokerSettings | BrokerSet,
     *,
     client: str = "builtin",
     on_state: Callable[[bool], None] | None = None,
@@ -116,16 +130,53 @@ def link_for_config(
             password = broker.password_file.read_text().strip()
         except OSError as exc:
             raise BrokerSettingsError(f"cannot read the broker password file: {exc}") from exc
-    settings = BrokerSettings.from_url(
-        broker.url,
-        client_id=client_id,
-        ca_file=broker.ca_file,
-        cert_file=broker.cert_file,
-        key_file=broker.key_file,
-        username=broker.username,
-        password=password,
-        keepalive=broker.keepalive,
-        max_packet_size=broker.max_packet_size,
-        mqtt_version=broker.protocol_level,
+    brokers = BrokerSet(
+        [
+            BrokerSettings.from_url(
+                url,
+                client_id=client_id,
+                # Several URLs may mix plain and TLS: the TLS files go to the TLS ones.
+                ca_file=broker.ca_file if url_uses_tls(url) else None,
+                cert_file=broker.cert_file if url_uses_tls(url) else None,
+                key_file=broker.key_file if url_uses_tls(url) else None,
+                username=broker.username,
+                password=password,
+                keepalive=broker.keepalive,
+                max_packet_size=broker.max_packet_size,
+                mqtt_version=broker.protocol_level,
+            )
+            for url in broker.broker_urls
+        ]
     )
-    return open_link(settings, client=broker.client, on_state=on_state)
+    return open_link(brokers, client=broker.client, on_state=on_state)
+
+
+S_co = TypeVar("S_co", covariant=True)
+
+
+class _Subscribes(Protocol[S_co]):
+    async def subscribe(
+        self, topic_filter: str, *, qos: int = 1, handler: Callable[[Message], None] | None = None
+    ) -> S_co: ...
+
+
+async def subscribe_steadily(
+    link: _Subscribes[S_co],
+    topic_filter: str,
+    *,
+    qos: int,
+    handler: Callable[[Message], None],
+    backoff: Backoff | None = None,
+) -> S_co:
+    """Subscribe, trying again with backoff while the broker refuses: a subscription the node
+    cannot run without (its inbox, revocations) must not end the daemon because a clustered
+    broker refused it for a moment (NATS while its JetStream elects a leader). Each refusal is
+    a warning in the log; `close()` of the link ends the wait."""
+    backoff = backoff or Backoff(initial=1.0, maximum=30.0)
+    while True:
+        try:
+            return await link.subscribe(topic_filter, qos=qos, handler=handler)
+        except SubscribeRefused as exc:
+            delay = backoff.next_delay()
+            log.warning("%s; trying again in %.0fs", exc, delay)
+            await asyncio.sleep(delay)

@@ -108,6 +108,11 @@ class Subscribing(LinkCommon):
         del self._pending[mid]
         for topic_filter, code in zip(p.filters, codes, strict=True):
             for sub in list(self._routes.by_filter.get(topic_filter, ())):
+                if code >= 0x80 and sub._confirmed.done():
+                    # Confirmed before, refused while restored after a reconnect (a NATS
+                    # cluster whose JetStream is still electing): kept; `_restore` fails the
+                    # connection and the link tries again.
+                    continue
                 if code >= 0x80:
                     log.warning(
                         "broker %s refused the subscription to %r", self.settings.url, topic_filter

@@ -31,7 +31,59 @@ _GROUPS: list[str] = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Which group registers each command: a command line names one, and only that group is
+# imported and registered (argparse builds every subparser it is given, and each group imports
+# what its commands share): that is most of what `peerd status` costs before it runs. A command
+# missing here still works, by building them all; tests/peerd/test_cli_startup.py keeps the
+# table complete.
+COMMANDS: dict[str, str] = {
+    "init": "keys",
+    "id": "keys",
+    "audit": "keys",
+    "run": "daemon",
+    "metrics": "daemon",
+    "status": "daemon",
+    "peers": "daemon",
+    "invite": "daemon",
+    "join": "daemon",
+    "name": "daemon",
+    "trust": "daemon",
+    "block": "daemon",
+    "rotate": "daemon",
+    "revoke": "daemon",
+    "connect": "daemon",
+    "msg": "messages",
+    "send": "transfer",
+    "transfers": "transfer",
+    "cancel": "transfer",
+    "receive": "transfer",
+    "authority": "authority",
+    "membership": "identity",
+    "revocation": "identity",
+    "succeed-identity": "identity",
+    "backup": "backup",
+    "restore": "backup",
+    "broker-login": "broker",
+    "doctor": "doctor",
+}
+_VALUED = {"--config", "--socket"}  # global options that take a separate value
+
+
+def command_of(argv: Sequence[str]) -> str | None:
+    """The command an argument list names (its first word that is no option or option value)."""
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _VALUED:
+            skip = True
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with `command`, only its group's commands (all of them otherwise)."""
     parser = argparse.ArgumentParser(
         prog="peerd",
         description="Exchange AI model files securely, end to end encrypted through MQTT.",
@@ -39,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"peerd {__version__}")
     common.add_global_options(parser)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _GROUPS:
+    group = COMMANDS.get(command or "")
+    for name in [group] if group else _GROUPS:
         module = __import__(f"peerd.cli.{name}", fromlist=["register"])
         module.register(subparsers)
     common.add_global_options_everywhere(parser)
@@ -47,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(command_of(argv))
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()

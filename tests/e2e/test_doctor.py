@@ -94,3 +94,16 @@ def test_a_private_key_open_to_others_fails_with_the_chmod(tmp_path: Path, broke
     (row,) = by_check(report)["keys"]
     assert row["status"] == "fail"
     assert row["fix"] == f"chmod 600 {key}"
+
+
+def test_each_broker_url_is_checked(tmp_path: Path, broker: Broker) -> None:
+    (a,) = make_nodes(tmp_path, UNREACHABLE, ["alice"])
+    conf = a.config.read_text().replace(
+        f'url = "{UNREACHABLE}"', f'urls = ["{broker.url}", "{UNREACHABLE}"]', 1
+    )
+    a.config.write_text(conf)
+    code, report = doctor(a)
+    checks = by_check(report)
+    assert checks[f"broker {broker.url}"][0]["status"] == "ok"
+    assert checks[f"broker {UNREACHABLE}"][0]["status"] == "fail"
+    assert code == 1

@@ -2,12 +2,13 @@
 
 An Offer from a trusted peer is checked against the receive policy (size limit, free space),
 space is reserved with fallocate, and chunks are decrypted into one reused buffer and written at
-their offsets of a temporary file in the sender's inbox directory. Progress is acknowledged only
-after fdatasync (the machine asks for it), the resumable state goes to the store before anything
-that depends on it is sent, and the final file appears under its name only after every chunk is
-durable, the whole-file hash and the sender's signature check out, and (for `.safetensors`) the
-header is valid: fsync, link into place without clobbering, fsync the directory. The content key
-is erased from the store when the transfer ends.
+their offsets of a temporary file in the sender's inbox directory. Credit is granted as chunks
+arrive; progress is acknowledged as durable only after fdatasync (the machine asks for it), the
+resumable state goes to the store before anything that depends on it is sent, and the final file
+appears under its name only after every chunk is durable, the whole-file hash and the sender's
+signature check out, and (for `.safetensors`) the header is valid: fsync, link into place
+without clobbering, fsync the directory. The content key is erased from the store when the
+transfer ends.
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ CONTENT_REJECTIONS = frozenset(
 # Reasons for which a receiver ends a transfer because of what its sender did (or did not do):
 # counted as rejections, so an operator sees forged content and senders that go quiet.
 COUNTED_FAILURES = CONTENT_REJECTIONS | {"timeout"}
+# Senders whose path's window is remembered (the window a transfer from each reached), so that
+# the next transfer starts there instead of probing the path again from the initial window.
+REMEMBERED_PATHS = 1024
 
 
 @dataclass(eq=False)
@@ -117,6 +121,7 @@ class Receiving(Side):
         self._header_checks = asyncio.Semaphore(1)
         self.index = ChunkIndex(host.store)
         self.recipes = Recipes()
+        self._windows: dict[str, int] = {}  # sender -> the window its last transfer reached
         # Lines a peer's offers can cause (a trusted sender may repeat an offer every probe).
         self._logs = LogBudget(log)
 
@@ -264,7 +269,13 @@ class Receiving(Side):
             recipe, copied = None, None
         held = delta.held_frames(copied.covered, offer.size, offer.chunk_size) if copied else []
         machine = ReceiverTransfer(
-            offer, sender=peer, sender_key=identity, now=now, config=self.config, held=held
+            offer,
+            sender=peer,
+            sender_key=identity,
+            now=now,
+            config=self.config,
+            held=held,
+            start_window=self._windows.get(peer),
         )
         if recipe is not None:
             # The sender's report ("90% already at bob"); what it may skip is in the Accept.
@@ -348,9 +359,28 @@ class Receiving(Side):
         log_event(log, "transfer.resume", id=row.tid.hex(), direction="receive", peer=sender)
 
     async def _start(self, i: Incoming) -> None:
-        # Subscribe before the Accept goes out, so the first chunks are not lost.
-        i.sub = await self.host.link.subscribe(i.topic, qos=0, handler=partial(self._on_frame, i))
+        # The SUBSCRIBE goes out before the Accept, on the same connection, and a broker handles
+        # one connection's packets in order: the sender's first chunks, which follow the Accept,
+        # find the subscription in place. Waiting for the SUBACK as well would cost every
+        # transfer a round trip to the broker before its first chunk (issue 13). Both clients
+        # write the SUBSCRIBE in the first step of the call, which the yield below lets run.
+        self.host.spawn(self._subscribe(i), name=f"subscribe {i.tid.hex()[:8]}")
+        await asyncio.sleep(0)
         i.task = self.host.spawn(self._loop(i), name=f"receive {i.tid.hex()[:8]}")
+
+    async def _subscribe(self, i: Incoming) -> None:
+        try:
+            sub = await self.host.link.subscribe(i.topic, qos=0, handler=partial(self._on_frame, i))
+        except BrokerError as exc:
+            log.error("transfer %s: cannot subscribe to its chunks: %s", i.tid.hex(), exc)
+            i.machine.abort("receiver-error", "cannot subscribe to the transfer's chunks")
+            i.wake.set()
+            return
+        if self.inc.get(i.tid) is not i:  # ended meanwhile
+            with contextlib.suppress(BrokerError):
+                await sub.close()
+            return
+        i.sub = sub
 
     # -- hooks -------------------------------------------------------------------------------
 
@@ -536,6 +566,10 @@ class Receiving(Side):
 
     async def _end(self, i: Incoming, state: str, **extra: Any) -> None:
         self.inc.pop(i.tid, None)
+        self._windows.pop(i.sender, None)  # most recent last: the oldest is dropped first
+        self._windows[i.sender] = i.machine.window
+        if len(self._windows) > REMEMBERED_PATHS:
+            del self._windows[next(iter(self._windows))]
         with contextlib.suppress(OSError):
             os.close(i.fd)
         with contextlib.suppress(OSError):

@@ -12,14 +12,20 @@ from protocol.transfer.messages import MAX_WINDOW, ControlMessage
 
 @dataclass(frozen=True, slots=True)
 class TransferConfig:
-    """Tunables of both sides. Times are seconds. The defaults suit a LAN or loopback broker:
-    at ~600 MB/s a 64-chunk window of 256 KiB is ~27 ms of data, far above the ~0.4 ms QoS 0
-    round trip, and the same 16 MiB bounds both memory in flight and what a crash re-sends."""
+    """Tunables of both sides. Times are seconds. The initial window suits a LAN or loopback
+    broker: at ~600 MB/s 64 chunks of 256 KiB are ~27 ms of data, far above the ~0.4 ms QoS 0
+    round trip; on a long path the receiver grows it to twice the measured bandwidth-delay
+    product, up to `max_window_bytes` (64 MiB: a 125 MB/s path at 250 ms)."""
 
     chunk_size: int = DEFAULT_CHUNK_SIZE
-    # Receiver: chunks granted beyond the durable prefix; bounds chunks in flight to it, the
-    # data it has written but not made durable, and what is re-sent after either side crashes.
+    # Receiver: the initial (and smallest) window, in chunks: credit granted beyond what has
+    # arrived. Chunks in flight plus data written but not durable stay within two windows, which
+    # also bounds what is re-sent after either side crashes.
     window: int = 64
+    # Receiver: the window grows to window_gain x delivery rate x round trip (both measured,
+    # protocol/transfer/window.py), at most this many bytes of chunks (and MAX_WINDOW / 2).
+    max_window_bytes: int = 64 << 20
+    window_gain: float = 2.0
     # Receiver: ask for a sync once this many written chunks are not yet durable ...
     sync_batch: int = 16
     # ... or once the oldest of them has waited this long.
@@ -64,8 +70,10 @@ class TransferConfig:
     resend_floor: int = 64
 
     def __post_init__(self) -> None:
-        if not 1 <= self.window <= MAX_WINDOW:
-            raise LocalProtocolError(f"window must be in 1..{MAX_WINDOW}")
+        if not 1 <= self.window <= MAX_WINDOW // 2:
+            raise LocalProtocolError(f"window must be in 1..{MAX_WINDOW // 2}")
+        if self.max_window_bytes < 0 or not self.window_gain >= 1:
+            raise LocalProtocolError("max_window_bytes must be >= 0 and window_gain >= 1")
         if not 1 <= self.sync_batch <= self.window:
             raise LocalProtocolError("sync_batch must be in 1..window")
         if self.max_outstanding_reads < 1:
@@ -89,6 +97,12 @@ class TransferConfig:
             raise LocalProtocolError("max_status_interval must be >= status_interval")
         if self.max_probe_interval < self.probe_interval:
             raise LocalProtocolError("max_probe_interval must be >= probe_interval")
+
+    def max_window_for(self, chunk_size: int) -> int:
+        """The largest window, in chunks, for a transfer of `chunk_size` chunks: the memory
+        bound, but never below the initial window (nor above MAX_WINDOW / 2, so that two
+        windows beyond the durable prefix fit the wire's limit)."""
+        return max(self.window, min(self.max_window_bytes // chunk_size, MAX_WINDOW // 2))
 
 
 # -- actions: the shell must do these ---------------------------------------------------------

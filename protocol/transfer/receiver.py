@@ -3,12 +3,17 @@
 It checks an offer against the local policy, then turns chunk frames into "write these bytes at
 this offset" and drives the rest: credit, durability, repair, verification, commit.
 
-- Credit: the sender may send indices below `limit = durable prefix + window`. Frames beyond it
-  are dropped unread, duplicates are dropped by their header alone, so memory in flight and
-  data written but not durable are both bounded by the window, whatever the file size.
+- Credit: the sender may send indices below `limit = received prefix + window`, and never more
+  than two windows beyond the durable prefix. Credit is granted as chunks arrive (an Ack every
+  quarter window), not after they are durable, so an fsync is never on the path of the data.
+  The window is sized from what the transfer measures (`window.CreditWindow`: 2 x round trip x
+  delivery rate, within `max_window_bytes`). Frames beyond the limit are dropped unread,
+  duplicates by their header alone, so chunks in flight and data written but not durable are
+  bounded by two windows, whatever the file size.
 - Durability: written chunks are batched into a Sync; only after the shell reports it done are
-  they acknowledged to the sender and recorded (Persist). A snapshot lists only durable chunks,
-  so after a crash the receiver asks again for everything else (at most one window).
+  they acknowledged as durable to the sender and recorded (Persist). A snapshot lists only
+  durable chunks, so after a crash the receiver asks again for everything else (at most two
+  windows).
 - Repair: a gap older than `repair_delay` is re-requested; with no chunk arriving, a status
   timer re-sends credit and requests the head of the window (lost tail, lost acks).
 - Verification: chunks are hashed in index order as they arrive; a chunk that arrives before
@@ -77,6 +82,7 @@ from protocol.transfer.messages import (
     sack_bitmap,
     safe_detail,
 )
+from protocol.transfer.window import CreditWindow
 
 RECEIVING = "receiving"
 COMMITTING = "committing"
@@ -127,13 +133,16 @@ class ReceiverTransfer:
         now: float,
         config: TransferConfig | None = None,
         held: Sequence[tuple[int, int]] = (),
+        start_window: int | None = None,
     ) -> None:
         """Accept `offer` from `sender` (its peer id; `sender_key` its Ed25519 identity key).
 
         Call `check_offer` first. `held`: ranges (start, count) of chunks the shell has already
         written into the temporary file from its own files and made durable (a delta, SPEC
         7.11); they count as durable from the start, are never asked for, and are hashed by
-        reading them back like any chunk. Emits a Persist and the Accept.
+        reading them back like any chunk. `start_window` (chunks; clamped to the configured
+        bounds) starts the window where an earlier transfer from this sender left it (`window`),
+        instead of at `config.window`. Emits a Persist and the Accept.
         """
         self._setup(
             offer=offer,
@@ -142,10 +151,11 @@ class ReceiverTransfer:
             now=now,
             config=config or TransferConfig(),
             incarnation=1,
+            start_window=start_window,
         )
         self._hold(held)
         self._persist()
-        self._send(self._status(Accept))
+        self._send(self._status(Accept, now))
         self._schedule_read()  # held chunks are hashed from the file, in order
 
     @classmethod
@@ -174,9 +184,10 @@ class ReceiverTransfer:
             raise LocalProtocolError("corrupt receiver snapshot: chunks past the end")
         self._cum = cum
         # A smaller window than before forgets what lies beyond it: it is simply asked again.
-        self._durable = {i for i in durable if cum < i < cum + self.config.window}
+        self._durable = {i for i in durable if cum < i < cum + 2 * self._credit.maximum}
         self._highest = max([cum, *(i + 1 for i in self._durable)])
         self._received = cum + len(self._durable)
+        self._prefix = cum
         self._hold((s, n) for s, n in held if s + n <= self._count)
         if seal is not None:
             try:
@@ -186,7 +197,7 @@ class ReceiverTransfer:
         # The new incarnation is recorded before anything is sent under it, so that the sender
         # can tell this process's messages from the delayed ones of the last.
         self._persist()
-        self._send(self._status(Accept))
+        self._send(self._status(Accept, now))
         self._schedule_read()
         self._maybe_finish()
         return self
@@ -200,6 +211,7 @@ class ReceiverTransfer:
         now: float,
         config: TransferConfig,
         incarnation: int,
+        start_window: int | None = None,
     ) -> None:
         check_local_peer_id(sender, "sender")
         if isinstance(sender_key, nacl.signing.VerifyKey):
@@ -214,7 +226,15 @@ class ReceiverTransfer:
         self.incarnation = incarnation
         self._cipher = ChunkCipher(offer.content_key, offer.transfer_id)
         self._count = offer.chunk_count
-        self._window = config.window
+        self._credit = CreditWindow(
+            initial=config.window,
+            maximum=config.max_window_for(offer.chunk_size),
+            chunk_size=offer.chunk_size,
+            gain=config.window_gain,
+            start=start_window,
+        )
+        self._prefix = 0  # every index below has been received (durable or written)
+        self._granted = 0  # the highest limit sent to the sender
         self.state = RECEIVING
         self.failure: TransferFailed | None = None
         self._actions: list[ReceiverAction] = []
@@ -257,6 +277,8 @@ class ReceiverTransfer:
             cum += 1
         self._cum = cum
         self._highest = max(self._highest, cum)
+        self._prefix = max(self._prefix, cum)
+        self._advance_prefix()
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -265,16 +287,27 @@ class ReceiverTransfer:
         return self.offer.transfer_id
 
     @property
+    def window(self) -> int:
+        """The current window, in chunks (it grows with the measured bandwidth-delay product)."""
+        return self._credit.window
+
+    @property
+    def credit(self) -> CreditWindow:
+        return self._credit
+
+    @property
     def limit(self) -> int:
-        """The sender may send chunk indices below this."""
-        return min(self._cum + self._window, self._count)
+        """The sender may send chunk indices below this: a window beyond what has arrived, at
+        most two beyond what is durable (and within the wire's MAX_WINDOW of it)."""
+        w = self._credit.window
+        return min(self._prefix + w, self._cum + min(2 * w, MAX_WINDOW), self._count)
 
     @property
     def durable_chunks(self) -> int:
         return self._cum + len(self._durable)
 
     def in_window(self) -> int:
-        """Chunks received (durable or not) beyond the durable prefix: at most the window."""
+        """Chunks received (durable or not) beyond the durable prefix: at most two windows."""
         return len(self._durable) + len(self._pending)
 
     def is_received(self, index: int) -> bool:
@@ -322,7 +355,7 @@ class ReceiverTransfer:
         if self.is_received(i):
             self.dropped_duplicates += 1
             return None
-        if i >= self._cum + self._window:
+        if i >= self.limit:
             self.dropped_beyond_window += 1
             return None
         o = self.offer
@@ -341,6 +374,9 @@ class ReceiverTransfer:
         self._unsynced.append(i)
         self._received += 1
         self._frame_since_status = True
+        self._credit.arrived(i, length, now)
+        if i == self._prefix:
+            self._advance_prefix()
         if i > self._highest and self._gap_at is None:
             self._gap_at = now + self.config.repair_delay
         self._highest = max(self._highest, i + 1)
@@ -351,6 +387,9 @@ class ReceiverTransfer:
             self._hash_pos += 1
             self._schedule_read()
         self._maybe_sync(now)
+        if self.limit >= self._granted + max(1, self._credit.window // 4):
+            # Credit on receipt: the sender need not wait for the fsync to keep the path full.
+            self._send_status(now)
         return WriteChunk(i, i * o.chunk_size, data)
 
     def on_synced(self, sync: Sync, now: float) -> None:
@@ -434,7 +473,7 @@ class ReceiverTransfer:
                     reason="offer-mismatch",
                 )
             if self.state == RECEIVING:
-                self._send(self._status(Accept))
+                self._send(self._status(Accept, now))
         elif isinstance(message, Seal):
             self._on_seal(message)
         elif isinstance(message, Abort):
@@ -582,23 +621,33 @@ class ReceiverTransfer:
         self.state = COMMITTING
         self._actions.append(Commit(self._seal))
 
-    def _status(self, cls: type[Accept] | type[Ack]) -> Accept | Ack:
+    def _status(self, cls: type[Accept] | type[Ack], now: float) -> Accept | Ack:
         cum = self._cum
+        # Never below what was granted before (the sender keeps the maximum anyway).
+        limit = max(self.limit, self._granted)
+        self._credit.granted(limit, now)
+        self._granted = max(self._granted, limit)
         durable: Iterable[int] = self._durable
         if self._held:
-            # Held chunks (deltas) may lie beyond the window: the sack reports the window only;
-            # the rest is reported as the window reaches it.
-            durable = [i for i in range(cum + 1, cum + self._window) if i in self._durable]
+            # Held chunks (deltas) may lie beyond the credit: the sack reports below the limit
+            # only; the rest is reported as the limit reaches it.
+            durable = [i for i in range(cum + 1, limit) if i in self._durable]
         return cls(
             self.transfer_id,
             self.incarnation,
             cum,
-            cum + self._window,
+            limit,
             sack_bitmap(cum, durable),
         )
 
+    def _advance_prefix(self) -> None:
+        p = self._prefix
+        while p < self._count and self.is_received(p):
+            p += 1
+        self._prefix = p
+
     def _send_status(self, now: float) -> None:
-        self._send(self._status(Ack))
+        self._send(self._status(Ack, now))
         self._frame_since_status = False
         self._status_at = now + self._status_interval
 

@@ -17,6 +17,7 @@ from tests.support.broker import Broker
 from tests.support.cluster import Node, make_nodes, pair, wait_until
 from tests.support.files import partial_files, random_file, received_files, sha256
 from tests.support.hostile import (
+    TO_BROKER,
     TO_CLIENT,
     BitFlip,
     Drop,
@@ -518,3 +519,39 @@ def test_one_gib_exact(pair_ab: tuple[Node, Node], tmp_path: Path) -> None:
     (got,) = received_files(b, a)
     assert got.stat().st_size == 1 << 30
     assert sha256(got) == sha256(src)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("client", ["builtin", "aiomqtt"])
+def test_a_stalled_broker_connection_is_replaced_and_the_transfer_completes(
+    tmp_path: Path, broker: Broker, client: str
+) -> None:
+    """Issue 13 item 4: the sender's broker connection stalls mid-transfer (nothing passes
+    either way, nothing is closed, as behind a dead NAT entry). Its client notices through its
+    keepalive, connects again, and the transfer completes with the right bytes."""
+    a, b = make_nodes(tmp_path, broker.url, ["alice", "bob"])
+    with HostileProxy(broker.port) as proxy:
+        conf = a.config.read_text().replace(broker.url, proxy.url)
+        conf = conf.replace("keepalive = 60", "keepalive = 5", 1)  # the least the config takes
+        a.config.write_text(conf.replace('client = "builtin"', f'client = "{client}"', 1))
+        a.broker_url = proxy.url
+        a.start()
+        b.start()
+        try:
+            pair(a, b)
+            src = random_file(tmp_path / "model.bin", 60 * CHUNK)
+            hold = proxy.add_rule(TO_BROKER, "peerd/v1/+/x/#", Hold(), skip=20)
+            started = a.json("send", str(src), "--to", b.peer_id)
+            wait_until(lambda: hold.applied > 0, 20, what="a third of the chunks through")
+            accepted = proxy.accepted
+            assert proxy.freeze_connections() == 1
+            proxy.remove_rule(hold)  # what it held was in the stalled connection: lost with it
+            wait_until(lambda: proxy.accepted > accepted, 60, what="alice to connect again")
+            wait_until(
+                lambda: _transfer(a, started["id"])["state"] == "verified", 90, what="verified"
+            )
+            (got,) = received_files(b, a)
+            assert sha256(got) == sha256(src)
+        finally:
+            a.kill()
+            b.kill()

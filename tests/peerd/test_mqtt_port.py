@@ -26,6 +26,7 @@ from peerd.mqtt import (
 )
 from tests.peerd.test_mqtt import eventually, next_msg
 from tests.support.broker import Broker, write_password_file
+from tests.support.hostile import HostileProxy
 
 
 def link_for(broker: Broker, client: str, **kw: Any) -> BrokerLink:
@@ -141,3 +142,35 @@ async def test_a_successful_connect_resets_the_backoff(tmp_path: Path, client: s
         await link.close()
         await task
         broker.close()
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_both_clients_replace_a_connection_that_stalls(broker: Broker, client: str) -> None:
+    """A connection on which nothing moves any more (a dead NAT entry, a stalled path): no FIN,
+    no RST, so TCP would wait for ever. Each client notices the silence through its keepalive
+    (the builtin one after 1.5 keepalives without a byte, aiomqtt/paho after an unanswered
+    PINGREQ) and replaces the connection; what was subscribed works again."""
+    async with HostileProxy(broker.port) as proxy:
+        settings = BrokerSettings.from_url(
+            proxy.url, client_id=("p" + os.urandom(6).hex())[:23], keepalive=1
+        )
+        link = open_link(settings, client=client, backoff=Backoff(initial=0.02, maximum=0.2))
+        task = asyncio.create_task(link.run())
+        try:
+            inbox = f"peerd/v1/t/in/{settings.client_id}"
+            sub = await link.subscribe(inbox, timeout=10)
+            await link.publish(inbox, b"before", qos=1, timeout=10)
+            assert (await next_msg(sub)).payload == b"before"
+
+            assert proxy.freeze_connections() == 1
+            # Nothing closes the stalled connection: only the client's keepalive can tell.
+            # The deadline is a liveness bound, far above the 2-3 keepalives either needs.
+            await proxy.wait_connections(2, limit=30)
+            await link.publish(inbox, b"after", qos=1, timeout=10)
+            assert (await next_msg(sub, limit=10)).payload == b"after"
+            assert link.stats.connects >= 2
+            assert proxy.stats["frozen"] == 1
+        finally:
+            await link.close()
+    assert task.done()
+    assert task.exception() is None

@@ -385,7 +385,7 @@ def test_wrong_hash_in_a_valid_seal_fails() -> None:
 
 def test_receiver_drops_duplicates_and_frames_beyond_its_window() -> None:
     data = payload(40 * CHUNK)
-    rt, _ = _receiver_for(data, window=4, sync_batch=4)
+    rt, _ = _receiver_for(data, window=4, sync_batch=4, max_window_bytes=4 * CHUNK)
     cipher = ChunkCipher(rt.offer.content_key, rt.transfer_id)
     out = frame_buffer(CHUNK)
 
@@ -401,20 +401,30 @@ def test_receiver_drops_duplicates_and_frames_beyond_its_window() -> None:
     garbled = bytearray(frame(0))
     garbled[40] ^= 1
     assert rt.on_frame(bytes(garbled), bytearray(CHUNK), 0.0) is None
-    assert rt.on_frame(frame(4), bytearray(CHUNK), 0.0) is None
+    assert rt.on_frame(frame(6), bytearray(CHUNK), 0.0) is None  # beyond 1 + 4
     assert rt.dropped_beyond_window == 1
-    for i in (1, 2, 3):
-        rt.on_frame(frame(i), bytearray(CHUNK), 0.0)
-    assert rt.in_window() == 4
-    # Not durable yet: the window has not moved.
-    assert rt.on_frame(frame(4), bytearray(CHUNK), 0.0) is None
-    [sync] = [a for a in rt.take_actions() if isinstance(a, Sync)]
-    rt.on_synced(sync, 0.0)
+    # Credit follows what arrives, not what is durable ...
+    for i in (1, 2, 3, 4, 5, 6, 7):
+        assert isinstance(rt.on_frame(frame(i), bytearray(CHUNK), 0.0), WriteChunk)
+    assert rt.in_window() == 8
+    # ... but never more than two windows beyond the durable prefix: nothing is durable yet.
     assert rt.limit == 8
+    assert rt.on_frame(frame(8), bytearray(CHUNK), 0.0) is None
     actions = rt.take_actions()
-    [ack] = [a.message for a in actions if isinstance(getattr(a, "message", None), Ack)]
-    assert (ack.cum, ack.limit) == (4, 8)
-    assert isinstance(rt.on_frame(frame(4), bytearray(CHUNK), 0.0), WriteChunk)
+    acks = [a.message for a in actions if isinstance(getattr(a, "message", None), Ack)]
+    assert acks
+    assert all(a.cum == 0 for a in acks)  # granted on receipt, before any fsync
+    assert max(a.limit for a in acks) == 8
+    after: list[object] = []
+    syncs = [a for a in actions if isinstance(a, Sync)]
+    while syncs:
+        rt.on_synced(syncs[0], 0.0)
+        after += rt.take_actions()
+        syncs = [a for a in after if isinstance(a, Sync) and a.token > syncs[0].token]
+    assert rt.limit == 12
+    ack = [a.message for a in after if isinstance(getattr(a, "message", None), Ack)][-1]
+    assert (ack.cum, ack.limit) == (8, 12)
+    assert isinstance(rt.on_frame(frame(8), bytearray(CHUNK), 1.0), WriteChunk)
 
 
 def test_out_of_order_chunks_are_hashed_by_reading_them_back() -> None:

@@ -8,7 +8,8 @@ swap with a neighbour, bit-flip, truncate, mutate, rewrite (into any packets on 
 topics (`swap_payloads`) or across any two topics matching a filter (`swap_across`). It can
 also inject forged PUBLISH packets toward a client or the broker,
 replay recorded ones (in the same connection, after the client reconnected, or after the broker
-restarted) and cut every connection at once.
+restarted), cut every connection at once, or stall them all (`freeze_connections`: nothing
+passes, nothing closes).
 
 The MQTT stream stays valid, so a test measures the daemon's behaviour and not a broken
 connection: a dropped QoS 1 PUBLISH is acknowledged to its sender by the proxy (unless the rule
@@ -452,6 +453,7 @@ class _Session:
         self.bufs: dict[Direction, bytearray] = {TO_BROKER: bytearray(), TO_CLIENT: bytearray()}
         self.opaque: set[Direction] = set()  # stopped parsing (malformed): pass bytes through
         self.closed = False
+        self.frozen = False  # a stalled path: nothing passes either way, nothing is closed
 
     @property
     def alive(self) -> bool:
@@ -497,13 +499,24 @@ class _Session:
                 src.transport.pause_reading()
 
     def resume_from(self, direction: Direction) -> None:
+        if self.frozen:
+            return
         src = self.sides.get(_OTHER[direction])
         if src is not None and src.transport is not None:
             with contextlib.suppress(RuntimeError):
                 src.transport.resume_reading()
 
+    def freeze(self) -> None:
+        """Stop both directions without closing anything: what is in flight is lost, and both
+        ends' writes back up in their kernel buffers, as behind a dead NAT or a stalled link."""
+        self.frozen = True
+        for side in self.sides.values():
+            if side.transport is not None:
+                with contextlib.suppress(RuntimeError):
+                    side.transport.pause_reading()
+
     def send(self, direction: Direction, data: bytes) -> None:
-        if self.closed:
+        if self.closed or self.frozen:
             return
         t = self.writer(direction)
         if t is None:
@@ -849,6 +862,19 @@ class HostileProxy:
             for session in sessions:
                 session.abort()
             self.stats["killed"] += len(sessions)
+            return len(sessions)
+
+        return self._call(run)
+
+    def freeze_connections(self) -> int:
+        """Stall every open connection: no byte passes either way, none is closed (a client
+        must notice the silence itself). Connections made afterwards pass normally."""
+
+        def run() -> int:
+            sessions = list(self._sessions.values())
+            for session in sessions:
+                session.freeze()
+            self.stats["frozen"] += len(sessions)
             return len(sessions)
 
         return self._call(run)

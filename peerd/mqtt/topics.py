@@ -66,6 +66,19 @@ class Topics:
             raise ValueError("a transfer id is 16 bytes")
         return f"{self.prefix}x/{sender}/{transfer_id.hex()}"
 
+    def early(self, sender: str, receiver: str) -> str:
+        """Where `sender` publishes the chunks it sends `receiver` before the Accept (SPEC 7.7):
+        a topic of the receiver's own under the sender's chunk topics, so the shipped ACL's
+        rules for chunks hold (only the sender publishes under `x/<sender>/`)."""
+        _check_peer_id(sender)
+        _check_peer_id(receiver)
+        return f"{self.prefix}x/{sender}/{receiver}"
+
+    def early_filter(self, receiver: str) -> str:
+        """The filter a node subscribes to for early chunks from any sender."""
+        _check_peer_id(receiver)
+        return f"{self.prefix}x/+/{receiver}"
+
     def parse(self, topic: str) -> tuple[str, tuple[str, ...]] | None:
         """("in", (peer,)), ("rev", (issuer, statement id)) or ("x", (sender, transfer id
         hex)); None for anything else (not ours, or malformed)."""

@@ -60,6 +60,7 @@ class Transfers(TransferMethods, Extension):
 
     async def run(self) -> None:
         """Resume what was under way when the daemon stopped, then expire old records."""
+        self.host.spawn(self.receiving.listen_early(), name="early chunks")
         await self._resume()
         await self._sweep()
         while True:

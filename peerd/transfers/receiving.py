@@ -58,6 +58,7 @@ from protocol.transfer import (
     TransferFailed,
     check_offer,
     delta,
+    parse_chunk_header,
 )
 
 if TYPE_CHECKING:
@@ -74,6 +75,12 @@ CONTENT_REJECTIONS = frozenset(
 # Reasons for which a receiver ends a transfer because of what its sender did (or did not do):
 # counted as rejections, so an operator sees forged content and senders that go quiet.
 COUNTED_FAILURES = CONTENT_REJECTIONS | {"timeout"}
+# Early chunks (SPEC 7.6, 7.7) that arrive before their Offer is accepted are kept, copied, up
+# to these bounds (per transfer, and in all), for at most EARLY_KEEP seconds; beyond, they are
+# dropped and the receiver asks for them again like any lost chunk.
+EARLY_FRAMES = 64
+EARLY_BYTES = 32 << 20
+EARLY_KEEP = 30.0
 # Senders whose path's window is remembered (the window a transfer from each reached), so that
 # the next transfer starts there instead of probing the path again from the initial window.
 REMEMBERED_PATHS = 1024
@@ -122,6 +129,10 @@ class Receiving(Side):
         self.index = ChunkIndex(host.store)
         self.recipes = Recipes()
         self._windows: dict[str, int] = {}  # sender -> the window its last transfer reached
+        # transfer id -> (sender, when the first came, the frames): early chunks kept until
+        # their Offer is accepted.
+        self._early: dict[bytes, tuple[str, float, list[bytes]]] = {}
+        self._early_bytes = 0
         # Lines a peer's offers can cause (a trusted sender may repeat an offer every probe).
         self._logs = LogBudget(log)
 
@@ -165,6 +176,7 @@ class Receiving(Side):
             )
         finally:
             self.accepting.discard(offer.transfer_id)
+            self._drop_early(offer.transfer_id)  # refused: its early chunks are of no use
             if not taken:
                 os.close(dirfd)
 
@@ -311,6 +323,8 @@ class Receiving(Side):
         self.outcomes.stats.started["receive"] += 1
         self.outcomes.stats.bytes_reused += i.reused
         await self._start(i)
+        for frame in self._drop_early(tid):
+            self._on_payload(i, frame)
         log_event(
             log,
             "transfer.start",
@@ -414,10 +428,69 @@ class Receiving(Side):
 
     # -- chunks and the machine's actions ----------------------------------------------------
 
+    # -- early chunks: sent with the Offer, before the Accept ------------------------------
+
+    async def listen_early(self) -> None:
+        """Subscribe, for the daemon's life, to the early chunks any sender sends this node."""
+        host = self.host
+        try:
+            await host.link.subscribe(
+                host.topics.early_filter(host.peer_id), qos=0, handler=self._on_early
+            )
+        except BrokerError as exc:  # early chunks then come again after the Accept
+            log.warning("cannot subscribe to early chunks: %s", exc)
+
+    def _on_early(self, msg: Message) -> None:
+        sender = msg.topic.rsplit("/", 2)[-2]
+        try:
+            tid = parse_chunk_header(msg.payload).transfer_id
+        except RemoteProtocolError as exc:
+            self.frames_rejected += 1
+            self.host.count_rejection(f"chunk-{exc.reason}")
+            return
+        i = self.inc.get(tid)
+        if i is not None:
+            if i.sender == sender:
+                self._on_frame(i, msg)
+            else:
+                self.frames_rejected += 1
+                self.host.count_rejection("chunk-wrong-sender")
+            return
+        # Not accepted yet (the Offer may still be on its way through the session): keep it,
+        # within bounds, for a trusted sender only.
+        now = time.monotonic()
+        for old in [t for t, (_, since, _) in self._early.items() if now - since > EARLY_KEEP]:
+            self._drop_early(old)
+        entry = self._early.get(tid)
+        if (
+            entry is None
+            and len(self._early) < self.host.config.limits.active_receives
+            and self.host.store.view().is_trusted(sender)
+        ):
+            entry = self._early[tid] = (sender, now, [])
+        if (
+            entry is None
+            or entry[0] != sender
+            or len(entry[2]) >= EARLY_FRAMES
+            or self._early_bytes + len(msg.payload) > EARLY_BYTES
+        ):
+            self.host.count_rejection("chunk-early-dropped")
+            return
+        entry[2].append(bytes(msg.payload))
+        self._early_bytes += len(msg.payload)
+
+    def _drop_early(self, tid: bytes) -> list[bytes]:
+        _, _, frames = self._early.pop(tid, ("", 0.0, []))
+        self._early_bytes -= sum(len(f) for f in frames)
+        return frames
+
     def _on_frame(self, i: Incoming, msg: Message) -> None:
+        self._on_payload(i, msg.payload)
+
+    def _on_payload(self, i: Incoming, payload: bytes | bytearray | memoryview) -> None:
         m = i.machine
         try:
-            w = m.on_frame(msg.payload, i.buf, time.time())
+            w = m.on_frame(payload, i.buf, time.time())
         except RemoteProtocolError as exc:
             self.frames_rejected += 1
             self.host.count_rejection(f"chunk-{exc.reason}")
@@ -568,6 +641,14 @@ class Receiving(Side):
         self.inc.pop(i.tid, None)
         self._windows.pop(i.sender, None)  # most recent last: the oldest is dropped first
         self._windows[i.sender] = i.machine.window
+        credit = i.machine.credit
+        log.debug(
+            "transfer %s: window %d chunks, round trip %s, delivery rate %.1f MB/s",
+            i.tid.hex(),
+            credit.window,
+            "unmeasured" if credit.min_rtt is None else f"{credit.min_rtt * 1e3:.0f} ms",
+            credit.rate / 1e6,
+        )
         if len(self._windows) > REMEMBERED_PATHS:
             del self._windows[next(iter(self._windows))]
         with contextlib.suppress(OSError):

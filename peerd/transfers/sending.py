@@ -320,7 +320,11 @@ class Sending(Side):
                         break
                     n = os.preadv(o.fd, [read_view[: r.length]], r.offset)
                     frame = m.on_chunk_read(r, read_view[:n], out)
-                    if frame is not None:
+                    if frame is not None and r.early:
+                        for peer in r.early:  # before the Accept: to its early topic
+                            early = self.host.topics.early(self.host.peer_id, peer)
+                            await link.publish(early, frame, qos=0)
+                    elif frame is not None:
                         await link.publish(o.topic, frame, qos=0)
                         stats.sent(n, resent=m.resent_frames != resent)
                         resent = m.resent_frames

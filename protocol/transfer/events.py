@@ -15,7 +15,7 @@ class TransferConfig:
     """Tunables of both sides. Times are seconds. The initial window suits a LAN or loopback
     broker: at ~600 MB/s 64 chunks of 256 KiB are ~27 ms of data, far above the ~0.4 ms QoS 0
     round trip; on a long path the receiver grows it to twice the measured bandwidth-delay
-    product, up to `max_window_bytes` (64 MiB: a 125 MB/s path at 250 ms)."""
+    product, up to `max_window_bytes` (32 MiB: 167 MB/s at 200 ms)."""
 
     chunk_size: int = DEFAULT_CHUNK_SIZE
     # Receiver: the initial (and smallest) window, in chunks: credit granted beyond what has
@@ -24,8 +24,16 @@ class TransferConfig:
     window: int = 64
     # Receiver: the window grows to window_gain x delivery rate x round trip (both measured,
     # protocol/transfer/window.py), at most this many bytes of chunks (and MAX_WINDOW / 2).
-    max_window_bytes: int = 64 << 20
+    # Two windows (the most in flight to a receiver whose fsyncs lag) then fit the shipped
+    # broker's queue per client (max_queued_bytes 64 MiB), so a slow receiver's chunks wait at
+    # the broker instead of being dropped there.
+    max_window_bytes: int = 32 << 20
     window_gain: float = 2.0
+    # Sender: chunks it may publish to each receiver before its Accept (to the receiver's early
+    # topic), so the first chunks travel with the Offer instead of a round trip after it. At
+    # most the initial window (a receiver accepts them as part of its first credit), shared
+    # among the receivers (the early chunks are published once per receiver). 0: none.
+    early_window: int = 64
     # Receiver: ask for a sync once this many written chunks are not yet durable ...
     sync_batch: int = 16
     # ... or once the oldest of them has waited this long.
@@ -72,6 +80,8 @@ class TransferConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.window <= MAX_WINDOW // 2:
             raise LocalProtocolError(f"window must be in 1..{MAX_WINDOW // 2}")
+        if self.early_window < 0:
+            raise LocalProtocolError("early_window must not be negative")
         if self.max_window_bytes < 0 or not self.window_gain >= 1:
             raise LocalProtocolError("max_window_bytes must be >= 0 and window_gain >= 1")
         if not 1 <= self.sync_batch <= self.window:
@@ -125,6 +135,9 @@ class ReadChunk:
     offset: int
     length: int
     publish: bool  # sender only: the data becomes a frame to publish (else it is only hashed)
+    # Sender only: an early chunk (SPEC 7.7), published to each of these receivers' early
+    # topics instead of the transfer topic, before they accepted.
+    early: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

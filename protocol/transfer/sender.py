@@ -104,6 +104,7 @@ class _Receiver:
         "cursor",
         "deliveries",
         "detail",
+        "early",
         "heard_at",
         "incarnation",
         "lagging",
@@ -132,6 +133,7 @@ class _Receiver:
         self.limit = 0  # may send indices below
         self.cursor = 0  # every index in [cum, cursor) is acknowledged or was sent
         self.repair: set[int] = set()  # requested again; all < cursor
+        self.early = 0  # chunks [0, early) were published to it before it accepted
         self.acked = 0
         self.stalled_since: float | None = None  # since when it has had no credit
         self.lagging = False  # stalled too long: it no longer paces the others
@@ -196,6 +198,10 @@ class SenderTransfer:
             random=random,
             now=now,
         )
+        # Early chunks (SPEC 7.7): the first chunks go out right after the Offers, to each
+        # receiver's early topic, instead of a round trip later; the budget is shared among the
+        # receivers since each gets its own copy.
+        self._early_end = min(self._count, min(config.early_window, config.window) // len(peers))
         self._persist()
         for r in self._receivers.values():
             self._send_offer(r, now)
@@ -278,6 +284,8 @@ class SenderTransfer:
         self._seal: SignedManifest | None = None
         self._start_at = now + config.start_wait
         self._started = False
+        self._early_next = 0  # the next early chunk to publish
+        self._early_end = 0  # none after a restart: the receivers answer with what they hold
         self._finished = False
         self._frontier = 0  # one past the highest index this instance has published
         # Publishes that may serve one receiver: every chunk once, plus re-sends (its repairs,
@@ -349,10 +357,12 @@ class SenderTransfer:
         Call while the shell has room to publish; hand every result back to `on_chunk_read`,
         in this order. A result with `publish=False` is only hashed (after a restart).
         """
-        if self._finished or not self._started:
+        if self._finished:
             return None
         if len(self._reads) >= self.config.max_outstanding_reads:
             return None
+        if not self._started:
+            return self._next_early()
         count = self._count
         lag = self.config.lag_timeout
         blocking: set[int] = set()
@@ -426,7 +436,30 @@ class SenderTransfer:
         hashed = self._hasher is not None and best == hash_next
         return self._issue(best, publish=True, hashed=hashed)
 
-    def _issue(self, index: int, *, publish: bool, hashed: bool) -> ReadChunk:
+    def _next_early(self) -> ReadChunk | None:
+        """Before any receiver accepted: the next early chunk, to every receiver that has not
+        answered yet (a receiver that already holds parts of the transfer answers with them)."""
+        i = self._early_next
+        if i >= self._early_end:
+            return None
+        peers = tuple(
+            r.peer for r in self._receivers.values() if r.state == OFFERED and r.incarnation == 0
+        )
+        if not peers:
+            return None
+        self._early_next = i + 1
+        for p in peers:
+            r = self._receivers[p]
+            r.early = i + 1
+            r.deliveries += 1
+        self.published_frames += len(peers)
+        self._frontier = max(self._frontier, i + 1)
+        hashed = self._hasher is not None and i == self._hash_next
+        return self._issue(i, publish=True, hashed=hashed, early=peers)
+
+    def _issue(
+        self, index: int, *, publish: bool, hashed: bool, early: tuple[str, ...] = ()
+    ) -> ReadChunk:
         if hashed:
             self._hash_next += 1
         read = ReadChunk(
@@ -434,6 +467,7 @@ class SenderTransfer:
             index * self.offer.chunk_size,
             chunk_length(index, self.offer.size, self.offer.chunk_size, self._count),
             publish,
+            early,
         )
         self._reads.append((read, hashed))
         return read
@@ -592,8 +626,11 @@ class SenderTransfer:
             r.sacked = set(durable)
             r.limit = limit
             r.repair.clear()
-            r.cursor = r.cum
-            self._advance_cursor(r, r.cum)
+            # The early chunks count as sent to its first incarnation: one it lost shows as a
+            # gap and is asked for again.
+            start = max(r.cum, r.early) if m.incarnation == 1 else r.cum
+            r.cursor = start
+            self._advance_cursor(r, start)
             if r.state == OFFERED:
                 r.state = ACTIVE
                 self._actions.append(Accepted(r.peer))

@@ -7,7 +7,12 @@ Dynamic Right-Sizing; Linux's tcp_rcv_space_adjust):
 
 - **the round trip**: an Ack granting credit from index L leaves at time t; chunk L cannot arrive
   before the sender has that Ack, so `arrival(first index >= L) - t` is at least one round trip,
-  and exactly one when the sender was waiting for that credit. The minimum over the transfer is
+  and exactly one when the sender was waiting for that credit. A sample counts only when the
+  sender visibly waited: nothing arrived for at least a quarter of the sample before chunk L
+  did. Otherwise chunk L waited behind a backlog of earlier chunks at the bottleneck (the sender
+  had more credit than the path holds), and the sample measures that queue, not the path; the
+  window is then large enough anyway. (Nor does the Accept's first credit count: a sender may
+  send that much before it has heard anything.) The minimum over the transfer is
   the estimate (a sample is never below the true round trip, so the minimum only gets better).
 - **the delivery rate**: bytes received per round (a round lasts the round trip, at least
   `MIN_ROUND`), the maximum of the last `RATE_ROUNDS` rounds.
@@ -38,6 +43,7 @@ class CreditWindow:
 
     __slots__ = (
         "_grants",
+        "_last_arrival",
         "_last_grant",
         "_rates",
         "_round_bytes",
@@ -73,6 +79,7 @@ class CreditWindow:
         # (first newly granted index, when): credit not yet "used" by an arrival.
         self._grants: deque[tuple[int, float]] = deque()
         self._last_grant = 0  # the highest limit granted so far
+        self._last_arrival: float | None = None
         self._rates: deque[float] = deque(maxlen=RATE_ROUNDS)
         self._round_start: float | None = None
         self._round_bytes = 0
@@ -84,7 +91,12 @@ class CreditWindow:
 
     def granted(self, limit: int, now: float) -> None:
         """Credit up to `limit` (exclusive) was sent at `now`."""
-        if limit > self._last_grant:
+        if limit > self._last_grant and self._last_grant == 0:
+            # The first credit (the Accept) is no yardstick: a sender may send that much before
+            # it has heard anything (early chunks, SPEC 7.7), so those chunks may arrive at
+            # once. Chunks beyond it cannot leave before an Ack reached the sender.
+            self._last_grant = limit
+        elif limit > self._last_grant:
             if len(self._grants) >= 4 * RATE_ROUNDS:
                 self._grants.popleft()  # bounded; the oldest mark is the least useful
             self._grants.append((self._last_grant, now))
@@ -99,8 +111,10 @@ class CreditWindow:
             while grants and index >= grants[0][0]:
                 sent = grants.popleft()[1]
             sample = max(now - sent, 0.0)
-            if self.min_rtt is None or sample < self.min_rtt:
+            waited = now - (sent if self._last_arrival is None else self._last_arrival)
+            if (self.min_rtt is None or sample < self.min_rtt) and waited >= sample / 4:
                 self.min_rtt = sample
+        self._last_arrival = now
         if self.min_rtt is None:
             return
         if self._round_start is None:

@@ -112,8 +112,10 @@ async def test_a_file_arrives_verified_and_nothing_is_left_behind(
         assert _rows(receiver) == [("receive", "verified", None, None)]
     assert _rows(alice) == [("send", "verified", None, None)]
     # Encrypt once, publish once: each chunk went to the broker once for both receivers (and
-    # again only when a receiver asked for it, which a loaded machine's timers may do).
-    assert alice.link.broker.published == 6 + result["resent_frames"]
+    # again only when a receiver asked for it, which a loaded machine's timers may do), but the
+    # early chunks sent with the Offer, one copy to each receiver's early topic (SPEC 7.7):
+    # the window of 8 shared by two, 4 each.
+    assert alice.link.broker.published == 6 + 4 + result["resent_frames"]
 
 
 async def test_lost_chunks_are_asked_for_again(
@@ -227,3 +229,32 @@ async def test_the_receiver_cancels(nodes: tuple[FakeHost, ...], tmp_path: Path)
     assert theirs["state"] == "cancelled"
     assert _rows(bob) == [("receive", "cancelled", None, None)]
     assert list((bob.config.node.inbox_dir / alice.peer_id).iterdir()) == []
+
+
+async def test_early_chunks_travel_with_the_offer_and_are_kept_until_it_is_accepted(
+    nodes: tuple[FakeHost, ...], broker: FakeBroker, tmp_path: Path
+) -> None:
+    """SPEC 7.7: the first window goes out right after the Offer, on the receiver's early
+    topic; the receiver keeps what arrives before it has accepted the Offer and uses it."""
+    alice, bob, carol = nodes
+    await pair(alice, bob)
+    topics: list[str] = []
+
+    def record(topic: str, payload: bytes) -> bool:
+        topics.append(topic)
+        return False  # nothing lost
+
+    broker.drop = record
+    source = _file(tmp_path, "model.bin", 5 * CONFIG.chunk_size + 1)
+
+    result = await _send(alice, source, bob)
+
+    assert result["state"] == "verified"
+    early = alice.topics.early(alice.peer_id, bob.peer_id)
+    assert topics.count(early) == 6  # the whole file fits the first window of 8
+    assert result["resent_frames"] == 0  # none was lost waiting for the Accept
+    # Early chunks from a member the receiver does not trust are not kept.
+    frame = b"\x01\x01\x00\x00" + bytes(4) + os.urandom(16) + bytes(8) + bytes(32)
+    await carol.link.publish(carol.topics.early(carol.peer_id, bob.peer_id), frame)
+    assert bob.rejections["chunk-early-dropped"] == 1
+    assert not _transfers(bob).receiving._early

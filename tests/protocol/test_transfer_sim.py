@@ -55,6 +55,7 @@ def small_config(**kw: Any) -> TransferConfig:
         "sync_batch": 3,
         "start_wait": 0.5,
         "lag_timeout": 3.0,
+        "early_window": 0,  # tests that send early chunks say so
     }
     base.update(kw)
     # A fixed window unless a test lets it grow: the bounds below are then exact.
@@ -87,6 +88,10 @@ class ReceiverShell:
     rejected: list[str] = field(default_factory=list)
     written: int = 0
     max_in_window: int = 0
+    # Frames that arrive before the Offer is accepted, kept (as the daemon keeps early chunks,
+    # SPEC 7.6) up to this many, and fed to the machine once it exists.
+    early_cap: int = 64
+    early: list[bytes] = field(default_factory=list)
 
 
 class Sim:
@@ -118,6 +123,7 @@ class Sim:
         self.queue: list[tuple[float, int, str, Any]] = []
         self.seq = 0
         self.events: list[Any] = []
+        self.verified_at: list[float] = []  # simulated time of each ReceiverVerified
         self.published: list[int] = []  # chunk index of every frame published, in order
         self.hash_only_reads = 0
         self.sender_stored: bytes | None = None
@@ -164,9 +170,11 @@ class Sim:
         for _ in range(copies):
             self.push(self.now + self.rng.uniform(*link.delay), kind, item)
 
-    def publish(self, frame: bytes, index: int) -> None:
-        self.published.append(index)
-        for peer in self.shells:
+    def publish(self, frame: bytes, index: int, to: tuple[str, ...] = ()) -> None:
+        """To every receiver (the transfer topic), or early to the receivers `to` (one
+        publish each, on its early topic)."""
+        self.published.extend([index] * max(1, len(to)))
+        for peer in to or self.shells:
             self.transmit(self.chunks, "frame", (peer, frame))
 
     # -- driving ------------------------------------------------------------------------------
@@ -194,20 +202,23 @@ class Sim:
                 break
             busy = True
             self.hash_only_reads += not read.publish
-            if read.publish:
-                # Credit discipline: nothing is published beyond what some receiver granted.
+            if read.publish and not read.early:
+                # Credit discipline: nothing is published beyond what some receiver granted
+                # (but the early chunks, sent before any receiver answered).
                 assert any(
                     read.index < r.limit for r in s._receivers.values() if r.state == "active"
                 ), f"chunk {read.index} published without credit"
             chunk = bytes(self.data[read.offset : read.offset + read.length])
             frame = s.on_chunk_read(read, chunk, self.frame_out)
             if frame is not None:
-                self.publish(bytes(frame), read.index)
+                self.publish(bytes(frame), read.index, read.early)
         else:
             raise AssertionError("the sender never stops reading")
         for action in s.take_actions():
             busy = True
             self.events.append(("sender", action))
+            if isinstance(action, ReceiverVerified):
+                self.verified_at.append(self.now)
             if isinstance(action, SendControl):
                 self.transmit(self.control, "to-receiver", (action.peer, action.message.encode()))
             elif isinstance(action, Persist):
@@ -246,6 +257,18 @@ class Sim:
                 shell.failure = action
         return bool(actions)
 
+    def _frame(self, shell: ReceiverShell, frame: bytes) -> None:
+        assert shell.rt is not None
+        try:
+            write = shell.rt.on_frame(frame, shell.buf, self.now)
+        except RemoteProtocolError as exc:
+            shell.rejected.append(exc.reason)
+            return
+        if write is not None:
+            shell.disk[write.offset : write.offset + len(write.data)] = write.data
+            shell.written += 1
+        shell.max_in_window = max(shell.max_in_window, shell.rt.in_window())
+
     def deliver(self, kind: str, item: Any) -> None:
         if kind == "frame":
             peer, frame = item
@@ -255,16 +278,10 @@ class Sim:
                 if frame is None:
                     return
             if shell.rt is None:
+                if shell.up and shell.stored is None and len(shell.early) < shell.early_cap:
+                    shell.early.append(frame)
                 return
-            try:
-                write = shell.rt.on_frame(frame, shell.buf, self.now)
-            except RemoteProtocolError as exc:
-                shell.rejected.append(exc.reason)
-                return
-            if write is not None:
-                shell.disk[write.offset : write.offset + len(write.data)] = write.data
-                shell.written += 1
-            shell.max_in_window = max(shell.max_in_window, shell.rt.in_window())
+            self._frame(shell, frame)
         elif kind == "to-receiver":
             peer, raw = item
             shell = self.shells[peer]
@@ -286,6 +303,9 @@ class Sim:
                         config=self.config,
                         held=self.held.get(peer, ()),
                     )
+                    early, shell.early = shell.early, []
+                    for frame in early:
+                        self._frame(shell, frame)
                 return
             try:
                 shell.rt.receive(message, self.now)
@@ -469,6 +489,42 @@ def test_clean_transfer_three_receivers_publishes_each_chunk_once() -> None:
     assert sorted(sim.published) == list(range(41))
 
 
+@pytest.mark.parametrize("size", [0, 3 * CHUNK, 8 * CHUNK, 40 * CHUNK + 17])
+def test_early_chunks_travel_with_the_offer(size: int) -> None:
+    """SPEC 7.7: the first chunks leave right after the Offer, not a round trip later; each is
+    still published once, and the transfer ends sooner than without them."""
+    ends = {}
+    for early in (0, 8):
+        sim = Sim(payload(size), ["bob"], seed=3, config=small_config(early_window=early))
+        sim.run()
+        assert_outcome(sim, all_succeed=True)
+        count = max(1, -(-size // CHUNK))
+        assert sorted(sim.published) == list(range(count))
+        assert sim.sender is not None
+        assert sim.sender.resent_frames == 0
+        ends[early] = sim.verified_at[0]
+    assert ends[8] < ends[0]
+
+
+def test_early_chunks_are_one_copy_per_receiver_within_a_shared_budget() -> None:
+    sim = Sim(payload(20 * CHUNK), ["bob", "carol"], config=small_config(early_window=8, window=8))
+    sim.run()
+    assert_outcome(sim, all_succeed=True)
+    # 8 early chunks shared by two receivers: chunks 0..3, each published once to each.
+    assert sorted(sim.published) == sorted([*range(4), *range(20)])
+
+
+def test_early_chunks_a_receiver_could_not_keep_are_repaired() -> None:
+    # A receiver that keeps no early chunk (its buffer full, or it took long to accept):
+    # the later chunks show the gap and it asks for them again.
+    sim = Sim(payload(20 * CHUNK), ["bob"], config=small_config(early_window=8))
+    sim.shells["bob"].early_cap = 0
+    sim.run()
+    assert_outcome(sim, all_succeed=True)
+    assert sim.sender is not None
+    assert sim.sender.resent_frames > 0
+
+
 def test_slow_receiver_paces_the_group_without_republishing() -> None:
     # carol's disk is slow: the group waits for her credit instead of publishing twice.
     sim = Sim(payload(30 * CHUNK), ["bob", "carol"], sync_delay=(0.001, 0.004))
@@ -499,6 +555,7 @@ def test_slow_receiver_paces_the_group_without_republishing() -> None:
     receivers=st.integers(1, 3),
     window=st.sampled_from([1, 2, 8]),
     grow=st.booleans(),
+    early=st.sampled_from([0, 8]),
     chunk_loss=st.sampled_from([0.0, 0.05, 0.3]),
     chunk_dup=st.sampled_from([0.0, 0.1, 0.3]),
     control_loss=st.sampled_from([0.0, 0.05, 0.3]),
@@ -511,6 +568,7 @@ def test_lossy_network_delivers_exact_bytes(
     receivers: int,
     window: int,
     grow: bool,
+    early: int,
     chunk_loss: float,
     chunk_dup: float,
     control_loss: float,
@@ -527,6 +585,7 @@ def test_lossy_network_delivers_exact_bytes(
             window=window,
             sync_batch=min(3, window),
             max_window_bytes=(4 * window if grow else window) * CHUNK,
+            early_window=early,
         ),
         chunks=Link(chunk_loss, chunk_dup, (0.0005, jitter)),
         control=Link(control_loss, control_dup, (0.0005, jitter)),

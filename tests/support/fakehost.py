@@ -20,6 +20,7 @@ from peerd.config import Config, default_config
 from peerd.host import Extension
 from peerd.keystore import Keystore
 from peerd.mqtt import LinkLimits, Message, Topics
+from peerd.mqtt.topics import topic_matches
 from peerd.store import Store, open_store
 from protocol.identity import fingerprint
 from protocol.messaging import decode_app
@@ -37,7 +38,8 @@ class _Subscription:
 
 @dataclass(eq=False)
 class FakeBroker:
-    """Exact-topic publish/subscribe in memory; `drop` decides which publishes are lost."""
+    """Publish/subscribe in memory (MQTT filters, wildcards included); `drop` decides which
+    publishes are lost."""
 
     subs: dict[str, list[Callable[[Message], None]]] = field(default_factory=dict)
     published: int = 0
@@ -47,8 +49,10 @@ class FakeBroker:
         self.published += 1
         if self.drop(topic, payload):
             return
-        for handler in list(self.subs.get(topic, ())):
-            handler(Message(topic, payload, 0, False, False))
+        for topic_filter, handlers in list(self.subs.items()):
+            if topic_matches(topic_filter, topic):
+                for handler in list(handlers):
+                    handler(Message(topic, payload, 0, False, False))
 
 
 class FakeLink:

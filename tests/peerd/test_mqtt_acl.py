@@ -126,6 +126,23 @@ async def test_only_the_sender_publishes_into_its_transfer_topic(
     assert await drain(sys_tree) == []
 
 
+async def test_early_chunks_reach_their_receiver_only_from_their_sender(
+    nodes: dict[str, MqttLink],
+) -> None:
+    """SPEC 7.7: `x/<sender>/<receiver>`, to which a receiver subscribes as `x/+/<its id>`:
+    the shipped ACL lets the sender publish there, and no one else under the sender's id."""
+    alice, bob, carol = nodes["alice"], nodes["bob"], nodes["carol"]
+    early = await bob.subscribe(f"{NET}/x/+/bob", timeout=5)
+    await carol.publish(f"{NET}/x/alice/bob", b"forged by carol", qos=1)  # not carol's to write
+    await alice.publish(f"{NET}/x/alice/bob", b"early ciphertext", qos=1)
+    await carol.publish(f"{NET}/x/carol/bob", b"carol's own", qos=1)  # hers: the node decides
+    got = await drain(early, 2)
+    assert sorted((m.topic.rsplit("/", 2)[1], m.payload) for m in got) == [
+        ("alice", b"early ciphertext"),
+        ("carol", b"carol's own"),
+    ]
+
+
 async def test_a_client_cannot_claim_another_nodes_id(
     shipped: Broker, nodes: dict[str, MqttLink]
 ) -> None:

@@ -145,6 +145,10 @@ class Sending(Side):
         fd, st = open_source(path)
         try:
             chunks = await self._chunks(fd, st.st_size, path)
+            if chunks:
+                # A delta candidate: the receiver may hold most chunks already and says which
+                # in its Accept, so nothing is sent before it (no early chunks, SPEC 7.7).
+                config = dataclasses.replace(config, early_window=0)
             now = time.time()
             machine = SenderTransfer(
                 name=path.name,

@@ -785,5 +785,6 @@ class Daemon:
             item["session_since"] = self._session_since.get(record.peer_id)
             session = self.sessions.session(record.peer_id)
             item["session_protocol"] = None if session is None else session.protocol
+            item["silent_since"] = None if session is None else session.silent_since  # stale
             out.append(item)
         return out

@@ -342,6 +342,10 @@ class Session:
     send_counter: int = 0
     last_received: float = 0.0
     awaiting_since: float | None = None  # first send not yet answered by anything
+    # Since when the peer has left a send unanswered past stale_after (its daemon or broker is
+    # gone, as far as we can tell); cleared by anything it sends. Survives the reconnect
+    # attempts, so `peerd peers` shows "stale" instead of "up" while the peer stays away.
+    silent_since: float | None = None
     pinged: bool = False
     superseded_at: float | None = None
     confirmed: bool = True
@@ -967,6 +971,7 @@ class SessionManager:
         session.window.update(data.counter)
         session.last_received = now
         session.awaiting_since = None
+        session.silent_since = None
         session.pinged = False
         out: list[Output] = []
         if not session.confirmed:
@@ -1165,6 +1170,8 @@ class SessionManager:
                 continue
             if current.awaiting_since is not None:
                 waited = now - current.awaiting_since
+                if waited >= limits.stale_after and current.silent_since is None:
+                    current.silent_since = current.awaiting_since
                 if waited >= 2 * limits.stale_after:
                     current.awaiting_since = None
                     current.pinged = False

@@ -183,7 +183,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         elif other["url"] != broker["url"]:
             print(f"  spare     {other['url']}")
     peers = ", ".join(f"{n} {s}" for s, n in sorted(st["peers"].items())) or "none"
-    up = [common.with_name(p["peer"], p.get("name")) for p in peer_list if p["connected"]]
+    up = [
+        common.with_name(p["peer"], p.get("name"))
+        + ("" if _session_state(p) == "up" else f" ({_session_state(p)})")
+        for p in peer_list
+        if p["connected"]
+    ]
     print(f"peers       {peers}; {st['sessions']} session(s) up" + (": " if up else ""))
     for who in up:
         print(f"            {who}")
@@ -201,6 +206,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     return common.EXIT_OK
 
 
+def _session_state(p: dict[str, Any]) -> str:
+    """up; stale (the peer left what we sent unanswered: its daemon or broker is gone, and
+    the daemon is trying to reach it again); or - (no session)."""
+    if not p["connected"]:
+        return "-"
+    if p.get("silent_since"):
+        return f"stale, silent {max(0, int(time.time() - p['silent_since']))} s"
+    return "up"
+
+
 def cmd_peers(args: argparse.Namespace) -> int:
     peers = common.call(args, "v1.peers")
     if args.json:
@@ -214,7 +229,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
                 p.get("name") or "-",
                 p["state"],
                 p["source"] or "-",
-                "up" if p["connected"] else "-",
+                _session_state(p),
                 p["serial"] if p["serial"] is not None else "-",
                 p["fingerprint"] or "-",
             ]

@@ -89,9 +89,10 @@ class _Progress:
         self.drawn = 0
         self.tty = sys.stderr.isatty()
         self.last = 0.0
+        self.offline: dict[str, float] = {}  # receiver -> silent since (the daemon's event)
 
     def update(self, data: dict[str, Any]) -> None:
-        peer = data.get("peer")
+        peer = str(data.get("peer"))
         if peer not in self.bytes:
             return
         if "bytes" in data:
@@ -102,6 +103,10 @@ class _Progress:
             self.state[peer] = "verified"
         if data.get("failed"):
             self.state[peer] = f"failed: {data.get('detail') or data['failed']}"
+        if data.get("offline_since"):
+            self.offline[peer] = data["offline_since"]
+        if data.get("online") or data.get("verified") or data.get("failed"):
+            self.offline.pop(peer, None)
         self.draw()
 
     def draw(self, final: bool = False) -> None:
@@ -125,6 +130,8 @@ class _Progress:
                 state = f"{_size(rate)}/s, ETA {eta:.0f}s"
             elif state == "sending":
                 state = "all sent, the receiver verifies"
+            if peer in self.offline:
+                state = offline_text(self.offline[peer])
             label = self.names.get(peer) or common.show_id(peer)
             lines.append(f"{label[:23]:23} [{bar:30}] {frac * 100:5.1f}%  {state}")
         if self.tty:
@@ -135,6 +142,12 @@ class _Progress:
         elif final:
             sys.stderr.write("".join(f"{line}\n" for line in lines))
         sys.stderr.flush()
+
+
+def offline_text(since: float, name: str = "") -> str:
+    """'bob offline since 12 s; waiting': a receiver the daemon has not heard from."""
+    who = f"{name} " if name else ""
+    return f"{who}offline since {max(0, int(time.time() - since))} s; waiting"
 
 
 def _final_state(rec: dict[str, Any]) -> str:
@@ -270,6 +283,11 @@ def cmd_transfers(args: argparse.Namespace) -> int:
             done, total = t.get("bytes", 0), max(1, t["size"])
             who = names.get(t["peers"][0]) or common.show_id(t["peers"][0])[:11]
         pct = 100.0 if t["state"] == "verified" else min(100.0, 100.0 * done / total)
+        state = t["state"]
+        for p, r in t.get("receivers", {}).items() if t["direction"] == "send" else ():
+            if r.get("offline_since"):
+                name = names.get(p) or common.show_id(p)[:11]
+                state += f"; {offline_text(r['offline_since'], name)}"
         rows.append(
             [
                 t["id"],
@@ -277,7 +295,7 @@ def cmd_transfers(args: argparse.Namespace) -> int:
                 t["name"],
                 _size(t["size"]),
                 who,
-                t["state"],
+                state,
                 f"{pct:.0f}%",
                 common.when(t.get("started_at")),
                 savings(t) or "",

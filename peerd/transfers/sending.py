@@ -65,6 +65,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("peerd.transfers")
 
 CHUNK_CACHE_ENTRIES = 1 << 19  # chunk-list entries kept (deltas): ~130 bytes each, ~32 GiB of files
+# A receiver silent this long while in the transfer is shown offline: a live one answers the
+# sender's probes (every 2 s while it is quiet) and acknowledges chunks as they come.
+OFFLINE_AFTER = 10.0
+OFFLINE_EVERY = 5.0  # while one is offline, an event this often: progress lines keep counting
 YIELD_EVERY = 4  # chunks published before the sender lets the event loop read acknowledgements
 
 
@@ -88,6 +92,8 @@ class Outgoing:
     chunks: list[tuple[int, bytes]] = field(default_factory=list)  # deltas: CDC chunks
     recipe_sent: set[str] = field(default_factory=set)
     held: dict[str, int] = field(default_factory=dict)  # bytes each receiver already had
+    offline: dict[str, float] = field(default_factory=dict)  # receiver -> silent since (epoch)
+    offline_said: float = 0.0  # when the last offline event went out
 
 
 class Sending(Side):
@@ -316,6 +322,7 @@ class Sending(Side):
                     self._expire_unaccepted(o)
                 if (d := m.next_deadline()) is not None and d <= now:
                     m.on_timer(now)
+                self._check_offline(o, now)
                 sent = 0
                 while (r := m.next_read(now)) is not None:
                     problem = source_problem(o.fd, o.path, o.stat, sent)
@@ -358,6 +365,28 @@ class Sending(Side):
             log_event(log, "transfer.error", logging.ERROR, id=o.tid.hex(), error=str(exc))
             m.source_changed(f"read error: {exc.strerror}")
             await self._actions(o)
+
+    def _check_offline(self, o: Outgoing, now: float) -> None:
+        """A receiver silent for OFFLINE_AFTER (its daemon or its broker gone) is shown so
+        ("bob offline since 12 s; waiting"), with an event every OFFLINE_EVERY while it lasts so
+        a progress line keeps counting; the transfer waits for it (up to the idle timeout)."""
+        m, changed = o.machine, False
+        for peer in o.receivers:
+            since = m.silent_since(peer)
+            gone = since is not None and now - since >= OFFLINE_AFTER
+            if gone and peer not in o.offline:
+                assert since is not None
+                o.offline[peer] = since
+                changed = True
+                log_event(log, "transfer.receiver_offline", id=o.tid.hex(), peer=peer)
+            elif not gone and peer in o.offline:
+                del o.offline[peer]
+                changed = True
+                self._event(o, "transfer.progress", peer=peer, online=True)
+        if o.offline and (changed or now - o.offline_said >= OFFLINE_EVERY):
+            o.offline_said = now
+            for peer, since in o.offline.items():
+                self._event(o, "transfer.progress", peer=peer, offline_since=since)
 
     def _expire_unaccepted(self, o: Outgoing) -> None:
         o.deadline = None
@@ -462,6 +491,7 @@ class Sending(Side):
                     "bytes": o.progress.get(p, 0),
                     **({"detail": o.details[p]} if p in o.details else {}),
                     "held_bytes": o.held.get(p, 0),
+                    "offline_since": o.offline.get(p),
                 }
                 for p in o.receivers
             },

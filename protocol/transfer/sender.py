@@ -319,6 +319,13 @@ class SenderTransfer:
     def receivers(self) -> dict[str, str]:
         return {p: r.state for p, r in self._receivers.items()}
 
+    def silent_since(self, peer: str) -> float | None:
+        """When a receiver still in the transfer (offered or active) was last heard from (or
+        offered the file); None once it verified or failed. The shell tells "bob offline since
+        12 s" from it: a live receiver answers every probe (`probe_interval`)."""
+        r = self._receivers[peer]
+        return r.heard_at if r.state in (OFFERED, ACTIVE) else None
+
     def acked_chunks(self, peer: str) -> int:
         return self._receivers[peer].acked
 

@@ -184,9 +184,24 @@ class ChunkIndex:
             await tx.executemany("DELETE FROM chunk_files WHERE id = ?", [(f,) for f in file_ids])
 
     async def forget_sender(self, sender: str) -> None:
+        await self.forget_senders([sender])
+
+    async def forget_senders(self, senders: list[str]) -> None:
+        """Erase what was indexed from these senders (revoked or blocked), in one transaction."""
+        if not senders:
+            return
         async with self.store.transaction(time.time()) as tx:
-            await tx.execute("DELETE FROM chunk_index WHERE sender = ?", (sender,))
-            await tx.execute("DELETE FROM chunk_files WHERE sender = ?", (sender,))
+            rows = [(s,) for s in senders]
+            await tx.executemany("DELETE FROM chunk_index WHERE sender = ?", rows)
+            await tx.executemany("DELETE FROM chunk_files WHERE sender = ?", rows)
+
+    async def drop_recipes_except(self, keep: set[bytes]) -> None:
+        """Recipes of no transfer being received (left by a crash before the transfer's row)."""
+        rows = await self.store.fetchall("SELECT transfer_id FROM chunk_recipes")
+        gone = [(tid,) for (tid,) in rows if bytes(tid) not in keep]
+        if gone:
+            async with self.store.transaction(time.time()) as tx:
+                await tx.executemany("DELETE FROM chunk_recipes WHERE transfer_id = ?", gone)
 
     async def count(self, sender: str | None = None) -> int:
         where, args = ("WHERE sender = ?", (sender,)) if sender else ("", ())

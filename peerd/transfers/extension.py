@@ -63,6 +63,9 @@ class Transfers(TransferMethods, Extension):
         self.host.spawn(self.receiving.listen_early(), name="early chunks")
         await self._resume()
         await self._sweep()
+        await self.receiving.index.drop_recipes_except(
+            set(self.receiving.inc) | self.receiving.accepting
+        )
         while True:
             await asyncio.sleep(3600)
             await self.host.store.fetchall("SELECT 1")  # keeps the loop honest about the store

@@ -407,9 +407,11 @@ class Receiving(Side):
                 i.machine.abort(record.state.value, f"the sender is {record.state.value}")
                 i.wake.set()
         # What was received from them is no longer offered to them as a base for deltas.
-        for peer in view.peers():
-            if peer.state in (PeerState.REVOKED, PeerState.BLOCKED):
-                self.host.spawn(self.index.forget_sender(peer.peer_id), name="forget chunks")
+        gone = [
+            p.peer_id for p in view.peers() if p.state in (PeerState.REVOKED, PeerState.BLOCKED)
+        ]
+        if gone:
+            self.host.spawn(self.index.forget_senders(gone), name="forget chunks")
 
     def cancel(self, i: Incoming) -> None:
         i.machine.abort("cancelled", "cancelled by the receiver's user")

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.support.broker import Broker
-from tests.support.cluster import Node, make_nodes, pair
+from tests.support.cluster import Node, make_nodes, pair, wait_until
 from tests.support.files import partial_files, sha256
+from tests.support.hostile import TO_CLIENT, Hold, HostileProxy
 from tests.support.models import tensor_sizes, write_model
 
 CHUNK = 256 * 1024
@@ -145,3 +146,52 @@ def test_a_peer_cannot_make_the_receiver_claim_another_senders_chunks(
     assert result["receivers"][b.peer_id]["held_bytes"] == 0
     assert result["published_bytes"] >= secret.stat().st_size
     assert sha256(received(b, c, secret.name)) == sha256(secret)
+
+
+def _chunk_transfer(node: Node, tid: str) -> dict:
+    return next(t for t in node.json("transfers") if t["id"] == tid)
+
+
+@pytest.mark.slow
+def test_a_receiver_killed_mid_delta_resumes_with_its_copies_and_indexes_the_file(
+    tmp_path: Path, broker: Broker
+) -> None:
+    with HostileProxy(broker.port) as proxy:
+        a, b = make_nodes(tmp_path, broker.url, ["alice", "bob"])
+        b.config.write_text(b.config.read_text().replace(broker.url, proxy.url))
+        a.start()
+        b.start()
+        try:
+            pair(a, b)
+            v1 = write_model(tmp_path / "v1.safetensors", SIZES, seed=4)
+            send(a, v1, b)
+            rows_v1 = index_rows(b, a)
+            changed = dict.fromkeys(range(0, len(SIZES), 3), 1)  # a third of the tensors
+            v2 = write_model(tmp_path / "v2.safetensors", SIZES, seed=4, changed=changed)
+            hold = proxy.add_rule(TO_CLIENT, "peerd/v1/+/x/#", Hold(), skip=4)
+            started = a.json("send", str(v2), "--to", b.peer_id)
+            wait_until(lambda: hold.applied > 0, 30, what="some chunks through, then held")
+            wait_until(lambda: bool(partial_files(b)), 20, what="the .part")
+            b.kill()  # SIGKILL: the copies made before the Accept are in the .part, synced
+            proxy.remove_rule(hold)
+            b.start()
+            wait_until(
+                lambda: _chunk_transfer(a, started["id"])["state"] == "verified",
+                90,
+                what="verified after the restart",
+            )
+            assert sha256(received(b, a, v2.name)) == sha256(v2)
+            final = _chunk_transfer(a, started["id"])
+            # The chunks bob copied from v1 were never sent, before or after the restart: what
+            # went out beyond re-sends (repairs of the held frames, the restart's window) is
+            # the changed tensors and the frames they straddle.
+            first_sends = final["published_bytes"] - final["resent_frames"] * (CHUNK + 64)
+            assert first_sends <= changed_bytes(changed) + 2 * len(changed) * CHUNK
+            # The recipe survived the crash in the store: v2 is indexed too.
+            assert index_rows(b, a) > rows_v1
+            # A blocked sender's rows are erased: nothing of it is offered as a base again.
+            b.cli("block", a.peer_id)
+            wait_until(lambda: index_rows(b, a) == 0, 20, what="alice's chunk rows erased")
+        finally:
+            a.kill()
+            b.kill()

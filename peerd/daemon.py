@@ -37,7 +37,7 @@ from peerd.messages import Messages, OutboxLimits
 from peerd.metrics import Metrics
 from peerd.mqtt import BrokerError, BrokerLink, BrokerQueueFull, Message, Topics, link_for_config
 from peerd.mqtt.port import subscribe_steadily
-from peerd.node import NodeMethods, broker_json, local_refusals, peer_json
+from peerd.node import JOIN_REFUSALS, NodeMethods, broker_json, local_refusals, peer_json
 from peerd.revocations import Revocations
 from peerd.sessions import SessionTrust, TicketKeeper, local_key, read_psk
 from peerd.store import Store, open_store
@@ -548,7 +548,8 @@ class Daemon:
         self.publish_event("session.failed", {"peer": failed.peer_id, "reason": failed.reason})
         waiter = self._joins.pop(failed.peer_id, None)
         if waiter is not None and not waiter.done():
-            waiter.set_exception(JoinFailed(f"no session with {failed.peer_id}: {failed.reason}"))
+            why = JOIN_REFUSALS.get(failed.reason, f"no session with {failed.peer_id}")
+            waiter.set_exception(JoinFailed(f"{why}: {failed.reason}"))
 
     def _on_app(self, msg: SessionMessage) -> None:
         try:

@@ -298,7 +298,7 @@ async def check_broker(
         limits = seen.get("limits") or {"max_packet_size": seen.get("max_packet_size", 0)}
         level = limits.get("version")
         what = f"{_version(level)}, " if level else ""
-        tls = "TLS, " if dataclasses.replace(config.broker, url=url).tls else ""
+        tls = "TLS, " if dataclasses.replace(config.broker, url=url, urls=None).tls else ""
         return Finding(
             name, OK, f"the daemon is connected: {tls}logged in, {what}{_limits_text(limits)}"
         )

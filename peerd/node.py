@@ -19,6 +19,12 @@ if TYPE_CHECKING:
     from peerd.store import Store
 
 JOIN_TIMEOUT = 30.0
+# Why a join ended at once: the inviter's REFUSED frame (SPEC.md 3), in words.
+JOIN_REFUSALS = {
+    "invite-used": "this invite was already used (each works once): ask the inviter for a new "
+    "one (peerd invite)",
+    "invite-expired": "this invite has expired: ask the inviter for a new one (peerd invite)",
+}
 
 
 def broker_json(link: BrokerLink, client: str) -> dict[str, Any]:

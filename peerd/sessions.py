@@ -57,6 +57,9 @@ class SessionTrust:
         except TrustError:
             return None
 
+    def closed_invite(self, invite_id: bytes) -> str | None:
+        return self.view.closed_invite(invite_id)
+
 
 class TicketKeeper:
     """The session manager's resumption tickets in the store (table `tickets`), so that a known

@@ -29,6 +29,7 @@ class FrameType(IntEnum):
     DATA = 0x05  # transport message
     RESUME = 0x06  # Noise message 1 of a resumption (KKhfs+psk0 with a ticket, SPEC.md 4.7)
     EARLY = 0x07  # an initiator's early data, between RESUME and the REPLY
+    REFUSED = 0x08  # the answer to a HELLO_PSK naming an invite already used or expired
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +70,19 @@ class Early:
     header: bytes  # the first DATA_HEADER.size bytes: the AEAD associated data
 
 
-Frame = Hello | Reply | Finish | Data | Early
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """An inviter's answer to a HELLO_PSK for an invite it closed: unauthenticated, so it only
+    ends the joiner's wait early (SPEC.md 3 and SECURITY.md say why that is safe)."""
+
+    receiver_index: int  # the joiner's sender_index from its HELLO_PSK
+    reason: str  # "used" or "expired"
+
+
+REFUSAL_CODES: dict[str, int] = {"used": 1, "expired": 2}
+_REFUSAL_NAMES = {code: name for name, code in REFUSAL_CODES.items()}
+
+Frame = Hello | Reply | Finish | Data | Early | Refused
 
 _HEAD = struct.Struct(">BB")
 _HELLO = struct.Struct(">BBIB")
@@ -111,6 +124,13 @@ def encode_reply(receiver_index: int, sender_index: int, noise: bytes) -> bytes:
 
 def encode_finish(receiver_index: int, noise: bytes) -> bytes:
     return _FINISH.pack(VERSION, FrameType.FINISH, receiver_index) + noise
+
+
+_REFUSED = struct.Struct(">BBIB")
+
+
+def encode_refused(receiver_index: int, reason: str) -> bytes:
+    return _REFUSED.pack(VERSION, FrameType.REFUSED, receiver_index, REFUSAL_CODES[reason])
 
 
 def data_header(receiver_index: int, counter: int) -> bytes:
@@ -165,4 +185,11 @@ def decode(frame: bytes) -> Frame:
             raise RemoteProtocolError("FINISH frame too short", reason="malformed")
         _, _, receiver = _FINISH.unpack_from(frame)
         return Finish(receiver, frame[_FINISH.size :])
+    if kind == FrameType.REFUSED:
+        if n != _REFUSED.size:
+            raise RemoteProtocolError("REFUSED frame of the wrong size", reason="malformed")
+        _, _, receiver, code = _REFUSED.unpack_from(frame)
+        if code not in _REFUSAL_NAMES:
+            raise RemoteProtocolError(f"REFUSED with unknown reason {code}", reason="malformed")
+        return Refused(receiver, _REFUSAL_NAMES[code])
     raise RemoteProtocolError(f"unknown frame type {kind}", reason="malformed")

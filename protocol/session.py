@@ -126,6 +126,10 @@ class TrustPolicy(Protocol):
         """The PSK of an open, unexpired, unused invite, else None."""
         ...
 
+    def closed_invite(self, invite_id: bytes) -> str | None:
+        """ "used" or "expired" for an invite this node issued and closed, else None."""
+        ...
+
 
 # -- limits ---------------------------------------------------------------------------------------
 
@@ -588,6 +592,8 @@ class SessionManager:
                 return self._on_hello(frame, now)
             if isinstance(frame, frames.Reply):
                 return self._on_reply(frame, now)
+            if isinstance(frame, frames.Refused):
+                return self._on_refused(frame)
             return self._on_finish(frame, now)
         except RemoteProtocolError as exc:
             return [self._reject(exc.reason, None, str(exc))]
@@ -604,7 +610,7 @@ class SessionManager:
         if hello.invite_id is not None:
             invite_psk = self.trust.invite_psk(hello.invite_id, now)
             if invite_psk is None:
-                return [self._reject("unknown-invite", claimed, "no open invite with that id")]
+                return self._refuse_invite(hello, now)
             psk = combine_psk(self.network_psk, invite_psk)
         elif (refusal := self.trust.refuse_hello(claimed)) is not None:
             return [self._reject(refusal, claimed, "HELLO from a peer that cannot be accepted")]
@@ -754,6 +760,32 @@ class SessionManager:
         while len(self._half_open) >= self.limits.max_half_open:
             self._half_open.popitem(last=False)
             self.rejections["evicted"] += 1
+
+    def _refuse_invite(self, hello: frames.Hello, now: float) -> list[Output]:
+        """A HELLO_PSK naming no open invite. For one this node closed (used, expired) the
+        joiner is told at once, within the HELLO rate limits; an id never issued here gets
+        silence, as before: a guesser learns nothing (SECURITY.md 3.1)."""
+        claimed = hello.reply_to
+        assert hello.invite_id is not None
+        closed = self.trust.closed_invite(hello.invite_id)
+        if closed is None:
+            return [self._reject("unknown-invite", claimed, "no open invite with that id")]
+        if not self._hello_bucket.take(now) or not self._peer_bucket(claimed, now).take(now):
+            return [self._reject("rate-limited", claimed, "too many handshakes")]
+        refusal = frames.encode_refused(hello.sender_index, closed)
+        return [
+            SendFrame(claimed, refusal),
+            self._reject(f"invite-{closed}", claimed, f"HELLO_PSK for an invite {closed}"),
+        ]
+
+    def _on_refused(self, refused: frames.Refused) -> list[Output]:
+        """The inviter says our join's invite is closed: end that join now, not at timeout."""
+        hs = self._initiating.get(refused.receiver_index)
+        if hs is None or hs.session is not None or hs.invite_id is None:
+            return [self._reject("unknown-session", None, "REFUSED for no join of ours")]
+        self._drop_handshake(hs)
+        self._peers[hs.peer_id].handshake = None
+        return [HandshakeFailed(hs.peer_id, f"invite-{refused.reason}")]
 
     def _on_reply(self, reply: frames.Reply, now: float) -> list[Output]:
         hs = self._initiating.get(reply.receiver_index)

@@ -39,6 +39,7 @@ from peerd.store.log import AuditError, Event, LogReport, StoreError, verify_ent
 from peerd.store.peers import CertificateRecord, OwnIdentity, load_peers
 from peerd.store.schema import APPLICATION_ID, MIGRATIONS
 from protocol.identity import InviteGrant, TrustError, TrustView
+from protocol.identity.trust import MAX_CLOSED_INVITES
 
 SQLITE_MAGIC: Final = b"SQLite format 3\0"
 
@@ -173,6 +174,13 @@ class Store(InviteRecords):
             "SELECT invite_id, psk, expires_at FROM invites WHERE state = 'open'"
         ):
             self._view.put_invite(InviteGrant(invite_id, psk, expires_at))
+        closed = await db.execute_fetchall(
+            "SELECT invite_id, state FROM invites WHERE state != 'open'"
+            " ORDER BY closed_at DESC LIMIT ?",
+            (MAX_CLOSED_INVITES,),
+        )
+        for invite_id, state in reversed(list(closed)):
+            self._view.drop_invite(invite_id, state)
 
     # -- reading the log ----------------------------------------------------------------
 

@@ -111,7 +111,7 @@ class InviteRecords(PeerRecords):
                 " WHERE peer_id = ? AND name = ''",
                 (invite_id, auth.peer_id),
             )
-            tx.after_commit(lambda: self._view.drop_invite(invite_id))
+            tx.after_commit(lambda: self._view.drop_invite(invite_id, "used"))
         return self._peer_after(auth.peer_id)
 
     async def expire_invites(self, *, now: float) -> list[bytes]:
@@ -135,7 +135,7 @@ class InviteRecords(PeerRecords):
 
     def _drop_invites(self, ids: list[bytes]) -> None:
         for invite_id in ids:
-            self._view.drop_invite(invite_id)
+            self._view.drop_invite(invite_id, "expired")
 
     async def invites(self) -> list[InviteRecord]:
         rows = await self._conn().execute_fetchall(

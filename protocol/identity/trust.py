@@ -60,6 +60,9 @@ from protocol.identity.objects import (
 MAX_SUPERSEDED = 8  # superseded certificates remembered per peer for sessions in their overlap
 MAX_PEERS = 100_000  # the view refuses to grow beyond this (a bound, not a product limit)
 MAX_INVITES = 1000
+# Closed invites remembered (newest first out of the window) so that a joiner with a used or
+# expired token is told so at once (SPEC 3, REFUSED) instead of waiting for an answer.
+MAX_CLOSED_INVITES = 1024
 VERIFIED_CACHE = 512  # credentials whose signatures are known good (LRU)
 # Owner-signed revocations of peers this node has never met are kept (a peer met later is held
 # to them), but anyone can mint identities and retain their self-revocations on the broker: past
@@ -179,6 +182,7 @@ class TrustView:
         self._peers: dict[str, PeerTrust] = {}
         self._revoked_through: dict[str, int] = {}
         self._invites: dict[bytes, InviteGrant] = {}
+        self._closed_invites: OrderedDict[bytes, str] = OrderedDict()
         # Credentials whose signatures verified, by their exact bytes. A peer presents the
         # same bytes at every handshake until it rotates, and Ed25519 verification is most of
         # the cost of `authenticate` (~40 us of ~80): only the time-independent checks are
@@ -645,8 +649,21 @@ class TrustView:
             raise LocalProtocolError(f"at most {MAX_INVITES} invites may be open at once")
         self._invites[grant.invite_id] = grant
 
-    def drop_invite(self, invite_id: bytes) -> None:
-        self._invites.pop(bytes(invite_id), None)
+    def drop_invite(self, invite_id: bytes, closed: str | None = None) -> None:
+        """Forget an open invite; `closed` ("used", "expired") remembers why, for
+        `closed_invite`."""
+        invite_id = bytes(invite_id)
+        self._invites.pop(invite_id, None)
+        if closed is not None:
+            self._closed_invites[invite_id] = closed
+            self._closed_invites.move_to_end(invite_id)
+            while len(self._closed_invites) > MAX_CLOSED_INVITES:
+                self._closed_invites.popitem(last=False)
+
+    def closed_invite(self, invite_id: bytes) -> str | None:
+        """ "used" or "expired" for an invite this node issued and closed (among the last
+        MAX_CLOSED_INVITES), else None (open, or never issued here)."""
+        return self._closed_invites.get(bytes(invite_id))
 
     def open_invite_count(self) -> int:
         return len(self._invites)

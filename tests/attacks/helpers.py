@@ -248,6 +248,9 @@ class _AcceptAnyone:
     def invite_psk(self, invite_id: bytes, now: float) -> bytes | None:
         return None
 
+    def closed_invite(self, invite_id: bytes) -> str | None:
+        return None
+
 
 class Rogue:
     """A participant that speaks the session protocol with the identity it is given: any

@@ -37,6 +37,9 @@ class _Anyone:
     def invite_psk(self, invite_id: bytes, now: float) -> bytes | None:
         return None
 
+    def closed_invite(self, invite_id: bytes) -> str | None:
+        return None
+
 
 class RogueNode:
     def __init__(

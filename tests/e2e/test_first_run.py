@@ -264,3 +264,26 @@ def test_peers_are_shown_by_name_next_to_their_id(
         assert any(e["kind"] == "peer-named" and e["detail"]["name"] == "bob-gpu" for e in audit)
     finally:
         bob.kill()
+
+
+def test_joining_with_a_used_token_says_so_at_once(
+    node: Node, tmp_path: Path, broker: Broker
+) -> None:
+    """The inviter answers a HELLO_PSK for an invite it closed with REFUSED: the second joiner
+    hears "already used" instead of waiting out --timeout for "no answer" (the old behaviour
+    fails this test on the message, whatever the machine's speed)."""
+    bob, carol = make_nodes(tmp_path, broker.url, ["bob", "carol"])
+    for n in (bob, carol):
+        n.start()
+    try:
+        token = node.cli("invite").strip()
+        bob.cli("join", token)
+        again = carol.run_cli("join", token, "--timeout", "20s")
+        assert again.returncode == 1, again.stderr
+        assert "this invite was already used" in again.stderr
+        assert "no answer" not in again.stderr
+        assert node.status()["rejections"].get("invite-used") == 1
+        assert carol.peer_id not in node.peers()
+    finally:
+        for n in (bob, carol):
+            n.kill()

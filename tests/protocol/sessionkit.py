@@ -62,6 +62,9 @@ class DirectoryTrust:
     def invite_psk(self, invite_id: bytes, now: float) -> bytes | None:
         return self.directory.invites.get(self.owner, {}).get(invite_id)
 
+    def closed_invite(self, invite_id: bytes) -> str | None:
+        return None
+
 
 def make_node(
     name: str,

@@ -565,3 +565,21 @@ def test_initiator_gets_no_session_when_the_responder_refuses_message_3() -> Non
     net.tick(2)
     assert net.of("alice", HandshakeFailed)[0].reason == "timeout"
     assert not a.has_session("bob")
+
+
+def test_refused_frames_round_trip_and_strange_ones_are_malformed() -> None:
+    frame = frames.encode_refused(0xDEADBEEF, "used")
+    assert frames.decode(frame) == frames.Refused(0xDEADBEEF, "used")
+    assert frames.decode(frames.encode_refused(7, "expired")) == frames.Refused(7, "expired")
+    for bad in (frame + b"\0", frame[:-1], frame[:-1] + b"\x09"):
+        with pytest.raises(RemoteProtocolError) as exc:
+            frames.decode(bad)
+        assert exc.value.reason == "malformed"
+
+
+def test_a_refused_frame_for_no_join_of_ours_changes_nothing() -> None:
+    net, _ = _established()
+    bob = net.nodes["bob"]
+    (rej,) = bob.receive(frames.encode_refused(12345, "used"), net.now)
+    assert isinstance(rej, Rejected)
+    assert rej.reason == "unknown-session"

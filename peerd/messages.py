@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from peerd.control import optional, require
 from peerd.errors import PeerdError, UsageError
 from peerd.host import Extension, control_method
+from peerd.logs import log_event
 from peerd.receivers import check_receiver
 from protocol.identity import parse_peer_id
 from protocol.messaging import (
@@ -218,7 +219,7 @@ class Messenger:
         if n:
             self.counters["expired"] += n
             self._out.clear()  # numbers may have gaps now; reload from the outbox
-            log.info("%d undelivered message(s) expired", n)
+            log_event(log, "messages.expired", count=n)
         return n
 
     async def peers_waiting(self) -> set[str]:
@@ -261,7 +262,7 @@ class Messenger:
                     # Do not acknowledge: the sender keeps it until the application catches up.
                     inbound.last -= len(result.deliver)
                     self.rejections["inbox-full"] += 1
-                    log.warning("inbox full: not accepting messages from %s for now", peer)
+                    log_event(log, "messages.inbox_full", logging.WARNING, peer=peer)
                     return
                 async with self.store.transaction(now) as tx:
                     for m in result.deliver:

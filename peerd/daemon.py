@@ -38,6 +38,7 @@ from peerd.metrics import Metrics
 from peerd.mqtt import BrokerError, BrokerLink, BrokerQueueFull, Message, Topics, link_for_config
 from peerd.mqtt.port import subscribe_steadily
 from peerd.node import JOIN_REFUSALS, NodeMethods, broker_json, local_refusals, peer_json
+from peerd.revocation_index import RevocationIndex
 from peerd.revocations import Revocations
 from peerd.sessions import SessionTrust, TicketKeeper, local_key, read_psk
 from peerd.store import Store, open_store
@@ -185,9 +186,11 @@ class Daemon:
         )
         # The parts built on this host, which they see only as a peerd.host.Host. Order matters
         # where hooks do: a peer's queued messages are pumped first when its session comes up.
+        revocations = Revocations(self, self._events)
         self._extensions = [
             self.messages,
-            Revocations(self, self._events),
+            revocations,
+            RevocationIndex(self, revocations),
             Transfers(self),
             Authority(self),
         ]

@@ -62,16 +62,24 @@ class Revocations(Extension):
         """A statement from `rev/<publisher>/<statement id>` (in the link's read path)."""
         refuse = self.host.count_rejection
         statement = msg.payload
+        where = self.host.topics.parse(msg.topic)
+        if where is not None and where[0] == "rev-index":
+            return  # an issuer's index: peerd/revocation_index.py reads those it watches
         if not statement:
             # Someone cleared a retained statement: it un-revokes nothing (the store keeps
             # what it learned), but an operator should see the attempt.
             refuse("revocation-cleared", "a retained revocation cleared on %s", msg.topic)
             return
-        where = self.host.topics.parse(msg.topic)
         if where is None or where[0] != "rev":
             refuse("revocation-bad-topic", "a revocation on topic %r", msg.topic[:200])
             return
         publisher, sid = where[1]
+        self.check_broker_statement(publisher, statement, sid)
+
+    def check_broker_statement(self, publisher: str, statement: bytes, sid: str) -> None:
+        """The cheap checks of a statement published under `rev/<publisher>/` (on its own
+        topic `sid`, or in the publisher's index), then `admit`."""
+        refuse = self.host.count_rejection
         if sid != statement_id(statement):
             refuse(
                 "revocation-topic-mismatch", "a revocation under %s that is not %s", publisher, sid

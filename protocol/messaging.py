@@ -211,3 +211,61 @@ class OutboundChannel:
 
     def next_deadline(self) -> float | None:
         return min(self._sent.values()) + self.rto if self._sent else None
+
+
+# -- the revocation index (SPEC.md 2.1) --------------------------------------------------------
+
+INDEX_VERSION = 1
+MAX_INDEX_STATEMENTS = 32
+MAX_INDEX_SIZE = 16384  # fits the smallest packet limit peerd accepts (16 KiB chunks + 1 KiB)
+
+
+def encode_revocation_index(statements: list[bytes]) -> bytes:
+    """The retained payload of `rev/<issuer>/index`: the issuer's statements, in its order
+    (newest first), as many as fit `MAX_INDEX_STATEMENTS` and `MAX_INDEX_SIZE`; the rest are
+    left out. Raises LocalProtocolError for a statement that is no statement's size."""
+    chosen: list[bytes] = []
+    for statement in statements:
+        if not isinstance(statement, bytes) or not 0 < len(statement) <= MAX_STATEMENT:
+            raise LocalProtocolError("a revocation statement is 1-4096 bytes")
+        if statement in chosen:
+            continue
+        candidate = [*chosen, statement]
+        if len(_pack_index(candidate)) > MAX_INDEX_SIZE:
+            break
+        chosen = candidate
+        if len(chosen) == MAX_INDEX_STATEMENTS:
+            break
+    return _pack_index(chosen)
+
+
+def _pack_index(statements: list[bytes]) -> bytes:
+    return msgpack.packb([INDEX_VERSION, statements], use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def decode_revocation_index(data: bytes) -> list[bytes]:
+    """The statements of an index, checked for shape only (each is then checked as if it had
+    come on its own topic). Raises RemoteProtocolError("malformed") for anything else."""
+
+    def bad(detail: str) -> RemoteProtocolError:
+        return RemoteProtocolError(f"malformed revocation index: {detail}", reason="malformed")
+
+    if len(data) > MAX_INDEX_SIZE:
+        raise bad(f"{len(data)} bytes, more than {MAX_INDEX_SIZE}")
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=MAX_STATEMENT)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise bad("not msgpack") from exc
+    if not isinstance(obj, list) or len(obj) != 2 or obj[0] != INDEX_VERSION:
+        raise bad(f"not a version {INDEX_VERSION} index")
+    statements = obj[1]
+    if (
+        not isinstance(statements, list)
+        or len(statements) > MAX_INDEX_STATEMENTS
+        or not all(isinstance(s, bytes) and s for s in statements)
+        or len(set(statements)) != len(statements)
+    ):
+        raise bad(f"not a list of at most {MAX_INDEX_STATEMENTS} distinct statements")
+    if _pack_index(statements) != bytes(data):
+        raise bad("not in canonical form")
+    return list(statements)

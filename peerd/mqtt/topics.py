@@ -58,6 +58,13 @@ class Topics:
         _check_peer_id(issuer)
         return f"{self.prefix}rev/{issuer}/{statement_id(statement)}"
 
+    def revocation_index(self, issuer: str) -> str:
+        """The issuer's retained index of its statements: a topic a node can name without
+        knowing the statements, so an exact subscription gets the retained copy on brokers that
+        send none to wildcard subscriptions (RabbitMQ; protocol/SPEC.md 2.1)."""
+        _check_peer_id(issuer)
+        return f"{self.prefix}rev/{issuer}/{INDEX_LEVEL}"
+
     def transfer(self, sender: str, transfer_id: bytes) -> str:
         """A transfer's chunk topic. The sender's id is a level of its own so that a broker
         ACL can let only the sender publish there (`pattern write .../x/%u/+`)."""
@@ -80,8 +87,8 @@ class Topics:
         return f"{self.prefix}x/+/{receiver}"
 
     def parse(self, topic: str) -> tuple[str, tuple[str, ...]] | None:
-        """("in", (peer,)), ("rev", (issuer, statement id)) or ("x", (sender, transfer id
-        hex)); None for anything else (not ours, or malformed)."""
+        """("in", (peer,)), ("rev", (issuer, statement id)), ("rev-index", (issuer,)) or ("x",
+        (sender, transfer id hex)); None for anything else (not ours, or malformed)."""
         if not topic.startswith(self.prefix):
             return None
         parts = topic[len(self.prefix) :].split("/")
@@ -90,12 +97,15 @@ class Topics:
             return kind, rest
         if kind == "rev" and len(rest) == 2 and CLIENT_ID.match(rest[0]) and _HEX32.match(rest[1]):
             return kind, rest
+        if kind == "rev" and len(rest) == 2 and CLIENT_ID.match(rest[0]) and rest[1] == INDEX_LEVEL:
+            return "rev-index", rest[:1]
         if kind == "x" and len(rest) == 2 and CLIENT_ID.match(rest[0]) and _HEX32.match(rest[1]):
             return kind, rest
         return None
 
 
 _HEX32 = re.compile(r"[0-9a-f]{32}\Z")
+INDEX_LEVEL = "index"  # never a statement id (32 hex digits)
 
 
 def _check_peer_id(peer_id: str) -> None:

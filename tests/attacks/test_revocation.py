@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from peerd.mqtt import Topics
 from protocol.identity import issue_revocation, new_identity_seed
 from tests.attacks.conftest import start_cluster
 from tests.attacks.helpers import SOON, Api, Rogue, keys, statement_topic
@@ -72,7 +73,10 @@ def test_rollback_and_revoked_keys_are_refused_for_good(
 
             # Replayed revocation state changes nothing and is no error; forged statements
             # are refused and counted; clearing the retained copy un-revokes nothing.
-            (statement,) = proxy.recordings("peerd/v1/+/rev/#")
+            # (Bob's index, rev/<bob>/index, carries the same statement: SPEC 2.1.)
+            (statement,) = [
+                r for r in proxy.recordings("peerd/v1/+/rev/#") if not r.topic.endswith("/index")
+            ]
             log_before = a.call("v1.audit.verify")["entries"]
             refused_before = {k: v for k, v in a.rejections().items() if "revocation" in k}
             proxy.replay([statement], direction=TO_CLIENT, client=alice.peer_id)
@@ -97,6 +101,14 @@ def test_rollback_and_revoked_keys_are_refused_for_good(
                 TO_CLIENT, statement_topic(alice, bob.peer_id, junk), junk, client=alice.peer_id
             )
             a.wait_rejected("revocation-malformed")
+            # An index (on the topic alice watches for bob) that is not one is refused whole.
+            proxy.inject(
+                TO_CLIENT,
+                Topics(alice.network).revocation_index(bob.peer_id),
+                junk,
+                client=alice.peer_id,
+            )
+            a.wait_rejected("revocation-index-malformed")
             assert a.call("v1.audit.verify")["entries"] == log_before
             refused = {k: v for k, v in a.rejections().items() if "revocation" in k}
             assert set(refused) - set(refused_before) == {
@@ -104,6 +116,7 @@ def test_rollback_and_revoked_keys_are_refused_for_good(
                 "revocation-bad-signature",
                 "revocation-unknown-signer",
                 "revocation-malformed",
+                "revocation-index-malformed",
             }
             proxy.inject(TO_BROKER, statement.topic, b"", client=bob.peer_id, retain=True)
             a.wait_rejected("revocation-cleared")

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.messaging import (
+    MAX_INDEX_SIZE,
+    MAX_INDEX_STATEMENTS,
     MAX_MESSAGE,
     ChannelAck,
     ChannelMessage,
@@ -20,6 +22,8 @@ from protocol.messaging import (
     TransferPayload,
     check_channel,
     decode_app,
+    decode_revocation_index,
+    encode_revocation_index,
 )
 
 
@@ -129,3 +133,50 @@ def test_outbound_window_retransmission_and_acks() -> None:
     out.reset()
     assert out.due([3, 4, 5], 2.6) == [3, 4, 5]
     assert out.next_deadline() == pytest.approx(4.6)
+
+
+# -- the revocation index ----------------------------------------------------------------------
+
+
+def test_revocation_index_round_trips_newest_first_and_bounded() -> None:
+    statements = [bytes([i]) * 300 for i in range(1, 80)]
+    encoded = encode_revocation_index(statements)
+    decoded = decode_revocation_index(encoded)
+    assert decoded == statements[: len(decoded)]  # the issuer's order, a prefix
+    assert len(encoded) <= MAX_INDEX_SIZE
+    assert 0 < len(decoded) <= MAX_INDEX_STATEMENTS
+    small = [bytes([i]) * 10 for i in range(1, 80)]
+    assert len(decode_revocation_index(encode_revocation_index(small))) == MAX_INDEX_STATEMENTS
+    assert decode_revocation_index(encode_revocation_index([b"a", b"a", b"b"])) == [b"a", b"b"]
+    assert decode_revocation_index(encode_revocation_index([])) == []
+    with pytest.raises(LocalProtocolError):
+        encode_revocation_index([b""])
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"\xc1",
+        msgpack.packb([2, [b"x"]]),
+        msgpack.packb([1, [b"x", b"x"]]),
+        msgpack.packb([1, ["text"]]),
+        msgpack.packb([1, [b""]]),
+        msgpack.packb([1, [b"x"] * 33]),
+        msgpack.packb([1, [b"x"]]) + b"\x00",
+        msgpack.packb([1, [b"x" * 4097]]),
+        msgpack.packb([1, [b"x"], 3]),
+    ],
+)
+def test_a_malformed_revocation_index_is_a_remote_error(raw: bytes) -> None:
+    with pytest.raises(RemoteProtocolError, match="malformed revocation index"):
+        decode_revocation_index(raw)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_fuzz_revocation_index_only_documented_errors(raw: bytes) -> None:
+    try:
+        decode_revocation_index(raw)
+    except RemoteProtocolError:
+        pass

@@ -186,14 +186,10 @@ class Daemon:
         )
         # The parts built on this host, which they see only as a peerd.host.Host. Order matters
         # where hooks do: a peer's queued messages are pumped first when its session comes up.
-        revocations = Revocations(self, self._events)
-        self._extensions = [
-            self.messages,
-            revocations,
-            RevocationIndex(self, revocations),
-            Transfers(self),
-            Authority(self),
-        ]
+        transfers, revocations = Transfers(self), Revocations(self, self._events)
+        index = RevocationIndex(self, revocations)
+        self._extensions = [self.messages, revocations, index, transfers, Authority(self)]
+        self.link.probe_plan = transfers.probe_plan()  # chunk sizes that fit the broker
         for ext in self._extensions:
             for name in ext.events:
                 if name not in self.control.events:

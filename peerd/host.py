@@ -95,6 +95,13 @@ class Link(Protocol):
     async def drain(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - the link's own BrokerTimeout
         ...
 
+    async def settled(self, timeout: float) -> LinkLimits:  # noqa: ASYNC109 - a bound, not a failure
+        """The limits in force once a probe of the broker's packet limit under way finished."""
+        ...
+
+    def reprobe(self) -> None:
+        """Probe the broker's packet limit again: what fitted went nowhere."""
+
 
 class Host(Protocol):
     """The daemon as its extensions see it."""

@@ -143,7 +143,9 @@ class AiomqttLink(LinkCommon):
             version = self._version = _V311
             client = self._connect(version, props)
             await self._enter(client)
-        self._limits = _limits_of(props[-1] if props else None, version, self.settings)
+        self._limits = self._with_found(
+            _limits_of(props[-1] if props else None, version, self.settings)
+        )
         return client
 
     async def _enter(self, client: aiomqtt.Client) -> None:
@@ -270,6 +272,7 @@ class AiomqttLink(LinkCommon):
             if not w.done():
                 w.set_result(None)
         self._notify(True)
+        self._start_probe()
 
     def _set_down(self) -> None:
         was_up, self._up, self._client = self._up, False, None
@@ -495,12 +498,13 @@ _V311, _V5 = 4, 5
 
 def _limits_of(props: Any, version: int, settings: BrokerSettings) -> LinkLimits:
     """The limits in force from paho's CONNACK properties (MQTT 5; None in 3.1.1)."""
-    packet = settings.max_packet_size
+    packet, source = settings.max_packet_size, "configured"
     broker = getattr(props, "MaximumPacketSize", None)
-    if isinstance(broker, int) and broker > 0:
-        packet = min(packet, broker)
+    if isinstance(broker, int) and 0 < broker < packet:
+        packet, source = broker, "broker"
     return LinkLimits(
         max_packet_size=packet,
+        source=source,
         version=version,
         receive_maximum=int(getattr(props, "ReceiveMaximum", 65535)),
         maximum_qos=min(1, int(getattr(props, "MaximumQoS", 1))),

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 from types import TracebackType
-from typing import Self
+from typing import Self, cast
 
 from peerd.mqtt.errors import BrokerError, BrokerTimeout, LinkClosed
 from peerd.mqtt.limits import LinkLimits
+from peerd.mqtt.probe import Probed, ProbePlan, probe_packet_limit
 from peerd.mqtt.settings import Backoff, BrokerSettings
 from peerd.mqtt.subscription import LinkStats, Message, Routes, Subscription
 from peerd.mqtt.topics import check_filter
@@ -43,6 +45,11 @@ class LinkCommon:
         self.backoff = backoff or Backoff()
         self.last_error: BrokerError | None = None
         self._limits = LinkLimits(max_packet_size=self.settings.max_packet_size)
+        self._unprobed = self._limits  # the limits the last connect gave, before a probe's
+        # Set by the owner before run(): probe each broker URL's packet limit (probe.py).
+        self.probe_plan: ProbePlan | None = None
+        self._found: dict[str, int | None] = {}  # per broker URL: what its probe found
+        self._probing: asyncio.Task[None] | None = None
         self._on_state = on_state
         self._routes = Routes()
         self._up = False  # connected, subscriptions restored: publishes may be sent
@@ -95,6 +102,60 @@ class LinkCommon:
     def limits(self) -> LinkLimits:
         """The limits in force on the current (or last) connection."""
         return self._limits
+
+    # -- the packet limit probe (peerd/mqtt/probe.py) --
+
+    def _with_found(self, limits: LinkLimits) -> LinkLimits:
+        """`limits` of a new connection, lowered to what a probe found on this broker URL."""
+        self._unprobed = limits
+        found = self._found.get(self.settings.url)
+        if found is not None and found < limits.max_packet_size:
+            return dataclasses.replace(limits, max_packet_size=found, source="probe")
+        return limits
+
+    def _start_probe(self) -> None:
+        """Probe the broker in use, once per URL (called when a connection comes up)."""
+        plan, url = self.probe_plan, self.settings.url
+        if plan is None or url in self._found or self._probing is not None or self._closing:
+            return
+        self._probing = asyncio.create_task(self._probe(url, plan), name=f"mqtt-probe {url}")
+
+    async def _probe(self, url: str, plan: ProbePlan) -> None:
+        try:
+            # Both clients have what the probe uses; LinkCommon only declares their shared half.
+            found = await probe_packet_limit(cast(Probed, self), plan)
+        except BrokerError as exc:
+            log.info("broker %s: packet limit not probed (%s); next connect", url, exc)
+            return
+        finally:
+            self._probing = None
+        self._found[url] = found
+        if found is None:
+            log.info("broker %s: carries every chunk size (probe)", url)
+            return
+        log.warning(
+            "broker %s: passes no PUBLISH above %d bytes (found by a probe; it said nothing):"
+            " transfers use chunks that fit",
+            url,
+            found,
+        )
+        if url == self.settings.url:
+            self._limits = self._with_found(self._unprobed)
+
+    async def settled(self, timeout: float) -> LinkLimits:  # noqa: ASYNC109 - a bound, not a failure
+        """The limits in force, once a probe under way has finished (at most `timeout` s)."""
+        task = self._probing
+        if task is not None:
+            await asyncio.wait((task,), timeout=timeout)
+        return self._limits
+
+    def reprobe(self) -> None:
+        """Forget what the probe found on the broker in use and probe it again: chunks that
+        fitted went nowhere, so its limit may have changed since."""
+        self._found.pop(self.settings.url, None)
+        self._limits = self._unprobed
+        if self._up:
+            self._start_probe()
 
     @property
     def subscriptions(self) -> list[str]:
@@ -192,7 +253,7 @@ class LinkCommon:
         """A publish fits the packet limit in force, has a valid topic name and QoS."""
         if qos not in (0, 1):
             raise ValueError("peerd publishes at QoS 0 or 1")
-        limit = self._limits.max_packet_size
+        limit = self._limits.max_packet_size  # configured, the broker's, or probed if smaller
         raw = topic.encode()
         if payload_len + len(raw) + header > limit:
             raise ValueError(

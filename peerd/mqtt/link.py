@@ -308,7 +308,7 @@ class MqttLink(Subscribing):
             )
         self._conn = conn
         self.stats.connects += 1
-        self._limits = _limits_of(ack, s.max_packet_size)
+        self._limits = self._with_found(_limits_of(ack, s.max_packet_size))
         self._keepalive = ack.limits.server_keepalive or s.keepalive
         if version == V5:
             log.info("broker %s: MQTT 5, %s", s.url, self._limits)
@@ -384,6 +384,7 @@ class MqttLink(Subscribing):
             if not w.done():
                 w.set_result(None)
         self._notify(True)
+        self._start_probe()
 
     def on_conn_lost(self, conn: Conn) -> None:
         if conn is not self._conn:
@@ -686,11 +687,12 @@ def _restore_refused(url: str) -> SubscribeRefused:
 
 def _limits_of(ack: ConnAck, configured: int) -> LinkLimits:
     broker = ack.limits
-    packet = configured
-    if broker.max_packet_size is not None:
-        packet = min(packet, broker.max_packet_size)
+    packet, source = configured, "configured"
+    if broker.max_packet_size is not None and broker.max_packet_size < packet:
+        packet, source = broker.max_packet_size, "broker"
     return LinkLimits(
         max_packet_size=packet,
+        source=source,
         version=ack.version,
         receive_maximum=broker.receive_maximum,
         maximum_qos=min(1, broker.maximum_qos),

@@ -19,6 +19,7 @@ from peerd.config import BrokerConfig
 from peerd.mqtt.errors import BrokerError, BrokerSettingsError, SubscribeRefused
 from peerd.mqtt.limits import LinkLimits
 from peerd.mqtt.link import MqttLink
+from peerd.mqtt.probe import ProbePlan
 from peerd.mqtt.settings import Backoff, BrokerSettings, url_uses_tls
 from peerd.mqtt.subscription import LinkStats, Message, Subscription
 from peerd.mqtt.urls import BrokerSet
@@ -46,6 +47,7 @@ class BrokerLink(Protocol):
     brokers: BrokerSet  # every broker URL it may use, and why it left the others
     stats: LinkStats
     last_error: BrokerError | None
+    probe_plan: ProbePlan | None  # what to probe of the broker's packet limit (probe.py)
 
     @property
     def connected(self) -> bool: ...
@@ -60,6 +62,10 @@ class BrokerLink(Protocol):
         """Keep a connection up until `close()`: reconnect with backoff, restore subscriptions."""
 
     async def close(self) -> None: ...
+
+    async def settled(self, timeout: float) -> LinkLimits: ...  # noqa: ASYNC109 - a bound
+
+    def reprobe(self) -> None: ...
 
     async def wait_connected(self, timeout: float | None = None) -> None: ...  # noqa: ASYNC109 - a BrokerTimeout that says what timed out
 

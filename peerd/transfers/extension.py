@@ -18,7 +18,7 @@ from peerd.transfers.outcomes import Outcomes
 from peerd.transfers.receiving import Receiving
 from peerd.transfers.records import TransferRecords
 from peerd.transfers.rpc import TransferMethods
-from peerd.transfers.sending import Sending
+from peerd.transfers.sending import Sending, probe_plan
 from protocol.errors import RemoteProtocolError
 from protocol.messaging import TransferPayload
 from protocol.transfer import (
@@ -36,6 +36,7 @@ from protocol.transfer.messages import decode_message
 if TYPE_CHECKING:
     from peerd.config import Config
     from peerd.host import Host
+    from peerd.mqtt.probe import ProbePlan
     from protocol.messaging import AppMessage
 
 log = logging.getLogger("peerd.transfers")
@@ -55,6 +56,10 @@ class Transfers(TransferMethods, Extension):
         self.receiving = Receiving(host, self.config, self.records, self.outcomes)
         self.control_rejected = 0
         self.orphans_removed = 0
+
+    def probe_plan(self) -> ProbePlan:
+        """What the broker link probes at connect: the chunk frames a transfer may use."""
+        return probe_plan(self.host.topics, self.host.peer_id, self.config.chunk_size)
 
     # -- hooks -------------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from peerd.logs import log_event
 from peerd.mqtt import BrokerError
+from peerd.mqtt.probe import ProbePlan
 from peerd.receivers import check_receiver
 from peerd.transfers.chunkindex import MIN_DELTA_SIZE, file_chunks, recipe_for
 from peerd.transfers.files import (
@@ -56,9 +57,18 @@ from protocol.transfer.chunks import FRAME_OVERHEAD, frame_buffer
 # The smallest chunk a broker's packet limit may push a transfer down to (issue 12): below it
 # the per-chunk costs (a publish, a frame header and tag, an acknowledgement) dominate.
 MIN_CHUNK = 16 * 1024
+# How long a new transfer waits for the link's probe of the broker's packet limit to finish
+# (a probe meets at most one unanswered size, peerd/mqtt/probe.py PROBE_TIMEOUT).
+PROBE_WAIT = 10.0
+# Chunks published and none acknowledged by any receiver for this long, while one has a session
+# up: the broker drops them (a limit it does not state, or lowered since the probe). The sender
+# ends the transfer with an error naming the sizes instead of waiting forever (issue 12: within
+# 15 s of the first chunk).
+STALL_LIMIT = 10.0
 
 if TYPE_CHECKING:
     from peerd.host import Host
+    from peerd.mqtt import LinkLimits, Topics
     from peerd.transfers.outcomes import Outcomes
     from peerd.transfers.records import ActiveRow, TransferRecords
 
@@ -69,6 +79,26 @@ CHUNK_CACHE_ENTRIES = 1 << 19  # chunk-list entries kept (deltas): ~130 bytes ea
 # sender's probes (every 2 s while it is quiet) and acknowledges chunks as they come.
 OFFLINE_AFTER = 10.0
 OFFLINE_EVERY = 5.0  # while one is offline, an event this often: progress lines keep counting
+
+
+def probe_plan(topics: Topics, peer_id: str, chunk_size: int) -> ProbePlan:
+    """What the link probes at connect: the frame of every chunk size `_chunk_size` may pick,
+    on a topic as long as a transfer's (one of this node's, which the broker ACL lets it use)."""
+    sizes = []
+    chunk = chunk_size
+    while chunk >= MIN_CHUNK:
+        sizes.append(chunk + FRAME_OVERHEAD)
+        chunk //= 2
+    return ProbePlan(topics.transfer(peer_id, bytes(16)), tuple(reversed(sizes)))
+
+
+def _limit_text(limits: LinkLimits) -> str:
+    how = {"broker": "stated by the broker", "probe": "found by a probe at connect"}
+    return f"the broker's packet limit of {limits.max_packet_size} bytes" + (
+        f" ({how[limits.source]})" if limits.source in how else ""
+    )
+
+
 YIELD_EVERY = 4  # chunks published before the sender lets the event loop read acknowledgements
 
 
@@ -94,6 +124,7 @@ class Outgoing:
     held: dict[str, int] = field(default_factory=dict)  # bytes each receiver already had
     offline: dict[str, float] = field(default_factory=dict)  # receiver -> silent since (epoch)
     offline_said: float = 0.0  # when the last offline event went out
+    unacked_since: float | None = None  # chunks published since, no progress heard (STALL_LIMIT)
 
 
 class Sending(Side):
@@ -114,19 +145,19 @@ class Sending(Side):
 
     # -- starting ----------------------------------------------------------------------------
 
-    def _chunk_size(self) -> int:
-        """The configured chunk size, or the largest power of two below it whose frame fits the
-        broker's packet limit in force (negotiated with an MQTT 5 broker, or `[broker]
-        max_packet_size`), down to MIN_CHUNK; below that a transfer cannot go through."""
-        limits = self.host.link.limits
+    async def _chunk_size(self) -> int:
+        """The configured chunk size, or the largest halving of it whose frame fits the
+        broker's packet limit in force (negotiated with an MQTT 5 broker, `[broker]
+        max_packet_size`, or found by the link's probe at connect), down to MIN_CHUNK; below
+        that a transfer cannot go through."""
+        limits = await self.host.link.settled(PROBE_WAIT)
         room = limits.max_payload(self.host.topics.transfer(self.host.peer_id, bytes(16)))
         chunk = self.config.chunk_size
         while chunk + FRAME_OVERHEAD > room and chunk > MIN_CHUNK:
             chunk //= 2
         if chunk + FRAME_OVERHEAD > room:
             raise TransferError(
-                f"the broker's packet limit of {limits.max_packet_size} bytes leaves no room for"
-                f" a chunk of {MIN_CHUNK} bytes",
+                f"{_limit_text(limits)} leaves no room for a chunk of {MIN_CHUNK} bytes",
                 hint="raise the broker's limit (Mosquitto max_packet_size / message_size_limit)"
                 " and [broker] max_packet_size",
             )
@@ -147,7 +178,7 @@ class Sending(Side):
         view = host.store.view()
         for peer in receivers:
             check_receiver(view, peer, trusted_only=True)
-        config = dataclasses.replace(self.config, chunk_size=self._chunk_size())
+        config = dataclasses.replace(self.config, chunk_size=await self._chunk_size())
         fd, st = open_source(path)
         try:
             chunks = await self._chunks(fd, st.st_size, path)
@@ -324,6 +355,8 @@ class Sending(Side):
                     m.on_timer(now)
                 self._check_offline(o, now)
                 sent = 0
+                if self._check_path(o, now):
+                    continue
                 while (r := m.next_read(now)) is not None:
                     problem = source_problem(o.fd, o.path, o.stat, sent)
                     if problem:
@@ -339,6 +372,8 @@ class Sending(Side):
                         await link.publish(o.topic, frame, qos=0)
                         stats.sent(n, resent=m.resent_frames != resent)
                         resent = m.resent_frames
+                        if o.unacked_since is None:
+                            o.unacked_since = now
                     sent += 1
                     if sent % YIELD_EVERY == 0:
                         if m.has_actions():
@@ -388,6 +423,38 @@ class Sending(Side):
             for peer, since in o.offline.items():
                 self._event(o, "transfer.progress", peer=peer, offline_since=since)
 
+    def _check_path(self, o: Outgoing, now: float) -> bool:
+        """End the transfer (True) where its chunks cannot reach anyone: a frame above the
+        broker's limit now in force (found lower since the transfer began, or another broker),
+        or chunks published and none acknowledged for STALL_LIMIT while a receiver is
+        connected and asking (a broker that drops them without a word)."""
+        m = o.machine
+        link = self.host.link
+        limits = link.limits
+        frame = m.offer.chunk_size + FRAME_OVERHEAD
+        if frame > limits.max_payload(o.topic):
+            detail = f"its chunks of {m.offer.chunk_size} bytes exceed {_limit_text(limits)}"
+        elif (
+            o.unacked_since is not None
+            and now - o.unacked_since >= STALL_LIMIT
+            and not any(m.acked_chunks(p) for p in o.receivers)
+            and any(
+                state == "active" and p in self.host.connected_peers()
+                for p, state in m.receivers().items()
+            )
+        ):
+            detail = (
+                f"no chunk of {m.offer.chunk_size} bytes was acknowledged in {STALL_LIMIT:g} s"
+                f" although the receiver is connected: the broker drops them"
+                f" ({_limit_text(limits)})"
+            )
+            link.reprobe()  # its limit may be lower than found: the next transfer fits it
+        else:
+            return False
+        log.error("transfer %s: %s", o.tid.hex(), detail)
+        m.cancel("broker", detail)
+        return True
+
     def _expire_unaccepted(self, o: Outgoing) -> None:
         o.deadline = None
         for peer, state in o.machine.receivers().items():
@@ -410,6 +477,7 @@ class Sending(Side):
                 await self.records.persist(o.tid, a.snapshot)
             elif isinstance(a, Progress):
                 o.progress[a.peer] = a.bytes
+                o.unacked_since = None
                 self._event(o, "transfer.progress", peer=a.peer, bytes=a.bytes)
             elif isinstance(a, Accepted):
                 self._event(o, "transfer.progress", peer=a.peer, bytes=0, accepted=True)

@@ -174,3 +174,47 @@ async def test_both_clients_replace_a_connection_that_stalls(broker: Broker, cli
             await link.close()
     assert task.done()
     assert task.exception() is None
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+@pytest.mark.parametrize(
+    ("conf", "version", "found"),
+    [
+        ("", 4, None),  # no limit: every size comes back, nothing changes
+        ("message_size_limit 131072\n", 4, 131072),  # above it dropped without a word
+        ("max_packet_size 131072\n", 4, 65536),  # the connection closed over a larger packet
+        ("message_size_limit 131072\n", 5, 131072),  # MQTT 5 that states no limit
+        ("max_packet_size 131072\n", 5, None),  # stated in the CONNACK: the probe agrees
+    ],
+    ids=["unlimited", "311-drops", "311-disconnects", "5-drops", "5-states"],
+)
+async def test_both_clients_find_a_packet_limit_nobody_states(
+    tmp_path: Path, client: str, conf: str, version: int, found: int | None
+) -> None:
+    """The probe at connect (peerd/mqtt/probe.py) lowers the limit in force to the largest
+    probed payload that came back; a transfer's chunk frames of that size then fit."""
+    from peerd.mqtt.probe import ProbePlan  # noqa: PLC0415
+
+    sizes = tuple(16384 << i for i in range(6))  # 16 KiB ... 512 KiB
+    with Broker(tmp_path / "b", extra_conf=conf) as broker:
+        link = link_for(broker, client, mqtt_version=version)
+        topic = f"peerd/v1/t/x/{link.settings.client_id}/{'0' * 32}"
+        link.probe_plan = ProbePlan(topic, sizes)
+        task = asyncio.create_task(link.run())
+        try:
+            await link.wait_connected(10)
+            await eventually(lambda: link._probing is None, "the probe ran")  # type: ignore[attr-defined]
+            limits = await link.settled(10)
+            assert limits.version == version
+            if found is None:
+                assert limits.source != "probe"
+                assert limits.max_payload(topic) >= sizes[-1] or limits.source == "broker"
+            else:
+                assert limits.source == "probe"
+                assert limits.max_payload(topic) == found
+                # What it found holds on: a reconnect does not probe again, nor forget it.
+                await link.publish(topic, bytes(found), qos=1)
+                assert link.limits.max_payload(topic) == found
+        finally:
+            await link.close()
+            task.cancel()

@@ -90,6 +90,12 @@ class FakeLink:
     async def drain(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
         return None
 
+    async def settled(self, timeout: float) -> LinkLimits:  # noqa: ASYNC109
+        return self.limits  # nothing to probe: the fake broker carries every size
+
+    def reprobe(self) -> None:
+        self.reprobes = getattr(self, "reprobes", 0) + 1
+
 
 class FakeHost:
     """A node: real keys and store, in-memory sessions (`pair`) and broker."""

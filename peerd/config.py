@@ -243,6 +243,12 @@ class BrokerConfig:
         doc="file holding the broker password", example="/etc/peerd/broker-password"
     )
     keepalive: int = key(60, doc="MQTT keepalive, seconds", check=_between(5, 3600))
+    republish_interval: float = key(
+        300.0,
+        doc="seconds between republishing this node's revocation statements (retained) and"
+        " reading them back from the broker; also after every reconnect",
+        check=_between(1, 86400),
+    )
     max_packet_size: int = key(
         1024**2,
         doc="the largest MQTT packet this broker takes (its message_size_limit / max_payload);"

@@ -186,7 +186,8 @@ class Daemon:
         )
         # The parts built on this host, which they see only as a peerd.host.Host. Order matters
         # where hooks do: a peer's queued messages are pumped first when its session comes up.
-        transfers, revocations = Transfers(self), Revocations(self, self._events)
+        transfers = Transfers(self)
+        self._revocations = revocations = Revocations(self, self._events)
         index = RevocationIndex(self, revocations)
         self._extensions = [self.messages, revocations, index, transfers, Authority(self)]
         self.link.probe_plan = transfers.probe_plan()  # chunk sizes that fit the broker
@@ -617,6 +618,7 @@ class Daemon:
             )
         except BrokerQueueFull:
             self.counters["revocations-unpublished"] += 1
+        self._revocations.keep(statement)  # republished and read back (peerd/revocations.py)
 
     # -- loops -------------------------------------------------------------------------------
 

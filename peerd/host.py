@@ -65,6 +65,11 @@ def control_methods(obj: object) -> dict[str, Handler]:
 class Subscribed(Protocol):
     """A broker subscription an extension holds (a transfer's chunk topic)."""
 
+    @property
+    def closed(self) -> bool:
+        """Ended: closed, or refused by the broker (also when restored after a reconnect)."""
+        ...
+
     async def close(self) -> None: ...
 
 

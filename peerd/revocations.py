@@ -1,5 +1,12 @@
 """Revocation statements coming in: retained on the broker under `rev/<publisher>/<id>`, or
-pushed by a peer inside its session. And this node's own going out again after every reconnect.
+pushed by a peer inside its session. And those this node publishes (its own, and those it
+relays) kept on the broker: one retained publish is not trusted (issue 12: a NATS cluster
+electing a new leader for its retained-message stream acknowledged a statement and never stored
+it, and a node offline at the time never learned it). Every statement is published again every
+`[broker] republish_interval` and after every reconnect (same topic, same bytes: idempotent),
+and then read back through fresh subscriptions to its exact topic (a retained delivery, which
+RabbitMQ makes to exact topics too); one not read back is logged, counted and published again,
+a few times a round.
 
 The cheap checks run in the link's read path, before anything is queued: the topic's shape, the
 statement id against the payload's hash, decoding, and that an owner's statement is the
@@ -10,6 +17,8 @@ signature is checked in the event task, within the publisher's lane and rate
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -17,18 +26,24 @@ from typing import TYPE_CHECKING, Any
 from peerd.errors import PeerdError
 from peerd.host import Extension
 from peerd.logs import log_event
-from peerd.mqtt import statement_id, subscribe_steadily
+from peerd.mqtt import BrokerError, LinkClosed, statement_id, subscribe_steadily
 from protocol.errors import RemoteProtocolError
 from protocol.identity import Revocation, decode_statement
 from protocol.messaging import RevocationPush
 
 if TYPE_CHECKING:
     from peerd.events import EventLanes
-    from peerd.host import Host
+    from peerd.host import Host, Subscribed
     from peerd.mqtt import Message
     from protocol.messaging import AppMessage
 
 log = logging.getLogger("peerd")
+
+MAX_KEPT = 1024  # statements this node keeps retained (its own and relayed ones); beyond: counted
+READBACK_BATCH = 64  # statements read back at once (one subscription each)
+READBACK_WAIT = 5.0  # for a round's publishes to be acknowledged, and for their read-back
+READBACK_TRIES = 3  # publishes of a statement not read back, per round
+READBACK_PAUSE = 2.0  # between them (a cluster electing a leader takes about that)
 
 
 class Revocations(Extension):
@@ -38,19 +53,135 @@ class Revocations(Extension):
         self.host = host
         self.lanes = lanes
         self.applied = 0  # statements that changed the trust store (metrics)
+        self._kept: dict[str, bytes] = {}  # statement id -> statement, kept retained
+        self._wake = asyncio.Event()  # a round now: a new statement, or a reconnect
+        self._own_loaded = False
+        self._sub: Subscribed | None = None
+        self.counts = {"republished": 0, "readback_rounds": 0, "readback_missing": 0}
+        self.not_kept = 0
 
     async def run(self) -> None:
-        await subscribe_steadily(
-            self.host.link, self.host.topics.revocations, qos=1, handler=self.on_broker_message
-        )
+        await self._subscribe()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.host.config.broker.republish_interval):
+                    await self._wake.wait()
+            self._wake.clear()
+            if self._sub is None or self._sub.closed:
+                await self._subscribe()  # refused when restored after a reconnect
+            if self._kept and self.host.link.connected:
+                await self._round()
 
-    def status(self) -> dict[str, Any]:
-        return {"revocations": {"applied": self.applied}}
+    async def _subscribe(self) -> None:
+        """Subscribe to every publisher's statements; a broker may refuse for a while (a NATS
+        cluster electing a leader does): tried again, backing off, instead of failing."""
+        try:
+            self._sub = await subscribe_steadily(
+                self.host.link, self.host.topics.revocations, qos=1, handler=self.on_broker_message
+            )
+        except LinkClosed:
+            return  # the daemon is stopping
 
     async def broker_up(self) -> None:
-        """Retained statements can be lost with a broker's state: this node's own go again."""
-        for statement in await self.host.store.revocation_statements(self.host.peer_id):
-            self.host.publish_revocation(statement)
+        """Retained statements can be lost with a broker's state: this node's own go again
+        (relayed ones come back through `keep` from the authority extension)."""
+        if not self._own_loaded:
+            self._own_loaded = True
+            for statement in await self.host.store.revocation_statements(self.host.peer_id):
+                self._kept.setdefault(statement_id(statement), statement)
+        self._wake.set()
+
+    def keep(self, statement: bytes) -> None:
+        """Keep `statement` (just published by the host) retained on the broker: republished
+        and read back now, every period and after every reconnect while the daemon runs."""
+        sid = statement_id(statement)
+        if sid not in self._kept:
+            if len(self._kept) >= MAX_KEPT:
+                self.not_kept += 1  # published once by the host; a restart reloads own ones
+                return
+            self._kept[sid] = statement
+        self._wake.set()  # read it back soon
+
+    async def _round(self) -> None:
+        """Publish every kept statement again, read them back, and publish again (a few times,
+        after a pause) what was not read back."""
+        self.counts["readback_rounds"] += 1
+        pending = dict(self._kept)
+        if not self.host.link.limits.retain_available:
+            # MQTT 5 Retain Available 0: the link sends them unretained (counted in its stats);
+            # there is nothing to read back, and the live copies reach who is connected.
+            await self._publish(pending)
+            return
+        for attempt in range(1, READBACK_TRIES + 1):
+            for start in range(0, len(pending), READBACK_BATCH):
+                batch = dict(list(pending.items())[start : start + READBACK_BATCH])
+                await self._publish(batch)
+                missing = await self._read_back(batch)
+                for sid in batch:
+                    if sid not in missing:
+                        del pending[sid]
+            if not pending:
+                return
+            self.counts["readback_missing"] += len(pending)
+            log.warning(
+                "%d revocation statement(s) not read back from the broker (try %d of %d);"
+                " publishing again",
+                len(pending),
+                attempt,
+                READBACK_TRIES,
+            )
+            await asyncio.sleep(READBACK_PAUSE)
+
+    async def _publish(self, batch: dict[str, bytes]) -> None:
+        link, topics, me = self.host.link, self.host.topics, self.host.peer_id
+        try:
+            async with asyncio.timeout(READBACK_WAIT):
+                await asyncio.gather(
+                    *(
+                        link.publish(topics.revocation(me, st), st, qos=1, retain=True)
+                        for st in batch.values()
+                    )
+                )
+        except (TimeoutError, BrokerError) as exc:
+            log.info("republishing revocation statements: %s", exc or "no acknowledgement")
+        self.counts["republished"] += len(batch)
+
+    async def _read_back(self, batch: dict[str, bytes]) -> set[str]:
+        """The statement ids of `batch` that fresh subscriptions to their topics did not get as
+        retained messages within READBACK_WAIT."""
+        missing = set(batch)
+        done = asyncio.Event()
+
+        def seen(msg: Message) -> None:
+            where = self.host.topics.parse(msg.topic)
+            # Only a retained delivery counts: a live copy of the publish just made comes
+            # with the flag clear (and through rev/# to every subscription of the topic).
+            if msg.retain and where is not None and where[0] == "rev":
+                sid = where[1][1]
+                if batch.get(sid) == msg.payload:
+                    missing.discard(sid)
+                    if not missing:
+                        done.set()
+
+        subs: list[Subscribed] = []
+        me = self.host.peer_id
+        try:
+            async with asyncio.timeout(READBACK_WAIT):
+                for st in batch.values():
+                    topic = self.host.topics.revocation(me, st)
+                    subs.append(await self.host.link.subscribe(topic, qos=1, handler=seen))
+                await done.wait()
+        except (TimeoutError, BrokerError):
+            pass
+        finally:
+            for sub in subs:
+                with contextlib.suppress(BrokerError):
+                    await sub.close()
+        return missing
+
+    def status(self) -> dict[str, Any]:
+        kept = {"kept": len(self._kept), "not_kept": self.not_kept, **self.counts}
+        return {"revocations": {"applied": self.applied, **kept}}
 
     def on_app(self, peer: str, app: AppMessage) -> None:
         if isinstance(app, RevocationPush):

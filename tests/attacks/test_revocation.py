@@ -73,10 +73,15 @@ def test_rollback_and_revoked_keys_are_refused_for_good(
 
             # Replayed revocation state changes nothing and is no error; forged statements
             # are refused and counted; clearing the retained copy un-revokes nothing.
-            # (Bob's index, rev/<bob>/index, carries the same statement: SPEC 2.1.)
-            (statement,) = [
+            # (Bob's index, rev/<bob>/index, carries the same statement: SPEC 2.1.) Bob
+            # publishes his one statement again (read-back, republish): same topic, same bytes.
+            recorded = [
                 r for r in proxy.recordings("peerd/v1/+/rev/#") if not r.topic.endswith("/index")
             ]
+            statement = recorded[0]
+            assert {(r.topic, r.payload) for r in recorded} == {
+                (statement.topic, statement.payload)
+            }
             log_before = a.call("v1.audit.verify")["entries"]
             refused_before = {k: v for k, v in a.rejections().items() if "revocation" in k}
             proxy.replay([statement], direction=TO_CLIENT, client=alice.peer_id)

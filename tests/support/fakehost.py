@@ -31,8 +31,10 @@ class _Subscription:
     broker: FakeBroker
     topic: str
     handler: Callable[[Message], None]
+    closed: bool = False
 
     async def close(self) -> None:
+        self.closed = True
         self.broker.subs[self.topic].remove(self.handler)
 
 

@@ -3,11 +3,20 @@ routed to each other, on free loopback ports in a directory of the test's own.
 
 NATS serves MQTT on top of JetStream (sessions, retained messages), so a cluster of three keeps
 its MQTT state with one node lost. Each node is killed by its own pid (`kill(i)`), nothing else.
+
+Each MQTT stream (`$MQTT_sess`, `$MQTT_msgs`, `$MQTT_rmsgs`) has one leader; killing the
+retained stream's leader makes the others elect a new one, and a retained message published
+meanwhile can be acknowledged and not stored (issue 12). `stream_leader()` reads a leader from
+the monitoring endpoint and `separate_retained_leader()` moves the other streams' leaders away
+from it (JetStream's step-down request), so a test can kill exactly that stream's leader.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import shutil
+import socket
 import subprocess
 import time
 import urllib.request
@@ -16,6 +25,7 @@ from types import TracebackType
 
 from tests.support.broker import free_port, wait_for_port
 
+RETAINED_STREAM = "$MQTT_rmsgs"
 NATS_CANDIDATES = ("nats-server", "/usr/sbin/nats-server", "/usr/bin/nats-server")
 
 
@@ -39,6 +49,7 @@ class NatsCluster:
         self.mqtt_ports = [free_port() for _ in range(size)]
         self.route_ports = [free_port() for _ in range(size)]
         self.http_ports = [free_port() for _ in range(size)]
+        self.client_ports = [free_port() for _ in range(size)]
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * size
         self._logs: list[object] = []
 
@@ -59,7 +70,7 @@ class NatsCluster:
         conf = node / "nats.conf"
         conf.write_text(
             f"server_name: n{i + 1}\n"
-            "listen: 127.0.0.1:-1\n"
+            f"listen: 127.0.0.1:{self.client_ports[i]}\n"
             f"http: 127.0.0.1:{self.http_ports[i]}\n"
             f'jetstream {{ store_dir: "{node / "js"}" }}\n'
             f"cluster {{ name: peerdtest, listen: 127.0.0.1:{self.route_ports[i]},"
@@ -117,6 +128,68 @@ class NatsCluster:
             proc.kill()
         proc.wait(10)
         self.procs[i] = None
+
+    def stream_leader(self, stream: str = RETAINED_STREAM, timeout: float = 30.0) -> int:
+        """The index of the node leading `stream`, as a running node's monitoring reports it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for n in range(self.size):
+                if self.procs[n] is None:
+                    continue
+                url = f"http://127.0.0.1:{self.http_ports[n]}/jsz?accounts=true&streams=true"
+                with contextlib.suppress(OSError, ValueError):
+                    with urllib.request.urlopen(url, timeout=2) as answer:
+                        data = json.load(answer)
+                    for account in data.get("account_details", []):
+                        for detail in account.get("stream_detail", []):
+                            leader = (detail.get("cluster") or {}).get("leader")
+                            if detail.get("name") == stream and leader:
+                                return int(leader.removeprefix("n")) - 1
+            time.sleep(0.2)
+        raise TimeoutError(f"no leader of {stream} after {timeout}s")
+
+    def leaders(self) -> dict[str, int]:
+        """The node leading each MQTT stream that has a leader now."""
+        out: dict[str, int] = {}
+        for stream in ("$MQTT_sess", "$MQTT_msgs", RETAINED_STREAM):
+            with contextlib.suppress(TimeoutError):
+                out[stream] = self.stream_leader(stream, timeout=5)
+        return out
+
+    def step_down(self, stream: str) -> None:
+        """Ask `stream`'s leader to step down (JetStream API over the NATS protocol): the
+        others elect a new one. Returns once the request was answered."""
+        node = next(n for n in range(self.size) if self.procs[n] is not None)
+        with socket.create_connection(("127.0.0.1", self.client_ports[node]), 5) as sock:
+            sock.settimeout(10)
+            sock.recv(4096)  # INFO
+            sock.sendall(
+                b'CONNECT {"verbose":false,"pedantic":false}\r\n'
+                b"SUB _INBOX.stepdown 1\r\n"
+                + f"PUB $JS.API.STREAM.LEADER.STEPDOWN.{stream} _INBOX.stepdown 0\r\n\r\n".encode()
+            )
+            seen = b""
+            while b"MSG _INBOX.stepdown" not in seen:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    raise ConnectionError("nats-server closed the connection")
+                seen += chunk
+
+    def separate_retained_leader(self, timeout: float = 60.0) -> int:
+        """Make the retained-message stream's leader lead no other MQTT stream (step those
+        down until they move), so that killing it costs only that stream its leader; its
+        index."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            leaders = self.leaders()
+            retained = leaders.get(RETAINED_STREAM)
+            others = [s for s, n in leaders.items() if s != RETAINED_STREAM and n == retained]
+            if retained is not None and len(leaders) == 3 and not others:
+                return retained
+            for stream in others:
+                self.step_down(stream)
+            time.sleep(1)
+        raise TimeoutError(f"the MQTT streams' leaders did not separate: {self.leaders()}")
 
     def close(self) -> None:
         for i in range(self.size):

@@ -125,6 +125,7 @@ class Outgoing:
     offline: dict[str, float] = field(default_factory=dict)  # receiver -> silent since (epoch)
     offline_said: float = 0.0  # when the last offline event went out
     unacked_since: float | None = None  # chunks published since, no progress heard (STALL_LIMIT)
+    acked_base: int | None = None  # chunks acknowledged before the first publish (deltas: held)
 
 
 class Sending(Side):
@@ -374,6 +375,8 @@ class Sending(Side):
                         resent = m.resent_frames
                         if o.unacked_since is None:
                             o.unacked_since = now
+                            if o.acked_base is None:
+                                o.acked_base = self._acked(o)
                     sent += 1
                     if sent % YIELD_EVERY == 0:
                         if m.has_actions():
@@ -423,6 +426,10 @@ class Sending(Side):
             for peer, since in o.offline.items():
                 self._event(o, "transfer.progress", peer=peer, offline_since=since)
 
+    @staticmethod
+    def _acked(o: Outgoing) -> int:
+        return sum(o.machine.acked_chunks(p) for p in o.receivers)
+
     def _check_path(self, o: Outgoing, now: float) -> bool:
         """End the transfer (True) where its chunks cannot reach anyone: a frame above the
         broker's limit now in force (found lower since the transfer began, or another broker),
@@ -437,7 +444,7 @@ class Sending(Side):
         elif (
             o.unacked_since is not None
             and now - o.unacked_since >= STALL_LIMIT
-            and not any(m.acked_chunks(p) for p in o.receivers)
+            and self._acked(o) == o.acked_base  # no published chunk ever acknowledged
             and any(
                 state == "active" and p in self.host.connected_peers()
                 for p, state in m.receivers().items()
@@ -560,6 +567,7 @@ class Sending(Side):
                     **({"detail": o.details[p]} if p in o.details else {}),
                     "held_bytes": o.held.get(p, 0),
                     "offline_since": o.offline.get(p),
+                    **({"detail": o.details[p]} if p in o.details else {}),
                 }
                 for p in o.receivers
             },

@@ -567,7 +567,6 @@ class Sending(Side):
                     **({"detail": o.details[p]} if p in o.details else {}),
                     "held_bytes": o.held.get(p, 0),
                     "offline_since": o.offline.get(p),
-                    **({"detail": o.details[p]} if p in o.details else {}),
                 }
                 for p in o.receivers
             },

@@ -31,7 +31,7 @@ def _broker_lines(node: Node, url: str | None = None, **lines: object) -> None:
 
 
 def _learned(node: Node) -> bool:
-    return "learned a revocation (via broker)" in node.log()
+    return "event=revocation.applied via=broker" in node.log()
 
 
 def _clear_retained(url: str, topic: str) -> None:

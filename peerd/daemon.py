@@ -104,6 +104,7 @@ class Daemon:
         self._logs = LogBudget(log)
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
+        self.stopped_for: PeerdError | None = None
         self._joins: dict[str, asyncio.Future[SessionUp]] = {}
         self._session_since: dict[str, float] = {}
         # Sessions up but not yet recorded in the store, as (peer, local index): a trust change
@@ -253,7 +254,8 @@ class Daemon:
             if self._stop.is_set():
                 log_event(log, "daemon.stop")
 
-    def stop(self) -> None:
+    def stop(self, error: PeerdError | None = None) -> None:
+        self.stopped_for = self.stopped_for or error  # `peerd run` fails with it
         self._stop.set()
 
     async def _drain(self) -> None:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from peerd.config import Config
+    from peerd.errors import PeerdError
     from peerd.keystore import Keystore
     from peerd.mqtt import LinkLimits, Message, Topics
     from peerd.store import Store
@@ -175,8 +176,9 @@ class Host(Protocol):
         hands on store work. Bounded: False (and counted) when the queue is full."""
         ...
 
-    def stop(self) -> None:
-        """Shut the daemon down cleanly."""
+    def stop(self, error: PeerdError | None = None) -> None:
+        """Shut the daemon down cleanly; with `error`, `peerd run` then fails with it (its
+        message and exit code)."""
         ...
 
 

@@ -23,7 +23,12 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Final
 
-from peerd.authority.node import install_membership, retire_identity, succeed_identity
+from peerd.authority.node import (
+    NodeExpelled,
+    install_membership,
+    retire_identity,
+    succeed_identity,
+)
 from peerd.authority.texts import (
     MembershipRequest,
     describe_statement,
@@ -65,6 +70,7 @@ class Authority(Extension):
         self.host = host
         self._relayed: set[str] | None = None  # statement ids this node relays (lazy)
         self._expelled_logged = False
+        self._retiring = False  # retiring itself: that stop is retire()'s, not an expulsion
 
     # -- daemon hooks ------------------------------------------------------------------------
 
@@ -79,12 +85,17 @@ class Authority(Extension):
 
     def trust_changed(self) -> None:
         record = self.host.store.view().peer(self.host.peer_id)
-        if record is not None and record.state is PeerState.REVOKED and not self._expelled_logged:
+        if record is None or record.state is not PeerState.REVOKED or self._retiring:
+            return
+        if not self._expelled_logged:
             self._expelled_logged = True
-            log.error(
-                "this node has been revoked (by the network authority or with its own key): "
-                "its peers refuse it from now on"
+            expelled = NodeExpelled(
+                f"this node ({self.host.peer_id}) was expelled from network"
+                f" {self.host.config.node.network!r}: its identity is revoked and its peers"
+                " refuse it; stopping"
             )
+            log.error("%s", expelled.one_line())
+            self.host.stop(expelled)
 
     def status(self) -> dict[str, Any]:
         keys = self.host.keys
@@ -202,6 +213,7 @@ class Authority(Extension):
 
     async def retire(self, reason: str) -> dict[str, Any]:
         d = self.host
+        self._retiring = True
         statement = await retire_identity(d.keys, d.store, reason=reason, now=time.time())
         encoded = statement.encode()
         pushed = self._push(encoded)

@@ -33,6 +33,13 @@ class MembershipError(PeerdError):
     hint = "ask the network authority for a certificate for this node (peerd membership request)"
 
 
+class NodeExpelled(PeerdError):
+    """This node's identity was revoked by the network authority: its peers refuse it, so the
+    daemon stops instead of queueing what can only time out (exit code 8, no restart)."""
+
+    hint = "ask the network authority to admit this node again, with a new identity"
+
+
 # -- operations on a node's keys and store (the daemon's and the offline CLI's) ----------------
 
 

@@ -32,6 +32,7 @@ EXIT_NOT_RUNNING = 4  # the daemon is not running / the control socket is unreac
 EXIT_DENIED = 5  # refused: not trusted, not allowed, revoked
 EXIT_TIMEOUT = 6  # a --timeout or --wait deadline passed
 EXIT_RETIRED = 7  # this node's identity is revoked: it can never run again (systemd: no restart)
+EXIT_EXPELLED = 8  # the network authority revoked this node: `peerd run` stops (no restart)
 
 # Error class name -> exit code, so modules can add codes without importing each other.
 EXIT_CODES: dict[str, int] = {
@@ -45,6 +46,7 @@ EXIT_CODES: dict[str, int] = {
     "InvalidText": EXIT_USAGE,  # a mistyped peer id, fingerprint or token
     "InvalidParams": EXIT_USAGE,
     "IdentityRevoked": EXIT_RETIRED,
+    "NodeExpelled": EXIT_EXPELLED,
 }
 
 

@@ -124,7 +124,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = common.load(args)
     _tune_allocator()
     setup_logging(args.log_level or config.log.level, args.log_format or config.log.format)
-    asyncio.run(Daemon(config).run())
+    daemon = Daemon(config)
+    asyncio.run(daemon.run())
+    if daemon.stopped_for is not None:
+        raise daemon.stopped_for  # e.g. expelled: its one line and exit code (8)
     return common.EXIT_OK
 
 

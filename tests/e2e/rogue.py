@@ -50,6 +50,8 @@ class RogueNode:
         credentials: bytes,
         broker_url: str,
         network: str,
+        username: str | None = None,
+        password: str | None = None,
     ) -> None:
         self.peer_id = peer_id
         self.topics = Topics(network)
@@ -61,11 +63,21 @@ class RogueNode:
             trust=_Anyone(),
             limits=SessionLimits(handshake_timeout=0.5, handshake_attempts=2),
         )
-        self.settings = BrokerSettings.from_url(broker_url, client_id=peer_id)
+        self.settings = BrokerSettings.from_url(
+            broker_url, client_id=peer_id, username=username, password=password
+        )
         self.outcomes: asyncio.Queue[Output] = asyncio.Queue()
 
     @classmethod
-    def from_keys(cls, keys_dir: Path, broker_url: str, *, network: str) -> RogueNode:
+    def from_keys(
+        cls,
+        keys_dir: Path,
+        broker_url: str,
+        *,
+        network: str,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> RogueNode:
         keys = Keystore.load(keys_dir, now=time.time())
         return cls(
             peer_id=keys.peer_id,
@@ -73,6 +85,8 @@ class RogueNode:
             credentials=keys.credentials(),
             broker_url=broker_url,
             network=network,
+            username=username,
+            password=password,
         )
 
     def __enter__(self) -> RogueNode:

@@ -166,6 +166,13 @@ def test_an_expired_membership_is_refused(trio: list[Node], authority: Authority
 # -- authority revocation -------------------------------------------------------------------
 
 
+def _stops_expelled(node: Node) -> None:
+    """An expelled node's daemon stops by itself, says why, and exits 8 (no restart)."""
+    wait_until(lambda: not node.running, 20, what=f"{node.name} stopping, expelled")
+    assert node.stop() == 8
+    assert "was expelled from network" in node.log()
+
+
 def test_authority_revocation_closes_sessions_and_reaches_offline_nodes(
     trio: list[Node], authority: Authority, tmp_path: Path, broker: Broker
 ) -> None:
@@ -210,14 +217,16 @@ def test_authority_revocation_closes_sessions_and_reaches_offline_nodes(
         assert closed_c["at"] - recorded["at"] < 1.0  # pushed in the session (or retained)
         wait_until(lambda: c.peers()[b.peer_id]["state"] == "revoked", 5, what="c revoked b")
         assert a.peers()[b.peer_id]["state"] == "revoked"
-        wait_until(lambda: b.status()["revoked"], 10, what="b learning that it was expelled")
+        _stops_expelled(b)
 
         # d was offline: the retained statement reaches it when it connects.
         d.start()
         wait_until(lambda: d.peers()[b.peer_id]["state"] == "revoked", 15, what="d learns it")
         refused_at_a = a.status()["rejections"].get("revoked", 0)
-        b.cli("connect", d.peer_id)
-        b.cli("connect", a.peer_id)
+        # Whoever holds b's keys (b itself no longer runs) is refused.
+        for target in (d, a):  # one rogue per attempt: each runs its own event loop
+            with RogueNode.from_keys(b.dir / "keys", broker.url, network=b.network) as rogue:
+                assert rogue.handshake_with(target.peer_id) is not None
         wait_until(lambda: d.status()["rejections"].get("revoked"), 15, what="d refusing b")
         wait_until(
             lambda: a.status()["rejections"].get("revoked", 0) > refused_at_a,
@@ -292,8 +301,7 @@ def test_relayed_expulsion_under_the_shipped_acl_survives_a_broker_losing_its_da
             assert json.loads(out)["daemon"]["topic"].startswith(
                 f"peerd/v1/{a.network}/rev/{a.peer_id}/"
             )
-            wait_until(lambda: b.status()["revoked"], 10, what="b hearing the retained copy")
-            b.stop()  # b holds the statement too: only a may bring it back here
+            _stops_expelled(b)  # b holds the statement too: only a may bring it back here
             broker.stop()
             (broker.dir / "mosquitto.db").unlink()
             broker.start()
@@ -303,8 +311,12 @@ def test_relayed_expulsion_under_the_shipped_acl_survives_a_broker_losing_its_da
                 15,
                 what="carol learning the expulsion from the republished statement",
             )
-            b.start()
-            b.cli("connect", c.peer_id)
+            # b stops again at once if started; whoever holds its keys is refused.
+            with RogueNode.from_keys(
+                b.dir / "keys", broker.url, network=b.network,
+                username=b.peer_id, password=users[b.peer_id],
+            ) as rogue:  # fmt: skip
+                assert rogue.handshake_with(c.peer_id) is not None
             wait_until(lambda: c.status()["rejections"].get("revoked"), 15, what="c refusing b")
             assert not c.connected_to(b)
         finally:

@@ -604,6 +604,7 @@ class Daemon:
                 )
                 self.sessions.rejections[exc.reason] += 1
                 self._handle(self.sessions.close_session(session, exc.reason, now), now)
+                self._handle(self.sessions.forget_tickets(peer), now)  # no resuming either
                 auth = session.auth
                 assert isinstance(auth, Authenticated)
                 self.publish_event(

@@ -70,8 +70,11 @@ SECRET_COLUMNS: Final = (
     Secret("outbox", "data", at_once=False),
     Secret("inbox", "data", at_once=False),
     # A resumption ticket's secret: with a static key it opens the early data of the session
-    # it resumes (protocol/SPEC.md 4.7), so it goes as soon as it is used or replaced.
-    Secret("tickets", "secret", at_once=True),
+    # it resumes (protocol/SPEC.md 4.7). Replaced at every session, i.e. on the way to a
+    # transfer's first byte: a checkpoint there would hold the store's lock on the critical
+    # path, so it leaves the files by the lazy bound (its row is deleted at once, which is
+    # what refuses a replay).
+    Secret("tickets", "secret", at_once=False),
 )
 
 ERASED_FUNCTION: Final = "peerd_secret_erased"

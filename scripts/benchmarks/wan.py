@@ -128,8 +128,9 @@ def bare_stream(port: int, path: Path, sink: StreamSink) -> float:
 
 
 class FirstFrames:
-    """A plaintext MQTT client (aiomqtt, in a thread) subscribed to `sender`'s chunk topics; it
-    stamps (time.monotonic()) the first frame of each transfer it sees."""
+    """A plaintext MQTT client (aiomqtt, in a thread) subscribed to `sender`'s chunk topics (the
+    transfer topics and the early ones); it stamps (time.monotonic()) the first frame of each
+    transfer it sees."""
 
     def __init__(self, url: str, user: str, password: str, sender: str) -> None:
         self.first: dict[str, float] = {}
@@ -164,8 +165,11 @@ class FirstFrames:
                         msg = await asyncio.wait_for(messages.__anext__(), 0.2)
                     except TimeoutError:
                         continue
-                    tid = str(msg.topic).rsplit("/", 1)[1]
-                    self.first.setdefault(tid, time.monotonic())
+                    # The transfer id from the frame's header (SPEC.md 7.4, bytes 8-24), not the
+                    # topic: early chunks travel on x/<sender>/<receiver> (7.7).
+                    payload = bytes(msg.payload)
+                    if len(payload) >= 24:
+                        self.first.setdefault(payload[8:24].hex(), time.monotonic())
         except Exception as exc:  # noqa: BLE001 - reported to the waiting thread
             self._error = exc
             self._ready.set()

@@ -17,8 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from peerd.sessions import TicketKeeper
 from peerd.store import Store
 from peerd.store.erasure import SECRET_COLUMNS
+from protocol.resumption import Ticket
+from protocol.session import TicketIssued, TicketSpent
 from tests.protocol.test_identity_helpers import NOW, Node
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -209,3 +212,35 @@ async def test_delivered_message_bodies_leave_the_files_within_the_lazy_bound(
     monkeypatch.setattr("peerd.store.core.LAZY_SCRUB_SECONDS", 0.0)
     await store.expire_invites(now=NOW)
     assert files_holding(tmp_path, body) == []
+
+
+async def test_resumption_tickets_used_or_replaced_are_in_no_file(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """protocol/SPEC.md 4.7: a ticket's row goes when the session manager spends it (used,
+    refused, expired) or a new session replaces it, and its secret leaves every file of the
+    store by the lazy bound (the first commit LAZY_SCRUB_SECONDS later)."""
+    keeper = TicketKeeper(store)
+
+    def ticket(initiator: bool) -> Ticket:
+        return Ticket(
+            "bob", initiator, os.urandom(16), os.urandom(32), b"a" * 32, b"b" * 32, NOW + 60
+        )
+
+    used, replaced, kept = ticket(True), ticket(False), ticket(False)
+    for t in (used, replaced):
+        keeper.note(TicketIssued(t), lambda _work: True)
+    await keeper.flush()
+    assert all(files_holding(tmp_path, t.secret) for t in (used, replaced))
+    assert {t.ticket_id for t in await keeper.load()} == {used.ticket_id, replaced.ticket_id}
+    keeper.note(TicketSpent(used), lambda _work: True)
+    keeper.note(TicketIssued(kept), lambda _work: True)  # same peer and direction as `replaced`
+    await keeper.flush()
+    assert [t.ticket_id for t in await keeper.load()] == [kept.ticket_id]  # gone at once
+    monkeypatch.setattr("peerd.store.core.LAZY_SCRUB_SECONDS", 0.0)
+    async with store.transaction(NOW) as tx:  # the daemon's housekeeping commit
+        await tx.execute("SELECT 1")
+    assert files_holding(tmp_path, used.secret) == []
+    assert files_holding(tmp_path, replaced.secret) == []
+    assert files_holding(tmp_path, kept.secret)
+    assert not store.scrub_pending

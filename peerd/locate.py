@@ -30,7 +30,7 @@ _MAX_CONFIG_SIZE: Final = 1 << 20
 # (a typo, a section added since) goes through load_config, which names the problem.
 # tests/peerd/test_config.py checks these against peerd.config.
 KNOWN_SECTIONS: Final = frozenset(
-    {"node", "broker", "control", "keys", "network", "receive", "limits"}
+    {"node", "broker", "control", "keys", "network", "receive", "limits", "log", "metrics"}
 )
 NODE_KEYS: Final = frozenset(
     {"name", "network", "state_dir", "runtime_dir", "socket", "inbox_dir", "store"}

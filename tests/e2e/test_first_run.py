@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -287,3 +288,27 @@ def test_joining_with_a_used_token_says_so_at_once(
     finally:
         for n in (bob, carol):
             n.kill()
+
+
+def test_an_expired_token_names_its_expiry_in_utc(
+    node: Node, tmp_path: Path, broker: Broker
+) -> None:
+    (bob,) = make_nodes(tmp_path, broker.url, ["bob"])
+    bob.start()
+    try:
+        token = node.cli("invite", "--ttl", "1s").strip()
+        time.sleep(2.0)  # past its expiry (a wait for a state, not a speed threshold)
+        late = bob.run_cli("join", token)
+        assert late.returncode == 5, late.stderr
+        assert re.search(r"expired at \d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ \(\d", late.stderr)
+        assert "ask the inviter for a new token" in late.stderr
+    finally:
+        bob.kill()
+
+
+def test_a_broken_configuration_is_named_rather_than_not_running(tmp_path: Path) -> None:
+    config = tmp_path / "peerd.toml"
+    config.write_text(f'[node]\nsocket = "{tmp_path}/s.sock"\n[nodes]\nx = 1\n')
+    result = peerd("--config", str(config), "status", env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 3, result.stderr
+    assert "unknown section [nodes]" in result.stderr

@@ -19,6 +19,7 @@ BENCHMARKS = {
     "safetensors": ("safetensors", "checking a received header: the caps, memory, the loop"),
     "cli": ("cli", "a CLI command from the shell: vs a bare interpreter and vs peerd.Client"),
     "delta": ("delta", "new versions of a model: bytes on the wire vs rsync, no-gain cost"),
+    "ws": ("ws", "MQTT over WebSocket vs over TCP, both clients, on a private RabbitMQ"),
 }
 
 

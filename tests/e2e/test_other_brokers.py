@@ -24,10 +24,10 @@ import pytest
 
 from tests.support.broker import free_port, wait_for_port
 from tests.support.cluster import make_nodes, pair, wait_until
+from tests.support.rabbitmq import available as rabbitmq_available
+from tests.support.rabbitmq import rabbitmq
 
 pytestmark = pytest.mark.slow
-
-RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 
 
 def _stop_group(proc: subprocess.Popen[bytes]) -> None:
@@ -64,40 +64,11 @@ def nats_url(tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture
 def rabbitmq_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if not os.path.exists(RABBITMQ_SERVER):
+    if not rabbitmq_available():
         pytest.skip("rabbitmq-server is not installed (apt-get install rabbitmq-server)")
     # A short directory: Erlang's node and socket paths have length limits of their own.
-    root = Path(os.path.realpath(tmp_path_factory.mktemp("rmq")))
-    port, amqp, dist = free_port(), free_port(), free_port()
-    (root / "plugins").write_text("[rabbitmq_mqtt].\n")
-    (root / "rabbitmq.conf").write_text(
-        f"listeners.tcp.default = 127.0.0.1:{amqp}\n"
-        f"mqtt.listeners.tcp.default = 127.0.0.1:{port}\n"
-        "mqtt.allow_anonymous = true\n"
-        "loopback_users = none\n"
-    )
-    (root / "home").mkdir()
-    env = dict(
-        os.environ,
-        HOME=str(root / "home"),
-        RABBITMQ_NODENAME=f"peerdtest{port}@localhost",
-        RABBITMQ_DIST_PORT=str(dist),
-        RABBITMQ_MNESIA_BASE=str(root / "mnesia"),
-        RABBITMQ_LOG_BASE=str(root / "log"),
-        RABBITMQ_ENABLED_PLUGINS_FILE=str(root / "plugins"),
-        RABBITMQ_CONFIG_FILE=str(root / "rabbitmq.conf"),
-        RABBITMQ_PID_FILE=str(root / "pid"),
-    )
-    log = (root / "out.log").open("wb")
-    proc = subprocess.Popen(
-        [RABBITMQ_SERVER], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    try:
-        wait_for_port(port, 90)  # Erlang boots in about ten seconds on two cores
-        yield f"mqtt://127.0.0.1:{port}"
-    finally:
-        _stop_group(proc)
-        log.close()
+    with rabbitmq(Path(os.path.realpath(tmp_path_factory.mktemp("rmq")))) as urls:
+        yield urls["mqtt"]
 
 
 def _exercise(root: Path, url: str, *, retained_for_wildcards: bool) -> None:

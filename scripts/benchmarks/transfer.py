@@ -19,7 +19,9 @@ are deleted between runs; the source files stay in the page cache for every cont
    sender's broker link counter) against the file size, goal <= 1.05x; wall time against the
    same file to one receiver, goal <= 2x.
 4. A receiver SIGKILLed half way (a proxy holds chunk frames after half of them), restarted: the
-   frames the sender published again (`resent_frames`), goal <= one window (64 chunks).
+   frames the sender published again (`resent_frames`), goal <= two windows (128 chunks: credit
+   is granted as chunks arrive, so what was in flight plus what was written but not yet durable
+   is at most two windows, protocol/SPEC.md 7.6).
 5. The two MQTT clients of the transport port side by side (`scripts/benchmarks/clients.py`):
    transfer MB/s, daemon CPU per GB and session setup with `[broker] client` builtin and aiomqtt.
 """
@@ -54,7 +56,7 @@ from tests.support.cluster import Node, pair, wait_until
 from tests.support.hostile import TO_CLIENT, Hold, HostileProxy
 
 CHUNK = 256 * 1024
-WINDOW = 64  # chunks: protocol.transfer.TransferConfig.window
+WINDOW = 64  # chunks: protocol.transfer.TransferConfig.window (the initial one; loopback keeps it)
 GOAL_VS_AIOMQTT = 0.9
 GOAL_VS_SCP = 1.0
 GOAL_MEMORY = 150e6
@@ -471,7 +473,7 @@ def resume(sender: Node, receiver: Node, proxy: HostileProxy, path: Path) -> tup
     _clear_inbox([receiver], sender)
     resent = final["resent_frames"]
     extra = final["published_bytes"] - size
-    ok = resent <= WINDOW
+    ok = resent <= 2 * WINDOW
     print(
         f"\nResume: a {size >> 20} MiB file ({size // CHUNK} chunks); a proxy in front of the "
         f"receiver holds chunk frames after the first {half}; the receiver is SIGKILLed as soon "
@@ -484,7 +486,7 @@ def resume(sender: Node, receiver: Node, proxy: HostileProxy, path: Path) -> tup
             [
                 "chunk frames published again (`resent_frames`)",
                 f"{resent} ({resent * CHUNK / 1e6:.1f} MB of chunks)",
-                f"<= {WINDOW} (one window, {WINDOW * CHUNK / 1e6:.1f} MB): {verdict(ok)}",
+                f"<= {2 * WINDOW} (two windows, {2 * WINDOW * CHUNK / 1e6:.1f} MB): {verdict(ok)}",
             ],
             [
                 "bytes published beyond the file size (`published_bytes` - size, incl. framing)",

@@ -55,7 +55,6 @@ from peerd.mqtt.errors import (
     BrokerTlsError,
     BrokerUnreachable,
     LinkClosed,
-    SubscribeRefused,
     client_certificate_error,
 )
 from peerd.mqtt.limits import LinkLimits
@@ -314,6 +313,33 @@ class MqttLink(Subscribing):
             log.info("broker %s: MQTT 5, %s", s.url, self._limits)
         return conn
 
+    def _retry_subscribe(self, conn: Conn, topic_filter: str, delay: float) -> None:
+        """Subscribe again to `topic_filter` after `delay` s on this connection, doubling the
+        delay (to 30 s) while the broker refuses; the subscription is kept meanwhile."""
+        log.warning(
+            "broker %s refused to restore the subscription to %r; asking again in %.0fs",
+            self.settings.url,
+            topic_filter,
+            delay,
+        )
+
+        def again() -> None:
+            subs = self._routes.by_filter.get(topic_filter)
+            if conn is not self._conn or not subs or self._closing:
+                return  # gone: the next connection restores it anyway
+            w: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+            self._send_subscribe(conn, topic_filter, max(x.qos for x in subs), w)
+
+            def check(fut: asyncio.Future[bytes]) -> None:
+                if fut.cancelled() or fut.exception() is not None:
+                    return
+                if any(x >= 0x80 for x in fut.result()):
+                    self._retry_subscribe(conn, topic_filter, min(delay * 2, 30.0))
+
+            w.add_done_callback(check)
+
+        asyncio.get_running_loop().call_later(delay, again)
+
     def _dropped(self, conn: Conn) -> BrokerUnreachable | None:
         if conn is self._conn and not conn.closed.done():
             return None
@@ -324,16 +350,19 @@ class MqttLink(Subscribing):
         if err := self._dropped(conn):  # it may have dropped since the CONNACK
             raise err
         waits: list[asyncio.Future[bytes]] = []
+        names: list[str | None] = []
         loop = asyncio.get_running_loop()
         if self._routes.stale and not self.settings.clean_session:
             stale = sorted(self._routes.stale)
             w: asyncio.Future[bytes] = loop.create_future()
             self._send_unsubscribe(conn, stale, w)
             waits.append(w)
+            names.append(None)
         for topic_filter, subs in list(self._routes.by_filter.items()):
             w = loop.create_future()
             self._send_subscribe(conn, topic_filter, max(s.qos for s in subs), w)
             waits.append(w)
+            names.append(topic_filter)
         if waits:
             acks = asyncio.gather(*waits, return_exceptions=True)
             done, _ = await asyncio.wait(
@@ -346,8 +375,11 @@ class MqttLink(Subscribing):
                 raise self._dropped(conn) or BrokerTimeout(
                     f"the broker at {self.settings.url} did not confirm subscriptions in time"
                 )
-            if any(isinstance(c, bytes) and any(x >= 0x80 for x in c) for c in acks.result()):
-                raise _restore_refused(self.settings.url)
+            for name, c in zip(names, acks.result(), strict=True):
+                if name is not None and isinstance(c, bytes) and any(x >= 0x80 for x in c):
+                    # Refused for now (a NATS cluster electing after a node died): the link
+                    # comes up for everything else and asks again with backoff.
+                    self._retry_subscribe(conn, name, 1.0)
         if err := self._dropped(conn):
             raise err
 
@@ -675,14 +707,6 @@ class MqttLink(Subscribing):
         if not 1 <= depth <= self.max_inflight:
             raise ValueError(f"pipeline depth must be 1-{self.max_inflight}")
         return Pipeline(self, depth)
-
-
-def _restore_refused(url: str) -> SubscribeRefused:
-    """A subscription refused on a reconnect: worth another try (on the next broker, if several),
-    not the end of the subscription."""
-    err = SubscribeRefused(f"the broker at {url} refused to restore a subscription")
-    err.permanent = False
-    return err
 
 
 def _limits_of(ack: ConnAck, configured: int) -> LinkLimits:

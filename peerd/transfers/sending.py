@@ -446,7 +446,12 @@ class Sending(Side):
             and now - o.unacked_since >= STALL_LIMIT
             and self._acked(o) == o.acked_base  # no published chunk ever acknowledged
             and any(
-                state == "active" and p in self.host.connected_peers()
+                state == "active"
+                and p in self.host.connected_peers()
+                # ... and heard lately: one whose broker or daemon went away is offline (it
+                # resumes when back), not a sign that the broker drops chunks.
+                and (heard := m.silent_since(p)) is not None
+                and now - heard < OFFLINE_AFTER / 2
                 for p, state in m.receivers().items()
             )
         ):

@@ -75,12 +75,12 @@ def test_receiver_moves_to_another_cluster_node(tmp_path: Path, nats: NatsCluste
         # (through node 3, node 2 being dead): only the cluster's retained copy can tell her.
         carol.stop()
         alice.cli("revoke", "--reason", "laptop stolen")
-        wait_until(lambda: "learned a revocation" in bob.log(), 30, what="bob learning it")
+        wait_until(lambda: "event=revocation.applied" in bob.log(), 30, what="bob learning it")
         alice.stop()
         carol.start()
         assert carol.status()["broker"]["url"] == n3
         wait_until(
-            lambda: "learned a revocation (via broker)" in carol.log(),
+            lambda: "event=revocation.applied via=broker" in carol.log(),
             120,
             what="carol learning alice's revocation from another node",
         )

@@ -319,6 +319,12 @@ class _Handshake:
     # Application payloads sent as early data: sent again on the session that replaces a
     # resumption that got no answer (the peer may never have read them).
     queued: list[bytes] = field(default_factory=list)
+    # Initiator: an attempt that timed out and was followed by another, still answerable until
+    # that next attempt's deadline: a late REPLY (a slow path, a busy broker connection) then
+    # completes the handshake instead of meeting a dropped state, and a join is not refused
+    # as "invite used" by an inviter that completed the earlier attempt.
+    lingering: bool = False
+    refused: str | None = None  # an inviter's refusal, held while an earlier attempt may answer
 
 
 @dataclass(slots=True)
@@ -576,6 +582,20 @@ class SessionManager:
             self._forget(hs.session)
             hs.session = None
 
+    def _settle(self, peer_id: str, winner: _Handshake | None) -> list[bytes]:
+        """End every attempt we initiated with `peer_id` (the current one and those lingering)
+        but keep `winner`'s session; the payloads still queued for the peer."""
+        peer = self._peers.get(peer_id)
+        queued = peer.handshake.queued if peer is not None and peer.handshake is not None else []
+        if peer is not None:
+            peer.handshake = None
+        for hs in [h for h in self._initiating.values() if h.peer_id == peer_id]:
+            if hs is winner:
+                self._initiating.pop(hs.local_index, None)
+            else:
+                self._drop_handshake(hs)
+        return queued
+
     # -- receiving -------------------------------------------------------------------------
 
     def receive(self, data: bytes, now: float) -> list[Output]:
@@ -783,9 +803,26 @@ class SessionManager:
         hs = self._initiating.get(refused.receiver_index)
         if hs is None or hs.session is not None or hs.invite_id is None:
             return [self._reject("unknown-session", None, "REFUSED for no join of ours")]
+        peer = self._peers.get(hs.peer_id)
+        if hs.lingering or peer is None or peer.handshake is not hs:
+            self._drop_handshake(hs)
+            return []
+        reason = f"invite-{refused.reason}"
+        waiting = [
+            h
+            for h in self._initiating.values()
+            if h.peer_id == hs.peer_id and h.session is not None
+        ]
+        if waiting:
+            # Our earlier attempt sent message 3 and may be what used the invite: its
+            # confirmation is on the way, or the refusal stands at that attempt's deadline.
+            hs.refused = reason
+            hs.attempt = self.limits.handshake_attempts
+            hs.deadline = max(h.deadline for h in waiting)
+            return []
         self._drop_handshake(hs)
-        self._peers[hs.peer_id].handshake = None
-        return [HandshakeFailed(hs.peer_id, f"invite-{refused.reason}")]
+        peer.handshake = None
+        return [HandshakeFailed(hs.peer_id, reason)]
 
     def _on_reply(self, reply: frames.Reply, now: float) -> list[Output]:
         hs = self._initiating.get(reply.receiver_index)
@@ -793,7 +830,6 @@ class SessionManager:
             return [self._reject("unknown-session", None, "REPLY for no handshake of ours")]
         if hs.early is not None:
             return self._on_resume_reply(hs, reply, now)
-        peer = self._peers[hs.peer_id]
         try:
             creds = hs.state.read_message(reply.noise)
             assert hs.state.rs is not None
@@ -812,12 +848,13 @@ class SessionManager:
         except ProtocolError as exc:
             # Abort before message 3: nothing about this node is revealed to the responder.
             self._drop_handshake(hs)
-            peer.handshake = None
             reason = exc.reason if isinstance(exc, RemoteProtocolError) else "local-error"
-            return [
-                self._reject(reason, hs.peer_id, str(exc)),
-                HandshakeFailed(hs.peer_id, reason),
-            ]
+            rejected = self._reject(reason, hs.peer_id, str(exc))
+            peer = self._peers.get(hs.peer_id)
+            if peer is None or peer.handshake is not hs:
+                return [rejected]  # a lingering attempt: the current one goes on
+            peer.handshake = None
+            return [rejected, HandshakeFailed(hs.peer_id, reason)]
         hs.session = self._new_session(hs, reply.sender_index, auth, now, confirmed=False)
         return [SendFrame(hs.peer_id, frames.encode_finish(reply.sender_index, finish))]
 
@@ -837,10 +874,7 @@ class SessionManager:
             # Not a hang: XX at once, as after a resumption that got no answer.
             out: list[Output] = [self._reject(reason, hs.peer_id, str(exc))]
             return out + self._fall_back(hs, now)
-        self._initiating.pop(hs.local_index, None)
-        peer = self._peers.get(hs.peer_id)
-        if peer is not None and peer.handshake is hs:
-            peer.handshake = None
+        self._settle(hs.peer_id, hs)
         assert hs.early is not None
         hs.early.clear()
         hs.early = None
@@ -1008,13 +1042,8 @@ class SessionManager:
         out: list[Output] = []
         if not session.confirmed:
             session.confirmed = True
-            peer = self._peers.get(session.peer_id)
-            queued: list[bytes] = []
-            if peer is not None and peer.handshake is not None:
-                self._initiating.pop(peer.handshake.local_index, None)
-                queued = peer.handshake.queued
-                peer.handshake = None
-            out = self._activate(session, now, queued)
+            owner = next((h for h in self._initiating.values() if h.session is session), None)
+            out = self._activate(session, now, self._settle(session.peer_id, owner))
         if not plaintext:
             return [*out, self._reject("malformed", session.peer_id, "empty transport message")]
         kind = plaintext[0]
@@ -1099,8 +1128,8 @@ class SessionManager:
         if peer is None:
             return []
         out: list[Output] = []
-        if peer.handshake is not None:
-            self._drop_handshake(peer.handshake)
+        for hs in [h for h in self._initiating.values() if h.peer_id == peer_id]:
+            self._drop_handshake(hs)  # the current attempt and any lingering one
         for index in [i for i, h in self._half_open.items() if h.peer_id == peer_id]:
             del self._half_open[index]
         note = bytes([KIND_CLOSE]) + reason.encode("utf-8")[:180]
@@ -1155,13 +1184,15 @@ class SessionManager:
         limits = self.limits
         for hs in [h for h in self._initiating.values() if h.deadline <= now]:
             peer = self._peers.get(hs.peer_id)
-            self._drop_handshake(hs)
-            if peer is None:
+            if hs.lingering or peer is None or peer.handshake is not hs:
+                self._drop_handshake(hs)
                 continue
             peer.handshake = None
             if hs.attempt >= limits.handshake_attempts:
-                self.rejections["handshake-timeout"] += 1
-                out.append(HandshakeFailed(hs.peer_id, "timeout"))
+                self._settle(hs.peer_id, None)
+                if hs.refused is None:
+                    self.rejections["handshake-timeout"] += 1
+                out.append(HandshakeFailed(hs.peer_id, hs.refused or "timeout"))
                 continue
             out.extend(
                 self._start(
@@ -1175,6 +1206,8 @@ class SessionManager:
                     queued=hs.queued,
                 )
             )
+            hs.lingering = True  # still in _initiating: a late answer completes it
+            hs.deadline = peer.handshake.deadline if peer.handshake is not None else now
         while self._half_open:
             index, hs = next(iter(self._half_open.items()))
             if hs.deadline > now:

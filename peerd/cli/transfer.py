@@ -195,17 +195,19 @@ def cmd_send(args: argparse.Namespace) -> int:
         link.subscribe(["transfer.progress"])
         started = link.call("v1.send", params)
         tid = started["id"]
-        names = common.peer_names(link)
-        progress = _Progress(started, names) if show else None
-        if not args.json:  # the id first: whatever happens while waiting, it is known
-            to = ", ".join(common.with_name(p, names.get(p)) for p in started["peers"])
-            common.note(f"transfer {tid}: {started['name']}, {_size(started['size'])}, to {to}")
-
-        def on_event(name: str, data: Any) -> None:
-            if progress is not None and isinstance(data, dict) and data.get("id") == tid:
-                progress.update(data)
-
+        # From here on the transfer exists: a Ctrl-C at any point (even before the wait
+        # starts) says that it goes on and how to cancel it.
         try:
+            names = common.peer_names(link)
+            progress = _Progress(started, names) if show else None
+            if not args.json:  # the id first: whatever happens while waiting, it is known
+                to = ", ".join(common.with_name(p, names.get(p)) for p in started["peers"])
+                common.note(f"transfer {tid}: {started['name']}, {_size(started['size'])}, to {to}")
+
+            def on_event(name: str, data: Any) -> None:
+                if progress is not None and isinstance(data, dict) and data.get("id") == tid:
+                    progress.update(data)
+
             result = link.call("v1.transfer.wait", {"id": tid}, timeout=None, on_event=on_event)
         except KeyboardInterrupt:
             _interrupted(link, tid)

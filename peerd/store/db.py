@@ -161,6 +161,7 @@ class Store(InviteRecords):
         if row is not None:
             self._identity = OwnIdentity(*row)
             self._view.self_peer_id = row[0]
+            self._view.self_identity = self._identity.identity_public
         try:
             for record in await load_peers(db):
                 self._view.put_peer(record)

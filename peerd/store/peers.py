@@ -112,6 +112,7 @@ class PeerRecords(StoreCore):
     def _set_identity(self, own: OwnIdentity) -> None:
         self._identity = own
         self._view.self_peer_id = own.peer_id
+        self._view.self_identity = own.identity_public
 
     def _own(self) -> OwnIdentity:
         if self._identity is None:

@@ -177,6 +177,9 @@ class TrustView:
         authority_key: bytes | None = None,
     ) -> None:
         self.self_peer_id = self_peer_id
+        # This node's current identity key (the store keeps it): the only owner key that may
+        # revoke this node, checked like a pinned chain's last key (SPEC 6.8).
+        self.self_identity: bytes | None = None
         self.network = network
         self.configure(overlap=overlap, authority_key=authority_key)
         self._peers: dict[str, PeerTrust] = {}
@@ -570,6 +573,10 @@ class TrustView:
                 parsed, bytes(statement), self._revoked_record(record, peer_id, now), None
             )
         known = record.identities if record is not None else ()
+        if peer_id == self.self_peer_id and self.self_identity is not None:
+            # A node has no record of itself, yet knows its own chain: without this its first
+            # (succeeded) key, which hashes to its id, could expel it (SPEC 6.8).
+            known = (*known, self.self_identity)
         if (
             not known
             and peer_id not in self._unmet_revoked

@@ -137,7 +137,8 @@ def test_the_log_budget_is_a_budget(calls: list[tuple[str, float]]) -> None:
         # What was held back is said: on a later line of its key, or by flush().
         said = sum(int(line.split("(")[1].split()[0]) for line in lines if "suppressed" in line)
         budget.flush()
-        said += sum(int(line.split()[0]) for line in lines if "(log budget)" in line)
+        flushed = [line for line in lines if line.startswith("event=log.suppressed ")]
+        said += sum(int(line.rsplit("lines=", 1)[1].split()[0]) for line in flushed)
         assert said == budget.suppressed
     finally:
         logger.removeHandler(handler)

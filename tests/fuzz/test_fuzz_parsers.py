@@ -97,7 +97,11 @@ def test_frame_decoder(data: bytes) -> None:
         assert exc.reason in FRAME_REASONS, exc.reason
         return
     # A frame that decodes re-encodes to its own bytes (no field is silently reinterpreted).
-    if isinstance(frame, frames.Hello):
+    if isinstance(frame, frames.Hello) and frame.ticket_id is not None:
+        again = frames.encode_resume(
+            frame.sender_index, frame.reply_to, frame.ticket_id, frame.noise
+        )
+    elif isinstance(frame, frames.Hello):
         again = frames.encode_hello(
             frame.sender_index, frame.reply_to, frame.noise, frame.invite_id
         )
@@ -105,6 +109,11 @@ def test_frame_decoder(data: bytes) -> None:
         again = frames.encode_reply(frame.receiver_index, frame.sender_index, frame.noise)
     elif isinstance(frame, frames.Finish):
         again = frames.encode_finish(frame.receiver_index, frame.noise)
+    elif isinstance(frame, frames.Refused):
+        again = frames.encode_refused(frame.receiver_index, frame.reason)
+    elif isinstance(frame, frames.Early):
+        assert frame.header == frames.early_header(frame.sender_index, frame.counter)
+        again = frame.header + frame.ciphertext
     else:
         assert frame.header == frames.data_header(frame.receiver_index, frame.counter)
         again = frame.header + frame.ciphertext

@@ -349,6 +349,23 @@ def test_only_the_current_identity_key_revokes_a_succeeded_node() -> None:
     assert info.value.reason == "unknown-signer"
 
 
+def test_a_node_refuses_its_own_revocation_by_a_key_it_succeeded() -> None:
+    """A node holds no record of itself, so its own first key (which hashes to its id) looked
+    like the one key to accept: a thief of it could expel the node. The node checks against its
+    own current identity key instead (SPEC 6.8)."""
+    node = Node()
+    first_seed = node.seed
+    node.succeed()
+    view = _view()
+    view.self_peer_id, view.self_identity = node.peer_id, node.identity_public
+    stolen = issue_revocation(first_seed, peer_id=node.peer_id, kind="identity", now=NOW)
+    with pytest.raises(TrustError) as info:
+        view.plan_revocation(stolen.encode(), NOW)
+    assert info.value.reason == "superseded-signer"
+    own = issue_revocation(node.seed, peer_id=node.peer_id, kind="identity", now=NOW)
+    assert view.plan_revocation(own.encode(), NOW).changes
+
+
 def test_a_verifier_that_never_saw_the_chain_accepts_the_first_key() -> None:
     """The bound of the rule above, stated as a test: a verifier that has pinned no chain for a
     node knows no key but the one that hashes to its peer id, so it accepts a revocation signed

@@ -450,6 +450,80 @@ def test_handshake_retries_then_gives_up() -> None:
     assert net.of("alice", HandshakeFailed)[0].reason == "timeout"
 
 
+class _Hold:
+    """A fault that holds every frame while `on`; `release` delivers chosen ones later."""
+
+    def __init__(self) -> None:
+        self.on = True
+        self.held: list[tuple[str, bytes]] = []
+
+    def __call__(self, dst: str, frame: bytes) -> list[bytes]:
+        if self.on:
+            self.held.append((dst, frame))
+            return []
+        return [frame]
+
+    def release(self, net: Network, index: int) -> None:
+        dst, frame = self.held.pop(index)
+        net.deliver(dst, net.nodes[dst].receive(frame, net.now))
+
+
+def test_a_late_answer_to_an_attempt_that_timed_out_still_completes_the_handshake() -> None:
+    """A slow path (a busy broker connection) answers attempt 1 after attempt 2 left: the
+    answer completes the handshake; attempt 2 and its answer are then dropped."""
+    hold = _Hold()
+    a, _b, net = trusted_pair()
+    net.fault = hold
+    _connect(net, "alice", "bob")  # HELLO 1 held
+    net.tick(1.0)  # attempt 1 times out: HELLO 2 held too
+    assert [frames.decode(f).__class__ for _, f in hold.held] == [frames.Hello] * 2
+    hold.release(net, 0)  # HELLO 1 reaches bob: his REPLY is held
+    hold.release(net, 1)  # REPLY 1 reaches alice: FINISH 1 is held
+    hold.release(net, 1)  # FINISH 1 reaches bob: session up there, his confirmation held
+    hold.release(net, 1)  # the confirmation reaches alice
+    assert len(net.of("alice", SessionUp)) == len(net.of("bob", SessionUp)) == 1
+    assert net.of("alice", SessionUp)[0].session_id == net.of("bob", SessionUp)[0].session_id
+    assert not net.of("alice", HandshakeFailed)
+    hold.on = False
+    while hold.held:  # HELLO 2 and what follows from it: attempt 2 is gone at alice
+        hold.release(net, 0)
+    net.tick(20)
+    assert not net.of("alice", HandshakeFailed)
+    net.deliver("alice", a.send("bob", b"after", net.now))
+    assert net.of("bob", Message)[-1].payload == b"after"
+
+
+def test_a_join_whose_first_attempt_used_the_invite_is_not_failed_by_the_refusal() -> None:
+    """The inviter completes attempt 1 and closes the invite, then meets attempt 2's HELLO_PSK
+    and refuses it as used: the joiner waits for attempt 1's confirmation instead of failing
+    the join of a pairing that happened. With no confirmation, the refusal stands."""
+    for confirmed in (True, False):
+        directory = Directory()
+        inviter, joiner = make_node("alice", directory), make_node("bob", directory)
+        directory.invites["alice"] = {b"i" * 16: b"p" * 32}
+        hold = _Hold()
+        net = Network(inviter, joiner, fault=hold)
+        net.deliver("bob", joiner.join("alice", b"i" * 16, b"p" * 32, net.now))
+        net.tick(1.0)  # HELLO_PSK 1 and 2 held
+        hold.release(net, 0)  # HELLO_PSK 1 reaches alice: REPLY held
+        hold.release(net, 1)  # REPLY 1 reaches bob: FINISH held
+        hold.release(net, 1)  # FINISH 1 reaches alice: paired there, confirmation held
+        assert len(net.of("alice", SessionUp)) == 1
+        directory.invites["alice"] = {}
+        inviter.trust.closed_invite = lambda _id: "used"  # type: ignore[method-assign]
+        hold.release(net, 0)  # HELLO_PSK 2 reaches alice: REFUSED (used) held
+        (refused,) = [f for _, f in hold.held if f[1] == frames.FrameType.REFUSED]
+        hold.release(net, [f for _, f in hold.held].index(refused))
+        assert not net.of("bob", HandshakeFailed)
+        if confirmed:
+            hold.release(net, 0)  # alice's confirmation of attempt 1
+            assert len(net.of("bob", SessionUp)) == 1
+        net.tick(5)
+        net.tick(5)
+        failed = net.of("bob", HandshakeFailed)
+        assert [f.reason for f in failed] == ([] if confirmed else ["invite-used"])
+
+
 # -- floods -----------------------------------------------------------------------------------
 
 

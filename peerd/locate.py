@@ -2,12 +2,20 @@
 
 Every CLI command that talks to the daemon needs only the socket's path. Reading it through
 `peerd.config.load_config` would load the whole configuration machinery (and, through its
-checks, the protocol's identity code and PyNaCl): most of a command's start-up. Here the file is
-parsed with tomllib alone and only `[node] socket` / `runtime_dir` are read, with the same
-rules as `peerd.config` (relative paths are relative to the file's directory, `~` expands, the
-socket defaults to `<runtime_dir>/peerd.sock`); tests/peerd/test_config.py holds the two to the
-same answers. Anything unusual in the file is left to `load_config` (None here), whose error
-message names the file, the key and the problem.
+checks, the protocol's identity code and PyNaCl): most of a command's start-up. Here only
+`[node] socket` / `runtime_dir` are read, with the same rules as `peerd.config` (relative paths
+are relative to the file's directory, `~` expands, the socket defaults to
+`<runtime_dir>/peerd.sock`); tests/peerd/test_config.py holds the two to the same answers.
+Anything unusual in the file is left to `load_config` (None here), whose error message names
+the file, the key and the problem.
+
+Even tomllib is too dear here (importing it costs more than a bare interpreter's start: it
+loads `typing`, `datetime` and compiles its regular expressions). A file made only of the lines
+`peerd init` writes (comments, `[table]` headers, `key = value` with a string free of escapes, a
+decimal number, a boolean or a one-line array of those) is read line by line (`_plain_toml`);
+such a line means the same to tomllib, and any other line (a multi-line string or array, an
+escape, a dotted key, a date...) sends the whole file to tomllib, so the answer is tomllib's
+either way (tests/peerd/test_config.py compares the two on generated files).
 
 The configuration file is the first of: the path given (`--config`), `$PEERD_CONFIG`,
 `$XDG_CONFIG_HOME/peerd/peerd.toml` (default `~/.config/peerd/peerd.toml`) if it exists, and
@@ -17,8 +25,12 @@ The configuration file is the first of: the path given (`--config`), `$PEERD_CON
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Final
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (this is the CLI's path)
+if TYPE_CHECKING:
+    from typing import Any, Final
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/peerd/peerd.toml")
 CONFIG_NAME: Final = "peerd.toml"
@@ -35,6 +47,21 @@ KNOWN_SECTIONS: Final = frozenset(
 NODE_KEYS: Final = frozenset(
     {"name", "network", "state_dir", "runtime_dir", "socket", "inbox_dir", "store"}
 )
+
+# One line of the TOML subset `_plain_toml` reads (TOML 1.0's rules for these forms: bare keys,
+# basic strings without escapes, literal strings, decimal integers and floats without exponent,
+# booleans, one-line arrays of those; no control character but tab in strings and comments).
+_CTRL = r"\x00-\x08\x0a-\x1f\x7f"
+_BARE = r"[A-Za-z0-9_-]+"
+_INT = r"[+-]?(?:0|[1-9](?:_?[0-9])*)"
+_SCALAR = rf'"[^"\\{_CTRL}]*"|\'[^\'{_CTRL}]*\'|{_INT}(?:\.[0-9](?:_?[0-9])*)?|true|false'
+_ARRAY = rf"\[[ \t]*(?:(?:{_SCALAR})[ \t]*,[ \t]*)*(?:(?:{_SCALAR})[ \t]*)?\]"
+_LINE: Final = (
+    rf"[ \t]*(?:\[[ \t]*(?P<table>{_BARE})[ \t]*\]"
+    rf'|(?P<key>{_BARE})[ \t]*=[ \t]*(?:"(?P<basic>[^"\\{_CTRL}]*)"'
+    rf"|\'(?P<literal>[^\'{_CTRL}]*)\'|{_SCALAR}|{_ARRAY}))?[ \t]*(?:#[^{_CTRL}]*)?"
+)
+_NOT_A_STRING: Final = object()  # a value of another type (only strings matter here)
 
 
 def user_config_path() -> Path:
@@ -60,19 +87,25 @@ def socket_from_config(path: Path) -> str | None:
     """The control socket the configuration file at `path` names, or None when only
     `load_config` can tell (and name what is wrong). At the default location, a file that does
     not exist or that this user may not read means the default socket (the system daemon's)."""
-    import tomllib  # noqa: PLC0415 - kept off `import peerd.locate` for commands that need none
-
     path = path.absolute()
     try:
         with path.open("rb") as f:
             raw = f.read(_MAX_CONFIG_SIZE + 1)
-        data = tomllib.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
     except PermissionError:
         return DEFAULT_SOCKET_PATH if path == DEFAULT_CONFIG_PATH else None
     except FileNotFoundError:
         return DEFAULT_SOCKET_PATH if path == DEFAULT_CONFIG_PATH else None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+    except (OSError, UnicodeDecodeError):
         return None
+    data = _plain_toml(text)
+    if data is None:
+        import tomllib  # noqa: PLC0415 - only for a file beyond _plain_toml's lines
+
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError:
+            return None
     node = data.get("node", {})
     if (
         len(raw) > _MAX_CONFIG_SIZE
@@ -97,6 +130,29 @@ def socket_from_config(path: Path) -> str | None:
     else:
         found = DEFAULT_RUNTIME_DIR / SOCKET_NAME
     return str(found)
+
+
+def _plain_toml(text: str) -> dict[str, Any] | None:
+    """The tables of a file made only of `_LINE`s, with their keys; a string value as itself,
+    any other as a placeholder. None for anything else (tomllib then reads it), including what
+    TOML forbids that a line alone cannot show: a table or a key defined twice, a key before
+    the first table."""
+    data: dict[str, dict[str, object]] = {}
+    table: dict[str, object] | None = None
+    for line in text.replace("\r\n", "\n").split("\n"):
+        m = re.fullmatch(_LINE, line)
+        if m is None:
+            return None
+        if m["table"] is not None:
+            if m["table"] in data:
+                return None
+            table = data[m["table"]] = {}
+        elif m["key"] is not None:
+            if table is None or m["key"] in table:
+                return None
+            string = m["basic"] if m["basic"] is not None else m["literal"]
+            table[m["key"]] = string if string is not None else _NOT_A_STRING
+    return data
 
 
 __all__ = [

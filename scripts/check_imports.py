@@ -2,12 +2,16 @@
 
 A command such as `peerd status` is a few lines over the control socket; its start-up is what
 the user waits for. The control client (`peerd.control.blocking`), the socket's path from the
-config file (`peerd.locate`, tomllib) and the error classes are all it may load: asyncio, the
-trust store (aiosqlite), the keys (PyNaCl, cryptography), the wire protocol (msgpack,
-`protocol.*` beyond its error classes) and the full configuration code are for the daemon and
-the offline commands. `scripts/bench cli` measures what this buys; this check keeps it, without
-a clock: each command runs with `python -X importtime` against a socket nobody listens on (it
-exits "not running") and the modules it imported are compared with the forbidden ones.
+config file (`peerd.locate`) and the error classes are all it may load: asyncio, the trust
+store (aiosqlite), the keys (PyNaCl, cryptography), the wire protocol (msgpack, `protocol.*`
+beyond its error classes) and the full configuration code are for the daemon and the offline
+commands. Nor may it load the standard modules that each cost a tenth or more of a bare
+interpreter's start and that it does without: `typing` (annotations only, under
+`TYPE_CHECKING = False`), `tomllib` (a config file as `peerd init` writes it is read line by
+line), `socket` (the C module `_socket` does), `shutil` (argparse's help width, found without
+it). `scripts/bench cli` measures what this buys; this check keeps it, without a clock: each
+command runs with `python -X importtime` against a socket nobody listens on (it exits "not
+running") and the modules it imported are compared with the forbidden ones.
 
 Usage: python scripts/check_imports.py   (exit 1 and the import chain of each offender)
 """
@@ -36,6 +40,10 @@ FORBIDDEN = (
     "peerd.keystore",
     "peerd.daemon",
     "prometheus_client",
+    "typing",
+    "tomllib",
+    "socket",
+    "shutil",
 )
 # protocol.* is forbidden except its error classes, which peerd.errors builds on.
 ALLOWED_PROTOCOL = ("protocol", "protocol.errors")

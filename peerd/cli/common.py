@@ -11,18 +11,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
 
 from peerd import locate
 from peerd.errors import ConfigError, PeerdError, UsageError
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (see check_imports.py)
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Coroutine, Sequence
+    from typing import Any, TypeVar
+
     from peerd.config import Config
     from peerd.control.blocking import ControlLink
     from peerd.store import Store
 
-T = TypeVar("T")
+    T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # the operation failed (the message says why)

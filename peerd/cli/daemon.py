@@ -7,10 +7,12 @@ import argparse
 import os
 import sys
 import time
-from typing import Any
 
 from peerd.cli import common
-from peerd.cli.identity import cmd_revoke_identity
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (see check_imports.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def register(subparsers: Any) -> None:
@@ -315,6 +317,8 @@ def cmd_rotate(args: argparse.Namespace) -> int:
 
 def cmd_revoke(args: argparse.Namespace) -> int:
     if args.identity:
+        from peerd.cli.identity import cmd_revoke_identity
+
         return cmd_revoke_identity(args)
     result = common.call(args, "v1.revoke", {"reason": args.reason})
     if args.json:

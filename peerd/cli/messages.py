@@ -7,12 +7,14 @@ import base64
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Any
 
 from peerd.cli import common
 from peerd.errors import UsageError
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (see check_imports.py)
 if TYPE_CHECKING:
+    from typing import Any
+
     from peerd.control.blocking import ControlLink
 
 

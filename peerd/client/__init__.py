@@ -19,8 +19,6 @@ and hint. A daemon that is not running is `DaemonNotRunning`; a refused caller
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from peerd.client.errors import (
     ConnectionLost,
     DaemonNotRunning,
@@ -31,6 +29,7 @@ from peerd.client.errors import (
 )
 from peerd.control import AccessDenied, InvalidParams, MethodNotFound, SubscriberDropped
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (the CLI loads this)
 if TYPE_CHECKING:
     from peerd.client.aio import (
         DEFAULT,

@@ -5,9 +5,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
-
 from peerd import control
 from peerd.control import (
     INVALID_PARAMS,
@@ -27,6 +24,11 @@ from peerd.errors import (
     RemoteProtocolError,
     UsageError,
 )
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (the CLI loads this)
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from typing import Any
 
 
 class DaemonNotRunning(PeerdError):

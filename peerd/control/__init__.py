@@ -5,19 +5,18 @@ The `peerd` CLI and `peerd.client` talk to the daemon through this socket. The d
 publishes events (`server.publish_event("session.up", {...})`) that subscribed connections
 receive as notifications.
 
-- `peerd.control.wire`: the wire format both ends share (framing, error objects and codes,
-  parameter checks for handlers);
+- `peerd.control.wire`: the wire format both ends share (framing, error objects and codes);
+- `peerd.control.params`: the handlers' parameter checks (`require`, `optional`, `only`);
 - `peerd.control.credentials`: who is calling (SO_PEERCRED, SO_PEERGROUPS);
 - `peerd.control.connection`: one accepted connection (limits, output queue, subscriptions);
 - `peerd.control.server`: the socket file, accepting and refusing, dispatch, events.
 
-Importing this package loads only the wire format: the client needs nothing else. The server's
-names are loaded when first used (`from peerd.control import ControlServer` works as before).
+Importing this package loads only the wire format (and not `typing`: the CLI's commands load it):
+the client needs nothing else. The server's names are loaded when first used
+(`from peerd.control import ControlServer, require` works as before).
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 from peerd.control.wire import (
     API_VERSION,
@@ -45,25 +44,22 @@ from peerd.control.wire import (
     AccessDenied,
     ControlError,
     InvalidParams,
-    JSONValue,
     MethodNotFound,
     Overloaded,
-    Params,
     SubscriberDropped,
     decode_line,
     encode_line,
     error_code_for,
     error_object,
-    only,
-    optional,
     plain_error,
-    require,
     response,
 )
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (the CLI loads this)
 if TYPE_CHECKING:
     from peerd.control.connection import Connection, Subscription
     from peerd.control.credentials import PeerCredentials, peer_credentials, resolve_group
+    from peerd.control.params import JSONValue, Params, only, optional, require
     from peerd.control.server import ControlServer, Handler
 
 _SERVER_SIDE = {
@@ -74,11 +70,17 @@ _SERVER_SIDE = {
     "resolve_group": "peerd.control.credentials",
     "ControlServer": "peerd.control.server",
     "Handler": "peerd.control.server",
+    "JSONValue": "peerd.control.params",
+    "Params": "peerd.control.params",
+    "only": "peerd.control.params",
+    "optional": "peerd.control.params",
+    "require": "peerd.control.params",
 }
 
 
 def __getattr__(name: str) -> object:
-    # Lazy: the server side (sockets, groups, the lock file) is the daemon's, not the client's.
+    # Lazy: the server side (sockets, groups, the lock file, the handlers' parameter checks) is
+    # the daemon's, not the client's.
     module = _SERVER_SIDE.get(name)
     if module is None:
         raise AttributeError(f"module 'peerd.control' has no attribute {name!r}")

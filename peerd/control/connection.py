@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from peerd.control.credentials import PeerCredentials
+from peerd.control.params import JSONValue
 from peerd.control.wire import (
     CLOSE_GRACE,
     DROPPED_METHOD,
@@ -21,7 +22,6 @@ from peerd.control.wire import (
     MAX_SUBSCRIPTIONS,
     PARSE_ERROR,
     InvalidParams,
-    JSONValue,
     SubscriberDropped,
     decode_line,
     encode_line,

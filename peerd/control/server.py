@@ -29,6 +29,7 @@ from typing import Any, Final
 from peerd import __version__
 from peerd.control.connection import Connection, hang_up
 from peerd.control.credentials import PeerCredentials, peer_credentials, resolve_group
+from peerd.control.params import JSONValue, Params, only, optional, require
 from peerd.control.wire import (
     API_VERSION,
     CLOSE_GRACE,
@@ -47,16 +48,11 @@ from peerd.control.wire import (
     AccessDenied,
     ControlError,
     InvalidParams,
-    JSONValue,
     MethodNotFound,
     Overloaded,
-    Params,
     encode_line,
     error_object,
-    only,
-    optional,
     plain_error,
-    require,
     response,
 )
 from peerd.errors import PeerdError, UsageError

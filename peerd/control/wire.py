@@ -1,5 +1,7 @@
 """The control socket's wire format: JSON-RPC 2.0, one object per line, shared by the server
-(`peerd.control.server`) and the client (`peerd.client`).
+(`peerd.control.server`) and the clients (`peerd.client`, the CLI's `peerd.control.blocking`).
+The handlers' parameter checks are in `peerd.control.params`. This module does not import
+`typing` at run time: every CLI command loads it (scripts/check_imports.py).
 
 Wire format (each message is one JSON value, UTF-8, terminated by `\\n`):
 
@@ -17,10 +19,13 @@ Wire format (each message is one JSON value, UTF-8, terminated by `\\n`):
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from typing import Any, Final, TypeVar, overload
 
 from peerd.errors import PeerdError, UsageError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (the CLI loads this)
+if TYPE_CHECKING:
+    from typing import Any, Final
+
 
 JSONRPC: Final = "2.0"
 API_VERSION: Final = 1
@@ -71,12 +76,6 @@ MAX_FILTER_KEYS: Final = 16
 CLOSE_GRACE: Final = 5.0  # seconds a closing connection gets to take its last lines
 
 
-JSONValue = Any  # what json.loads returns / json.dumps accepts; checked at the edges
-Params = dict[str, Any]
-
-T = TypeVar("T")
-
-
 class ControlError(PeerdError):
     """The control socket could not be set up (path, permissions, another daemon)."""
 
@@ -111,63 +110,6 @@ class SubscriberDropped(Overloaded):
     hint = "consume events faster, or subscribe to fewer events"
 
 
-# --- parameter helpers for handlers -------------------------------------------------------------
-
-
-def _type_ok(value: object, kind: type) -> bool:
-    if kind is bool:
-        return isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    return isinstance(value, kind)
-
-
-_JSON_TYPE_NAMES: Final = {
-    str: "a string",
-    int: "an integer",
-    float: "a number",
-    bool: "true or false",
-    list: "an array",
-    dict: "an object",
-}
-
-
-def require(params: Mapping[str, Any], name: str, kind: type[T]) -> T:
-    """The parameter `name`, which must be present, non-null and of type `kind`."""
-    if name not in params or params[name] is None:
-        raise InvalidParams(f"missing parameter {name!r}")
-    value = params[name]
-    if not _type_ok(value, kind):
-        raise InvalidParams(
-            f"parameter {name!r} must be {_JSON_TYPE_NAMES.get(kind, kind.__name__)}"
-        )
-    if kind is float:
-        value = float(value)
-    return value  # type: ignore[no-any-return]
-
-
-@overload
-def optional(params: Mapping[str, Any], name: str, kind: type[T]) -> T | None: ...
-@overload
-def optional(params: Mapping[str, Any], name: str, kind: type[T], default: T) -> T: ...
-def optional(
-    params: Mapping[str, Any], name: str, kind: type[T], default: T | None = None
-) -> T | None:
-    """The parameter `name` if present and non-null (checked like `require`), else `default`."""
-    if params.get(name) is None:
-        return default
-    return require(params, name, kind)
-
-
-def only(params: Mapping[str, Any], *names: str) -> None:
-    """Refuse parameters other than `names`, so a typo is an error rather than ignored."""
-    unknown = sorted(set(params) - set(names))
-    if unknown:
-        raise InvalidParams(f"unknown parameter(s): {', '.join(map(repr, unknown))}")
-
-
 # --- wire helpers -------------------------------------------------------------------------------
 
 
@@ -175,7 +117,7 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
-def decode_line(line: bytes) -> JSONValue:
+def decode_line(line: bytes) -> Any:
     """Parse one line; ValueError for anything that is not strict JSON (incl. NaN, deep nests)."""
     try:
         return json.loads(line, parse_constant=_reject_constant)
@@ -183,7 +125,7 @@ def decode_line(line: bytes) -> JSONValue:
         raise ValueError("nested too deeply") from exc
 
 
-def encode_line(value: JSONValue) -> bytes:
+def encode_line(value: Any) -> bytes:
     """One compact JSON line. Raises TypeError/ValueError for values JSON cannot carry."""
     text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     return text.encode() + b"\n"
@@ -215,9 +157,7 @@ def error_object(exc: PeerdError, code: int | None = None) -> dict[str, Any]:
     return {"code": error_code_for(exc) if code is None else code, "message": message, "data": data}
 
 
-def response(
-    request_id: JSONValue, *, result: JSONValue = None, error: Any = None
-) -> dict[str, Any]:
+def response(request_id: Any, *, result: Any = None, error: Any = None) -> dict[str, Any]:
     if error is not None:
         return {"jsonrpc": JSONRPC, "id": request_id, "error": error}
     return {"jsonrpc": JSONRPC, "id": request_id, "result": result}
@@ -253,18 +193,13 @@ __all__ = [
     "AccessDenied",
     "ControlError",
     "InvalidParams",
-    "JSONValue",
     "MethodNotFound",
     "Overloaded",
-    "Params",
     "SubscriberDropped",
     "decode_line",
     "encode_line",
     "error_code_for",
     "error_object",
-    "only",
-    "optional",
     "plain_error",
-    "require",
     "response",
 ]

@@ -7,10 +7,20 @@ alike:
 - `peerd send FILE --to PEER --wait --no-progress` of a 4 KiB file against the same send through
   `peerd.Client` from a running Python process (connect, send, wait for the verified file);
   goal: at most 100 ms more;
-- for reference, `peerd id` (an offline command: it reads the keys, no daemon).
+- for reference, `peerd id` (an offline command: it reads the keys, no daemon), and
+  `peerd status` with no bytecode for peerd's own modules.
+
+Every process runs from compiled bytecode, as an installed peerd does (`scripts/install` and pip
+compile it at install time; a checkout writes `__pycache__` on its first run): the runs share a
+fresh `PYTHONPYCACHEPREFIX`, filled by one warm-up run of each command. Without this, in an
+environment that sets `PYTHONDONTWRITEBYTECODE` (as the tests' does) and a checkout with no
+`__pycache__`, every command would compile peerd's sources at each start while the baseline's
+standard library comes precompiled: not like with like. That case is the last row, for
+reference: `peerd status` with `PYTHONDONTWRITEBYTECODE=1` and the checkout as it is.
 
 The nodes are real daemons on a private Mosquitto configured as shipped, as in the other daemon
-benchmarks. The CLI is the console script `peerd` installed in the virtualenv, as people run it.
+benchmarks. The CLI is the console script `peerd` installed in the virtualenv, as people run it
+(the same interpreter as the baseline, with the same site-packages and `.pth` files).
 """
 
 from __future__ import annotations
@@ -60,26 +70,32 @@ def run(quick: bool = False) -> bool:
     with shipped_cluster(["alice", "bob"]) as (_broker, (alice, bob)):
         pair(alice, bob)
         alice.wait_connected(bob)
-        env = alice.env()
+        pycache = alice.dir.parent / "pycache"  # removed with the cluster's directory
+        env = {**alice.env(), "PYTHONPYCACHEPREFIX": str(pycache)}
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        sources = {**alice.env(), "PYTHONDONTWRITEBYTECODE": "1"}
+        sources.pop("PYTHONPYCACHEPREFIX", None)
+        tree_bytecode = any((ROOT / "peerd" / "cli").glob("__pycache__/*.pyc"))
         peerd = [*_peerd(), "--config", str(alice.config)]
         src = alice.dir / "small.bin"
         src.write_bytes(os.urandom(4096))
+        send = [*peerd, "send", str(src), "--to", bob.peer_id, "--wait", "--no-progress"]
+        for argv in ([sys.executable, "-c", "pass"], [*peerd, "status"], [*peerd, "id"], send):
+            _timed_run(argv, env)  # compiles what each imports into the cache
         bare: list[float] = []
         status: list[float] = []
         offline: list[float] = []
         cli_send: list[float] = []
         api_send: list[float] = []
+        no_bytecode: list[float] = []
         load_before = load_average()
         for _ in range(rounds):
             bare.append(_timed_run([sys.executable, "-c", "pass"], env))
             status.append(_timed_run([*peerd, "status"], env))
             offline.append(_timed_run([*peerd, "id"], env))
-            cli_send.append(
-                _timed_run(
-                    [*peerd, "send", str(src), "--to", bob.peer_id, "--wait", "--no-progress"], env
-                )
-            )
+            cli_send.append(_timed_run(send, env))
             api_send.append(asyncio.run(_client_send(str(alice.socket), src, bob.peer_id)))
+            no_bytecode.append(_timed_run([*peerd, "status"], sources))
         load_after = load_average()
     ms = {
         k: median(v) * 1000
@@ -89,6 +105,7 @@ def run(quick: bool = False) -> bool:
             "offline": offline,
             "cli": cli_send,
             "api": api_send,
+            "source": no_bytecode,
         }.items()
     }
     table(
@@ -103,6 +120,12 @@ def run(quick: bool = False) -> bool:
             ],
             ["send 4 KiB --wait via `peerd.Client` (baseline)", f"{ms['api']:.1f}", "+0 ms"],
             ["`peerd send` 4 KiB `--wait`", f"{ms['cli']:.1f}", f"{ms['cli'] - ms['api']:+.1f} ms"],
+            [
+                "`peerd status`, PYTHONDONTWRITEBYTECODE=1, "
+                + ("the checkout's `__pycache__`" if tree_bytecode else "no `__pycache__`"),
+                f"{ms['source']:.1f}",
+                f"{ms['source'] / ms['bare']:.2f}x",
+            ],
         ],
     )
     print(f"\n{rounds} rounds, load average {load_before} before, {load_after} after")

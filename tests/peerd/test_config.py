@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from peerd import locate
 from peerd.config import (
@@ -227,6 +231,96 @@ def test_locate_leaves_what_it_cannot_read_to_load_config(tmp_path: Path) -> Non
         assert locate.socket_from_config(path) is None
         with pytest.raises(ConfigError, match=problem):
             load_config(path)
+
+
+def test_locate_reads_what_peerd_init_writes_without_tomllib(tmp_path: Path) -> None:
+    # The CLI's start-up relies on it (importing tomllib costs more than a bare interpreter's
+    # start): a line `render_config` writes beyond `_plain_toml`'s subset would pass every
+    # other test, only slower.
+    for settings_ in (
+        None,
+        {"node": {"name": 'quote " and \\ back', "network": "lab"}},
+        {"broker": {"urls": ["mqtt://a.example:1883", "mqtt://b.example:1883"]}},
+        {"keys": {"overlap_hours": 1.5}, "metrics": {"listen": "127.0.0.1:9464"}},
+    ):
+        text = render_config(default_config(tmp_path / "n", settings_))
+        if "\\" not in text:  # an escape in a string is tomllib's to read, rightly
+            assert locate._plain_toml(text) is not None, text
+        path = _write(tmp_path, text)
+        assert locate.socket_from_config(path) == str(load_config(path).node.socket)
+
+
+def _tables(data: dict[str, Any]) -> dict[str, Any]:
+    """What `_plain_toml` keeps of a file: its tables and their keys, with string values as
+    they are and any other value as None."""
+    return {
+        name: {k: v if isinstance(v, str) else None for k, v in table.items()}
+        if isinstance(table, dict)
+        else table  # a key outside a table, or an array of tables: never a plain file
+        for name, table in data.items()
+    }
+
+
+_LINES = st.sampled_from(
+    [
+        "",
+        "# a comment",
+        "  # indented \t comment",
+        "[node]",
+        "[ broker ]",
+        "[node.x]",
+        "[[node]]",
+        "[1]",
+        "[]",
+        'socket = "/run/x.sock"',
+        "socket = '/lit/x'",
+        'name = ""',
+        'socket = "a\\nb"',
+        "runtime_dir = 'run'  # relative",
+        "a = 1",
+        "a = -0",
+        "b = 1_000",
+        "b = 01",
+        "b = 1__0",
+        "c = 2.5",
+        "c = 1e3",
+        "c = .5",
+        "d = true",
+        "d = True",
+        'e = ["x", 1, true,]',
+        "e = [,]",
+        "e = [",
+        "e = []",
+        'f = """',
+        "g.h = 1",
+        '"q" = 1',
+        "k=1#x",
+        'k = "x"y',
+        "= 1",
+        "k =",
+        "k = 1 2",
+        "k = 'it''s'",
+        'k = "\x01"',
+        "# bad \x01 control",
+        "k = 1\r",
+        "k = \ufeff1",
+        "k = 'caf\u00e9'",
+    ]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_LINES, max_size=8), st.sampled_from(["\n", "\r\n"]))
+def test_locate_reads_a_plain_file_as_tomllib_does(lines: list[str], newline: str) -> None:
+    text = newline.join(lines)
+    plain = locate._plain_toml(text)
+    try:
+        expected = _tables(tomllib.loads(text))
+    except tomllib.TOMLDecodeError:
+        assert plain is None  # never an answer for a file tomllib refuses
+        return
+    if plain is not None:  # None: left to tomllib, always allowed
+        assert _tables(plain) == expected
 
 
 def test_locate_knows_only_names_the_configuration_has() -> None:

@@ -7,8 +7,9 @@ alike:
 - `peerd send FILE --to PEER --wait --no-progress` of a 4 KiB file against the same send through
   `peerd.Client` from a running Python process (connect, send, wait for the verified file);
   goal: at most 100 ms more;
-- for reference, `peerd id` (an offline command: it reads the keys, no daemon), and
-  `peerd status` with no bytecode for peerd's own modules.
+- for reference, `peerd id` (an offline command: it reads the keys, no daemon),
+  `peerd status` with no bytecode for peerd's own modules, and both `python -c pass` and
+  `peerd status` in a virtualenv with no `.pth` file (see below).
 
 Every process runs from compiled bytecode, as an installed peerd does (`scripts/install` and pip
 compile it at install time; a checkout writes `__pycache__` on its first run): the runs share a
@@ -20,7 +21,13 @@ reference: `peerd status` with `PYTHONDONTWRITEBYTECODE=1` and the checkout as i
 
 The nodes are real daemons on a private Mosquitto configured as shipped, as in the other daemon
 benchmarks. The CLI is the console script `peerd` installed in the virtualenv, as people run it
-(the same interpreter as the baseline, with the same site-packages and `.pth` files).
+(the same interpreter as the baseline, with the same site-packages and `.pth` files). That
+virtualenv is the developers' and the quickstart's: peerd is installed editable, and the `.pth`
+of that install makes every start, the baseline's too, import pathlib, re and urllib.parse
+(~10 ms). An installed peerd (`scripts/install`, a wheel) has no such `.pth`: its bare start is
+shorter and the CLI pays those imports itself. The last two rows measure that case: a fresh
+virtualenv of the same base interpreter with nothing in it, running the same console script
+with peerd on PYTHONPATH (a daemon command needs nothing outside the standard library).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import os
 import subprocess
 import sys
 import time
+import venv
 from pathlib import Path
 
 from peerd.client import Client
@@ -76,11 +84,23 @@ def run(quick: bool = False) -> bool:
         sources = {**alice.env(), "PYTHONDONTWRITEBYTECODE": "1"}
         sources.pop("PYTHONPYCACHEPREFIX", None)
         tree_bytecode = any((ROOT / "peerd" / "cli").glob("__pycache__/*.pyc"))
+        empty_venv = alice.dir.parent / "empty-venv"
+        venv.create(empty_venv, with_pip=False)
+        plain_python = str(empty_venv / "bin" / "python")
         peerd = [*_peerd(), "--config", str(alice.config)]
+        # The same console script (or `-m peerd`), run by the empty virtualenv's interpreter.
+        plain_peerd = [plain_python, *(peerd[1:] if peerd[0] == sys.executable else peerd)]
         src = alice.dir / "small.bin"
         src.write_bytes(os.urandom(4096))
         send = [*peerd, "send", str(src), "--to", bob.peer_id, "--wait", "--no-progress"]
-        for argv in ([sys.executable, "-c", "pass"], [*peerd, "status"], [*peerd, "id"], send):
+        for argv in (
+            [sys.executable, "-c", "pass"],
+            [*peerd, "status"],
+            [*peerd, "id"],
+            send,
+            [plain_python, "-c", "pass"],
+            [*plain_peerd, "status"],
+        ):
             _timed_run(argv, env)  # compiles what each imports into the cache
         bare: list[float] = []
         status: list[float] = []
@@ -88,6 +108,8 @@ def run(quick: bool = False) -> bool:
         cli_send: list[float] = []
         api_send: list[float] = []
         no_bytecode: list[float] = []
+        plain_bare: list[float] = []
+        plain_status: list[float] = []
         load_before = load_average()
         for _ in range(rounds):
             bare.append(_timed_run([sys.executable, "-c", "pass"], env))
@@ -96,6 +118,8 @@ def run(quick: bool = False) -> bool:
             cli_send.append(_timed_run(send, env))
             api_send.append(asyncio.run(_client_send(str(alice.socket), src, bob.peer_id)))
             no_bytecode.append(_timed_run([*peerd, "status"], sources))
+            plain_bare.append(_timed_run([plain_python, "-c", "pass"], env))
+            plain_status.append(_timed_run([*plain_peerd, "status"], env))
         load_after = load_average()
     ms = {
         k: median(v) * 1000
@@ -106,6 +130,8 @@ def run(quick: bool = False) -> bool:
             "cli": cli_send,
             "api": api_send,
             "source": no_bytecode,
+            "plain_bare": plain_bare,
+            "plain_status": plain_status,
         }.items()
     }
     table(
@@ -125,6 +151,12 @@ def run(quick: bool = False) -> bool:
                 + ("the checkout's `__pycache__`" if tree_bytecode else "no `__pycache__`"),
                 f"{ms['source']:.1f}",
                 f"{ms['source'] / ms['bare']:.2f}x",
+            ],
+            ["`python -c pass`, a virtualenv with no `.pth`", f"{ms['plain_bare']:.1f}", "1.00x"],
+            [
+                "`peerd status`, the same",
+                f"{ms['plain_status']:.1f}",
+                f"{ms['plain_status'] / ms['plain_bare']:.2f}x",
             ],
         ],
     )

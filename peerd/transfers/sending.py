@@ -185,8 +185,10 @@ class Sending(Side):
             chunks = await self._chunks(fd, st.st_size, path)
             if chunks:
                 # A delta candidate: the receiver may hold most chunks already and says which
-                # in its Accept, so nothing is sent before it (no early chunks, SPEC 7.7).
-                config = dataclasses.replace(config, early_window=0)
+                # in its Accept, so only the first chunk goes before it (SPEC 7.7): the first
+                # byte does not wait for the Accept, an identical resend pays one chunk.
+                peers = len(set(receivers))
+                config = dataclasses.replace(config, early_window=delta.early_window(peers))
             now = time.time()
             machine = SenderTransfer(
                 name=path.name,

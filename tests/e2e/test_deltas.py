@@ -85,9 +85,11 @@ def test_a_new_version_costs_only_its_changed_tensors(
     # The CLI says what was saved, on both sides.
     assert "already at" in a.cli("transfers")
     assert "was already here" in b.cli("transfers")
-    # The same file again costs (almost) nothing: every frame is already there.
+    # The same file again costs (almost) nothing: every frame is already there. All that goes
+    # is the first chunk, published early so that the first byte need not wait for the Accept
+    # (SPEC 7.7): one frame, 2% of this 12 MiB file, 0.1% of the bench's 256 MiB.
     again = send(a, v2, b)
-    assert again["published_bytes"] <= v2.stat().st_size // 100
+    assert again["published_bytes"] <= CHUNK + 64
     assert sha256(received(b, a, "v2-2.safetensors")) == sha256(v2)
     assert not partial_files(b)
 

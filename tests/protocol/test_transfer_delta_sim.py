@@ -6,7 +6,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.protocol.test_transfer_sim import CHUNK, Link, Sim, assert_outcome, payload
+from protocol.transfer import delta
+from tests.protocol.test_transfer_sim import (
+    CHUNK,
+    Link,
+    Sim,
+    assert_outcome,
+    payload,
+    small_config,
+)
 
 
 def test_held_chunks_are_never_published() -> None:
@@ -72,3 +80,33 @@ def test_lossy_network_with_held_chunks_delivers_exact_bytes() -> None:
     sim.run()
     assert_outcome(sim, all_succeed=True)
     assert set(sim.published) <= set(range(51))
+
+
+@pytest.mark.parametrize("receivers", [["bob"], ["bob", "carol"]])
+def test_a_delta_candidate_sends_one_early_chunk_per_receiver(receivers: list[str]) -> None:
+    # SPEC 7.7/7.11: an identical resend costs the first chunk, published early to each
+    # receiver (which holds it already and drops it unread), and nothing else.
+    config = small_config(early_window=delta.early_window(len(receivers)))
+    sim = Sim(
+        payload(30 * CHUNK + 5),
+        receivers,
+        config=config,
+        held={p: [(0, 31)] for p in receivers},
+    )
+    sim.run()
+    assert_outcome(sim, all_succeed=True)
+    assert sim.published == [0] * len(receivers) * delta.DELTA_EARLY_CHUNKS
+
+
+def test_a_delta_candidates_early_chunk_counts_when_it_is_missing() -> None:
+    # The receiver holds everything but the first chunk: the early copy is the one it keeps,
+    # so chunk 0 is published once, early, and not again after the Accept.
+    sim = Sim(
+        payload(30 * CHUNK),
+        ["bob"],
+        config=small_config(early_window=delta.early_window(1)),
+        held={"bob": [(1, 29)]},
+    )
+    sim.run()
+    assert_outcome(sim, all_succeed=True)
+    assert sim.published == [0]

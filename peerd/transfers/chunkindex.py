@@ -40,6 +40,11 @@ MIN_DELTA_SIZE = 1 << 20  # smaller files are sent whole: a recipe would not pay
 MAX_FILES_PER_SENDER = 64
 MAX_ROWS = 1 << 21  # ~128 GiB of received files at 64 KiB a chunk
 HEADER_READ = 16 << 20  # the safetensors header bound (protocol/safetensors.py)
+LOOKUP_BATCH = 500  # chunk ids per index query (SQLite's bound on parameters is 32766)
+_LOOKUP = (
+    "SELECT i.chunk, f.id, f.path, f.size, f.mtime_ns, f.inode, i.offset, i.length"
+    " FROM chunk_index i JOIN chunk_files f ON f.id = i.file"
+)
 
 
 @dataclass
@@ -133,14 +138,18 @@ class ChunkIndex:
     ) -> dict[bytes, tuple[int, str, int, int, int, int, int]]:
         """For each of `ids` held from `sender`: (file id, path, size, mtime_ns, inode, offset,
         length). Only that sender's rows are ever consulted (the confirmation-of-file defence)."""
-        if not ids:
-            return {}
-        rows = await self.store.fetchall(
-            "SELECT i.chunk, f.id, f.path, f.size, f.mtime_ns, f.inode, i.offset, i.length"
-            " FROM chunk_index i JOIN chunk_files f ON f.id = i.file WHERE i.sender = ?",
-            (sender,),
-        )
-        return {r[0]: tuple(r[1:]) for r in rows if r[0] in ids}
+        # By id through the (sender, chunk) key, LOOKUP_BATCH at a time: the cost follows the
+        # recipe, not the index (which may hold MAX_ROWS of this sender's chunks).
+        out: dict[bytes, tuple[int, str, int, int, int, int, int]] = {}
+        wanted = sorted(ids)
+        for k in range(0, len(wanted), LOOKUP_BATCH):
+            batch = wanted[k : k + LOOKUP_BATCH]
+            marks = ",".join("?" * len(batch))
+            where = f"WHERE i.sender = ? AND i.chunk IN ({marks})"  # only "?" placeholders
+            query = f"{_LOOKUP} {where}"
+            rows = await self.store.fetchall(query, (sender, *batch))
+            out.update((bytes(r[0]), tuple(r[1:])) for r in rows)
+        return out
 
     async def add_file(self, sender: str, path: Path, recipe: Recipe) -> None:
         st = os.stat(path, follow_symlinks=False)

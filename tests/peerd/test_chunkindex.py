@@ -64,6 +64,27 @@ async def test_lookups_only_see_the_senders_own_rows(store: Store, tmp_path: Pat
     assert ids.isdisjoint({cid for _, cid in carol_recipe.entries})
 
 
+async def test_lookups_span_several_batches_and_skip_unknown_ids(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ids are looked up through the (sender, chunk) key a batch at a time: every held id is
+    # found whatever batch it falls in, ids held from nobody (or from another sender) are not.
+    monkeypatch.setattr(chunkindex, "LOOKUP_BATCH", 3)
+    index = ChunkIndex(store)
+    model = write_model(tmp_path / "b.safetensors", SIZES, seed=4)
+    await received(index, model, "alice", ALICE_SEED)
+    other = write_model(tmp_path / "o.safetensors", SIZES, seed=5)
+    await received(index, other, "carol", ALICE_SEED)
+    recipe = recipe_for(chunks_of(model), delta.pair_key(ALICE_SEED, "bob"))
+    ids = {cid for _, cid in recipe.entries}
+    assert len(ids) > 3 * chunkindex.LOOKUP_BATCH
+    unknown = {bytes([k]) * delta.ID_BYTES for k in range(7)}
+    found = await index.lookup("alice", ids | unknown)
+    assert set(found) == ids
+    located = {cid: (off, length) for off, length, cid in recipe.located()}
+    assert all(found[cid][5:] == located[cid] for cid in ids)
+
+
 async def test_a_new_version_copies_the_unchanged_tensors(store: Store, tmp_path: Path) -> None:
     index = ChunkIndex(store)
     v1 = write_model(tmp_path / "v1.safetensors", SIZES)

@@ -80,6 +80,7 @@ class AiomqttLink(LinkCommon):
         self._sent: deque[paho.MQTTMessageInfo] = deque()  # for drain(): written yet?
         self._socket_error = ""  # paho's last socket error, for _translate
         self._alert: asyncio.Future[BrokerError] | None = None  # see _enter
+        self._retries: set[asyncio.Task[None]] = set()  # subscriptions asked for again
 
     # -- the port's properties --
 
@@ -226,14 +227,57 @@ class AiomqttLink(LinkCommon):
         return BrokerUnreachable(f"the connection to the broker at {url} failed: {exc}")
 
     async def _restore(self, client: aiomqtt.Client) -> None:
-        for topic_filter, subs in list(self._routes.by_filter.items()):
-            if await self._subscribe_at(client, topic_filter, max(s.qos for s in subs)):
-                # As MqttLink: kept, and the connection tried again (the next broker, if several).
-                err = SubscribeRefused(
-                    f"the broker at {self.settings.url} refused to restore a subscription"
-                )
-                err.permanent = False
-                raise err
+        """Re-subscribe every subscription (all at once, as MqttLink) before reporting up. One
+        the broker refuses or leaves unanswered for now (a NATS cluster electing after a node
+        died: each JetStream consumer must be made within NATS's 4 s) is kept and asked for
+        again on this connection with backoff while everything else flows: dropping the
+        connection for it would make the broker start over on every consumer."""
+        items = [(f, max(s.qos for s in subs)) for f, subs in self._routes.by_filter.items()]
+        results = await asyncio.gather(
+            *(self._subscribe_at(client, f, qos) for f, qos in items), return_exceptions=True
+        )
+        if not client._client.is_connected():
+            raise BrokerUnreachable(f"the connection to the broker at {self.settings.url} dropped")
+        for (topic_filter, _), result in zip(items, results, strict=True):
+            if isinstance(result, aiomqtt.MqttError):
+                self._retry_subscribe(client, topic_filter, f"left unanswered ({result})")
+            elif isinstance(result, BaseException):
+                raise result
+            elif result:
+                self._retry_subscribe(client, topic_filter, "refused")
+
+    def _retry_subscribe(self, client: aiomqtt.Client, topic_filter: str, why: str) -> None:
+        task = asyncio.ensure_future(self._resubscribe(client, topic_filter, why))
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
+
+    async def _resubscribe(self, client: aiomqtt.Client, topic_filter: str, why: str) -> None:
+        """Subscribe again to `topic_filter` on this connection after 1 s, doubling the delay
+        (to 30 s) while the broker refuses or does not answer; the subscription is kept
+        meanwhile. Ends with the connection (the next one restores it anyway)."""
+        delay = 1.0
+        while True:
+            log.warning(
+                "broker %s %s the subscription to %r; asking again in %.0fs",
+                self.settings.url,
+                why,
+                topic_filter,
+                delay,
+            )
+            await asyncio.sleep(delay)
+            subs = self._routes.by_filter.get(topic_filter)
+            if client is not self._client or not subs or self._closing:
+                return
+            try:
+                refused = await self._subscribe_at(client, topic_filter, max(s.qos for s in subs))
+            except aiomqtt.MqttError as exc:
+                why = f"left unanswered ({exc})"
+            else:
+                if not refused:
+                    log.info("broker %s: subscribed to %r again", self.settings.url, topic_filter)
+                    return
+                why = "refused"
+            delay = min(delay * 2, 30.0)
 
     async def _subscribe_at(self, client: aiomqtt.Client, topic_filter: str, qos: int) -> bool:
         """Subscribe; True if the broker refused a subscription it had confirmed before."""
@@ -276,6 +320,8 @@ class AiomqttLink(LinkCommon):
 
     def _set_down(self) -> None:
         was_up, self._up, self._client = self._up, False, None
+        for task in list(self._retries):
+            task.cancel()
         if self._down is not None and not self._down.done():
             self._down.set_result(None)
         if was_up:

@@ -441,21 +441,26 @@ class Sending(Side):
         link = self.host.link
         limits = link.limits
         frame = m.offer.chunk_size + FRAME_OVERHEAD
+        # A receiver connected and heard lately: one whose broker or daemon went away is
+        # offline (it resumes when back), not a sign that the broker drops chunks; the stall
+        # clock counts only while one is reachable, so a receiver back after a long outage
+        # is not failed before it had STALL_LIMIT to acknowledge anything.
+        reachable = o.unacked_since is not None and any(
+            state == "active"
+            and p in self.host.connected_peers()
+            and (heard := m.silent_since(p)) is not None
+            and now - heard < OFFLINE_AFTER / 2
+            for p, state in m.receivers().items()
+        )
+        if not reachable and o.unacked_since is not None:
+            o.unacked_since = now
         if frame > limits.max_payload(o.topic):
             detail = f"its chunks of {m.offer.chunk_size} bytes exceed {_limit_text(limits)}"
         elif (
-            o.unacked_since is not None
+            reachable
+            and o.unacked_since is not None
             and now - o.unacked_since >= STALL_LIMIT
             and self._acked(o) == o.acked_base  # no published chunk ever acknowledged
-            and any(
-                state == "active"
-                and p in self.host.connected_peers()
-                # ... and heard lately: one whose broker or daemon went away is offline (it
-                # resumes when back), not a sign that the broker drops chunks.
-                and (heard := m.silent_since(p)) is not None
-                and now - heard < OFFLINE_AFTER / 2
-                for p, state in m.receivers().items()
-            )
         ):
             detail = (
                 f"no chunk of {m.offer.chunk_size} bytes was acknowledged in {STALL_LIMIT:g} s"

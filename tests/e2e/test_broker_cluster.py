@@ -1,7 +1,7 @@
 """Several broker URLs against a real 3-node NATS cluster (JetStream and MQTT on every node):
 a receiver whose cluster node is killed mid-transfer moves to another node by itself and the
 file arrives identical; a revocation published while a node was offline reaches it through a
-node other than the revoker's (issue 12 item 4)."""
+node other than the revoker's (issue 12 item 4). Run on each MQTT client ([broker] client)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.cluster import Node, pair, wait_until
+from tests.support.cluster import MQTT_CLIENT_ENV, Node, pair, wait_until
 from tests.support.files import partial_files, random_file, received_files, sha256
 from tests.support.nats import NatsCluster, nats_binary
 
@@ -34,7 +34,11 @@ def _transfer(node: Node, tid: str) -> dict[str, Any]:
     return next(t for t in node.json("transfers") if t["id"] == tid)
 
 
-def test_receiver_moves_to_another_cluster_node(tmp_path: Path, nats: NatsCluster) -> None:
+@pytest.mark.parametrize("client", ["builtin", "aiomqtt"])
+def test_receiver_moves_to_another_cluster_node(
+    tmp_path: Path, nats: NatsCluster, client: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(MQTT_CLIENT_ENV, client)  # the nodes' [broker] client
     n1, n2, n3 = nats.urls
     alice = Node(tmp_path, "alice", n1).init()
     # `--broker` repeated: bob and carol know nodes 2 and 3, in that order.

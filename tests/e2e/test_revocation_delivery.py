@@ -13,7 +13,7 @@ import pytest
 
 from peerd.mqtt import BrokerSettings, MqttLink
 from tests.support.broker import Broker
-from tests.support.cluster import Node, make_nodes, pair, wait_until
+from tests.support.cluster import MQTT_CLIENT_ENV, Node, make_nodes, pair, wait_until
 from tests.support.nats import NatsCluster
 
 PERIOD = 2  # [broker] republish_interval in these tests, seconds
@@ -98,13 +98,15 @@ def _own_statement_topic(node: Node) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("client", ["builtin", "aiomqtt"])
 def test_a_revocation_issued_while_the_retained_stream_leader_dies_reaches_an_offline_node(
-    tmp_path: Path,
+    tmp_path: Path, client: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """3-node NATS cluster (JetStream + MQTT on each). Bob (the revoker) and carol use a node
     that does not lead the retained-message stream; carol goes offline; the leader is killed
     and bob revokes at once, during the election. Carol comes back through the third node and
-    learns the revocation although bob never reconnects."""
+    learns the revocation although bob never reconnects. On each MQTT client."""
+    monkeypatch.setenv(MQTT_CLIENT_ENV, client)  # the nodes' [broker] client
     with NatsCluster(tmp_path / "nats") as cluster:
         bob, carol = make_nodes(tmp_path, cluster.url(0), ["bob", "carol"])
         for node in (bob, carol):

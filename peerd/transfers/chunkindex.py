@@ -356,7 +356,9 @@ async def prepare(
     index: ChunkIndex, recipes: Recipes, *, sender: str, tid: bytes, part_fd: int, size: int
 ) -> tuple[Recipe | None, Prefill]:
     """Before accepting an offer: its recipe (if the sender sent one whose chunks add up to
-    the file) and what was copied from local files into the temporary file."""
+    the file) and what was copied from local files into the temporary file. The caller drops
+    the indexed files found gone or changed (`Prefill.stale`) once it has answered the offer:
+    a transaction that need not stand between the Offer and the Accept."""
     recipe = await recipes.take(sender, tid)
     if recipe is None:
         return None, Prefill()
@@ -367,7 +369,6 @@ async def prepare(
     done = Prefill()
     if found:
         done = await asyncio.to_thread(prefill, part_fd, recipe, found)
-        await index.forget_files(done.stale)
         if done.corrupt:
             log.warning(
                 "%d local chunks from %s no longer match; fetching them", done.corrupt, sender

@@ -325,6 +325,9 @@ class Receiving(Side):
         await self._start(i)
         for frame in self._drop_early(tid):
             self._on_payload(i, frame)
+        if copied is not None and copied.stale:
+            # Indexed files gone or changed: dropped from the index after the Accept left.
+            host.spawn(self.index.forget_files(copied.stale), name="forget stale chunk files")
         log_event(
             log,
             "transfer.start",

@@ -18,11 +18,13 @@ link counter: chunk frames, recipes, every control message), so the recipe's cos
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from peerd.client import Client
 from peerd.transfers.chunkindex import file_chunks
 from scripts.benchmarks._cluster import load_average, scratch_dir, shipped_cluster
 from scripts.benchmarks.common import median, table, verdict
+from tests.support.broker import Broker
 from tests.support.cluster import Node, pair
 from tests.support.files import sha256
 from tests.support.models import tensor_sizes, write_model
@@ -73,14 +76,36 @@ def send(sender: Node, path: Path, receiver: Node) -> dict[str, Any]:
     }
 
 
-def rsync_literal(old: Path, new: Path, scratch: Path) -> tuple[int, int]:
-    """rsync's literal data and total bytes sent, updating a copy of `old` to `new`."""
+@contextlib.contextmanager
+def delta_pairs() -> Iterator[tuple[Broker, tuple[Node, Node, Node, Node]]]:
+    """Four daemons on a private Mosquitto configured as shipped, paired two by two: alice ->
+    bob with deltas (the default), carol -> dave with `[receive] deltas = false` on both
+    (every send is the whole file, as before deltas)."""
+    with shipped_cluster(["alice", "bob", "carol", "dave"]) as (broker, nodes):
+        alice, bob, carol, dave = nodes
+        for node in (carol, dave):
+            node.stop()
+            text = node.config.read_text()
+            text = re.sub(r"(?m)^#? ?deltas = true$", "deltas = false", text)
+            if "deltas = false" not in text:
+                raise RuntimeError("no [receive] deltas key in the generated config")
+            node.config.write_text(text)
+            node.start()
+        pair(alice, bob)
+        pair(carol, dave)
+        yield broker, (alice, bob, carol, dave)
+
+
+def rsync_literal(old: Path | None, new: Path, scratch: Path) -> tuple[int, int]:
+    """rsync's literal data and total bytes sent, updating a copy of `old` (nothing if None)
+    to `new`."""
     dest = scratch / "rsync-dest"
     src = scratch / "rsync-src"
     for d in (dest, src):
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir()
-    shutil.copy(old, dest / "model.safetensors")
+    if old is not None:
+        shutil.copy(old, dest / "model.safetensors")
     os.link(new, src / "model.safetensors")
     out = subprocess.run(
         # --ignore-times: files of one size written within the same second (--quick) would
@@ -130,18 +155,7 @@ def run(quick: bool = False) -> bool:
         changed_bytes = sum(sizes[i] for i in changed)
         rate = median([chunking_rate(v2) for _ in range(3)])
         literal, rsync_sent = rsync_literal(v1, v2, scratch)
-        with shipped_cluster(["alice", "bob", "carol", "dave"]) as (_, nodes):
-            alice, bob, carol, dave = nodes
-            for node in (carol, dave):  # today's transfers, for the throughput baseline
-                node.stop()
-                text = node.config.read_text()
-                text = re.sub(r"(?m)^#? ?deltas = true$", "deltas = false", text)
-                if "deltas = false" not in text:
-                    raise RuntimeError("no [receive] deltas key in the generated config")
-                node.config.write_text(text)
-                node.start()
-            pair(alice, bob)
-            pair(carol, dave)
+        with delta_pairs() as (_, (alice, bob, carol, dave)):
             first = send(alice, v1, bob)
             send(carol, v1, dave)  # warm-up of the baseline pair's session
             second = send(alice, v2, bob)

@@ -1,8 +1,11 @@
-"""`python -m scripts.evaluation [--quick] [--out DIR]`: run every experiment, write the page.
+"""`python -m scripts.evaluation [--quick] [--out DIR] [--only versions] [--versions-mb N]`:
+run every experiment, write the page.
 
 The full run writes docs/evaluation.md, docs/figures/*.png and docs/data/*.csv; --quick runs a
-reduced plan (CI) and --out puts the page, figures and data elsewhere. Exit status 0 only if
-every experiment ran and every check held (verified transfers, bit-identical federated runs).
+reduced plan (CI) and --out puts the page, figures and data elsewhere. `--only versions` runs
+only the model-versions experiment (versions.py) and rewrites only its CSV, its figure and its
+section of an existing page. Exit status 0 only if every experiment ran and every check held
+(verified transfers, bit-identical federated runs).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
@@ -26,8 +30,9 @@ import time  # noqa: E402
 from importlib.metadata import version  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from scripts.evaluation import versions  # noqa: E402
 from scripts.evaluation.experiments import ROOT, Bench, Plan  # noqa: E402
-from scripts.evaluation.report import Results, write  # noqa: E402
+from scripts.evaluation.report import Results, write, write_versions  # noqa: E402
 from tests.support.broker import mosquitto_binary  # noqa: E402
 
 _T0 = time.perf_counter()
@@ -116,8 +121,19 @@ async def experiments(bench: Bench, results: Results) -> None:
         results.federated = await step(  # type: ignore[assignment]
             "federated averaging", bench.federated(log)
         )
+        results.versions_model, results.versions = await step(  # type: ignore[misc]
+            "model versions",
+            asyncio.to_thread(versions.run, bench.plan.versions_mb, bench.root, log),
+        )
     finally:
         await bench.close()
+
+
+def only_versions(plan: Plan, work: Path, results: Results) -> None:
+    log("model versions")
+    t = time.perf_counter()
+    results.versions_model, results.versions = versions.run(plan.versions_mb, work, log)
+    results.seconds["model versions"] = time.perf_counter() - t
 
 
 def main() -> int:
@@ -128,17 +144,37 @@ def main() -> int:
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
+    parser.add_argument(
+        "--only",
+        choices=["versions"],
+        help="run only this experiment and rewrite only its CSV, figure and section of the page",
+    )
+    parser.add_argument(
+        "--versions-mb",
+        type=int,
+        metavar="N",
+        help=f"model size of the checkpoint series (default {Plan.versions_mb}, --quick"
+        f" {Plan.quick().versions_mb})",
+    )
     args = parser.parse_args()
     plan = Plan.quick() if args.quick else Plan()
+    if args.versions_mb is not None:
+        if args.versions_mb < 1:
+            parser.error("--versions-mb must be at least 1")
+        plan = dataclasses.replace(plan, versions_mb=args.versions_mb)
     results = Results(plan, environment(args.quick))
     started, busy0, own0 = time.perf_counter(), machine_busy_seconds(), own_seconds()
     # Short: the daemons' control sockets live under it (a Unix socket path has 107 bytes).
     work = Path(tempfile.mkdtemp(prefix="peerd-eval-", dir="/tmp"))
-    log(f"evaluation ({'quick' if args.quick else 'full'}) in {work}")
+    kind = "quick" if args.quick else "full"
+    log(f"evaluation ({kind}{', only ' + args.only if args.only else ''}) in {work}")
     bench = None
     try:
-        bench = Bench.create(plan, work, log)
-        asyncio.run(experiments(bench, results))
+        if args.only == "versions":
+            only_versions(plan, work, results)
+        else:
+            bench = Bench.create(plan, work, log)
+            asyncio.run(experiments(bench, results))
     except Exception as exc:
         if args.debug:
             raise
@@ -159,7 +195,7 @@ def main() -> int:
         f"other processes used {others:.0f} CPU seconds during the {elapsed:.0f} s run"
         f" ({share:.0f} % of the machine)"
     )
-    for path in write(results, args.out):
+    for path in (write_versions if args.only else write)(results, args.out):
         size = path.stat().st_size
         log(f"wrote {path} ({size / 1024:.0f} KiB)")
     log("evaluation: OK")

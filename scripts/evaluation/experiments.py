@@ -58,6 +58,7 @@ class Plan:
     fanout_runs: int = 2
     fl_rounds: int = 30
     fl_target: float = 0.95
+    versions_mb: int = 256  # the model of the checkpoint series (versions.py)
     seed: int = 20240601
 
     @classmethod
@@ -73,6 +74,7 @@ class Plan:
             fanout_mb=16,
             fanout_runs=1,
             fl_rounds=4,
+            versions_mb=8,
         )
 
     @property

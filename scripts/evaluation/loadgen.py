@@ -61,6 +61,9 @@ class PinnedTrust:
     def invite_psk(self, invite_id: bytes, now: float) -> bytes | None:
         return None
 
+    def closed_invite(self, invite_id: bytes) -> str | None:
+        return None
+
 
 def handshake_frame_sizes(ka: Keystore, kb: Keystore, network: str) -> tuple[int, int, int, int]:
     """Sizes of HELLO, REPLY, FINISH and the responder's confirmation of a handshake from `ka`

@@ -440,6 +440,14 @@ def test_replayed_and_injected_chunks_are_rejected(tmp_path: Path, broker: Broke
             hold = proxy.add_rule(TO_CLIENT, "peerd/v1/+/x/#", Hold())
             started = a.json("send", str(second), "--to", b.peer_id)
             wait_until(lambda: hold.applied > 0, 20, what="the second transfer under way")
+            # A delta candidate's first chunk goes early (SPEC 7.7), on bob's early topic and
+            # before he took the Offer: forgeries must come once he listens on the transfer's
+            # topic, or they meet no subscription and prove nothing.
+            wait_until(
+                lambda: any(t["id"] == started["id"] for t in b.json("transfers")),
+                20,
+                what="bob receiving the second transfer",
+            )
             topic = f"peerd/v1/test/x/{a.peer_id}/{started['id']}"
             for pkt in recorded:
                 proxy.inject(TO_CLIENT, topic, pkt.payload)

@@ -46,10 +46,16 @@ class NatsCluster:
         self.dir = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.size = size
-        self.mqtt_ports = [free_port() for _ in range(size)]
-        self.route_ports = [free_port() for _ in range(size)]
-        self.http_ports = [free_port() for _ in range(size)]
-        self.client_ports = [free_port() for _ in range(size)]
+        # Distinct: free_port() releases each port it finds, so two calls may return the same
+        # one (seen: a node's client port was another's monitoring port, and that node died).
+        ports: list[int] = []
+        while len(ports) < 4 * size:
+            if (port := free_port()) not in ports:
+                ports.append(port)
+        self.mqtt_ports = ports[:size]
+        self.route_ports = ports[size : 2 * size]
+        self.http_ports = ports[2 * size : 3 * size]
+        self.client_ports = ports[3 * size :]
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * size
         self._logs: list[object] = []
 

@@ -30,9 +30,11 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from peerd.errors import ConfigError
-from peerd.locate import CONFIG_NAME, DEFAULT_CONFIG_PATH, DEFAULT_RUNTIME_DIR, SOCKET_NAME
+from peerd.locate import CONFIG_NAME, SOCKET_NAME, SYSTEM_CONFIG, SYSTEM_RUNTIME_DIR
 from protocol.identity import InvalidText, check_network_name, parse_authority_key
 
+DEFAULT_CONFIG_PATH: Final = Path(SYSTEM_CONFIG)
+DEFAULT_RUNTIME_DIR: Final = Path(SYSTEM_RUNTIME_DIR)
 MAX_SOCKET_PATH: Final = 107  # sun_path is 108 bytes including the terminating NUL
 MAX_CONFIG_SIZE: Final = 1 << 20
 

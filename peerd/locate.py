@@ -17,6 +17,11 @@ such a line means the same to tomllib, and any other line (a multi-line string o
 escape, a dotted key, a date...) sends the whole file to tomllib, so the answer is tomllib's
 either way (tests/peerd/test_config.py compares the two on generated files).
 
+Nor does the CLI's path import pathlib (~4 ms where nothing else has: an installed peerd, whose
+bare interpreter starts in 10 ms): paths are strings here, spelled as `str(Path(...))` spells
+them (`_clean`, `_join`, `_expanduser`, held to pathlib by a test). `config_file` still returns
+a `Path` for the other callers; the CLI uses `config_file_name`.
+
 The configuration file is the first of: the path given (`--config`), `$PEERD_CONFIG`,
 `$XDG_CONFIG_HOME/peerd/peerd.toml` (default `~/.config/peerd/peerd.toml`) if it exists, and
 `/etc/peerd/peerd.toml`.
@@ -26,17 +31,18 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (this is the CLI's path)
 if TYPE_CHECKING:
+    from pathlib import Path
     from typing import Any, Final
 
-DEFAULT_CONFIG_PATH: Final = Path("/etc/peerd/peerd.toml")
+# Strings: peerd.config has them as Paths (DEFAULT_CONFIG_PATH, DEFAULT_RUNTIME_DIR).
+SYSTEM_CONFIG: Final = "/etc/peerd/peerd.toml"
 CONFIG_NAME: Final = "peerd.toml"
 SOCKET_NAME: Final = "peerd.sock"
-DEFAULT_RUNTIME_DIR: Final = Path("/run/peerd")
-DEFAULT_SOCKET_PATH: Final = str(DEFAULT_RUNTIME_DIR / SOCKET_NAME)
+SYSTEM_RUNTIME_DIR: Final = "/run/peerd"
+DEFAULT_SOCKET_PATH: Final = f"{SYSTEM_RUNTIME_DIR}/{SOCKET_NAME}"
 _MAX_CONFIG_SIZE: Final = 1 << 20
 # The fast path reads a file whose sections and [node] keys are all among these; anything else
 # (a typo, a section added since) goes through load_config, which names the problem.
@@ -64,38 +70,46 @@ _LINE: Final = (
 _NOT_A_STRING: Final = object()  # a value of another type (only strings matter here)
 
 
-def user_config_path() -> Path:
+def user_config_file() -> str:
     """The per-user configuration file (`peerd init --config` it for a node of your own)."""
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return Path(base) / "peerd" / CONFIG_NAME
+    return _join(_clean(base), f"peerd/{CONFIG_NAME}")
+
+
+def config_file_name(given: str | os.PathLike[str] | None = None) -> str:
+    """The configuration file to use (see the module's docstring for the order), as
+    `str(config_file(given))`."""
+    if given:
+        return _expanduser(_clean(os.fspath(given)))
+    env = os.environ.get("PEERD_CONFIG")
+    if env:
+        return _expanduser(_clean(env))
+    user = user_config_file()
+    if os.path.isfile(user):
+        return user
+    return SYSTEM_CONFIG
 
 
 def config_file(given: str | os.PathLike[str] | None = None) -> Path:
     """The configuration file to use (see the module's docstring for the order)."""
-    if given:
-        return Path(given).expanduser()
-    env = os.environ.get("PEERD_CONFIG")
-    if env:
-        return Path(env).expanduser()
-    user = user_config_path()
-    if user.is_file():
-        return user
-    return DEFAULT_CONFIG_PATH
+    from pathlib import Path  # noqa: PLC0415 - kept off the CLI's path (see above)
+
+    return Path(config_file_name(given))
 
 
-def socket_from_config(path: Path) -> str | None:
+def socket_from_config(path: str | os.PathLike[str]) -> str | None:
     """The control socket the configuration file at `path` names, or None when only
     `load_config` can tell (and name what is wrong). At the default location, a file that does
     not exist or that this user may not read means the default socket (the system daemon's)."""
-    path = path.absolute()
+    name = _clean(os.fspath(path))
+    if not name.startswith("/"):
+        name = _join(_clean(os.getcwd()), name)
     try:
-        with path.open("rb") as f:
+        with open(name, "rb") as f:
             raw = f.read(_MAX_CONFIG_SIZE + 1)
         text = raw.decode("utf-8")
-    except PermissionError:
-        return DEFAULT_SOCKET_PATH if path == DEFAULT_CONFIG_PATH else None
-    except FileNotFoundError:
-        return DEFAULT_SOCKET_PATH if path == DEFAULT_CONFIG_PATH else None
+    except (PermissionError, FileNotFoundError):
+        return DEFAULT_SOCKET_PATH if name == SYSTEM_CONFIG else None
     except (OSError, UnicodeDecodeError):
         return None
     data = _plain_toml(text)
@@ -118,18 +132,53 @@ def socket_from_config(path: Path) -> str | None:
     for value in (socket, runtime_dir):
         if value is not None and (not isinstance(value, str) or not value or "\0" in value):
             return None
-
-    def resolve(value: str) -> Path:
-        p = Path(value).expanduser()
-        return p if p.is_absolute() else path.parent / p
-
+    here = _parent(name)
     if socket is not None:
-        found = resolve(socket)
-    elif runtime_dir is not None:
-        found = resolve(runtime_dir) / SOCKET_NAME
-    else:
-        found = DEFAULT_RUNTIME_DIR / SOCKET_NAME
-    return str(found)
+        return _join(here, _expanduser(_clean(socket)))
+    if runtime_dir is not None:
+        return _join(_join(here, _expanduser(_clean(runtime_dir))), SOCKET_NAME)
+    return DEFAULT_SOCKET_PATH
+
+
+# -- paths as pathlib spells them (PurePosixPath), without importing it ------------------------
+
+
+def _clean(path: str) -> str:
+    """`str(Path(path))`: no empty or `.` components, no trailing slash; a leading `//` kept
+    (POSIX leaves its meaning to the system), three or more leading slashes are one."""
+    rest = path.lstrip("/")
+    slashes = len(path) - len(rest)
+    root = "//" if slashes == 2 else "/" if slashes else ""
+    return root + "/".join(p for p in rest.split("/") if p and p != ".") or "."
+
+
+def _join(base: str, path: str) -> str:
+    """`str(Path(base) / path)` of two clean paths."""
+    if path.startswith("/"):
+        return path
+    if path == ".":
+        return base
+    if base == ".":
+        return path
+    return base + path if base.endswith("/") else base + "/" + path  # base: "/" or "//" ends so
+
+
+def _parent(path: str) -> str:
+    """`str(Path(path).parent)` of a clean absolute path."""
+    root = "//" if path.startswith("//") else "/"
+    head, slash, _ = path[len(root) :].rpartition("/")
+    return root + head if slash else root
+
+
+def _expanduser(path: str) -> str:
+    """`str(Path(path).expanduser())` of a clean path."""
+    if not path.startswith("~"):
+        return path
+    first, _, rest = path.partition("/")
+    home = os.path.expanduser(first)
+    if home.startswith("~"):
+        raise RuntimeError("Could not determine home directory.")
+    return _join(_clean(home), rest) if rest else _clean(home)
 
 
 def _plain_toml(text: str) -> dict[str, Any] | None:
@@ -157,13 +206,14 @@ def _plain_toml(text: str) -> dict[str, Any] | None:
 
 __all__ = [
     "CONFIG_NAME",
-    "DEFAULT_CONFIG_PATH",
-    "DEFAULT_RUNTIME_DIR",
     "DEFAULT_SOCKET_PATH",
     "KNOWN_SECTIONS",
     "NODE_KEYS",
     "SOCKET_NAME",
+    "SYSTEM_CONFIG",
+    "SYSTEM_RUNTIME_DIR",
     "config_file",
+    "config_file_name",
     "socket_from_config",
-    "user_config_path",
+    "user_config_file",
 ]

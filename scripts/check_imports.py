@@ -9,9 +9,11 @@ commands. Nor may it load the standard modules that each cost a tenth or more of
 interpreter's start and that it does without: `typing` (annotations only, under
 `TYPE_CHECKING = False`), `tomllib` (a config file as `peerd init` writes it is read line by
 line), `socket` (the C module `_socket` does), `shutil` (argparse's help width, found without
-it). `scripts/bench cli` measures what this buys; this check keeps it, without a clock: each
-command runs with `python -X importtime` against a socket nobody listens on (it exits "not
-running") and the modules it imported are compared with the forbidden ones.
+it), `pathlib` (`peerd.locate` spells paths as strings). `scripts/bench cli` measures what
+this buys; this check keeps it, without a clock: each command runs with `python -S -X
+importtime` (-S: no `.pth` file, such as the editable install's, which loads pathlib and re
+before the command starts) against a socket nobody listens on (it exits "not running") and the
+modules it imported are compared with the forbidden ones.
 
 Usage: python scripts/check_imports.py   (exit 1 and the import chain of each offender)
 """
@@ -44,6 +46,7 @@ FORBIDDEN = (
     "tomllib",
     "socket",
     "shutil",
+    "pathlib",
 )
 # protocol.* is forbidden except its error classes, which peerd.errors builds on.
 ALLOWED_PROTOCOL = ("protocol", "protocol.errors")
@@ -69,7 +72,9 @@ COMMANDS = [
 def imported(argv: list[str], env: dict[str, str]) -> tuple[int, list[tuple[int, str]]]:
     """The exit status and the (depth, name) of every module the command imported."""
     result = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "peerd", *argv],
+        # -S: no site-packages (a daemon command needs none) and, above all, no `.pth` files,
+        # whose imports (the editable install's loads pathlib, re...) would hide the command's.
+        [sys.executable, "-S", "-X", "importtime", "-m", "peerd", *argv],
         capture_output=True,
         text=True,
         env=env,

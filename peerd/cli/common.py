@@ -80,7 +80,7 @@ def add_global_options(parser: argparse.ArgumentParser, *, inherited: bool = Fal
         metavar="FILE",
         default=default,
         help="configuration file (default: $PEERD_CONFIG, else ~/.config/peerd/peerd.toml if "
-        f"it exists, else {locate.DEFAULT_CONFIG_PATH})",
+        f"it exists, else {locate.SYSTEM_CONFIG})",
     )
     parser.add_argument(
         "--socket",
@@ -103,14 +103,14 @@ def add_global_options_everywhere(parser: argparse.ArgumentParser) -> None:
 
 def config_path(args: argparse.Namespace) -> str:
     """--config, else $PEERD_CONFIG, else the per-user file if it exists, else the system one."""
-    return str(locate.config_file(args.config))
+    return locate.config_file_name(args.config)
 
 
 def socket_path(args: argparse.Namespace) -> str:
     """--socket, else the one the configuration names (read cheaply: peerd.locate)."""
     if args.socket:
         return str(args.socket)
-    found = locate.socket_from_config(locate.config_file(args.config))
+    found = locate.socket_from_config(locate.config_file_name(args.config))
     return found if found is not None else str(load(args).node.socket)
 
 

@@ -27,6 +27,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from peerd import locate
 from peerd.config import SECTIONS, config_from_mapping, load_config
 from peerd.control import MAX_GARBAGE, Connection, ControlServer, decode_line
 from peerd.errors import ConfigError
@@ -169,8 +170,12 @@ def test_config_file(text: bytes) -> None:
     with tempfile.TemporaryDirectory(prefix="pf-") as d:
         path = Path(d) / "peerd.toml"
         path.write_bytes(text)
+        # The CLI's cheap reading of the same file (peerd.locate): never an error, and where
+        # both have an answer, the same socket.
+        found = locate.socket_from_config(path)
         with contextlib.suppress(ConfigError):
-            load_config(path)
+            config = load_config(path)
+            assert found is None or found == str(config.node.socket)
 
 
 _keys = {

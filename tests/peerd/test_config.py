@@ -323,18 +323,63 @@ def test_locate_reads_a_plain_file_as_tomllib_does(lines: list[str], newline: st
         assert _tables(plain) == expected
 
 
+_PATHS = st.text(alphabet="/.~ab", max_size=12)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_PATHS, _PATHS)
+def test_locate_spells_paths_as_pathlib_does(a: str, b: str) -> None:
+    clean_a, clean_b = locate._clean(a), locate._clean(b)
+    assert clean_a == str(Path(a))
+    assert locate._join(clean_a, clean_b) == str(Path(a) / b)
+    absolute = locate._clean("/" + a)
+    assert locate._parent(absolute) == str(Path("/" + a).parent)
+    try:
+        expected = str(Path(a).expanduser())
+    except RuntimeError:
+        with pytest.raises(RuntimeError):
+            locate._expanduser(clean_a)
+    else:
+        assert locate._expanduser(clean_a) == expected
+
+
+@pytest.mark.parametrize(
+    ("socket", "runtime_dir"),
+    [
+        ("//srv//x/./ctl.sock", None),
+        ("./a/../b.sock", None),
+        (None, "run/./x//"),
+        (None, "~/run"),
+        ("~", None),
+        (None, "."),
+    ],
+)
+def test_locate_spells_the_socket_as_load_config_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, socket: str | None, runtime_dir: str | None
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    lines = ["[node]"]
+    lines += [f"socket = '{socket}'"] if socket else []
+    lines += [f"runtime_dir = '{runtime_dir}'"] if runtime_dir else []
+    _write(tmp_path, "\n".join(lines) + "\n")
+    for name in ("peerd.toml", "./peerd.toml", str(tmp_path) + "//./peerd.toml"):
+        expected = str(load_config(name).node.socket)
+        assert locate.socket_from_config(name) == expected
+        assert locate.socket_from_config(locate.config_file_name(name)) == expected
+
+
 def test_locate_knows_only_names_the_configuration_has() -> None:
     # Equal, not just included: a section added to the configuration without this table would
     # send every CLI command through the slow path (load_config), silently.
     assert set(SECTIONS) == locate.KNOWN_SECTIONS
     assert {f.name for f in dataclasses.fields(NodeConfig)} == locate.NODE_KEYS
-    assert NodeConfig().runtime_dir == locate.DEFAULT_RUNTIME_DIR
+    assert NodeConfig().runtime_dir == Path(locate.SYSTEM_RUNTIME_DIR)
 
 
 def test_the_config_file_is_found_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PEERD_CONFIG", raising=False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
-    assert locate.config_file() == locate.DEFAULT_CONFIG_PATH
+    assert locate.config_file() == Path(locate.SYSTEM_CONFIG)
     user = tmp_path / "xdg" / "peerd" / "peerd.toml"
     user.parent.mkdir(parents=True)
     user.write_text("")

@@ -208,15 +208,22 @@ def test_ctrl_c_during_send_wait_says_the_transfer_goes_on_and_how_to_cancel_it(
         bob.stop()  # offline: the send waits
     src = tmp_path / "model.bin"
     src.write_bytes(os.urandom(4096))
-    proc = subprocess.Popen(
-        [*PEERD, "--config", str(node.config), "send", str(src), "--to", bob.peer_id, "--wait"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=node.env(),
-        cwd=ROOT,
-    )
+    # A CI runner started in the background of a non-interactive shell ignores SIGINT, and a
+    # child inherits an ignored signal (Python then installs no KeyboardInterrupt handler); a
+    # handled one is reset to the default at exec: the disposition a user's Ctrl-C meets.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            [*PEERD, "--config", str(node.config), "send", str(src), "--to", bob.peer_id, "--wait"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=node.env(),
+            cwd=ROOT,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert proc.stderr is not None
     first = proc.stderr.readline()  # printed before it waits
     started = re.match(r"transfer ([0-9a-f]{32}): model.bin", first)

@@ -371,6 +371,8 @@ class Sending(Side):
                         for peer in r.early:  # before the Accept: to its early topic
                             early = self.host.topics.early(self.host.peer_id, peer)
                             await link.publish(early, frame, qos=0)
+                        stats.sent(n, resent=m.resent_frames != resent)  # once, as fan-out
+                        resent = m.resent_frames
                     elif frame is not None:
                         await link.publish(o.topic, frame, qos=0)
                         stats.sent(n, resent=m.resent_frames != resent)

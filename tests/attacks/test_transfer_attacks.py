@@ -69,7 +69,11 @@ def test_chunks_swapped_between_two_concurrent_transfers(
         assert got["one.bin"] == sha256(one)
         assert got["two.bin"] == sha256(two)
         new = counted(before, b.rejections())
-        assert new.get("chunk-wrong-transfer", 0) >= 2 * proxy.stats["swapped"], new
+        # Each swapped frame is refused, except one that lands on the pair's early topic
+        # (x/<sender>/<receiver>, shared by both transfers): it still reaches its own transfer
+        # by its header, a mere reordering. Each file sends one early chunk (a delta candidate,
+        # SPEC 7.7), so at most two swapped frames go unrefused.
+        assert new.get("chunk-wrong-transfer", 0) >= 2 * proxy.stats["swapped"] - 2, new
         assert not partial_files(bob)
     finally:
         a.close()

@@ -74,15 +74,23 @@ class InviteRecords(PeerRecords):
         """Use an invite once and trust the peer it admitted, in one transaction.
 
         `auth` comes from `authenticate(..., allow_unknown=True)` on the XXpsk3 handshake that
-        used this invite's PSK. A used, expired or unknown invite raises and changes nothing.
+        used this invite's PSK. A used, expired or unknown invite raises and changes nothing,
+        except for the peer that used it: on a slow path the joiner's retry can complete after
+        its first attempt did (both read the PSK while the invite was open), and that second
+        session of the same peer is recorded as any other session of it, not refused (refusing
+        it closed the first session too, and the joiner saw its pairing fail as "invite
+        used").
         """
         invite_id = bytes(invite_id)
         async with self.transaction(now) as tx:
             row = await tx.fetchone(
-                "SELECT state, expires_at FROM invites WHERE invite_id = ?", (invite_id,)
+                "SELECT state, expires_at, used_by FROM invites WHERE invite_id = ?", (invite_id,)
             )
             if row is None:
                 raise TrustError("no such invite", reason="unknown-invite")
+            if row[0] == "used" and row[2] == auth.peer_id:
+                await self._record_auth(tx, auth, protocol)
+                return self._peer_after(auth.peer_id)
             if row[0] != "open":
                 raise TrustError(
                     f"the invite was already {row[0]}",

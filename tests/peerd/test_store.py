@@ -500,6 +500,29 @@ async def test_an_invite_is_consumed_once_even_concurrently(store: Store) -> Non
     assert len(trusted) == 1
 
 
+async def test_the_joiner_that_used_an_invite_may_complete_a_second_attempt(store: Store) -> None:
+    """On a slow path the joiner retries, and both attempts can complete (each read the PSK
+    while the invite was open). The second is the same peer: recorded, not refused (refusing
+    it closed the first session too). Anyone else is still refused."""
+    token = await store.create_invite(network="lab", ttl=60, now=NOW)
+    joiner, other = Node(), Node()
+    view = store.view()
+    auth = view.authenticate(joiner.credentials(), joiner.static.public, NOW, allow_unknown=True)
+    first = await store.consume_invite(token.invite_id, auth, now=NOW + 1)
+    again = await store.consume_invite(token.invite_id, auth, now=NOW + 2)
+    assert again.peer_id == first.peer_id == joiner.peer_id
+    assert again.state is PeerState.TRUSTED
+    used = [e for e in await store.events() if e.kind == "invite-used"]
+    assert len(used) == 1
+    auth_other = view.authenticate(
+        other.credentials(), other.static.public, NOW, allow_unknown=True
+    )
+    with pytest.raises(TrustError) as info:
+        await store.consume_invite(token.invite_id, auth_other, now=NOW + 3)
+    assert info.value.reason == "invite-used"
+    assert other.peer_id not in {p.peer_id for p in store.peers()}
+
+
 async def test_own_rotation_and_succession_are_logged(store: Store, me: Node) -> None:
     me.rotate(NOW + 1)
     await store.record_own_certificate(me.cert, now=NOW + 1)

@@ -48,6 +48,10 @@ from peerd.mqtt.urls import BrokerSet
 __all__ = ["AiomqttLink"]
 
 log = logging.getLogger("peerd.mqtt")
+
+# An outbox entry's waiter: paho's record of the publish, and the end of the connection it
+# was handed to on.
+Handed = asyncio.Future[tuple[paho.MQTTMessageInfo, asyncio.Future[None]]]
 # paho logs every packet at DEBUG: formatting a line per chunk is not what `--log-level debug`
 # is for, so its logger starts at INFO.
 _PAHO_LOG = logging.getLogger("peerd.mqtt.aiomqtt")
@@ -75,7 +79,7 @@ class AiomqttLink(LinkCommon):
         self._down: asyncio.Future[None] | None = None  # done when the current connection drops
         self._stop: asyncio.Future[None] | None = None
         self._runner: asyncio.Task[Any] | None = None  # the task in run(), awaited by close()
-        self._outbox: deque[tuple[str, bytes, int, bool, asyncio.Future[None] | None]] = deque()
+        self._outbox: deque[tuple[str, bytes, int, bool, Handed | None]] = deque()
         self._queued_bytes = 0
         self._sent: deque[paho.MQTTMessageInfo] = deque()  # for drain(): written yet?
         self._socket_error = ""  # paho's last socket error, for _translate
@@ -386,9 +390,7 @@ class AiomqttLink(LinkCommon):
             raise LinkClosed("the broker link is closed")
         return bytes(payload)
 
-    def _enqueue(
-        self, topic: str, data: bytes, qos: int, retain: bool, fut: asyncio.Future[None] | None
-    ) -> None:
+    def _enqueue(self, topic: str, data: bytes, qos: int, retain: bool, fut: Handed | None) -> None:
         if len(self._outbox) >= self.max_queued or self._queued_bytes + len(data) > (
             self.max_queued_bytes
         ):
@@ -400,31 +402,35 @@ class AiomqttLink(LinkCommon):
         self._queued_bytes += len(data)
         self._flush()  # up, with others queued ahead: they go first, then this one
 
-    def _hand_to_paho(self, topic: str, data: bytes, qos: int, retain: bool) -> bool:
+    def _hand_to_paho(
+        self, topic: str, data: bytes, qos: int, retain: bool
+    ) -> paho.MQTTMessageInfo | None:
         client = self._client
         if client is None:
-            return False
+            return None
         info = client._client.publish(topic, data, qos, retain)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             log.debug("broker %s: paho refused a publish (rc %s)", self.settings.url, info.rc)
-            return False
+            return None
         self._sent.append(info)
         if len(self._sent) > 4096:
             while self._sent and self._sent[0].is_published():
                 self._sent.popleft()
         self.stats.published += 1
         self.stats.published_bytes += len(data)
-        return True
+        return info
 
     def _flush(self) -> None:
         while self._outbox and self._up:
             topic, data, qos, retain, fut = self._outbox[0]
-            if not self._hand_to_paho(topic, data, qos, retain):
+            info = self._hand_to_paho(topic, data, qos, retain)
+            if info is None:
                 return
             self._outbox.popleft()
             self._queued_bytes -= len(data)
             if fut is not None and not fut.done():
-                fut.set_result(None)
+                assert self._down is not None
+                fut.set_result((info, self._down))
 
     def publish_nowait(
         self,
@@ -449,46 +455,77 @@ class AiomqttLink(LinkCommon):
         timeout: float | None = None,  # noqa: ASYNC109 - a BrokerTimeout that says what timed out
     ) -> None:
         data = self._check(topic, payload, qos)
-        client, down = self._client, self._down
-        if self._up and not self._outbox and client is not None and down is not None:
-            # aiomqtt waits for paho's on_publish without regard to the connection: a drop in
-            # between would leave this publish waiting forever, so race it with the drop.
-            pub = asyncio.ensure_future(client.publish(topic, data, qos, retain, timeout=math.inf))
-            try:
-                done, _ = await asyncio.wait(
-                    (pub, down), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                )
-            finally:
-                if not pub.done():
-                    pub.cancel()
-            if pub in done:
-                try:
-                    pub.result()
-                except aiomqtt.MqttError as exc:
-                    # paho refuses a publish once it saw the connection go, which may be before
-                    # our reader does: like a publish during an outage, it waits in the outbox.
-                    log.debug("broker %s: publish refused (%s); queued", self.settings.url, exc)
-                else:
-                    self.stats.published += 1
-                    self.stats.published_bytes += len(data)
-                    return
-            elif not done:
-                raise BrokerTimeout(
-                    f"a publish to {topic!r} was not {'acknowledged' if qos else 'sent'} within"
-                    f" {timeout}s (broker {self.settings.url})"
-                )
-            elif not qos:
-                return  # best effort: a QoS 0 publish on a connection that died is lost
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._enqueue(topic, data, qos, retain, fut)
         try:
             async with asyncio.timeout(timeout):
-                await fut
+                if qos:
+                    await self._publish_acknowledged(topic, data, retain)
+                else:
+                    await self._publish_written(topic, data, retain)
         except TimeoutError:
             raise BrokerTimeout(
-                f"a publish to {topic!r} was not sent within {timeout}s (broker"
-                f" {self.settings.url})"
+                f"a publish to {topic!r} was not {'acknowledged' if qos else 'sent'} within"
+                f" {timeout}s (broker {self.settings.url})"
             ) from None
+
+    async def _race_drop(self, topic: str, data: bytes, qos: int, retain: bool) -> bool:
+        """Publish on the connection up now; True once paho reports it done, False if the
+        connection went first. aiomqtt waits for paho's on_publish without regard to the
+        connection: a drop in between would leave the publish waiting for ever."""
+        client, down = self._client, self._down
+        assert client is not None
+        assert down is not None
+        pub = asyncio.ensure_future(client.publish(topic, data, qos, retain, timeout=math.inf))
+        try:
+            await asyncio.wait((pub, down), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not pub.done():
+                pub.cancel()
+        if not pub.done() or pub.cancelled():
+            return False
+        try:
+            pub.result()
+        except aiomqtt.MqttError as exc:
+            # paho refuses a publish once it saw the connection go, which may be before our
+            # reader does: the publish goes again on the next connection.
+            log.debug("broker %s: publish refused (%s)", self.settings.url, exc)
+            return False
+        self.stats.published += 1
+        self.stats.published_bytes += len(data)
+        return True
+
+    async def _publish_written(self, topic: str, data: bytes, retain: bool) -> None:
+        if self._up and not self._outbox and self._client is not None:
+            await self._race_drop(topic, data, 0, retain)
+            return  # best effort: a QoS 0 publish on a connection that died is lost
+        fut: Handed = asyncio.get_running_loop().create_future()
+        self._enqueue(topic, data, 0, retain, fut)
+        await fut
+
+    async def _publish_acknowledged(self, topic: str, data: bytes, retain: bool) -> None:
+        """Until the broker acknowledges it. Each connection gets it once, in its turn behind
+        what the outbox held (a new aiomqtt client per connection keeps no in-flight state, so
+        a drop means sending it again)."""
+        drops = 0
+        while True:
+            if self._up and not self._outbox and self._client is not None:
+                down = self._down
+                assert down is not None
+                if await self._race_drop(topic, data, 1, retain):
+                    break
+                await down  # paho may refuse before our reader sees the drop: wait for it
+            else:
+                fut: Handed = asyncio.get_running_loop().create_future()
+                self._enqueue(topic, data, 1, retain, fut)
+                info, down = await fut
+                while not info.is_published() and not down.done():
+                    # paho's acknowledgement reaches aiomqtt's own waiter only: look at it.
+                    await asyncio.wait((down,), timeout=0.005)
+                if info.is_published():
+                    break
+            drops += 1
+            if (err := self._blame(len(data), drops)) is not None:
+                raise err
+        self._acked_max = max(self._acked_max, len(data))
 
     # -- subscribing --
 

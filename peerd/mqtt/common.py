@@ -12,7 +12,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Self, cast
 
-from peerd.mqtt.errors import BrokerError, BrokerTimeout, LinkClosed
+from peerd.mqtt.errors import BrokerError, BrokerLimitError, BrokerTimeout, LinkClosed
 from peerd.mqtt.limits import LinkLimits
 from peerd.mqtt.probe import Probed, ProbePlan, probe_packet_limit
 from peerd.mqtt.settings import Backoff, BrokerSettings
@@ -23,6 +23,12 @@ from peerd.mqtt.urls import BrokerSet
 __all__ = ["LinkCommon"]
 
 log = logging.getLogger("peerd.mqtt")
+
+# Connections lost with the same publish in flight before it is failed as too large (_blame).
+DROPS_TO_BLAME = 3
+# Nor is a publish this small ever blamed: peerd needs the broker to carry its 16 KiB chunks
+# anyway, and a revocation or a session frame lost to a run of outages would cost far more.
+NEVER_BLAMED = 16 << 10
 
 
 class LinkCommon:
@@ -58,6 +64,9 @@ class LinkCommon:
         self._task: asyncio.Task[None] | None = None
         self._state_waiters: list[asyncio.Future[None]] = []
         self._handler_errors_logged = 0
+        # The largest payload the broker in use acknowledged at QoS 1: a publish no larger
+        # cannot be what makes it close the connection (_blame).
+        self._acked_max = 0
 
     async def run(self) -> None:
         raise NotImplementedError
@@ -84,6 +93,8 @@ class LinkCommon:
         left = self.settings.url
         why = str(self.last_error) if self.last_error is not None else "the connection was lost"
         self.settings = self.brokers.leave(why)
+        if self.settings.url != left:
+            self._acked_max = 0  # another broker, perhaps another limit
         delay = self.backoff.next_delay()
         if self.settings.url != left:
             log.info("broker %s left (%s); trying %s in %.2fs", left, why, self.settings.url, delay)
@@ -102,6 +113,33 @@ class LinkCommon:
     def limits(self) -> LinkLimits:
         """The limits in force on the current (or last) connection."""
         return self._limits
+
+    # -- a publish the broker closes the connection for --
+
+    def _blame(self, size: int, drops: int) -> BrokerLimitError | None:
+        """The error for a QoS 1 publish of `size` bytes that was in flight when the connection
+        dropped `drops` times, if it is to blame: a broker that cannot tell its packet limit
+        (Mosquitto's `max_packet_size` to a 3.1.1 client) closes the connection on a larger
+        packet, and resending it after every reconnect would loop for ever while the publisher
+        waits. A size the broker acknowledged before is never blamed, nor one of at most 16 KiB,
+        so an outage (which drops every publish in flight) does not fail the small ones; the
+        probe looks for the limit again, so that what comes next fits."""
+        if drops < DROPS_TO_BLAME or size <= max(self._acked_max, NEVER_BLAMED):
+            return None
+        self.stats.publish_refused += 1
+        log.warning(
+            "broker %s: dropped the connection %d times with a %d-byte publish in flight;"
+            " failing it",
+            self.settings.url,
+            drops,
+            size,
+        )
+        self.reprobe()
+        return BrokerLimitError(
+            f"the broker at {self.settings.url} closed the connection {drops} times with a"
+            f" {size}-byte publish in flight and acknowledged none larger than"
+            f" {self._acked_max} bytes: it likely refuses packets this large"
+        )
 
     # -- the packet limit probe (peerd/mqtt/probe.py) --
 

@@ -426,10 +426,15 @@ class MqttLink(Subscribing):
         self._up = False
         # QoS 1 publishes not yet acknowledged go first, in their order, when we are back
         # (those still queued from an earlier drop are in the outbox already).
-        for rec in reversed(self._unacked.values()):
+        for rec in reversed(list(self._unacked.values())):
             if rec.wired:
                 rec.wired = False
                 rec.dup = True
+                rec.drops += 1
+                if (err := self._blame(len(rec.payload), rec.drops)) is not None:
+                    del self._unacked[rec.mid]
+                    rec.complete(err)
+                    continue
                 self._outbox.appendleft(rec)
         for p in self._pending.values():
             if p.waiter is not None and not p.waiter.done():
@@ -617,6 +622,7 @@ class MqttLink(Subscribing):
                 BrokerLimitError(f"the broker at {self.settings.url} refused a publish: {why}")
             )
         else:
+            self._acked_max = max(self._acked_max, len(rec.payload))
             rec.complete()
         if self._outbox:
             self._flush()

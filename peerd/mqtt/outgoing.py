@@ -18,6 +18,7 @@ class Outgoing:
     __slots__ = (
         "callback",
         "cancelled",
+        "drops",
         "dup",
         "mid",
         "payload",
@@ -45,6 +46,7 @@ class Outgoing:
         self.callback = callback
         self.mid = 0
         self.dup = False
+        self.drops = 0  # connections lost while it awaited its PUBACK (see LinkCommon._blame)
         self.cancelled = False
         self.wired = False  # written on the current connection (QoS 1: awaiting its PUBACK)
 

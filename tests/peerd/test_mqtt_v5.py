@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from peerd.mqtt import CLIENTS, Backoff, BrokerLink, BrokerSettings, MqttLink, open_link
+from peerd.mqtt import (
+    CLIENTS,
+    Backoff,
+    BrokerLimitError,
+    BrokerLink,
+    BrokerSettings,
+    MqttLink,
+    open_link,
+)
 from tests.e2e.test_other_brokers import nats_url  # noqa: F401 - a fixture of this module too
 from tests.peerd.test_mqtt import next_msg
 from tests.support.broker import Broker
@@ -68,3 +76,29 @@ async def test_auto_falls_back_to_311_on_nats(nats_url: str, client: str) -> Non
     finally:
         await link.close()
         await task
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_a_qos1_publish_the_broker_drops_the_connection_for_fails_instead_of_looping(
+    tmp_path: Path, client: str
+) -> None:
+    """Mosquitto's `max_packet_size` cannot be said to a 3.1.1 client: it closes the connection
+    on a larger packet. A QoS 1 publish is resent after every reconnect, so one too large for
+    the broker cost the link a reconnect loop while the publisher waited; after a bounded
+    number of drops with it in flight it now fails, naming the size, and the link goes on."""
+    with Broker(tmp_path / "b", extra_conf="max_packet_size 131072\n") as broker:
+        link = link_of(client, settings(broker.url, 4))
+        task = asyncio.create_task(link.run())
+        try:
+            await link.wait_connected(10)
+            topic = f"peerd/v1/t/in/{link.settings.client_id}"
+            sub = await link.subscribe(topic, timeout=10)
+            with pytest.raises(BrokerLimitError, match="200000-byte"):
+                await link.publish(topic, bytes(200_000), qos=1, timeout=60)
+            assert link.stats.disconnects <= 4
+            await link.wait_connected(10)
+            await link.publish(topic, b"still here", qos=1, timeout=10)
+            assert (await next_msg(sub, limit=10)).payload == b"still here"
+        finally:
+            await link.close()
+            await task

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from peerd.control import optional, require
 from peerd.errors import PeerdError, UsageError
+from peerd.events import LogBudget
 from peerd.host import Extension, control_method
 from peerd.logs import log_event
 from peerd.receivers import check_receiver
@@ -108,6 +109,8 @@ class Messenger:
         self.counters = {"sent": 0, "resent": 0, "received": 0, "duplicates": 0, "expired": 0}
         # What peers sent that was refused, by reason (shown in `peerd status`).
         self.rejections: Counter[str] = Counter()
+        # A peer that keeps sending into a full inbox costs a line per message otherwise.
+        self._logs = LogBudget(log)
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -262,7 +265,9 @@ class Messenger:
                     # Do not acknowledge: the sender keeps it until the application catches up.
                     inbound.last -= len(result.deliver)
                     self.rejections["inbox-full"] += 1
-                    log_event(log, "messages.inbox_full", logging.WARNING, peer=peer)
+                    self._logs.event(
+                        logging.WARNING, "inbox-full", "messages.inbox_full", peer=peer
+                    )
                     return
                 async with self.store.transaction(now) as tx:
                     for m in result.deliver:

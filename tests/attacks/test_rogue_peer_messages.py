@@ -5,6 +5,7 @@ as the daemon feeds them after decoding them from the session."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -85,3 +86,18 @@ async def test_messages_far_ahead_and_bogus_acks_are_counted_and_not_kept(store:
     await m.on_ack(PEER, ChannelAck("real", seq), now=NOW)
     outbox = await store.fetchone("SELECT COUNT(*) FROM outbox")
     assert outbox[0] == 0
+
+
+async def test_a_flood_into_a_full_inbox_is_logged_within_the_budget(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each refused message is counted, but the lines saying so stay within the log budget
+    (20 at once): a peer resending into a full inbox does not write a line per message."""
+    m, _ = _messenger(store, max_inbox_bytes=1)
+    await m.on_message(PEER, ChannelMessage("spam", 1, b""), now=NOW)
+    with caplog.at_level(logging.WARNING, logger="peerd.messages"):
+        for _ in range(500):
+            await m.on_message(PEER, ChannelMessage("spam", 2, b""), now=NOW)
+    assert m.rejections["inbox-full"] == 500
+    lines = [r for r in caplog.records if "messages.inbox_full" in r.getMessage()]
+    assert 1 <= len(lines) <= 25

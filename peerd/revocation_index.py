@@ -19,6 +19,7 @@ subscription and the sessions' push remain, as before).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,7 @@ __all__ = ["MAX_WATCHED", "RevocationIndex"]
 
 log = logging.getLogger("peerd")
 
+STOP_PUBLISH_WAIT = 2.0  # s, at shutdown, for our index to be acknowledged
 MAX_WATCHED = 256  # exact index subscriptions: one per known peer, the most recent first
 
 
@@ -61,6 +63,12 @@ class RevocationIndex(Extension):
                 log.debug("revocation index: %s", exc)
 
     async def stop(self) -> None:
+        # A node stopped right after `peerd revoke` (the laptop-stolen case) must leave its
+        # index on the broker: on RabbitMQ it is how a node offline now learns the statement.
+        if self.host.link.connected:
+            with contextlib.suppress(BrokerError, TimeoutError):
+                async with asyncio.timeout(STOP_PUBLISH_WAIT):
+                    await self._publish()
         watched, self._watched = self._watched, {}
         for sub in watched.values():
             await sub.close()
@@ -144,3 +152,4 @@ class RevocationIndex(Extension):
         )
         self._published = index
         self.counts["published"] += 1
+        log.debug("revocation index published: %d statement(s)", len(ours))

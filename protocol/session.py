@@ -385,6 +385,10 @@ class _Peer:
 _INDEX = struct.Struct(">I")
 
 
+def _lingering(hs: _Handshake) -> bool:
+    return hs.lingering
+
+
 class SessionManager:
     def __init__(
         self,
@@ -1182,9 +1186,17 @@ class SessionManager:
     def on_timer(self, now: float) -> list[Output]:
         out: list[Output] = []
         limits = self.limits
-        for hs in [h for h in self._initiating.values() if h.deadline <= now]:
+        # The current attempts first: a lingering one lives as long as its peer's handshake.
+        due = sorted((h for h in self._initiating.values() if h.deadline <= now), key=_lingering)
+        for hs in due:
             peer = self._peers.get(hs.peer_id)
             if hs.lingering or peer is None or peer.handshake is not hs:
+                newer = peer.handshake if peer is not None else None
+                if hs.lingering and newer is not None and newer.deadline > now:
+                    # A slow path (a broker connection busy for seconds) may answer it after
+                    # several later attempts left: answerable while the handshake goes on.
+                    hs.deadline = newer.deadline
+                    continue
                 self._drop_handshake(hs)
                 continue
             peer.handshake = None

@@ -524,6 +524,44 @@ def test_a_join_whose_first_attempt_used_the_invite_is_not_failed_by_the_refusal
         assert [f.reason for f in failed] == ([] if confirmed else ["invite-used"])
 
 
+def test_a_confirmation_slower_than_several_attempts_still_completes_the_join() -> None:
+    """A joiner's broker connection busy for seconds (Mosquitto's WebSocket listener carrying a
+    limit probe) holds the inviter's confirmation of attempt 1 while attempts 2 and 3 leave and
+    are refused as used. Attempt 1 sent message 3 and stays answerable as long as the join
+    goes on: the confirmation completes it, whether it comes before the refusals or after."""
+    for confirmation_first in (True, False):
+        directory = Directory()
+        inviter, joiner = make_node("alice", directory), make_node("bob", directory)
+        directory.invites["alice"] = {b"i" * 16: b"p" * 32}
+        hold = _Hold()
+        net = Network(inviter, joiner, fault=hold)
+        net.deliver("bob", joiner.join("alice", b"i" * 16, b"p" * 32, net.now))
+        hold.release(net, 0)  # HELLO_PSK 1 reaches alice: REPLY held
+        hold.release(net, 0)  # REPLY 1 reaches bob: FINISH held
+        hold.release(net, 0)  # FINISH 1 reaches alice: paired there, confirmation held
+        assert len(net.of("alice", SessionUp)) == 1
+        directory.invites["alice"] = {}
+        inviter.trust.closed_invite = lambda _id: "used"  # type: ignore[method-assign]
+        net.tick(1.0)  # attempt 1 times out: HELLO_PSK 2 held
+        net.tick(2.0)  # attempt 2 times out: HELLO_PSK 3 held
+        (confirmation,) = [f for dst, f in hold.held if dst == "bob"]
+        hellos = [f for dst, f in hold.held if dst == "alice"]
+        assert len(hellos) == 2
+        hold.held.clear()
+        hold.on = False  # from here on frames go straight through
+        if confirmation_first:
+            net.deliver("bob", joiner.receive(confirmation, net.now))
+        for hello in hellos:  # alice refuses each as used: the REFUSED frames go to bob
+            net.deliver("alice", inviter.receive(hello, net.now))
+        if not confirmation_first:
+            net.deliver("bob", joiner.receive(confirmation, net.now))
+        for _ in range(4):
+            net.tick(8.0)
+        assert len(net.of("bob", SessionUp)) == 1
+        assert not net.of("bob", HandshakeFailed)
+        assert joiner.has_session("alice")
+
+
 # -- floods -----------------------------------------------------------------------------------
 
 

@@ -643,7 +643,11 @@ class Daemon:
             delay = min(max(min(deadlines) - time.time(), 0.0), 60.0) if deadlines else 60.0
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(delay, 0.005))
+                async with asyncio.timeout(
+                    max(delay, 0.005)
+                    # Not wait_for: on 3.11 it can swallow the cancel that stops the daemon.
+                ):
+                    await self._wake.wait()
 
     async def _event_loop(self) -> None:
         while True:

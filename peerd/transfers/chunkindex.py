@@ -344,7 +344,9 @@ class Recipes:
         if p is None or p.sender != sender:
             return None
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(p.complete.wait(), RECIPE_WAIT)
+            # Not wait_for: on 3.11 it can swallow the cancel that stops the daemon.
+            async with asyncio.timeout(RECIPE_WAIT):
+                await p.complete.wait()
         self._pending.pop(tid, None)
         if len(p.got) != p.parts:
             return None

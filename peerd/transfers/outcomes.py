@@ -113,4 +113,6 @@ class Outcomes:
             if remaining <= 0:
                 return None
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._done_event.wait(), remaining)
+                # Not wait_for: on 3.11 it can swallow the cancel that stops the daemon.
+                async with asyncio.timeout(remaining):
+                    await self._done_event.wait()

@@ -526,7 +526,11 @@ class Receiving(Side):
                 continue
             delay = 1.0 if d is None else min(max(d - now, 0.0), 1.0)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(i.wake.wait(), max(delay, 0.001))
+                async with asyncio.timeout(
+                    max(delay, 0.001)
+                    # Not wait_for: on 3.11 it can swallow the cancel that stops the daemon.
+                ):
+                    await i.wake.wait()
 
     async def _actions(self, i: Incoming) -> None:
         while actions := i.machine.take_actions():

@@ -398,7 +398,11 @@ class Sending(Side):
                 if o.deadline is not None:
                     delay = min(delay, max(o.deadline - time.time(), 0.0))
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(o.wake.wait(), max(delay, 0.001))
+                    async with asyncio.timeout(
+                        max(delay, 0.001)
+                        # Not wait_for: on 3.11 it can swallow the cancel that stops the daemon.
+                    ):
+                        await o.wake.wait()
         except BrokerError as exc:
             log_event(log, "transfer.error", logging.ERROR, id=o.tid.hex(), error=str(exc))
             m.cancel("broker", str(exc))

@@ -83,6 +83,9 @@ EVENTS = (
 EVENT_QUEUE = 10_000  # bulk store work waiting for the event task; beyond it: drop and count
 MAX_TOKEN_TEXT = 4096  # an invite token is ~230 characters, more with line breaks
 HOUSEKEEPING_EVERY = 60.0
+# `peerd revoke` waits this long for the broker to show it keeps the statement (a read back,
+# peerd/revocations.py: up to 3 tries of publish, read back and pause, about 12 s each).
+REVOKE_STORED_WAIT = 40.0
 
 
 class JoinFailed(PeerdError):
@@ -709,7 +712,10 @@ class Daemon:
         for peer in self.sessions.connected_peers():
             self.transmit(peer, push)
         self.publish_revocation(encoded)
-        return {"revoked_through": old_serial, "serial": self.keys.serial}
+        # The machine may go off right after this (a stolen laptop's owner revoking from it):
+        # answer once the broker is known to keep the statement for nodes offline now.
+        stored = await self._revocations.stored(encoded, REVOKE_STORED_WAIT)
+        return {"revoked_through": old_serial, "serial": self.keys.serial, "stored": stored}
 
     async def join(self, token_text: str, within: float) -> dict[str, Any]:
         now = time.time()

@@ -24,7 +24,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from peerd.host import Extension
-from peerd.mqtt import BrokerError, statement_id
+from peerd.mqtt import BrokerError, LinkClosed, statement_id
 from protocol.errors import RemoteProtocolError
 from protocol.identity import AuthorityRevocation, PeerState, Revocation, decode_statement
 from protocol.messaging import decode_revocation_index, encode_revocation_index
@@ -38,6 +38,7 @@ __all__ = ["MAX_WATCHED", "RevocationIndex"]
 
 log = logging.getLogger("peerd")
 
+RETRY_FIRST, RETRY_MAX = 1.0, 30.0  # s between tries after a refused subscription or publish
 STOP_PUBLISH_WAIT = 2.0  # s, at shutdown, for our index to be acknowledged
 MAX_WATCHED = 256  # exact index subscriptions: one per known peer, the most recent first
 
@@ -53,14 +54,24 @@ class RevocationIndex(Extension):
         self.counts = {"published": 0, "read": 0}
 
     async def run(self) -> None:
+        retry = RETRY_FIRST
         while True:
             await self._dirty.wait()
             self._dirty.clear()
             try:
                 await self._watch()
                 await self._publish()
-            except BrokerError as exc:  # the link closing, or a refused subscription
-                log.debug("revocation index: %s", exc)
+            except LinkClosed:
+                return  # the daemon is stopping
+            except BrokerError as exc:
+                # Refused for now (a NATS cluster electing a stream leader refuses for seconds):
+                # asked again with backoff, or a node back from an outage would watch no index.
+                log.info("revocation index: %s; trying again in %.0fs", exc, retry)
+                await asyncio.sleep(retry)
+                retry = min(retry * 2, RETRY_MAX)
+                self._dirty.set()
+            else:
+                retry = RETRY_FIRST
 
     async def stop(self) -> None:
         # A node stopped right after `peerd revoke` (the laptop-stolen case) must leave its

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from peerd.errors import PeerdError
@@ -59,6 +60,8 @@ class Revocations(Extension):
         self._sub: Subscribed | None = None
         self.counts = {"republished": 0, "readback_rounds": 0, "readback_missing": 0}
         self.not_kept = 0
+        self._stored: set[str] = set()  # kept statements a fresh subscription read back
+        self._stored_waiters: dict[str, asyncio.Event] = {}
 
     async def run(self) -> None:
         await self._subscribe()
@@ -102,6 +105,32 @@ class Revocations(Extension):
             self._kept[sid] = statement
         self._wake.set()  # read it back soon
 
+    async def stored(self, statement: bytes, timeout: float) -> bool:  # noqa: ASYNC109 - a bound, not a failure
+        """Whether the broker keeps `statement` (kept with `keep`): True once a fresh
+        subscription read it back, False if that did not happen within `timeout` s or the node
+        is not connected (it is published again every period and after each reconnect)."""
+        sid = statement_id(statement)
+        if sid in self._stored:
+            return True
+        if not self.host.link.connected:
+            return False
+        event = self._stored_waiters.setdefault(sid, asyncio.Event())
+        try:
+            async with asyncio.timeout(timeout):
+                await event.wait()
+        except TimeoutError:
+            return False
+        finally:
+            if not event.is_set():
+                self._stored_waiters.pop(sid, None)
+        return True
+
+    def _mark_stored(self, sids: Iterable[str]) -> None:
+        for sid in sids:
+            self._stored.add(sid)
+            if (event := self._stored_waiters.pop(sid, None)) is not None:
+                event.set()
+
     async def _round(self) -> None:
         """Publish every kept statement again, read them back, and publish again (a few times,
         after a pause) what was not read back."""
@@ -111,12 +140,14 @@ class Revocations(Extension):
             # MQTT 5 Retain Available 0: the link sends them unretained (counted in its stats);
             # there is nothing to read back, and the live copies reach who is connected.
             await self._publish(pending)
+            self._mark_stored(pending)  # acknowledged; this broker retains nothing to read
             return
         for attempt in range(1, READBACK_TRIES + 1):
             for start in range(0, len(pending), READBACK_BATCH):
                 batch = dict(list(pending.items())[start : start + READBACK_BATCH])
                 await self._publish(batch)
                 missing = await self._read_back(batch)
+                self._mark_stored(sid for sid in batch if sid not in missing)
                 for sid in batch:
                     if sid not in missing:
                         del pending[sid]

@@ -328,6 +328,15 @@ def cmd_revoke(args: argparse.Namespace) -> int:
             f"revoked serials up to {result['revoked_through']}; now using serial "
             f"{result['serial']}"
         )
+        if result.get("stored"):
+            print("the broker keeps the revocation for peers offline now (read back)")
+        else:
+            print(
+                "the broker has not yet shown that it keeps the revocation (not read back):"
+                " peers online now have it; keep this daemon running and connected, it"
+                " publishes it again every [broker] republish_interval and after each"
+                " reconnect"
+            )
     return common.EXIT_OK
 
 

@@ -236,19 +236,32 @@ class AiomqttLink(LinkCommon):
         died: each JetStream consumer must be made within NATS's 4 s) is kept and asked for
         again on this connection with backoff while everything else flows: dropping the
         connection for it would make the broker start over on every consumer."""
-        items = [(f, max(s.qos for s in subs)) for f, subs in self._routes.by_filter.items()]
-        results = await asyncio.gather(
-            *(self._subscribe_at(client, f, qos) for f, qos in items), return_exceptions=True
-        )
-        if not client._client.is_connected():
-            raise BrokerUnreachable(f"the connection to the broker at {self.settings.url} dropped")
-        for (topic_filter, _), result in zip(items, results, strict=True):
-            if isinstance(result, aiomqtt.MqttError):
-                self._retry_subscribe(client, topic_filter, f"left unanswered ({result})")
-            elif isinstance(result, BaseException):
-                raise result
-            elif result:
-                self._retry_subscribe(client, topic_filter, "refused")
+        done: set[str] = set()
+        while True:
+            # A subscribe() made while this runs is not sent by it (the link is not up yet):
+            # it is in the routes now, and goes in the next pass.
+            items = [
+                (f, max(s.qos for s in subs))
+                for f, subs in self._routes.by_filter.items()
+                if f not in done
+            ]
+            if not items:
+                return
+            done.update(f for f, _ in items)
+            results = await asyncio.gather(
+                *(self._subscribe_at(client, f, qos) for f, qos in items), return_exceptions=True
+            )
+            if not client._client.is_connected():
+                raise BrokerUnreachable(
+                    f"the connection to the broker at {self.settings.url} dropped"
+                )
+            for (topic_filter, _), result in zip(items, results, strict=True):
+                if isinstance(result, aiomqtt.MqttError):
+                    self._retry_subscribe(client, topic_filter, f"left unanswered ({result})")
+                elif isinstance(result, BaseException):
+                    raise result
+                elif result:
+                    self._retry_subscribe(client, topic_filter, "refused")
 
     def _retry_subscribe(self, client: aiomqtt.Client, topic_filter: str, why: str) -> None:
         task = asyncio.ensure_future(self._resubscribe(client, topic_filter, why))

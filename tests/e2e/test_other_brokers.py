@@ -97,7 +97,9 @@ def _exercise(root: Path, url: str, *, retained_for_wildcards: bool) -> None:
         # Carol is offline when bob revokes his key, and bob is gone when she comes back: she
         # can only learn it from the broker's retained copy of his statement.
         c.stop()
-        b.cli("revoke", "--reason", "laptop stolen")
+        said = b.cli("revoke", "--reason", "laptop stolen")
+        # It answers once a fresh subscription read the retained statement back.
+        assert "the broker keeps the revocation for peers offline now" in said, said
         wait_until(lambda: "event=revocation.applied" in a.log(), 30, what="alice learning it")
         b.stop()
         c.start()

@@ -45,6 +45,9 @@ READBACK_BATCH = 64  # statements read back at once (one subscription each)
 READBACK_WAIT = 5.0  # for a round's publishes to be acknowledged, and for their read-back
 READBACK_TRIES = 3  # publishes of a statement not read back, per round
 READBACK_PAUSE = 2.0  # between them (a cluster electing a leader takes about that)
+# How long `peerd revoke` waits for the broker to show it keeps the statement: up to 3 tries
+# of publish, read back and pause, about 12 s each.
+STORED_WAIT = 40.0
 
 
 class Revocations(Extension):
@@ -105,7 +108,7 @@ class Revocations(Extension):
             self._kept[sid] = statement
         self._wake.set()  # read it back soon
 
-    async def stored(self, statement: bytes, timeout: float) -> bool:  # noqa: ASYNC109 - a bound, not a failure
+    async def stored(self, statement: bytes, timeout: float = STORED_WAIT) -> bool:  # noqa: ASYNC109 - a bound, not a failure
         """Whether the broker keeps `statement` (kept with `keep`): True once a fresh
         subscription read it back, False if that did not happen within `timeout` s or the node
         is not connected (it is published again every period and after each reconnect)."""

@@ -525,11 +525,9 @@ class Receiving(Side):
             if m.has_actions():
                 continue
             delay = 1.0 if d is None else min(max(d - now, 0.0), 1.0)
+            # Not wait_for: on 3.11 it can swallow the cancel that stops the daemon.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(
-                    max(delay, 0.001)
-                    # Not wait_for: on 3.11 it can swallow the cancel that stops the daemon.
-                ):
+                async with asyncio.timeout(max(delay, 0.001)):
                     await i.wake.wait()
 
     async def _actions(self, i: Incoming) -> None:

@@ -397,11 +397,9 @@ class Sending(Side):
                 delay = 1.0 if d is None else min(max(d - time.time(), 0.0), 1.0)
                 if o.deadline is not None:
                     delay = min(delay, max(o.deadline - time.time(), 0.0))
+                # Not wait_for: on 3.11 it can swallow the cancel that stops the daemon.
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(
-                        max(delay, 0.001)
-                        # Not wait_for: on 3.11 it can swallow the cancel that stops the daemon.
-                    ):
+                    async with asyncio.timeout(max(delay, 0.001)):
                         await o.wake.wait()
         except BrokerError as exc:
             log_event(log, "transfer.error", logging.ERROR, id=o.tid.hex(), error=str(exc))

@@ -44,6 +44,7 @@ from peerd.sessions import SessionTrust, TicketKeeper, local_key, read_psk
 from peerd.store import Store, open_store
 from peerd.systemd import Notifier, watchdog_interval, watchdog_loop
 from peerd.transfers import Transfers
+from peerd.waiting import wait_set
 from protocol.errors import RemoteProtocolError
 from protocol.identity import (
     InviteToken,
@@ -642,10 +643,7 @@ class Daemon:
             ]
             delay = min(max(min(deadlines) - time.time(), 0.0), 60.0) if deadlines else 60.0
             self._wake.clear()
-            # Not wait_for: on 3.11 it can swallow the cancel that stops the daemon.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(delay, 0.005)):
-                    await self._wake.wait()
+            await wait_set(self._wake, max(delay, 0.005))
 
     async def _event_loop(self) -> None:
         while True:

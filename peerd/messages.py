@@ -310,7 +310,7 @@ class Messenger:
                 return [Received(*r) for r in rows]
             async with self._arrived:
                 with contextlib.suppress(TimeoutError):
-                    # Not wait_for: on 3.11 it can swallow the cancel that stops the daemon.
+                    # Not wait_for: see peerd/waiting.py (a Condition, not an Event, here).
                     async with asyncio.timeout(remaining):
                         await self._arrived.wait()
 

@@ -28,6 +28,7 @@ from peerd.errors import PeerdError
 from peerd.host import Extension
 from peerd.logs import log_event
 from peerd.mqtt import BrokerError, LinkClosed, statement_id, subscribe_steadily
+from peerd.waiting import wait_set
 from protocol.errors import RemoteProtocolError
 from protocol.identity import Revocation, decode_statement
 from protocol.messaging import RevocationPush
@@ -63,8 +64,8 @@ class Revocations(Extension):
         self._sub: Subscribed | None = None
         self.counts = {"republished": 0, "readback_rounds": 0, "readback_missing": 0}
         self.not_kept = 0
-        self._stored: set[str] = set()  # kept statements a fresh subscription read back
-        self._stored_waiters: dict[str, asyncio.Event] = {}
+        # Per kept statement: set once a fresh subscription read it back from the broker.
+        self._stored: dict[str, asyncio.Event] = {}
 
     async def run(self) -> None:
         await self._subscribe()
@@ -94,45 +95,38 @@ class Revocations(Extension):
         if not self._own_loaded:
             self._own_loaded = True
             for statement in await self.host.store.revocation_statements(self.host.peer_id):
-                self._kept.setdefault(statement_id(statement), statement)
+                self._add(statement_id(statement), statement)
         self._wake.set()
 
     def keep(self, statement: bytes) -> None:
         """Keep `statement` (just published by the host) retained on the broker: republished
         and read back now, every period and after every reconnect while the daemon runs."""
         sid = statement_id(statement)
-        if sid not in self._kept:
-            if len(self._kept) >= MAX_KEPT:
-                self.not_kept += 1  # published once by the host; a restart reloads own ones
-                return
-            self._kept[sid] = statement
+        if sid not in self._kept and len(self._kept) >= MAX_KEPT:
+            self.not_kept += 1  # published once by the host; a restart reloads own ones
+            return
+        self._add(sid, statement)
         self._wake.set()  # read it back soon
+
+    def _add(self, sid: str, statement: bytes) -> None:
+        if sid not in self._kept:
+            self._kept[sid] = statement
+            self._stored[sid] = asyncio.Event()
 
     async def stored(self, statement: bytes, timeout: float = STORED_WAIT) -> bool:  # noqa: ASYNC109 - a bound, not a failure
         """Whether the broker keeps `statement` (kept with `keep`): True once a fresh
         subscription read it back, False if that did not happen within `timeout` s or the node
         is not connected (it is published again every period and after each reconnect)."""
-        sid = statement_id(statement)
-        if sid in self._stored:
+        event = self._stored.get(statement_id(statement))
+        if event is None:
+            return False
+        if event.is_set():
             return True
-        if not self.host.link.connected:
-            return False
-        event = self._stored_waiters.setdefault(sid, asyncio.Event())
-        try:
-            async with asyncio.timeout(timeout):
-                await event.wait()
-        except TimeoutError:
-            return False
-        finally:
-            if not event.is_set():
-                self._stored_waiters.pop(sid, None)
-        return True
+        return self.host.link.connected and await wait_set(event, timeout)
 
     def _mark_stored(self, sids: Iterable[str]) -> None:
         for sid in sids:
-            self._stored.add(sid)
-            if (event := self._stored_waiters.pop(sid, None)) is not None:
-                event.set()
+            self._stored[sid].set()
 
     async def _round(self) -> None:
         """Publish every kept statement again, read them back, and publish again (a few times,

@@ -17,7 +17,6 @@ is dropped from the index when a lookup meets it; a revoked or blocked sender's 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import mmap
 import os
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from peerd.waiting import wait_set
 from protocol.safetensors import SafetensorsError, is_safetensors_name, parse_header
 from protocol.transfer import delta
 from protocol.transfer.messages import Recipe as RecipeMessage
@@ -343,10 +343,7 @@ class Recipes:
         p = self._pending.get(tid)
         if p is None or p.sender != sender:
             return None
-        with contextlib.suppress(TimeoutError):
-            # Not wait_for: on 3.11 it can swallow the cancel that stops the daemon.
-            async with asyncio.timeout(RECIPE_WAIT):
-                await p.complete.wait()
+        await wait_set(p.complete, RECIPE_WAIT)
         self._pending.pop(tid, None)
         if len(p.got) != p.parts:
             return None

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import Counter
@@ -12,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from peerd.logs import log_event
+from peerd.waiting import wait_set
 
 if TYPE_CHECKING:
     from peerd.host import Host
@@ -112,7 +112,4 @@ class Outcomes:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
-            with contextlib.suppress(TimeoutError):
-                # Not wait_for: on 3.11 it can swallow the cancel that stops the daemon.
-                async with asyncio.timeout(remaining):
-                    await self._done_event.wait()
+            await wait_set(self._done_event, remaining)

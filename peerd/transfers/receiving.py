@@ -38,6 +38,7 @@ from peerd.transfers.files import (
     safetensors_problem,
 )
 from peerd.transfers.side import Side
+from peerd.waiting import wait_set
 from protocol.errors import RemoteProtocolError
 from protocol.identity.trust import PeerState
 from protocol.safetensors import is_safetensors_name
@@ -525,10 +526,7 @@ class Receiving(Side):
             if m.has_actions():
                 continue
             delay = 1.0 if d is None else min(max(d - now, 0.0), 1.0)
-            # Not wait_for: on 3.11 it can swallow the cancel that stops the daemon.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(delay, 0.001)):
-                    await i.wake.wait()
+            await wait_set(i.wake, max(delay, 0.001))
 
     async def _actions(self, i: Incoming) -> None:
         while actions := i.machine.take_actions():

@@ -33,6 +33,7 @@ from peerd.transfers.files import (
     stat_of,
 )
 from peerd.transfers.side import Side
+from peerd.waiting import wait_set
 from protocol.errors import LocalProtocolError
 from protocol.identity.trust import PeerState
 from protocol.transfer import (
@@ -397,10 +398,7 @@ class Sending(Side):
                 delay = 1.0 if d is None else min(max(d - time.time(), 0.0), 1.0)
                 if o.deadline is not None:
                     delay = min(delay, max(o.deadline - time.time(), 0.0))
-                # Not wait_for: on 3.11 it can swallow the cancel that stops the daemon.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(max(delay, 0.001)):
-                        await o.wake.wait()
+                await wait_set(o.wake, max(delay, 0.001))
         except BrokerError as exc:
             log_event(log, "transfer.error", logging.ERROR, id=o.tid.hex(), error=str(exc))
             m.cancel("broker", str(exc))

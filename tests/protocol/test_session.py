@@ -23,6 +23,7 @@ from protocol.session import (
     SendFrame,
     SessionDown,
     SessionLimits,
+    SessionManager,
     SessionUp,
     combine_psk,
     prologue,
@@ -493,24 +494,35 @@ def test_a_late_answer_to_an_attempt_that_timed_out_still_completes_the_handshak
     assert net.of("bob", Message)[-1].payload == b"after"
 
 
+def _held_join() -> tuple[Directory, SessionManager, SessionManager, _Hold, Network]:
+    """Bob joins alice by invite, every frame held (`_Hold`) until released."""
+    directory = Directory()
+    inviter, joiner = make_node("alice", directory), make_node("bob", directory)
+    directory.invites["alice"] = {b"i" * 16: b"p" * 32}
+    hold = _Hold()
+    net = Network(inviter, joiner, fault=hold)
+    net.deliver("bob", joiner.join("alice", b"i" * 16, b"p" * 32, net.now))
+    return directory, inviter, joiner, hold, net
+
+
+def _use_up_invite(directory: Directory, inviter: SessionManager) -> None:
+    """The invite closes as used, as the inviter's store does after the first pairing."""
+    directory.invites["alice"] = {}
+    inviter.trust.closed_invite = lambda _id: "used"  # type: ignore[method-assign]
+
+
 def test_a_join_whose_first_attempt_used_the_invite_is_not_failed_by_the_refusal() -> None:
     """The inviter completes attempt 1 and closes the invite, then meets attempt 2's HELLO_PSK
     and refuses it as used: the joiner waits for attempt 1's confirmation instead of failing
     the join of a pairing that happened. With no confirmation, the refusal stands."""
     for confirmed in (True, False):
-        directory = Directory()
-        inviter, joiner = make_node("alice", directory), make_node("bob", directory)
-        directory.invites["alice"] = {b"i" * 16: b"p" * 32}
-        hold = _Hold()
-        net = Network(inviter, joiner, fault=hold)
-        net.deliver("bob", joiner.join("alice", b"i" * 16, b"p" * 32, net.now))
+        directory, inviter, _joiner, hold, net = _held_join()
         net.tick(1.0)  # HELLO_PSK 1 and 2 held
         hold.release(net, 0)  # HELLO_PSK 1 reaches alice: REPLY held
         hold.release(net, 1)  # REPLY 1 reaches bob: FINISH held
         hold.release(net, 1)  # FINISH 1 reaches alice: paired there, confirmation held
         assert len(net.of("alice", SessionUp)) == 1
-        directory.invites["alice"] = {}
-        inviter.trust.closed_invite = lambda _id: "used"  # type: ignore[method-assign]
+        _use_up_invite(directory, inviter)
         hold.release(net, 0)  # HELLO_PSK 2 reaches alice: REFUSED (used) held
         (refused,) = [f for _, f in hold.held if f[1] == frames.FrameType.REFUSED]
         hold.release(net, [f for _, f in hold.held].index(refused))
@@ -530,18 +542,12 @@ def test_a_confirmation_slower_than_several_attempts_still_completes_the_join() 
     are refused as used. Attempt 1 sent message 3 and stays answerable as long as the join
     goes on: the confirmation completes it, whether it comes before the refusals or after."""
     for confirmation_first in (True, False):
-        directory = Directory()
-        inviter, joiner = make_node("alice", directory), make_node("bob", directory)
-        directory.invites["alice"] = {b"i" * 16: b"p" * 32}
-        hold = _Hold()
-        net = Network(inviter, joiner, fault=hold)
-        net.deliver("bob", joiner.join("alice", b"i" * 16, b"p" * 32, net.now))
+        directory, inviter, joiner, hold, net = _held_join()
         hold.release(net, 0)  # HELLO_PSK 1 reaches alice: REPLY held
         hold.release(net, 0)  # REPLY 1 reaches bob: FINISH held
         hold.release(net, 0)  # FINISH 1 reaches alice: paired there, confirmation held
         assert len(net.of("alice", SessionUp)) == 1
-        directory.invites["alice"] = {}
-        inviter.trust.closed_invite = lambda _id: "used"  # type: ignore[method-assign]
+        _use_up_invite(directory, inviter)
         net.tick(1.0)  # attempt 1 times out: HELLO_PSK 2 held
         net.tick(2.0)  # attempt 2 times out: HELLO_PSK 3 held
         (confirmation,) = [f for dst, f in hold.held if dst == "bob"]

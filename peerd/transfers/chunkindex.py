@@ -1,7 +1,8 @@
 """Deltas, the shell's half (protocol/SPEC.md 7.11; the wire half is protocol/transfer/delta.py).
 
-- The sender cuts the file it is about to send into content-defined chunks (one mmap'd pass in
-  a worker thread) and sends each receiver the list of (length, id) with ids keyed for that pair.
+- The sender cuts the file it is sending into content-defined chunks (a mapped pass in a worker
+  thread, a part at a time while the transfer runs) and streams each receiver the list of
+  (length, id), with ids keyed for that pair.
 - The receiver keeps an index of the chunks of the files it received, per sender (tables
   `chunk_files` and `chunk_index`, peerd/store/schema.py). On an offer with a recipe it copies
   every chunk it holds *from that same sender* into the temporary file, checking each copy's id
@@ -21,7 +22,7 @@ import logging
 import mmap
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -75,39 +76,73 @@ class Prefill:
 # -- the sender: the file's chunks ------------------------------------------------------------
 
 
+class FileChunker:
+    """The content-defined chunks of an open file, (length, unkeyed BLAKE3 digest) in file
+    order, a part at a time (`take`), so the recipe streams while the transfer runs (SPEC
+    7.11). Blocking (CPU and I/O): call it from a worker thread, never from two at once.
+
+    The file is mapped, not read, and each part releases the pages behind it from this
+    process (madvise DONTNEED; the page cache keeps them), so the sender's memory does not
+    grow with the file: a mapping left whole made a 2 GiB send peak at 2.2 GB resident."""
+
+    def __init__(self, fd: int, size: int, name: str) -> None:
+        if size <= 0:
+            raise ValueError("an empty file has no chunks")
+        self._mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        self._view = memoryview(self._mm)
+        spans = delta.regions(size, None)
+        if is_safetensors_name(name):
+            with_tensors = _tensor_spans(self._view, size)
+            if with_tensors is not None:
+                spans = with_tensors
+        self.bound = delta.max_entries(spans)  # at most this many chunks
+        self._walk = self._chunks(spans)
+        self._next = next(self._walk, None)
+        self._released = 0
+
+    def _chunks(self, spans: list[tuple[int, int]]) -> Generator[tuple[int, int, bytes]]:
+        view = self._view
+        for off, length in delta.cut(view, spans):
+            yield off, length, delta.content_hash(view[off : off + length])
+
+    @property
+    def done(self) -> bool:
+        return self._next is None
+
+    def take(self, n: int) -> list[tuple[int, bytes]]:
+        """Up to `n` more chunks (none once `done`)."""
+        out: list[tuple[int, bytes]] = []
+        end = self._released
+        while self._next is not None and len(out) < n:
+            off, length, digest = self._next
+            out.append((length, digest))
+            end = off + length
+            self._next = next(self._walk, None)
+        release = end // mmap.PAGESIZE * mmap.PAGESIZE
+        if release > self._released:
+            self._mm.madvise(mmap.MADV_DONTNEED, self._released, release - self._released)
+            self._released = release
+        if self._next is None:
+            self.close()
+        return out
+
+    def close(self) -> None:
+        """Unmap (also when not `done`: a cancelled send)."""
+        self._next = None
+        self._walk.close()
+        self._view.release()
+        self._mm.close()
+
+
 def file_chunks(fd: int, size: int, name: str) -> list[tuple[int, bytes]]:
-    """(length, unkeyed BLAKE3 digest) of each content-defined chunk of the open file.
-    CPU and I/O: run it in a worker thread. Regions are independent and both pyfastcdc and
-    blake3 release the GIL, so the two halves of the file are cut on two threads."""
+    """Every chunk of the open file at once (tests, benchmarks; the daemon streams them)."""
     if size == 0:
         return []
-    with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mm:
-        view = memoryview(mm)
-        try:
-            spans = delta.regions(size, None)
-            if is_safetensors_name(name):
-                with_tensors = _tensor_spans(view, size)
-                if with_tensors is not None:
-                    spans = with_tensors
-            if len(spans) == 1:
-                return _chunk_spans(view, spans)  # one region: one pass (boundaries chain)
-            half = size // 2
-            first = [s for s in spans if s[0] < half]
-            second = [s for s in spans if s[0] >= half]
-            with ThreadPoolExecutor(2) as pool:
-                later = pool.submit(_chunk_spans, view, second)
-                out = _chunk_spans(view, first)
-                out += later.result()
-        finally:
-            view.release()
+    chunker = FileChunker(fd, size, name)
+    out: list[tuple[int, bytes]] = []
+    while not chunker.done:
+        out += chunker.take(delta.RECIPE_PART_ENTRIES)
     return out
-
-
-def _chunk_spans(view: memoryview, spans: list[tuple[int, int]]) -> list[tuple[int, bytes]]:
-    return [
-        (length, delta.content_hash(view[off : off + length]))
-        for off, length in delta.cut(view, spans)
-    ]
 
 
 def _tensor_spans(view: memoryview, size: int) -> list[tuple[int, int]] | None:
@@ -242,15 +277,17 @@ class ChunkIndex:
 
 def prefill(
     part_fd: int,
-    recipe: Recipe,
+    key: bytes,
+    located: Iterable[tuple[int, int, bytes]],
     found: dict[bytes, tuple[int, str, int, int, int, int, int]],
 ) -> Prefill:
-    """Copy every chunk of `recipe` found in the index into the temporary file, each checked
-    against its id as read; then fdatasync. Blocking I/O: run it in a worker thread."""
+    """Copy every chunk of `located` (offset, length, id) found in the index into the
+    temporary file, each checked against its id as read; then fdatasync. Blocking I/O: run it
+    in a worker thread."""
     out = Prefill()
     sources: dict[int, int | None] = {}
     try:
-        for offset, length, cid in recipe.located():
+        for offset, length, cid in located:
             hit = found.get(cid)
             if hit is None:
                 continue
@@ -265,7 +302,7 @@ def prefill(
             src = sources[file_id]
             assert src is not None
             data = os.pread(src, length, src_off)
-            if len(data) != length or delta.chunk_id(recipe.key, data) != cid:
+            if len(data) != length or delta.chunk_id(key, data) != cid:
                 out.corrupt += 1  # changed in place under the same mtime: fetch it instead
                 continue
             os.pwrite(part_fd, data, offset)
@@ -292,85 +329,154 @@ def _open_checked(path: str, size: int, mtime_ns: int, inode: int) -> int | None
     return fd
 
 
-# -- the receiver: recipes that arrive before their offer --------------------------------------
+# -- the receiver: streamed recipes -------------------------------------------------------------
 
-MAX_PENDING = 16  # recipes waiting for their offer, from all senders
+MAX_PENDING = 16  # recipes whose offer has not come yet, from all senders
 MAX_PENDING_PER_SENDER = 4
 PENDING_TTL = 120.0  # seconds a recipe waits for its offer
-RECIPE_WAIT = 5.0  # seconds an offer waits for the rest of its recipe
 
 
 @dataclass
-class _Pending:
+class RecipeStream:
+    """The parts of one transfer's recipe, kept as they come (in any order)."""
+
     sender: str
     key: bytes
-    parts: int
     at: float
     got: dict[int, list[tuple[int, bytes]]] = field(default_factory=dict)
-    complete: asyncio.Event = field(default_factory=asyncio.Event)
+    final: int | None = None  # the number of the part marked final
+    claimed: bool = False  # its offer was accepted: it follows the transfer, not the TTL
+    more: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Recipes:
-    """Recipe messages held until their Offer arrives (bounded in number, size and time)."""
+    """Recipe parts by transfer: held until their Offer (bounded in number, size and time),
+    then followed by the transfer that claimed them."""
 
     def __init__(self) -> None:
-        self._pending: dict[bytes, _Pending] = {}
+        self._streams: dict[bytes, RecipeStream] = {}
 
     def add(self, sender: str, msg: RecipeMessage, now: float) -> bool:
         """Keep one part; False if it is refused (over a bound, or contradicts earlier parts)."""
-        for tid, old in list(self._pending.items()):
-            if now - old.at > PENDING_TTL:
-                del self._pending[tid]
-        p = self._pending.get(msg.transfer_id)
-        if p is None:
-            mine = sum(1 for q in self._pending.values() if q.sender == sender)
-            if len(self._pending) >= MAX_PENDING or mine >= MAX_PENDING_PER_SENDER:
+        for tid, old in list(self._streams.items()):
+            if not old.claimed and now - old.at > PENDING_TTL:
+                del self._streams[tid]
+        r = self._streams.get(msg.transfer_id)
+        if r is None:
+            waiting = [q for q in self._streams.values() if not q.claimed]
+            mine = sum(1 for q in waiting if q.sender == sender)
+            if len(waiting) >= MAX_PENDING or mine >= MAX_PENDING_PER_SENDER:
                 return False
-            p = self._pending[msg.transfer_id] = _Pending(sender, msg.key, msg.parts, now)
-        if (p.sender, p.key, p.parts) != (sender, msg.key, msg.parts):
+            r = self._streams[msg.transfer_id] = RecipeStream(sender, msg.key, now)
+        if (r.sender, r.key) != (sender, msg.key):
             return False
-        p.got[msg.part] = delta.decode_entries(msg.entries)
-        if len(p.got) == p.parts:
-            p.complete.set()
+        if msg.final:
+            if r.final not in (None, msg.part) or any(k > msg.part for k in r.got):
+                return False
+            r.final = msg.part
+        elif r.final is not None and msg.part >= r.final:
+            return False
+        r.got.setdefault(msg.part, delta.decode_entries(msg.entries))
+        r.more.set()
         return True
 
+    def claim(self, sender: str, tid: bytes) -> RecipeStream | None:
+        """The recipe of an offer being accepted, if its first part came from its sender."""
+        r = self._streams.get(tid)
+        if r is None or r.sender != sender or 0 not in r.got:
+            self._streams.pop(tid, None)
+            return None
+        r.claimed = True
+        return r
+
+    def following(self, tid: bytes) -> bool:
+        r = self._streams.get(tid)
+        return r is not None and r.claimed
+
     def discard(self, tid: bytes) -> None:
-        self._pending.pop(tid, None)
-
-    async def take(self, sender: str, tid: bytes) -> Recipe | None:
-        """The whole recipe of `tid` from `sender`, waiting a little for its last parts; None
-        if there is none (the file is then sent whole)."""
-        p = self._pending.get(tid)
-        if p is None or p.sender != sender:
-            return None
-        await wait_set(p.complete, RECIPE_WAIT)
-        self._pending.pop(tid, None)
-        if len(p.got) != p.parts:
-            return None
-        entries = [e for k in range(p.parts) for e in p.got[k]]
-        return Recipe(p.key, entries) if len(entries) <= delta.MAX_RECIPE_ENTRIES else None
+        self._streams.pop(tid, None)
 
 
-async def prepare(
-    index: ChunkIndex, recipes: Recipes, *, sender: str, tid: bytes, part_fd: int, size: int
-) -> tuple[Recipe | None, Prefill]:
-    """Before accepting an offer: its recipe (if the sender sent one whose chunks add up to
-    the file) and what was copied from local files into the temporary file. The caller drops
-    the indexed files found gone or changed (`Prefill.stale`) once it has answered the offer:
-    a transaction that need not stand between the Offer and the Accept."""
-    recipe = await recipes.take(sender, tid)
-    if recipe is None:
-        return None, Prefill()
-    if sum(length for length, _ in recipe.entries) != size:
-        log.warning("a recipe from %s does not add up to its file; sending whole", sender)
-        return None, Prefill()
-    found = await index.lookup(sender, {cid for _, cid in recipe.entries})
-    done = Prefill()
-    if found:
-        done = await asyncio.to_thread(prefill, part_fd, recipe, found)
-        if done.corrupt:
-            log.warning(
-                "%d local chunks from %s no longer match; fetching them", done.corrupt, sender
-            )
-    await index.save_recipe(tid, recipe)
-    return recipe, done
+class Follower:
+    """One transfer's recipe as its parts come: each part's chunks looked up in the index
+    (this sender's rows only), those found copied into the temporary file and synced; the
+    transfer's credit then reaches as far as the parts do (ReceiverTransfer.extend)."""
+
+    def __init__(
+        self,
+        index: ChunkIndex,
+        stream: RecipeStream,
+        *,
+        tid: bytes,
+        part_fd: int,
+        size: int,
+        chunk_size: int,
+    ) -> None:
+        self.index, self.stream, self.tid = index, stream, tid
+        self.part_fd, self.size, self.chunk_size = part_fd, size, chunk_size
+        self.entries: list[tuple[int, bytes]] = []
+        self.pos = 0  # bytes the parts so far cover
+        self.parts = 0  # parts applied
+        self.covered: list[list[int]] = []  # merged [start, end) byte ranges copied
+        self.held_bytes = 0
+        self.stale: set[int] = set()
+        self.broken = False  # the parts do not add up to the file: no more copies
+
+    @property
+    def complete(self) -> bool:
+        return not self.broken and self.parts - 1 == self.stream.final and self.pos == self.size
+
+    @property
+    def reach(self) -> int:
+        """Chunks below this are covered by the parts applied (all of them once complete)."""
+        if self.complete or self.broken:
+            return -(-self.size // self.chunk_size)
+        return self.pos // self.chunk_size
+
+    def recipe(self) -> Recipe:
+        return Recipe(self.stream.key, self.entries)
+
+    def ready(self) -> bool:
+        return self.parts in self.stream.got
+
+    async def wait(self, within: float) -> bool:
+        """Whether the next part is there, waiting up to `within` seconds for it."""
+        while not self.ready():
+            self.stream.more.clear()
+            if not await wait_set(self.stream.more, within):
+                return False
+        return True
+
+    async def apply(self) -> list[tuple[int, int]]:
+        """Look up and copy the parts that are there, in order; the transfer chunks now held
+        (every one so far: the transfer skips those it knew)."""
+        located: list[tuple[int, int, bytes]] = []
+        while self.ready() and not self.broken:
+            for length, cid in self.stream.got.pop(self.parts):
+                located.append((self.pos, length, cid))
+                self.entries.append((length, cid))
+                self.pos += length
+            self.parts += 1
+            if self.pos > self.size or (
+                self.parts - 1 == self.stream.final and self.pos != self.size
+            ):
+                log.warning("a recipe from %s does not add up to its file", self.stream.sender)
+                self.broken = True
+                return []
+        found = await self.index.lookup(self.stream.sender, {cid for _, _, cid in located})
+        if found:
+            done = await asyncio.to_thread(prefill, self.part_fd, self.stream.key, located, found)
+            if done.corrupt:
+                log.warning(
+                    "%d local chunks from %s no longer match; fetching them",
+                    done.corrupt,
+                    self.stream.sender,
+                )
+            self.stale |= done.stale
+            self.held_bytes += done.held_bytes
+            for off, length in done.covered:  # in file order: merged as they come
+                if self.covered and off <= self.covered[-1][1]:
+                    self.covered[-1][1] = max(self.covered[-1][1], off + length)
+                else:
+                    self.covered.append([off, off + length])
+        return delta.held_frames(((a, b - a) for a, b in self.covered), self.size, self.chunk_size)

@@ -156,16 +156,18 @@ class Transfers(TransferMethods, Extension):
         self.host.defer(lambda: self._unknown_transfer(peer, msg))
 
     def _delta_message(self, peer: str, msg: Recipe | Have) -> None:
-        """Deltas (SPEC 7.11) live in the shells: a Recipe waits for its Offer, a Have is the
-        sender's report of what a receiver already held."""
+        """Deltas (SPEC 7.11) live in the shells: a Recipe part waits for its Offer or goes to
+        the transfer following it, a Have is the sender's report of what a receiver held."""
         tid = msg.transfer_id
         if isinstance(msg, Have):
             o = self.sending.out.get(tid)
             if o is not None and peer in o.receivers:
                 o.held[peer] = msg.held
             return
-        if tid in self.receiving.inc or tid in self.sending.out:
-            return  # accepted already: a repeated part changes nothing
+        if tid in self.sending.out:
+            return
+        if tid in self.receiving.inc and not self.receiving.recipes.following(tid):
+            return  # a transfer without a recipe, or whose recipe is over: changes nothing
         if not self.receiving.recipes.add(peer, msg, time.time()):
             self._reject("recipe-refused", peer, "over the bound or contradicting")
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from peerd.events import LogBudget
 from peerd.logs import log_event
 from peerd.mqtt import BrokerError, Message
-from peerd.transfers.chunkindex import ChunkIndex, Recipe, Recipes, prepare
+from peerd.transfers.chunkindex import ChunkIndex, Follower, Recipe, Recipes
 from peerd.transfers.files import (
     PART_SUFFIX,
     TransferError,
@@ -58,7 +58,6 @@ from protocol.transfer import (
     TransferConfig,
     TransferFailed,
     check_offer,
-    delta,
     parse_chunk_header,
 )
 
@@ -271,16 +270,27 @@ class Receiving(Side):
                 peer, Abort(tid, "no-space", f"cannot reserve the space: {exc.strerror}").encode()
             )
             return
-        if not host.config.receive.deltas:
-            self.recipes.discard(tid)
-        try:
-            recipe, copied = await prepare(
-                self.index, self.recipes, sender=peer, tid=tid, part_fd=fd, size=offer.size
+        stream = self.recipes.claim(peer, tid) if host.config.receive.deltas else None
+        follower = None
+        held: list[tuple[int, int]] = []
+        if stream is not None:
+            # The parts there now are looked up before the Accept, so the early chunk and the
+            # first credit go as far as they reach; the rest follow the transfer (_follow).
+            follower = Follower(
+                self.index,
+                stream,
+                tid=tid,
+                part_fd=fd,  # until _follow has its own
+                size=offer.size,
+                chunk_size=offer.chunk_size,
             )
-        except OSError as exc:
-            log.warning("copying local chunks for %s failed: %s", offer.name, exc)
-            recipe, copied = None, None
-        held = delta.held_frames(copied.covered, offer.size, offer.chunk_size) if copied else []
+            try:
+                held = await follower.apply()
+            except OSError as exc:
+                log.warning("copying local chunks for %s failed: %s", offer.name, exc)
+                follower.broken = True
+        else:
+            self.recipes.discard(tid)
         machine = ReceiverTransfer(
             offer,
             sender=peer,
@@ -289,10 +299,11 @@ class Receiving(Side):
             config=self.config,
             held=held,
             start_window=self._windows.get(peer),
+            reach=None if follower is None else follower.reach,
         )
-        if recipe is not None:
+        if follower is not None:
             # The sender's report ("90% already at bob"); what it may skip is in the Accept.
-            host.transmit(peer, Have(tid, copied.held_bytes if copied else 0).encode())
+            host.transmit(peer, Have(tid, follower.held_bytes).encode())
         i = Incoming(
             tid=tid,
             machine=machine,
@@ -306,8 +317,7 @@ class Receiving(Side):
             topic=host.topics.transfer(peer, tid),
             buf=bytearray(offer.chunk_size),
             started_at=now,
-            recipe=recipe,
-            reused=copied.held_bytes if copied else 0,
+            reused=0 if follower is None else follower.held_bytes,
         )
         taken.append(i)
         i.done = asyncio.get_running_loop().create_future()
@@ -326,9 +336,8 @@ class Receiving(Side):
         await self._start(i)
         for frame in self._drop_early(tid):
             self._on_payload(i, frame)
-        if copied is not None and copied.stale:
-            # Indexed files gone or changed: dropped from the index after the Accept left.
-            host.spawn(self.index.forget_files(copied.stale), name="forget stale chunk files")
+        if follower is not None:
+            host.spawn(self._follow(i, follower), name=f"recipe {tid.hex()[:8]}")
         log_event(
             log,
             "transfer.start",
@@ -338,6 +347,45 @@ class Receiving(Side):
             bytes=offer.size,
             peer=peer,
         )
+
+    async def _follow(self, i: Incoming, f: Follower) -> None:
+        """The rest of a streamed recipe (SPEC 7.11): each part looked up and copied, then the
+        credit extended to it, until the last part (the recipe is then kept, to index the
+        file once committed) or until the machine lifts its cap (no part for recipe_wait)."""
+        m, tid = i.machine, i.tid
+        # Its own descriptor: a copy still running in a worker thread when the transfer ends
+        # (and closes i.fd) must never write through a number the kernel has given out again.
+        try:
+            f.part_fd = os.dup(i.fd)
+        except OSError:  # the transfer ended already (its fd closed)
+            self.recipes.discard(tid)
+            return
+        try:
+            while m.capped and self.inc.get(tid) is i and not f.broken:
+                if not await f.wait(self.config.recipe_wait):
+                    i.wake.set()  # the machine's timer lifts the cap
+                    continue
+                before = f.held_bytes
+                held = await f.apply()
+                m.extend(held, f.reach, time.time())
+                i.wake.set()
+                if f.held_bytes != before:
+                    self.outcomes.stats.bytes_reused += f.held_bytes - before
+                    i.reused = f.held_bytes
+                    self.host.transmit(i.sender, Have(tid, f.held_bytes).encode())
+            if f.complete and self.inc.get(tid) is i:
+                i.recipe = f.recipe()
+                await self.index.save_recipe(tid, i.recipe)
+        except OSError as exc:
+            log.warning("copying local chunks for %s failed: %s", i.name, exc)
+            m.extend([], m.offer.chunk_count, time.time())  # the rest is fetched
+            i.wake.set()
+        finally:
+            os.close(f.part_fd)
+            self.recipes.discard(tid)
+            if f.stale:
+                # Indexed files gone or changed: dropped from the index, off the data path.
+                await self.index.forget_files(f.stale)
 
     async def resume(self, row: ActiveRow, snapshot: bytes, now: float) -> None:
         sender = row.peers[0]

@@ -23,7 +23,7 @@ from peerd.logs import log_event
 from peerd.mqtt import BrokerError
 from peerd.mqtt.probe import ProbePlan
 from peerd.receivers import check_receiver
-from peerd.transfers.chunkindex import MIN_DELTA_SIZE, file_chunks, recipe_for
+from peerd.transfers.chunkindex import MIN_DELTA_SIZE, FileChunker
 from peerd.transfers.files import (
     StatKey,
     TransferError,
@@ -93,6 +93,17 @@ def probe_plan(topics: Topics, peer_id: str, chunk_size: int) -> ProbePlan:
     return ProbePlan(topics.transfer(peer_id, bytes(16)), tuple(reversed(sizes)))
 
 
+def _parts(chunks: list[tuple[int, bytes]]) -> list[list[tuple[int, bytes]]]:
+    """A whole chunk list cut as a streamed recipe's parts are (delta.part_entries)."""
+    out: list[list[tuple[int, bytes]]] = []
+    pos = 0
+    while pos < len(chunks):
+        n = delta.part_entries(len(out))
+        out.append(chunks[pos : pos + n])
+        pos += n
+    return out
+
+
 def _limit_text(limits: LinkLimits) -> str:
     how = {"broker": "stated by the broker", "probe": "found by a probe at connect"}
     return f"the broker's packet limit of {limits.max_packet_size} bytes" + (
@@ -120,8 +131,13 @@ class Outgoing:
     outcome: dict[str, str] = field(default_factory=dict)
     details: dict[str, str] = field(default_factory=dict)  # why a receiver failed, in words
     task: asyncio.Task[None] | None = None
-    chunks: list[tuple[int, bytes]] = field(default_factory=list)  # deltas: CDC chunks
-    recipe_sent: set[str] = field(default_factory=set)
+    # Deltas (SPEC 7.11): the file's CDC chunks (length, digest), cut into the recipe's parts
+    # as the chunker gets through the file; the next part each receiver is to be sent.
+    parts: list[list[tuple[int, bytes]]] = field(default_factory=list)
+    parts_done: bool = False
+    recipe_next: dict[str, int] = field(default_factory=dict)
+    cutter: asyncio.Task[None] | None = None
+    stop_cutting: bool = False
     held: dict[str, int] = field(default_factory=dict)  # bytes each receiver already had
     offline: dict[str, float] = field(default_factory=dict)  # receiver -> silent since (epoch)
     offline_said: float = 0.0  # when the last offline event went out
@@ -143,7 +159,7 @@ class Sending(Side):
         self.out: dict[bytes, Outgoing] = {}
         # The chunk lists of the last files sent, by (device, inode, size, mtime): the same
         # file to one more peer, or again, is not chunked again.
-        self._chunk_cache: dict[tuple[int, ...], list[tuple[int, bytes]]] = {}
+        self._chunk_cache: dict[StatKey, list[tuple[int, bytes]]] = {}
 
     # -- starting ----------------------------------------------------------------------------
 
@@ -183,11 +199,11 @@ class Sending(Side):
         config = dataclasses.replace(self.config, chunk_size=await self._chunk_size())
         fd, st = open_source(path)
         try:
-            chunks = await self._chunks(fd, st.st_size, path)
-            if chunks:
+            chunker, parts = await self._first_part(fd, st.st_size, path)
+            if parts:
                 # A delta candidate: the receiver may hold most chunks already and says which
-                # in its Accept, so only the first chunk goes before it (SPEC 7.7): the first
-                # byte does not wait for the Accept, an identical resend pays one chunk.
+                # as the recipe reaches them, so only the first chunk goes before its Accept
+                # (SPEC 7.7): the first byte does not wait, an identical resend pays one chunk.
                 peers = len(set(receivers))
                 config = dataclasses.replace(config, early_window=delta.early_window(peers))
             now = time.time()
@@ -201,6 +217,8 @@ class Sending(Side):
                 config=config,
             )
         except BaseException:
+            if chunker is not None:
+                await asyncio.to_thread(chunker.close)
             os.close(fd)
             raise
         tid = machine.transfer_id
@@ -214,7 +232,8 @@ class Sending(Side):
             receivers=list(dict.fromkeys(receivers)),
             started_at=now,
             deadline=None if answer_within is None else now + answer_within,
-            chunks=chunks,
+            parts=parts,
+            parts_done=chunker is None,
         )
         o.done = asyncio.get_running_loop().create_future()
         await self.records.add_send(
@@ -231,6 +250,8 @@ class Sending(Side):
         for peer in o.receivers:
             host.connect(peer)
         o.task = host.spawn(self._pump(o), name=f"send {tid.hex()[:8]}")
+        if chunker is not None:
+            o.cutter = host.spawn(self._cut(o, chunker), name=f"recipe {tid.hex()[:8]}")
         self.outcomes.stats.started["send"] += 1
         log_event(
             log,
@@ -243,41 +264,80 @@ class Sending(Side):
         )
         return self.describe(o)
 
-    async def _chunks(self, fd: int, size: int, path: Path) -> list[tuple[int, bytes]]:
-        """The file's content-defined chunks, for the receivers' recipes (deltas, SPEC 7.11);
-        none for a small file or one with more chunks than a recipe may list."""
+    async def _first_part(
+        self, fd: int, size: int, path: Path
+    ) -> tuple[FileChunker | None, list[list[tuple[int, bytes]]]]:
+        """The recipe's first part (deltas, SPEC 7.11), and the chunker that cuts the rest
+        while the transfer runs (None when the whole list is known: a file sent again). No
+        parts for a small file, or one that may have more chunks than a recipe may list."""
         if not self.host.config.receive.deltas:
-            return []
+            return None, []
         if size < MIN_DELTA_SIZE or size > delta.MAX_RECIPE_ENTRIES * delta.CDC_MIN:
-            return []
+            return None, []
+        chunker: FileChunker | None = None
         try:
-            st = os.fstat(fd)
-            ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            ident = stat_of(os.fstat(fd))
             chunks = self._chunk_cache.get(ident)
-            if chunks is None:
-                chunks = await asyncio.to_thread(file_chunks, fd, size, path.name)
+            if chunks is not None:
+                return None, _parts(chunks)
+            chunker = await asyncio.to_thread(FileChunker, fd, size, path.name)
+            if chunker.bound > delta.MAX_RECIPE_ENTRIES:
+                await asyncio.to_thread(chunker.close)
+                return None, []
+            first = await asyncio.to_thread(chunker.take, delta.part_entries(0))
         except (OSError, ValueError) as exc:
             log.warning("sending %s whole: chunking it failed: %s", path.name, exc)
-            return []
-        if len(chunks) > delta.MAX_RECIPE_ENTRIES:
-            return []
+            if chunker is not None:
+                await asyncio.to_thread(chunker.close)
+            return None, []
+        if chunker.done:
+            self._cache_chunks(ident, first)
+            return None, [first]
+        return chunker, [first]
+
+    def _cache_chunks(self, ident: StatKey, chunks: list[tuple[int, bytes]]) -> None:
         self._chunk_cache.pop(ident, None)
         self._chunk_cache[ident] = chunks
         while len(self._chunk_cache) > 1 and (
             sum(map(len, self._chunk_cache.values())) > CHUNK_CACHE_ENTRIES
         ):
             del self._chunk_cache[next(iter(self._chunk_cache))]
-        return chunks
+
+    async def _cut(self, o: Outgoing, chunker: FileChunker) -> None:
+        """Cut the rest of the file into recipe parts while the transfer runs, sending each to
+        the receivers already offered the file. A receiver caps its credit at what the parts
+        it has cover, so this pass (~2 GB/s) overlaps the transfer instead of preceding it."""
+        try:
+            while not chunker.done and not o.stop_cutting:
+                part = await asyncio.to_thread(chunker.take, delta.part_entries(len(o.parts)))
+                o.parts.append(part)
+                o.parts_done = chunker.done
+                for peer in list(o.recipe_next):
+                    self._send_recipe(o, peer)
+        except (OSError, ValueError) as exc:
+            # The receivers lift their cap when no part comes (recipe_wait) and fetch the rest.
+            log.warning("the recipe of %s stopped: %s", o.path.name, exc)
+        finally:
+            with contextlib.suppress(BufferError, ValueError):
+                chunker.close()  # a cancelled send (a take still running keeps it: then GC)
+        if o.parts_done:
+            self._cache_chunks(o.stat, [c for part in o.parts for c in part])
 
     def _send_recipe(self, o: Outgoing, peer: str) -> None:
-        """The recipe goes just before the Offer, on the same session, keyed for this pair."""
-        recipe = recipe_for(o.chunks, delta.pair_key(bytes(self.host.keys.signing_key()), peer))
-        parts = delta.parts_of(recipe.entries)
-        for k, entries in enumerate(parts):
-            msg = Recipe(o.tid, k, len(parts), recipe.key, entries)
+        """The parts `peer` has not had yet, keyed for this pair; part 0 goes just before the
+        first Offer, on the same session, the others as they are cut."""
+        k = o.recipe_next.setdefault(peer, 0)
+        if k >= len(o.parts):
+            return
+        key = delta.pair_key(bytes(self.host.keys.signing_key()), peer)
+        while k < len(o.parts):
+            entries = [(length, delta.keyed_id(key, digest)) for length, digest in o.parts[k]]
+            final = o.parts_done and k == len(o.parts) - 1
+            msg = Recipe(o.tid, k, final, key, delta.encode_entries(entries))
             if not self.host.transmit(peer, msg.encode()):
-                return  # no session yet: sent again with the next Offer
-        o.recipe_sent.add(peer)
+                return  # no session now: the rest goes with the next Offer or part
+            k += 1
+            o.recipe_next[peer] = k
 
     async def resume(self, row: ActiveRow, snapshot: bytes, now: float) -> None:
         machine = SenderTransfer.restore(
@@ -491,7 +551,7 @@ class Sending(Side):
     async def _batch(self, o: Outgoing, actions: list[Any]) -> None:
         for a in actions:
             if isinstance(a, SendControl):
-                if o.chunks and isinstance(a.message, Offer) and a.peer not in o.recipe_sent:
+                if o.parts and isinstance(a.message, Offer):
                     self._send_recipe(o, a.peer)
                 self.host.transmit(a.peer, a.message.encode())
             elif isinstance(a, Persist):
@@ -553,6 +613,7 @@ class Sending(Side):
             reason=json.dumps(reasons) if reasons else None,
         )
         self.out.pop(o.tid, None)
+        o.stop_cutting = True  # the chunker stops after the part it is on
         with contextlib.suppress(OSError):
             os.close(o.fd)
         result = self.describe(o)

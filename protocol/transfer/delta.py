@@ -10,8 +10,8 @@ Sans-IO pieces shared by both shells:
   know the key (the sender derives it from its identity seed and sends it inside the Noise
   session), so an id means nothing to anyone else, and the same content has unrelated ids for
   two different pairs.
-- `encode_entries` / `decode_entries`: the recipe of a file, a list of (length, id), cut into
-  Recipe messages (protocol/transfer/messages.py).
+- `encode_entries` / `decode_entries`: the recipe of a file, a list of (length, id), streamed
+  in Recipe messages (protocol/transfer/messages.py) whose sizes follow `part_entries`.
 - `held_frames`: which transfer chunks (fixed-size frames, 7.2) are entirely covered by the byte
   ranges a receiver copied from its own files: the delta unit (a CDC chunk) is independent of
   the frame size, which follows the broker's limits.
@@ -39,8 +39,11 @@ KEY_BYTES = 32
 _ENTRY = struct.Struct(">I16s")
 ENTRY_BYTES = _ENTRY.size  # 20
 RECIPE_PART_ENTRIES = 1600  # 32000 bytes of entries: one Recipe message well below 64 KiB
+# The recipe is streamed while the sender still cuts the file, and the receiver grants credit
+# only as far as the parts it has looked up (SPEC 7.11): a small first part (64 chunks, ~4 MB)
+# lets the transfer start within milliseconds, then each part doubles up to a full message.
+FIRST_PART_ENTRIES = 64
 MAX_RECIPE_ENTRIES = 1 << 18  # ~16 GiB at 64 KiB a chunk; a larger file is sent whole
-MAX_RECIPE_PARTS = -(-MAX_RECIPE_ENTRIES // RECIPE_PART_ENTRIES)
 _KEY_CONTEXT = "peerd 2026-12 transfer delta pair key"
 # Early chunks of a delta candidate (SPEC 7.7, 7.11): the first chunk only, to each receiver.
 # It puts the first byte half a round trip after the Offer, as for any transfer, and costs an
@@ -134,12 +137,39 @@ def decode_entries(raw: bytes) -> list[tuple[int, bytes]]:
     return out
 
 
+def part_entries(part: int) -> int:
+    """How many entries part `part` of a streamed recipe carries (the last may carry fewer)."""
+    return min(RECIPE_PART_ENTRIES, FIRST_PART_ENTRIES << min(part, 8))
+
+
+def _max_parts() -> int:
+    parts = covered = 0
+    while covered < MAX_RECIPE_ENTRIES:
+        covered += part_entries(parts)
+        parts += 1
+    return parts
+
+
+MAX_RECIPE_PARTS = _max_parts()  # 168: the ramp's 5 short parts, then full ones
+
+
 def parts_of(entries: Sequence[tuple[int, bytes]]) -> list[bytes]:
-    """The recipe cut into Recipe message payloads."""
+    """A whole recipe cut into Recipe message payloads, as `part_entries` says."""
     if not entries or len(entries) > MAX_RECIPE_ENTRIES:
         raise LocalProtocolError("a recipe has 1..MAX_RECIPE_ENTRIES entries")
-    n = RECIPE_PART_ENTRIES
-    return [encode_entries(entries[i : i + n]) for i in range(0, len(entries), n)]
+    out: list[bytes] = []
+    pos = 0
+    while pos < len(entries):
+        n = part_entries(len(out))
+        out.append(encode_entries(entries[pos : pos + n]))
+        pos += n
+    return out
+
+
+def max_entries(spans: Sequence[tuple[int, int]]) -> int:
+    """An upper bound on the chunks `cut` makes of these regions (every chunk but a region's
+    last is at least CDC_MIN), known before the file is read."""
+    return sum(-(-(end - start) // CDC_MIN) for start, end in spans)
 
 
 def held_frames(

@@ -49,6 +49,10 @@ class TransferConfig:
     # this long (it answers with its state), doubling up to max_probe_interval.
     probe_interval: float = 2.0
     max_probe_interval: float = 60.0
+    # Receiver: while a streamed recipe (deltas, SPEC 7.11) caps the credit at what its parts
+    # cover, a part must come within this long of the last, or the cap is lifted and the rest
+    # of the file is fetched whole (a lost part costs only the delta).
+    recipe_wait: float = 5.0
     # Sender: before the first chunk, wait this long for every receiver to answer the offer, so
     # that all start together and each chunk is published once.
     start_wait: float = 1.0

@@ -483,29 +483,31 @@ class Abort(_Ending):
 
 @dataclass(frozen=True, slots=True)
 class Recipe(_Message):
-    """Sender -> receiver, before the Offer: part `part` of `parts` of the file's chunk list,
-    (length, id) records whose ids are keyed with `key`, the pair's chunk-id key."""
+    """Sender -> receiver: part `part` of the file's chunk list, (length, id) records whose ids
+    are keyed with `key`, the pair's chunk-id key; `final` on the last part. Part 0 goes just
+    before the Offer, the others as the sender cuts the file (SPEC 7.11)."""
 
     TAG: ClassVar[Tag] = Tag.RECIPE
     transfer_id: bytes
     part: int
-    parts: int
+    final: bool
     key: bytes = field(repr=False)
     entries: bytes = field(repr=False)
 
     def __post_init__(self) -> None:
         _check_own(want_bytes, self.transfer_id, "transfer id", TRANSFER_ID_BYTES)
-        _check_own(self._check, self.part, self.parts, self.key, self.entries)
+        _check_own(self._check, self.part, self.final, self.key, self.entries)
 
     @staticmethod
-    def _check(part: Any, parts: Any, key: Any, entries: Any) -> None:
-        want_int(parts, "recipe parts", lo=1, hi=delta.MAX_RECIPE_PARTS)
-        want_int(part, "recipe part", lo=0, hi=parts - 1)
+    def _check(part: Any, final: Any, key: Any, entries: Any) -> None:
+        want_int(part, "recipe part", lo=0, hi=delta.MAX_RECIPE_PARTS - 1)
+        if type(final) is not bool:
+            raise MalformedTransferObject("recipe final is a boolean")
         want_bytes(key, "recipe key", delta.KEY_BYTES)
         delta.decode_entries(want_bytes(entries, "recipe entries", max_len=MAX_RECIPE_BYTES))
 
     def fields(self) -> list[Any]:
-        return [self.part, self.parts, self.key, self.entries]
+        return [self.part, self.final, self.key, self.entries]
 
     @classmethod
     def _from(cls, transfer_id: bytes, v: list[Any]) -> Recipe:

@@ -134,15 +134,19 @@ class ReceiverTransfer:
         config: TransferConfig | None = None,
         held: Sequence[tuple[int, int]] = (),
         start_window: int | None = None,
+        reach: int | None = None,
     ) -> None:
         """Accept `offer` from `sender` (its peer id; `sender_key` its Ed25519 identity key).
 
         Call `check_offer` first. `held`: ranges (start, count) of chunks the shell has already
         written into the temporary file from its own files and made durable (a delta, SPEC
         7.11); they count as durable from the start, are never asked for, and are hashed by
-        reading them back like any chunk. `start_window` (chunks; clamped to the configured
-        bounds) starts the window where an earlier transfer from this sender left it (`window`),
-        instead of at `config.window`. Emits a Persist and the Accept.
+        reading them back like any chunk. `reach`: while a streamed recipe is still coming,
+        credit is granted only below this chunk index (the chunks its parts cover so far), so
+        the sender never sends a chunk the receiver may yet find it holds; `extend` raises it.
+        `start_window` (chunks; clamped to the configured bounds) starts the window where an
+        earlier transfer from this sender left it (`window`), instead of at `config.window`.
+        Emits a Persist and the Accept.
         """
         self._setup(
             offer=offer,
@@ -153,6 +157,8 @@ class ReceiverTransfer:
             incarnation=1,
             start_window=start_window,
         )
+        if reach is not None:
+            self._reach = max(0, min(reach, self._count))
         self._hold(held)
         self._persist()
         self._send(self._status(Accept, now))
@@ -258,17 +264,22 @@ class ReceiverTransfer:
         self._frame_since_status = False
         self._heard_at = now  # the sender's last valid frame or control message
         self._acked_chunks = -1
-        self._held: set[int] = set()  # chunks copied locally before the transfer (deltas)
+        self._held: set[int] = set()  # chunks copied locally (deltas)
+        # Credit stops below this while a streamed recipe is still coming (deltas); a restored
+        # transfer has none (its recipe is not resumed: the rest is simply fetched).
+        self._reach = self._count
+        self._reach_at = now
         self.dropped_duplicates = 0
         self.dropped_beyond_window = 0
 
     def _hold(self, held: Iterable[tuple[int, int]]) -> None:
-        """Chunks made durable by the shell before the transfer (a delta's local copies)."""
+        """Chunks made durable by the shell from its own files (a delta's local copies)."""
+        new: set[int] = set()
         for start, count in held:
             if start < 0 or count < 1 or start + count > self._count:
                 raise LocalProtocolError("held chunks past the end of the file")
-            self._held.update(range(start, start + count))
-        new = {i for i in self._held if i >= self._cum and i not in self._durable}
+            new.update(i for i in range(start, start + count) if not self.is_received(i))
+        self._held |= new
         self._durable |= new
         self._received += len(new)
         cum = self._cum
@@ -298,9 +309,32 @@ class ReceiverTransfer:
     @property
     def limit(self) -> int:
         """The sender may send chunk indices below this: a window beyond what has arrived, at
-        most two beyond what is durable (and within the wire's MAX_WINDOW of it)."""
+        most two beyond what is durable (and within the wire's MAX_WINDOW of it), and below
+        the reach of a streamed recipe."""
         w = self._credit.window
-        return min(self._prefix + w, self._cum + min(2 * w, MAX_WINDOW), self._count)
+        return min(self._prefix + w, self._cum + min(2 * w, MAX_WINDOW), self._reach)
+
+    @property
+    def capped(self) -> bool:
+        """Whether a streamed recipe still caps the credit (`extend` lifts it)."""
+        return self._reach < self._count
+
+    def extend(self, held: Sequence[tuple[int, int]], reach: int, now: float) -> None:
+        """The shell looked up one more part of a streamed recipe: `held` are the chunks it
+        copied from its own files and made durable since (as for `held` at the start), `reach`
+        the chunk index the recipe now covers (the chunk count once the last part is in). The
+        credit grows to match. Ignored once the cap is lifted (by the last part, or by
+        `config.recipe_wait` passing without a part: then the rest is fetched whole)."""
+        if self.state != RECEIVING or not self.capped:
+            return
+        self._reach_at = now
+        self._reach = max(self._reach, min(reach, self._count))
+        if held:
+            self._hold(held)
+            self._persist()
+            self._schedule_read()
+        self._send_status(now)
+        self._maybe_finish()
 
     @property
     def durable_chunks(self) -> int:
@@ -328,6 +362,8 @@ class ReceiverTransfer:
         if self.state != RECEIVING:
             return None
         deadlines = [self._status_at, self._heard_at + self.config.idle_timeout]
+        if self.capped:
+            deadlines.append(self._reach_at + self.config.recipe_wait)
         if self._unsynced and self._syncing is None:
             deadlines.append(self._unsynced_since + self.config.sync_delay)
         if self._gap_at is not None:
@@ -533,6 +569,9 @@ class ReceiverTransfer:
                 remote=False,
             )
             return
+        if self.capped and now >= self._reach_at + self.config.recipe_wait:
+            self._reach = self._count  # the recipe stopped coming: fetch the rest whole
+            self._send_status(now)
         if (
             self._unsynced
             and self._syncing is None

@@ -14,6 +14,7 @@ from peerd.store import Store
 from peerd.transfers import chunkindex
 from peerd.transfers.chunkindex import ChunkIndex, file_chunks, prefill, recipe_for
 from protocol.transfer import delta
+from protocol.transfer.messages import Recipe as RecipeMessage
 from tests.support.models import tensor_sizes, write_model
 
 ALICE_SEED, CAROL_SEED = bytes(range(32)), bytes(range(1, 33))
@@ -45,7 +46,7 @@ def copy_into(tmp_path: Path, recipe: chunkindex.Recipe, found: dict) -> chunkin
     part = tmp_path / "new.part"
     fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        return prefill(fd, recipe, found)
+        return prefill(fd, recipe.key, recipe.located(), found)
     finally:
         os.close(fd)
 
@@ -157,3 +158,130 @@ async def test_recipes_survive_in_the_store(store: Store, tmp_path: Path) -> Non
     assert await index.load_recipe(b"t" * 16) == recipe
     await index.drop_recipe(b"t" * 16)
     assert await index.load_recipe(b"t" * 16) is None
+
+
+# -- the streamed recipe (SPEC 7.11) -----------------------------------------------------------
+
+
+def test_the_chunker_streams_exactly_the_whole_pass(tmp_path: Path) -> None:
+    model = write_model(tmp_path / "m.safetensors", tensor_sizes(6 << 20, 12, seed=3))
+    whole = chunks_of(model)
+    fd = os.open(model, os.O_RDONLY)
+    try:
+        chunker = chunkindex.FileChunker(fd, model.stat().st_size, model.name)
+        assert len(whole) <= chunker.bound
+        parts = []
+        while not chunker.done:
+            parts.append(chunker.take(delta.part_entries(len(parts))))
+    finally:
+        os.close(fd)
+    assert [len(p) for p in parts[:-1]] == [delta.part_entries(k) for k in range(len(parts) - 1)]
+    assert [c for p in parts for c in p] == whole
+
+
+def _message(tid: bytes, k: int, final: bool, entries: list[tuple[int, bytes]]) -> RecipeMessage:
+    return RecipeMessage(tid, k, final, b"k" * 32, delta.encode_entries(entries))
+
+
+def test_recipe_parts_wait_for_their_offer_within_bounds() -> None:
+    recipes = chunkindex.Recipes()
+    tid = b"t" * 16
+    entry = [(100, b"i" * 16)]
+    # Out of order, then the final part: kept; a part beyond the final one is refused.
+    assert recipes.add("alice", _message(tid, 1, False, entry), 0.0)
+    assert recipes.add("alice", _message(tid, 2, True, entry), 0.0)
+    assert not recipes.add("alice", _message(tid, 3, False, entry), 0.0)
+    assert not recipes.add("alice", _message(tid, 1, True, entry), 0.0)  # a second final
+    assert not recipes.add("carol", _message(tid, 0, False, entry), 0.0)  # not the sender
+    assert recipes.claim("alice", tid) is None  # no part 0: the file is sent whole
+    # Bounds on recipes whose offer has not come: per sender, then in all; a claimed one is
+    # the transfer's and leaves them.
+    for k in range(chunkindex.MAX_PENDING_PER_SENDER):
+        assert recipes.add("alice", _message(bytes([k]) * 16, 0, False, entry), 0.0)
+    assert not recipes.add("alice", _message(b"x" * 16, 0, False, entry), 0.0)
+    stream = recipes.claim("alice", bytes(16))
+    assert stream is not None
+    assert recipes.following(bytes(16))
+    assert recipes.add("alice", _message(b"x" * 16, 0, False, entry), 0.0)
+    assert recipes.add("alice", _message(bytes(16), 1, True, entry), 1.0)  # to the claimed one
+    assert sorted(stream.got) == [0, 1]
+    assert stream.final == 1
+    # Unclaimed recipes expire; a claimed one follows its transfer whatever its age.
+    assert recipes.add("carol", _message(b"c" * 16, 0, False, entry), chunkindex.PENDING_TTL + 1)
+    assert recipes.claim("alice", b"x" * 16) is None
+    assert recipes.following(bytes(16))
+
+
+async def test_a_streamed_recipe_copies_part_by_part_and_reaches_the_end(
+    store: Store, tmp_path: Path
+) -> None:
+    index = ChunkIndex(store)
+    sizes = tensor_sizes(24 << 20, 16, seed=2)
+    v1 = write_model(tmp_path / "v1.safetensors", sizes)
+    await received(index, v1, "alice", ALICE_SEED)
+    v2 = write_model(tmp_path / "v2.safetensors", sizes, changed={3: 1, 11: 1})
+    whole = recipe_for(chunks_of(v2), delta.pair_key(ALICE_SEED, "bob"))
+    parts = [delta.decode_entries(raw) for raw in delta.parts_of(whole.entries)]
+    assert len(parts) >= 3
+    recipes = chunkindex.Recipes()
+    tid = b"v" * 16
+
+    def add(k: int) -> None:
+        msg = RecipeMessage(tid, k, k == len(parts) - 1, whole.key, delta.encode_entries(parts[k]))
+        assert recipes.add("alice", msg, 0.0)
+
+    add(0)
+    stream = recipes.claim("alice", tid)
+    assert stream is not None
+    size, chunk = v2.stat().st_size, 64 * 1024
+    fd = os.open(tmp_path / "v2.part", os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(fd, size)
+    f = chunkindex.Follower(index, stream, tid=tid, part_fd=fd, size=size, chunk_size=chunk)
+    try:
+        reaches = []
+        held = await f.apply()
+        reaches.append(f.reach)
+        for k in range(1, len(parts)):
+            assert not await f.wait(0.01)  # not there yet
+            add(k)
+            assert await f.wait(0.01)
+            held = await f.apply()
+            reaches.append(f.reach)
+        assert reaches == sorted(reaches)
+        assert reaches[-1] == -(-size // chunk)
+        assert all(
+            r * chunk <= sum(n for p in parts[: k + 1] for n, _ in p)
+            for k, r in enumerate(reaches[:-1])
+        )
+        assert f.complete
+        assert f.recipe() == whole
+        # Every held frame is byte-exact; together they are all but the two changed tensors.
+        part, want = (tmp_path / "v2.part").read_bytes(), v2.read_bytes()
+        held_bytes = 0
+        for start, count in held:
+            a, b = start * chunk, min((start + count) * chunk, size)
+            assert part[a:b] == want[a:b]
+            held_bytes += b - a
+        assert size - sizes[3] - sizes[11] - 4 * chunk <= held_bytes < size
+    finally:
+        os.close(fd)
+
+
+async def test_a_recipe_that_does_not_add_up_copies_nothing_more(
+    store: Store, tmp_path: Path
+) -> None:
+    index = ChunkIndex(store)
+    recipes = chunkindex.Recipes()
+    tid = b"w" * 16
+    assert recipes.add("alice", _message(tid, 0, True, [(1000, b"i" * 16)]), 0.0)
+    stream = recipes.claim("alice", tid)
+    assert stream is not None
+    fd = os.open(tmp_path / "w.part", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        f = chunkindex.Follower(index, stream, tid=tid, part_fd=fd, size=5000, chunk_size=1024)
+        assert await f.apply() == []
+        assert f.broken
+        assert not f.complete
+        assert f.reach == 5  # the cap is lifted: the file is fetched whole
+    finally:
+        os.close(fd)

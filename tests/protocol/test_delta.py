@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.errors import RemoteProtocolError
+from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.transfer import Have, Recipe, decode_message, delta
 
 
@@ -86,20 +86,38 @@ def test_recipe_messages_round_trip_and_are_bounded() -> None:
     tid = bytes(16)
     entries = [(65536, bytes([i % 256]) * 16) for i in range(delta.RECIPE_PART_ENTRIES + 5)]
     parts = delta.parts_of(entries)
-    assert len(parts) == 2
-    msgs = [Recipe(tid, k, len(parts), bytes(32), p) for k, p in enumerate(parts)]
+    # The streamed ramp: 64, 128, 256, 512, 1024 entries, then full messages.
+    assert [len(p) // delta.ENTRY_BYTES for p in parts] == [64, 128, 256, 512, 645]
+    msgs = [Recipe(tid, k, k == len(parts) - 1, bytes(32), p) for k, p in enumerate(parts)]
     for m in msgs:
         assert decode_message(m.encode()) == m
     decoded = [e for m in msgs for e in delta.decode_entries(m.entries)]
     assert decoded == entries
     assert decode_message(Have(tid, 12345).encode()) == Have(tid, 12345)
     bad = (
-        Recipe(tid, 0, 1, bytes(32), parts[1])
+        Recipe(tid, 0, False, bytes(32), parts[1])
         .encode()
         .replace((65536).to_bytes(4, "big"), (delta.CDC_MAX + 1).to_bytes(4, "big"), 1)
     )
     with pytest.raises(RemoteProtocolError):
         decode_message(bad)
+    with pytest.raises(LocalProtocolError):
+        Recipe(tid, delta.MAX_RECIPE_PARTS, True, bytes(32), parts[0])
+    with pytest.raises(LocalProtocolError):
+        Recipe(tid, 0, 1, bytes(32), parts[0])  # type: ignore[arg-type]  # final is a bool
+
+
+def test_the_part_ramp_covers_the_largest_recipe() -> None:
+    sizes = [delta.part_entries(k) for k in range(delta.MAX_RECIPE_PARTS)]
+    assert sizes[:6] == [64, 128, 256, 512, 1024, delta.RECIPE_PART_ENTRIES]
+    assert sum(sizes) >= delta.MAX_RECIPE_ENTRIES > sum(sizes[:-1])
+
+
+def test_max_entries_bounds_what_cut_makes() -> None:
+    rng = random.Random(7)
+    data = rng.randbytes(3 << 20)
+    spans = delta.regions(len(data), [(0, 10), (10, 40_000), (40_000, 2_000_000)], data_start=8)
+    assert len(delta.cut(data, spans)) <= delta.max_entries(spans)
 
 
 @pytest.mark.parametrize(

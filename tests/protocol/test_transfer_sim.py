@@ -9,6 +9,7 @@ file. The harness (`Sim`) is also used by the adversarial tests in test_transfer
 
 from __future__ import annotations
 
+import functools
 import heapq
 import random
 from collections.abc import Callable
@@ -45,6 +46,8 @@ from protocol.transfer import (
 from protocol.transfer.messages import Offer
 
 CHUNK = 1024
+# One part of a streamed recipe: (seconds after the Offer, chunks copied, reach after it).
+Step = tuple[float, list[tuple[int, int]], int]
 SENDER = "alice"
 
 
@@ -92,6 +95,9 @@ class ReceiverShell:
     # SPEC 7.6) up to this many, and fed to the machine once it exists.
     early_cap: int = 64
     early: list[bytes] = field(default_factory=list)
+    # Byte ranges a streamed recipe's parts copied and synced: durable whatever a later fsync
+    # of older writes covers.
+    copied: list[tuple[int, int]] = field(default_factory=list)
 
 
 class Sim:
@@ -108,6 +114,7 @@ class Sim:
         policy: ReceivePolicy | None = None,
         keys: dict[str, nacl.signing.SigningKey] | None = None,
         held: dict[str, list[tuple[int, int]]] | None = None,
+        streamed: dict[str, tuple[int, list[Step]]] | None = None,
     ) -> None:
         self.rng = random.Random(seed)
         self.now = 1_700_000_000.0
@@ -145,6 +152,9 @@ class Sim:
                 a, b = start * cs, min((start + count) * cs, len(data))
                 self.shells[peer].disk[a:b] = data[a:b]
                 self.shells[peer].durable[a:b] = data[a:b]
+        # A streamed recipe (deltas): the reach at the Offer, then each later part's lookup as
+        # (seconds after the Offer, chunks copied, new reach).
+        self.streamed = streamed or {}
         self.sender: SenderTransfer | None = SenderTransfer(
             name="model.safetensors",
             size=len(data),
@@ -269,6 +279,19 @@ class Sim:
             shell.written += 1
         shell.max_in_window = max(shell.max_in_window, shell.rt.in_window())
 
+    def _extend(self, shell: ReceiverShell, rt: ReceiverTransfer, step: Step) -> None:
+        """One more part of a streamed recipe looked up: its copies written and synced."""
+        if shell.rt is not rt:
+            return  # the receiver restarted since: a restored transfer has no recipe
+        _, held, reach = step
+        cs = self.config.chunk_size
+        for start, count in held:
+            a, b = start * cs, min((start + count) * cs, len(self.data))
+            shell.disk[a:b] = self.data[a:b]
+            shell.durable[a:b] = self.data[a:b]
+            shell.copied.append((a, b))
+        rt.extend(held, reach, self.now)
+
     def deliver(self, kind: str, item: Any) -> None:
         if kind == "frame":
             peer, frame = item
@@ -302,7 +325,10 @@ class Sim:
                         now=self.now,
                         config=self.config,
                         held=self.held.get(peer, ()),
+                        reach=self.streamed[peer][0] if peer in self.streamed else None,
                     )
+                    for step in self.streamed.get(peer, (0, []))[1]:
+                        self.at(step[0], functools.partial(self._extend, shell, shell.rt, step))
                     early, shell.early = shell.early, []
                     for frame in early:
                         self._frame(shell, frame)
@@ -325,6 +351,8 @@ class Sim:
             if shell.rt is None or generation != shell.generation:
                 return
             shell.durable[:] = disk
+            for a, b in shell.copied:
+                shell.durable[a:b] = self.data[a:b]
             shell.rt.on_synced(sync, self.now)
         elif kind == "call":
             item()

@@ -5,12 +5,15 @@ publishes the union of what receivers miss, and crashes resume with the held chu
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from protocol.transfer import delta
 from tests.protocol.test_transfer_sim import (
     CHUNK,
     Link,
     Sim,
+    Step,
     assert_outcome,
     payload,
     small_config,
@@ -211,3 +214,72 @@ def test_a_streamed_recipe_over_a_lossy_network_delivers_exact_bytes() -> None:
     assert_outcome(sim, all_succeed=True)
     held = {i for k in range(1, 8) for i in range(10 * k + 2, 10 * k + 7)}
     assert not held & set(sim.published)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    count=st.integers(4, 60),
+    receivers=st.integers(1, 3),
+    cuts=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=6),
+    keep=st.lists(st.tuples(st.floats(0.0, 1.0), st.floats(0.0, 1.0)), min_size=6, max_size=6),
+    gap=st.sampled_from([0.001, 0.02, 0.3]),
+    lose_last=st.booleans(),
+    loss=st.sampled_from([0.0, 0.1]),
+    crash=st.one_of(st.none(), st.floats(0.0, 0.1)),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_any_streamed_recipe_delivers_exact_bytes_and_never_sends_what_it_holds(
+    count: int,
+    receivers: int,
+    cuts: list[float],
+    keep: list[tuple[float, float]],
+    gap: float,
+    lose_last: bool,
+    loss: float,
+    crash: float | None,
+    seed: int,
+) -> None:
+    # Each receiver's recipe reaches further at each step (`cuts`), and in each stretch it
+    # holds a sub-range (`keep`); the last step may never come (the cap lifts after
+    # recipe_wait), links may lose and duplicate, bob may crash. The file is always exact,
+    # and without a crash no chunk a receiver held before its credit reached it is published
+    # unless another receiver missed it.
+    peers = ["bob", "carol", "dave"][:receivers]
+    tail = seed % CHUNK  # a short last chunk, or none
+    total = count + (tail > 0)
+    reaches = sorted({max(1, int(c * count)) for c in cuts} | {total})
+    streamed: dict[str, tuple[int, list[Step]]] = {}
+    held_by: dict[str, set[int]] = {}
+    for n, peer in enumerate(peers):
+        steps: list[Step] = []
+        held: set[int] = set()
+        prev = reaches[0]
+        for k, reach in enumerate(reaches[1:]):
+            a, b = keep[(k + n) % len(keep)]
+            lo = prev + int(min(a, b) * (reach - prev))
+            hi = prev + int(max(a, b) * (reach - prev))
+            ranges = [(lo, hi - lo)] if hi > lo else []
+            held.update(range(lo, hi))
+            steps.append((gap * (k + 1), ranges, reach))
+            prev = reach
+        if lose_last and len(steps) > 1:
+            last = steps.pop()
+            held -= set(range(last[1][0][0], sum(last[1][0]))) if last[1] else set()
+        streamed[peer] = (reaches[0], steps)
+        held_by[peer] = held
+    sim = Sim(
+        payload(count * CHUNK + tail, seed),
+        peers,
+        seed=seed,
+        config=small_config(early_window=delta.early_window(len(peers))),
+        chunks=Link(loss, 0.05, (0.0005, 0.01)),
+        control=Link(loss, 0.05, (0.0005, 0.01)),
+        streamed=streamed,
+    )
+    if crash is not None:
+        sim.at(crash, lambda: sim.crash_receiver("bob", 0.3))
+    sim.run(until=3600.0)
+    assert_outcome(sim, all_succeed=True)
+    if crash is None:
+        everyone_held = set.intersection(*held_by.values())
+        assert not everyone_held & set(sim.published)

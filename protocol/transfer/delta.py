@@ -20,7 +20,7 @@ Sans-IO pieces shared by both shells:
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import blake3
 from pyfastcdc import FastCDC
@@ -94,6 +94,31 @@ def cut(data: Buffer, spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]
     return out
 
 
+CUT_WINDOW = 8 << 20  # bytes cut at a time by iter_cut (at least 2 x CDC_MAX)
+
+
+def iter_cut(data: Buffer, spans: Sequence[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """`cut`, yielded in order and CUT_WINDOW bytes at a time, so that a caller reading a
+    mapped file touches only the window it is in (pyfastcdc scans the whole buffer it is
+    given before yielding). Identical to `cut`: a chunk's end depends only on its own bytes
+    (at most CDC_MAX of them), so every chunk but a window's last is final, and that last one
+    is cut again from its start with the next window."""
+    view = memoryview(data)
+    for start, end in spans:
+        if end - start <= CDC_MIN:
+            yield start, end - start
+            continue
+        pos = start
+        while pos < end:
+            stop = min(end, pos + CUT_WINDOW)
+            chunks = list(_chunker.cut_buf(view[pos:stop]))
+            if stop < end:
+                chunks.pop()  # ended by the window, not by its content
+            for c in chunks:
+                yield pos + c.offset, c.length
+            pos += sum(c.length for c in chunks)
+
+
 def early_window(receivers: int) -> int:
     """`TransferConfig.early_window` for a delta candidate sent to `receivers` receivers:
     DELTA_EARLY_CHUNKS each (the sender shares early_window among its receivers)."""
@@ -125,6 +150,11 @@ def chunk_id(key: bytes, data: Buffer) -> bytes:
 
 def encode_entries(entries: Sequence[tuple[int, bytes]]) -> bytes:
     return b"".join(_ENTRY.pack(length, cid) for length, cid in entries)
+
+
+def iter_entries(raw: bytes) -> Iterator[tuple[int, bytes]]:
+    """(length, id) of entries already checked (`decode_entries`), without a list."""
+    return _ENTRY.iter_unpack(raw)
 
 
 def decode_entries(raw: bytes) -> list[tuple[int, bytes]]:

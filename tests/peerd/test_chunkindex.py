@@ -153,7 +153,7 @@ async def test_the_index_is_bounded_and_erased_per_sender(
 async def test_recipes_survive_in_the_store(store: Store, tmp_path: Path) -> None:
     index = ChunkIndex(store)
     entries = [(65536 + i, os.urandom(16)) for i in range(delta.RECIPE_PART_ENTRIES + 400)]
-    recipe = chunkindex.Recipe(os.urandom(32), entries)  # more than one message's worth
+    recipe = chunkindex.Recipe.of(os.urandom(32), entries)  # more than one message's worth
     await index.save_recipe(b"t" * 16, recipe)
     assert await index.load_recipe(b"t" * 16) == recipe
     await index.drop_recipe(b"t" * 16)

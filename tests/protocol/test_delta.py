@@ -133,3 +133,13 @@ def test_max_entries_bounds_what_cut_makes() -> None:
 )
 def test_held_frames(covered: list[tuple[int, int]], size: int, expected: list) -> None:
     assert delta.held_frames(covered, size, 1024) == expected
+
+
+def test_cutting_a_window_at_a_time_is_cutting_the_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = random.Random(11)
+    data = rng.randbytes(5 << 20)
+    spans = delta.regions(len(data), [(0, 20_000), (20_000, 3_000_000)], data_start=100)
+    want = delta.cut(data, spans)
+    for window in (2 * delta.CDC_MAX, 700_000, 1 << 20):
+        monkeypatch.setattr(delta, "CUT_WINDOW", window)
+        assert list(delta.iter_cut(data, spans)) == want

@@ -76,9 +76,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("peerd.transfers")
 
-CHUNK_CACHE_BYTES = (
-    16 << 20
-)  # chunk lists kept (deltas), packed: 36 bytes a chunk, ~28 GiB of files
+# Chunk lists kept (deltas), packed: 36 bytes a chunk, so ~28 GiB of files.
+CHUNK_CACHE_BYTES = 16 << 20
 _DIGESTS = struct.Struct(">I32s")  # a chunk of a part as the sender keeps it: length, BLAKE3
 # A receiver silent this long while in the transfer is shown offline: a live one answers the
 # sender's probes (every 2 s while it is quiet) and acknowledges chunks as they come.
@@ -196,6 +195,7 @@ class Sending(Side):
             check_receiver(view, peer, trusted_only=True)
         config = dataclasses.replace(self.config, chunk_size=await self._chunk_size())
         fd, st = open_source(path)
+        chunker: FileChunker | None = None
         try:
             chunker, parts = await self._first_part(fd, st.st_size, path)
             if parts:

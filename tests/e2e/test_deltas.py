@@ -62,6 +62,14 @@ def index_rows(node: Node, sender: Node) -> int:
         db.close()
 
 
+def recipes_stored(node: Node) -> int:
+    db = sqlite3.connect(node.dir / "peerd.db")
+    try:
+        return db.execute("SELECT count(*) FROM chunk_recipes").fetchone()[0]
+    finally:
+        db.close()
+
+
 def changed_bytes(changed: dict[int, int]) -> int:
     return sum(SIZES[i] for i in changed)
 
@@ -174,7 +182,12 @@ def test_a_receiver_killed_mid_delta_resumes_with_its_copies_and_indexes_the_fil
             started = a.json("send", str(v2), "--to", b.peer_id)
             wait_until(lambda: hold.applied > 0, 30, what="some chunks through, then held")
             wait_until(lambda: bool(partial_files(b)), 20, what="the .part")
-            b.kill()  # SIGKILL: the copies made before the Accept are in the .part, synced
+            # The recipe streams beside the transfer (SPEC 7.11): killed once every part was
+            # applied (the whole recipe is in the store), its copies are in the .part, synced.
+            # (Killed earlier, the restarted receiver fetches what the late parts would have
+            # copied: a restart does not resume a recipe.)
+            wait_until(lambda: recipes_stored(b) > 0, 20, what="the whole recipe applied")
+            b.kill()
             proxy.remove_rule(hold)
             b.start()
             wait_until(

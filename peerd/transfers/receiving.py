@@ -111,6 +111,9 @@ class Incoming:
     reused: int = 0  # bytes copied from local files instead of received
 
 
+ACCEPT_REACH_WAIT = 0.1  # seconds an Accept may wait for recipe parts to reach one window
+
+
 class Receiving(Side):
     """The files this node is receiving, one task and one chunk-topic subscription each."""
 
@@ -286,6 +289,18 @@ class Receiving(Side):
             )
             try:
                 held = await follower.apply()
+                # Accept once the parts reach a window (or the whole file), bounded: then the
+                # cap does not hold the start back, and fan-out receivers start with the same
+                # credit (a receiver capped below another dropped chunks published for the
+                # other and needed them again).
+                until = time.monotonic() + ACCEPT_REACH_WAIT
+                while not follower.broken and follower.reach < min(
+                    self.config.window, offer.chunk_count
+                ):
+                    left = until - time.monotonic()
+                    if left <= 0 or not await follower.wait(left):
+                        break
+                    held = await follower.apply()
             except OSError as exc:
                 log.warning("copying local chunks for %s failed: %s", offer.name, exc)
                 follower.broken = True

@@ -315,6 +315,9 @@ def test_receiver_sigkill_mid_transfer_resumes_and_completes(
                 20,
                 what="some progress acknowledged",
             )
+            # Alice counts a chunk as done only when bob says it is durable, so what she counted
+            # before the kill is a floor on what bob still holds after it.
+            acked = _transfer(a, started["id"])["receivers"][b.peer_id]["bytes"] // CHUNK
             b.kill()  # SIGKILL: no chance to tidy up
             # Re-sends before the kill (bob asking again for the chunks the proxy held, more
             # often the slower a loaded machine makes it) are repairs, not the restart's cost.
@@ -327,8 +330,10 @@ def test_receiver_sigkill_mid_transfer_resumes_and_completes(
             (got,) = received_files(b, a)
             assert sha256(got) == sha256(src)
             final = _transfer(a, started["id"])
-            # What was durable at bob is not sent again: at most one window (64 chunks) more.
-            assert final["resent_frames"] - resent_before <= 64
+            # What bob had said was durable is not sent again. (Not "at most one window": the
+            # window grows with the measured round trip, up to 128 chunks of this size.)
+            assert acked > 0
+            assert final["resent_frames"] - resent_before <= 120 - acked
         finally:
             a.kill()
             b.kill()

@@ -297,4 +297,31 @@ async def _v6_peer_names(db: aiosqlite.Connection) -> None:
     await _run(db, "ALTER TABLE peers ADD COLUMN name TEXT NOT NULL DEFAULT ''")
 
 
+@migration
+async def _v7_sent_chunks(db: aiosqlite.Connection) -> None:
+    """Deltas, the sender's side (protocol/SPEC.md 7.11): the keyed ids of the chunks of the files
+    sent to each receiver with their whole recipe, so that a file sharing no sampled chunk
+    with any of them is sent without waiting for its recipe (which follows the transfer)."""
+    await _run(
+        db,
+        """
+        CREATE TABLE sent_files (
+            id INTEGER PRIMARY KEY,
+            receiver TEXT NOT NULL,
+            created_at REAL NOT NULL
+        )
+        """,
+        "CREATE INDEX sent_files_receiver ON sent_files (receiver, id)",
+        """
+        CREATE TABLE sent_chunks (
+            receiver TEXT NOT NULL,
+            chunk BLOB NOT NULL CHECK (length(chunk) = 16),
+            file INTEGER NOT NULL REFERENCES sent_files (id) ON DELETE CASCADE,
+            PRIMARY KEY (receiver, chunk)
+        ) WITHOUT ROWID
+        """,
+        "CREATE INDEX sent_chunks_file ON sent_chunks (file)",
+    )
+
+
 __all__ = ["APPLICATION_ID", "MIGRATIONS", "Migration", "migration"]

@@ -21,11 +21,12 @@ import asyncio
 import logging
 import mmap
 import os
+import struct
 import time
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from peerd.waiting import wait_set
 from protocol.safetensors import SafetensorsError, is_safetensors_name, parse_header
@@ -100,11 +101,7 @@ class FileChunker:
             raise ValueError("an empty file has no chunks")
         self._mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
         self._view = memoryview(self._mm)
-        spans = delta.regions(size, None)
-        if is_safetensors_name(name):
-            with_tensors = _tensor_spans(self._view, size)
-            if with_tensors is not None:
-                spans = with_tensors
+        spans = file_spans(self._view, size, name)
         self.bound = delta.max_entries(spans)  # at most this many chunks
         self._walk = self._chunks(spans)
         self._next = next(self._walk, None)
@@ -160,14 +157,50 @@ def file_chunks(fd: int, size: int, name: str) -> list[tuple[int, bytes]]:
     return out
 
 
-def _tensor_spans(view: memoryview, size: int) -> list[tuple[int, int]] | None:
-    try:
-        header = parse_header(view[: min(size, 8 + HEADER_READ)], size)
-    except SafetensorsError:
-        return None  # not a valid safetensors file: chunked as one region
-    return delta.regions(
-        size, [(t.begin, t.end) for t in header.tensors], data_start=header.data_start
-    )
+def file_spans(view: memoryview, size: int, name: str) -> list[tuple[int, int]]:
+    """The regions chunks never cross: each tensor of a valid safetensors file, else the file."""
+    if is_safetensors_name(name):
+        try:
+            header = parse_header(view[: min(size, 8 + HEADER_READ)], size)
+        except SafetensorsError:
+            pass  # not a valid safetensors file: chunked as one region
+        else:
+            tensors = [(t.begin, t.end) for t in header.tensors]
+            return delta.regions(size, tensors, data_start=header.data_start)
+    return delta.regions(size, None)
+
+
+def sample_digests(fd: int, size: int, name: str) -> list[bytes]:
+    """The BLAKE3 digests of the chunks `delta.sample_windows` picks from the open file (about
+    4 MiB of it read: the gate before a file is chunked whole, SPEC 7.11). Blocking: call it
+    from a worker thread."""
+    if size <= 0:
+        return []
+    with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mm:
+        view = memoryview(mm)
+        try:
+            spans = file_spans(view, size, name)
+            # Not a safetensors header: every model of the same layout has the same one.
+            windows = delta.sample_windows(spans[1:] if len(spans) > 1 else spans)
+            return [
+                delta.content_hash(view[off : off + n])
+                for off, n in delta.sample_chunks(view, windows)
+            ]
+        finally:
+            view.release()
+
+
+DIGESTS = struct.Struct(">I32s")  # a chunk as the sender keeps it: length, BLAKE3
+
+
+def pack_digests(chunks: list[tuple[int, bytes]]) -> bytes:
+    """A part's (length, digest) chunks packed: 36 bytes each instead of ~150 as tuples."""
+    return b"".join(DIGESTS.pack(length, digest) for length, digest in chunks)
+
+
+def keyed_entries(key: bytes, packed: bytes) -> list[tuple[int, bytes]]:
+    """A packed part's (length, id) for the pair whose key is `key`."""
+    return [(n, delta.keyed_id(key, digest)) for n, digest in DIGESTS.iter_unpack(packed)]
 
 
 def recipe_for(chunks: list[tuple[int, bytes]], key: bytes) -> Recipe:
@@ -405,6 +438,16 @@ class Recipes:
         r.claimed = True
         return r
 
+    def take_complete(self, tid: bytes) -> RecipeStream | None:
+        """The stream of `tid` with every part up to its final one, removed; None if not yet."""
+        r = self._streams.get(tid)
+        if r is None or r.claimed or r.final is None:
+            return None
+        if any(k not in r.got for k in range(r.final + 1)):
+            return None
+        del self._streams[tid]
+        return r
+
     def following(self, tid: bytes) -> bool:
         r = self._streams.get(tid)
         return r is not None and r.claimed
@@ -497,3 +540,84 @@ class Follower:
                 else:
                     self.covered.append([off, off + length])
         return delta.held_frames(((a, b - a) for a, b in self.covered), self.size, self.chunk_size)
+
+
+# -- the receiver: recipes that follow their file ---------------------------------------------
+
+MAX_LATE_FILES = 64  # files verified without a recipe whose recipe may still come
+LATE_TTL = 600.0  # seconds such a recipe may take to come
+LATE_INDEX_WAIT = 5.0  # seconds an offer with a recipe waits for its sender's late recipe
+
+
+@dataclass
+class LateFile:
+    sender: str
+    path: Path
+    stat: tuple[int, int, int]  # size, mtime_ns, inode when it was committed
+    at: float
+
+
+class LateRecipes:
+    """Recipes that follow a file already verified (SPEC 7.11): its sender sent it without one
+    (no receiver had been sent any chunk sampled from it) and cuts it afterwards, so that the
+    next version finds it indexed here. Only the file's sender may send it, only within
+    LATE_TTL, and it is indexed only if it adds up to the file, unchanged since its commit."""
+
+    def __init__(
+        self,
+        index: ChunkIndex,
+        recipes: Recipes,
+        spawn: Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]],
+    ) -> None:
+        self.index, self.recipes, self._spawn = index, recipes, spawn
+        self._files: dict[bytes, LateFile] = {}
+        self._indexing: dict[str, asyncio.Task[None]] = {}  # sender -> its last late recipe
+        self.indexed = 0
+
+    def expect(self, tid: bytes, sender: str, path: Path, now: float) -> None:
+        """`path` was committed from `sender` without a recipe: its recipe may follow."""
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except OSError:
+            return
+        for old, f in list(self._files.items()):
+            if now - f.at > LATE_TTL:
+                del self._files[old]
+        while len(self._files) >= MAX_LATE_FILES:
+            del self._files[next(iter(self._files))]
+        self._files[tid] = LateFile(sender, path, (st.st_size, st.st_mtime_ns, st.st_ino), now)
+
+    def part(self, sender: str, msg: RecipeMessage, now: float) -> bool | None:
+        """Take a part of a late recipe: None if `msg` is not one, False if it is refused."""
+        f = self._files.get(msg.transfer_id)
+        if f is None or now - f.at > LATE_TTL:
+            return None
+        if sender != f.sender or not self.recipes.add(sender, msg, now):
+            return False
+        stream = self.recipes.take_complete(msg.transfer_id)
+        if stream is not None:
+            del self._files[msg.transfer_id]
+            task = self._spawn(self._index(f, stream), f"late recipe {msg.transfer_id.hex()[:8]}")
+            self._indexing[sender] = task
+        return True
+
+    async def _index(self, f: LateFile, stream: RecipeStream) -> None:
+        assert stream.final is not None
+        raw = b"".join(stream.got[k] for k in range(stream.final + 1))
+        if sum(n for n, _ in delta.iter_entries(raw)) != f.stat[0]:
+            log.warning("a late recipe from %s does not add up to its file", f.sender)
+            return
+        try:
+            st = os.stat(f.path, follow_symlinks=False)
+            if (st.st_size, st.st_mtime_ns, st.st_ino) == f.stat:
+                await self.index.add_file(f.sender, f.path, Recipe(stream.key, raw))
+                self.indexed += 1
+        except OSError as exc:
+            log.warning("not indexing %s for deltas: %s", f.path, exc)
+
+    async def settled(self, sender: str) -> None:
+        """Wait (up to LATE_INDEX_WAIT) for `sender`'s last late recipe to be indexed: its
+        next offer is looked up after it."""
+        task = self._indexing.pop(sender, None)
+        if task is not None and not task.done():
+            await asyncio.wait({task}, timeout=LATE_INDEX_WAIT)

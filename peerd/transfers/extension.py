@@ -108,6 +108,10 @@ class Transfers(TransferMethods, Extension):
             "frames-rejected": self.receiving.frames_rejected,
             "control-rejected": self.control_rejected,
             "orphans-removed": self.orphans_removed,
+            "late-recipes-waiting": self.sending.sent.waiting,
+            "late-recipes-sent": self.sending.sent.late_sent,
+            "late-recipes-dropped": self.sending.sent.late_dropped,
+            "late-recipes-indexed": self.receiving.late.indexed,
         }
         return {
             "transfers": {
@@ -165,6 +169,11 @@ class Transfers(TransferMethods, Extension):
                 o.held[peer] = msg.held
             return
         if tid in self.sending.out:
+            return
+        late = self.receiving.late.part(peer, msg, time.time())
+        if late is not None:  # the recipe of a file verified without one
+            if not late:
+                self._reject("recipe-refused", peer, "a late recipe over the bound or misrouted")
             return
         if tid in self.receiving.inc and not self.receiving.recipes.following(tid):
             return  # a transfer without a recipe, or whose recipe is over: changes nothing

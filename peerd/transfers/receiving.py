@@ -27,7 +27,14 @@ from typing import TYPE_CHECKING, Any
 from peerd.events import LogBudget
 from peerd.logs import log_event
 from peerd.mqtt import BrokerError, Message
-from peerd.transfers.chunkindex import ChunkIndex, Follower, Recipe, Recipes
+from peerd.transfers.chunkindex import (
+    MIN_DELTA_SIZE,
+    ChunkIndex,
+    Follower,
+    LateRecipes,
+    Recipe,
+    Recipes,
+)
 from peerd.transfers.files import (
     PART_SUFFIX,
     TransferError,
@@ -131,6 +138,7 @@ class Receiving(Side):
         self._header_checks = asyncio.Semaphore(1)
         self.index = ChunkIndex(host.store)
         self.recipes = Recipes()
+        self.late = LateRecipes(self.index, self.recipes, lambda w, n: host.spawn(w, name=n))
         self._windows: dict[str, int] = {}  # sender -> the window its last transfer reached
         # transfer id -> (sender, when the first came, the frames): early chunks kept until
         # their Offer is accepted.
@@ -273,7 +281,10 @@ class Receiving(Side):
                 peer, Abort(tid, "no-space", f"cannot reserve the space: {exc.strerror}").encode()
             )
             return
-        stream = self.recipes.claim(peer, tid) if host.config.receive.deltas else None
+        stream = None
+        if host.config.receive.deltas:
+            await self.late.settled(peer)  # the last file's chunks, if they just came
+            stream = self.recipes.claim(peer, tid)
         follower = None
         held: list[tuple[int, int]] = []
         if stream is not None:
@@ -671,6 +682,8 @@ class Receiving(Side):
             except OSError as exc:
                 log.warning("not indexing %s for deltas: %s", final, exc)
             await self.index.drop_recipe(i.tid)
+        elif self.host.config.receive.deltas and i.size >= MIN_DELTA_SIZE:
+            self.late.expect(i.tid, i.sender, final, now)
         await self._end(i, "verified")
 
     async def _check_safetensors(self, i: Incoming) -> str | None:

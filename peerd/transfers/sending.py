@@ -14,7 +14,6 @@ import dataclasses
 import json
 import logging
 import os
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from peerd.logs import log_event
 from peerd.mqtt import BrokerError
 from peerd.mqtt.probe import ProbePlan
 from peerd.receivers import check_receiver
-from peerd.transfers.chunkindex import MIN_DELTA_SIZE, FileChunker
+from peerd.transfers.chunkindex import MIN_DELTA_SIZE, FileChunker, keyed_entries, pack_digests
 from peerd.transfers.files import (
     StatKey,
     TransferError,
@@ -33,6 +32,7 @@ from peerd.transfers.files import (
     stat_key,
     stat_of,
 )
+from peerd.transfers.sent import Late, SentChunks
 from peerd.transfers.side import Side
 from peerd.waiting import wait_set
 from protocol.errors import LocalProtocolError
@@ -78,7 +78,6 @@ log = logging.getLogger("peerd.transfers")
 
 # Chunk lists kept (deltas), packed: 36 bytes a chunk, so ~28 GiB of files.
 CHUNK_CACHE_BYTES = 16 << 20
-_DIGESTS = struct.Struct(">I32s")  # a chunk of a part as the sender keeps it: length, BLAKE3
 # A receiver silent this long while in the transfer is shown offline: a live one answers the
 # sender's probes (every 2 s while it is quiet) and acknowledges chunks as they come.
 OFFLINE_AFTER = 10.0
@@ -94,11 +93,6 @@ def probe_plan(topics: Topics, peer_id: str, chunk_size: int) -> ProbePlan:
         sizes.append(chunk + FRAME_OVERHEAD)
         chunk //= 2
     return ProbePlan(topics.transfer(peer_id, bytes(16)), tuple(reversed(sizes)))
-
-
-def _pack(chunks: list[tuple[int, bytes]]) -> bytes:
-    """A part's (length, digest) chunks packed: 36 bytes each instead of ~150 as tuples."""
-    return b"".join(_DIGESTS.pack(length, digest) for length, digest in chunks)
 
 
 def _limit_text(limits: LinkLimits) -> str:
@@ -134,6 +128,7 @@ class Outgoing:
     parts_done: bool = False
     recipe_next: dict[str, int] = field(default_factory=dict)
     cutter: asyncio.Task[None] | None = None
+    late: bool = False  # sent without a recipe: it follows the transfer (peerd/transfers/sent.py)
     stop_cutting: bool = False
     held: dict[str, int] = field(default_factory=dict)  # bytes each receiver already had
     offline: dict[str, float] = field(default_factory=dict)  # receiver -> silent since (epoch)
@@ -157,6 +152,7 @@ class Sending(Side):
         # The chunk lists of the last files sent, by (device, inode, size, mtime): the same
         # file to one more peer, or again, is not chunked again.
         self._chunk_cache: dict[StatKey, list[bytes]] = {}  # the parts, packed
+        self.sent = SentChunks(host, self._cache_chunks)
 
     # -- starting ----------------------------------------------------------------------------
 
@@ -197,7 +193,7 @@ class Sending(Side):
         fd, st = open_source(path)
         chunker: FileChunker | None = None
         try:
-            chunker, parts = await self._first_part(fd, st.st_size, path)
+            chunker, parts, late = await self._first_part(fd, st.st_size, path, receivers)
             if parts:
                 # A delta candidate: the receiver may hold most chunks already and says which
                 # as the recipe reaches them, so only the first chunk goes before its Accept
@@ -232,6 +228,7 @@ class Sending(Side):
             deadline=None if answer_within is None else now + answer_within,
             parts=parts,
             parts_done=chunker is None,
+            late=late,
         )
         o.done = asyncio.get_running_loop().create_future()
         await self.records.add_send(
@@ -263,35 +260,39 @@ class Sending(Side):
         return self.describe(o)
 
     async def _first_part(
-        self, fd: int, size: int, path: Path
-    ) -> tuple[FileChunker | None, list[bytes]]:
-        """The recipe's first part (deltas, SPEC 7.11), and the chunker that cuts the rest
-        while the transfer runs (None when the whole list is known: a file sent again). No
-        parts for a small file, or one that may have more chunks than a recipe may list."""
+        self, fd: int, size: int, path: Path, receivers: list[str]
+    ) -> tuple[FileChunker | None, list[bytes], bool]:
+        """The recipe's first part (deltas, SPEC 7.11), the chunker that cuts the rest while
+        the transfer runs (None when the whole list is known: a file sent again), and whether
+        the recipe follows the transfer instead (no receiver was sent any chunk sampled from
+        the file: peerd/transfers/sent.py). No parts for a small file, or one that may have
+        more chunks than a recipe may list."""
         if not self.host.config.receive.deltas:
-            return None, []
+            return None, [], False
         if size < MIN_DELTA_SIZE or size > delta.MAX_RECIPE_ENTRIES * delta.CDC_MIN:
-            return None, []
+            return None, [], False
         chunker: FileChunker | None = None
         try:
             ident = stat_of(os.fstat(fd))
             cached = self._chunk_cache.get(ident)
             if cached is not None:
-                return None, cached
+                return None, cached, False
+            if not await self.sent.worth_a_recipe(fd, size, path.name, receivers):
+                return None, [], True
             chunker = await asyncio.to_thread(FileChunker, fd, size, path.name)
             if chunker.bound > delta.MAX_RECIPE_ENTRIES:
                 await asyncio.to_thread(chunker.close)
-                return None, []
-            first = _pack(await asyncio.to_thread(chunker.take, delta.part_entries(0)))
+                return None, [], False
+            first = pack_digests(await asyncio.to_thread(chunker.take, delta.part_entries(0)))
         except (OSError, ValueError) as exc:
             log.warning("sending %s whole: chunking it failed: %s", path.name, exc)
             if chunker is not None:
                 await asyncio.to_thread(chunker.close)
-            return None, []
+            return None, [], False
         if chunker.done:
             self._cache_chunks(ident, [first])
-            return None, [first]
-        return chunker, [first]
+            return None, [first], False
+        return chunker, [first], False
 
     def _cache_chunks(self, ident: StatKey, parts: list[bytes]) -> None:
         self._chunk_cache.pop(ident, None)
@@ -308,7 +309,7 @@ class Sending(Side):
         try:
             while not chunker.done and not o.stop_cutting:
                 part = await asyncio.to_thread(chunker.take, delta.part_entries(len(o.parts)))
-                o.parts.append(_pack(part))
+                o.parts.append(pack_digests(part))
                 o.parts_done = chunker.done
                 for peer in list(o.recipe_next):
                     self._send_recipe(o, peer)
@@ -329,9 +330,7 @@ class Sending(Side):
             return
         key = delta.pair_key(bytes(self.host.keys.signing_key()), peer)
         while k < len(o.parts):
-            entries = [
-                (n, delta.keyed_id(key, digest)) for n, digest in _DIGESTS.iter_unpack(o.parts[k])
-            ]
+            entries = keyed_entries(key, o.parts[k])
             final = o.parts_done and k == len(o.parts) - 1
             msg = Recipe(o.tid, k, final, key, delta.encode_entries(entries))
             if not self.host.transmit(peer, msg.encode()):
@@ -383,6 +382,12 @@ class Sending(Side):
                     with contextlib.suppress(LocalProtocolError):
                         o.machine.remove_receiver(peer, record.state.value)
                     o.wake.set()
+        # What was sent to them is no longer a reason to send them a recipe.
+        gone = [
+            p.peer_id for p in view.peers() if p.state in (PeerState.REVOKED, PeerState.BLOCKED)
+        ]
+        if gone:
+            self.host.spawn(self.sent.forget(gone), name="forget sent chunks")
 
     def cancel(self, o: Outgoing) -> None:
         o.machine.cancel("cancelled", "cancelled by the sender's user")
@@ -397,6 +402,7 @@ class Sending(Side):
     def close_files(self) -> None:
         for o in self.out.values():
             os.close(o.fd)
+        self.sent.close()
 
     # -- the pump ----------------------------------------------------------------------------
 
@@ -614,6 +620,7 @@ class Sending(Side):
         )
         self.out.pop(o.tid, None)
         o.stop_cutting = True  # the chunker stops after the part it is on
+        self._remember(o, list(fin.verified))
         with contextlib.suppress(OSError):
             os.close(o.fd)
         result = self.describe(o)
@@ -622,6 +629,23 @@ class Sending(Side):
         if o.done is not None and not o.done.done():
             o.done.set_result(result)
         self.outcomes.done(o.tid, result)
+
+    def _remember(self, o: Outgoing, verified: list[str]) -> None:
+        """Deltas (SPEC 7.11): what each receiver that verified the file now holds from this
+        node is recorded for the next send's gate; a file sent without its recipe has it
+        follow, to those receivers."""
+        if o.late and verified:
+            try:
+                fd = os.dup(o.fd)
+            except OSError as exc:
+                log.warning("the recipe of %s does not follow it: %s", o.path.name, exc)
+                return
+            m = o.machine
+            self.sent.send_late(Late(o.tid, fd, o.stat, o.path.name, m.offer.size, verified))
+            return
+        whole = [p for p in verified if o.parts_done and o.recipe_next.get(p) == len(o.parts)]
+        for peer in whole:
+            self.host.spawn(self.sent.record(peer, list(o.parts)), name="record sent chunks")
 
     def _event(self, o: Outgoing, name: str, **data: Any) -> None:
         self.host.publish_event(name, {"id": o.tid.hex(), "direction": "send", **data})

@@ -119,6 +119,60 @@ def iter_cut(data: Buffer, spans: Sequence[tuple[int, int]]) -> Iterator[tuple[i
             pos += sum(c.length for c in chunks)
 
 
+# Before a file is chunked whole, the sender samples it (SPEC 7.11): SAMPLE_WINDOWS windows of
+# SAMPLE_BYTES (4 MiB in all, ~60 chunks) spread over it. When no sampled chunk was ever sent to
+# any of its receivers, the recipe goes after the transfer instead of beside it.
+SAMPLE_WINDOWS = 8
+SAMPLE_BYTES = 512 * 1024
+# Chunks dropped at the start of a window that starts inside a region: cut from an arbitrary
+# offset, the first cut points differ from the whole file's until the two fall in step.
+SAMPLE_SKIP = 2
+
+
+def sample_windows(
+    spans: Sequence[tuple[int, int]],
+    count: int = SAMPLE_WINDOWS,
+    window: int = SAMPLE_BYTES,
+) -> list[tuple[int, int, int, bool]]:
+    """Up to `count` windows (start, end, chunks to skip, keep the last) spread over the regions
+    `spans`: at the starts of evenly spaced regions where there are enough (so every chunk but a
+    window's last is cut exactly as `cut` cuts the whole file), else at evenly spaced offsets
+    inside the regions (a window's first SAMPLE_SKIP chunks are then dropped)."""
+    big = [(a, b) for a, b in spans if b - a > 0]
+    if not big or count <= 0:
+        return []
+    if len(big) >= count:
+        picks = sorted({round(k * (len(big) - 1) / max(1, count - 1)) for k in range(count)})
+        starts = [(big[k][0], big[k][1], True) for k in picks]
+    else:
+        total = sum(b - a for a, b in big)
+        starts = []
+        for a, b in big:
+            # In proportion to the region, at least one, never overlapping.
+            n = max(1, min(round(count * (b - a) / total), (b - a) // max(1, window)))
+            starts += [(a + j * (b - a) // n, b, j == 0) for j in range(n)]
+        starts = starts[: max(count, len(big))]
+    out = []
+    for start, region_end, aligned in starts:
+        end = min(region_end, start + window)
+        out.append((start, end, 0 if aligned else SAMPLE_SKIP, end == region_end))
+    return out
+
+
+def sample_chunks(
+    data: Buffer, windows: Sequence[tuple[int, int, int, bool]]
+) -> list[tuple[int, int]]:
+    """The chunks (offset, length) of `windows` (`sample_windows`) likely to be chunks of the
+    whole file too: certainly so for a window at a region's start."""
+    out: list[tuple[int, int]] = []
+    for start, end, skip, keep_last in windows:
+        chunks = cut(data, [(start, end)])
+        if not keep_last:
+            chunks = chunks[:-1]
+        out += chunks[skip:]
+    return out
+
+
 def early_window(receivers: int) -> int:
     """`TransferConfig.early_window` for a delta candidate sent to `receivers` receivers:
     DELTA_EARLY_CHUNKS each (the sender shares early_window among its receivers)."""

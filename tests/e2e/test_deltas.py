@@ -70,6 +70,17 @@ def recipes_stored(node: Node) -> int:
         db.close()
 
 
+def indexed(node: Node, sender: Node) -> int:
+    """The rows of `sender`'s chunks at `node`, once there are some: a file sent to a receiver
+    that held none of its sampled chunks goes without a recipe, and the recipe follows it."""
+    wait_until(lambda: index_rows(node, sender) > 0, 30, what="the recipe that follows the file")
+    return index_rows(node, sender)
+
+
+def late_recipes_sent(node: Node) -> int:
+    return int(node.status()["transfers"].get("late-recipes-sent", 0))
+
+
 def changed_bytes(changed: dict[int, int]) -> int:
     return sum(SIZES[i] for i in changed)
 
@@ -79,9 +90,13 @@ def test_a_new_version_costs_only_its_changed_tensors(
 ) -> None:
     a, b, _ = trio
     v1 = write_model(tmp_path / "v1.safetensors", SIZES, seed=1)
+    late_before = late_recipes_sent(a)
     first = send(a, v1, b)
     assert first["published_bytes"] >= v1.stat().st_size  # nothing to reuse the first time
-    assert index_rows(b, a) > 0
+    # Alice had sent bob none of its chunks: v1 went without a recipe beside it, at full speed,
+    # and its recipe followed, so that bob indexed it for the next version.
+    assert indexed(b, a) > 0
+    assert late_recipes_sent(a) == late_before + 1
     v2 = write_model(tmp_path / "v2.safetensors", SIZES, seed=1, changed=CHANGED)
     second = send(a, v2, b)
     assert sha256(received(b, a, v2.name)) == sha256(v2)
@@ -128,6 +143,7 @@ def test_a_damaged_local_copy_is_fetched_again(
     a, b, _ = trio
     v1 = write_model(tmp_path / "dmg-v1.safetensors", SIZES, seed=3)
     send(a, v1, b)
+    indexed(b, a)
     got = received(b, a, v1.name)
     # Damage one tensor in place and hide it: same size, same mtime, same inode.
     st = got.stat()
@@ -150,11 +166,22 @@ def test_a_peer_cannot_make_the_receiver_claim_another_senders_chunks(
     a, b, c = trio
     secret = write_model(tmp_path / "secret.safetensors", SIZES, seed=99)
     send(a, secret, b)
-    # Carol has the very same file and offers it to bob: were bob to reuse alice's chunks,
-    # carol would learn from the traffic that bob holds it (the confirmation-of-file attack).
+    indexed(b, a)
+    # Carol once sent bob a file sharing the first half of the tensors with the secret, so her
+    # daemon sends its recipe beside it (as a hostile sender always could).
+    half = len(SIZES) // 2
+    decoy = write_model(
+        tmp_path / "decoy.safetensors", SIZES, seed=99, changed=dict.fromkeys(range(half, 24), 1)
+    )
+    send(c, decoy, b)
+    indexed(b, c)
+    # Carol now offers bob the very file alice sent him: were bob to reuse alice's chunks, carol
+    # would learn from the traffic that bob holds it (the confirmation-of-file attack). Only
+    # what carol herself sent him is reused (the first half, and the header).
     result = send(c, secret, b)
-    assert result["receivers"][b.peer_id]["held_bytes"] == 0
-    assert result["published_bytes"] >= secret.stat().st_size
+    held = result["receivers"][b.peer_id]["held_bytes"]
+    assert sum(SIZES[:half]) // 2 < held <= sum(SIZES[:half]) + 256 * 1024
+    assert result["published_bytes"] >= sum(SIZES[half:])
     assert sha256(received(b, c, secret.name)) == sha256(secret)
 
 
@@ -175,7 +202,7 @@ def test_a_receiver_killed_mid_delta_resumes_with_its_copies_and_indexes_the_fil
             pair(a, b)
             v1 = write_model(tmp_path / "v1.safetensors", SIZES, seed=4)
             send(a, v1, b)
-            rows_v1 = index_rows(b, a)
+            rows_v1 = indexed(b, a)
             changed = dict.fromkeys(range(0, len(SIZES), 3), 1)  # a third of the tensors
             v2 = write_model(tmp_path / "v2.safetensors", SIZES, seed=4, changed=changed)
             hold = proxy.add_rule(TO_CLIENT, "peerd/v1/+/x/#", Hold(), skip=4)

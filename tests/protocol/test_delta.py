@@ -3,6 +3,7 @@ survive edits, pair-keyed ids, the recipe's wire form, and which frames held byt
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -143,3 +144,43 @@ def test_cutting_a_window_at_a_time_is_cutting_the_whole(monkeypatch: pytest.Mon
     for window in (2 * delta.CDC_MAX, 700_000, 1 << 20):
         monkeypatch.setattr(delta, "CUT_WINDOW", window)
         assert list(delta.iter_cut(data, spans)) == want
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 400_000), min_size=1, max_size=24),
+    count=st.integers(1, 10),
+    window=st.integers(1, 300_000),
+)
+def test_a_window_at_a_region_start_samples_chunks_of_the_whole_cut(
+    sizes: list[int], count: int, window: int
+) -> None:
+    data, spans = model(sizes, {})
+    regions = delta.regions(len(data), spans)
+    windows = delta.sample_windows(regions, count, window)
+    assert 1 <= len(windows) <= max(count, len(regions))
+    whole = set(delta.cut(data, regions))
+    for start, end, skip, keep_last in windows:
+        region = next((a, b) for a, b in regions if a <= start < b)
+        assert start < end <= region[1]
+        assert end - start <= window
+        assert keep_last == (end == region[1])
+        if skip == 0:  # at a region's start: exact
+            assert start == region[0]
+            assert set(delta.sample_chunks(data, [(start, end, skip, keep_last)])) <= whole
+
+
+def test_windows_inside_one_region_fall_in_step_with_the_whole_cut() -> None:
+    data = random.Random(7).randbytes(32 << 20)
+    whole = set(delta.cut(data, [(0, len(data))]))
+    windows = delta.sample_windows([(0, len(data))])
+    assert len(windows) == delta.SAMPLE_WINDOWS
+    assert [w[2] for w in windows] == [0] + [delta.SAMPLE_SKIP] * (delta.SAMPLE_WINDOWS - 1)
+    sampled = delta.sample_chunks(data, windows)
+    assert len(sampled) >= delta.SAMPLE_WINDOWS * 4  # ~8 chunks a window, less the skipped
+    # The skipped chunks are where the cut points differ most; after them most agree (once one
+    # cut point agrees, every later one does).
+    assert sum(c in whole for c in sampled) >= 0.7 * len(sampled)
+    # Spread over the file: no two windows overlap, the last reaches the last eighth.
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(windows))
+    assert windows[-1][0] >= len(data) * 7 // 8

@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from peerd.errors import PeerdError
 from peerd.transfers.chunkindex import FileChunker, keyed_entries, pack_digests, sample_digests
 from peerd.transfers.files import StatKey, stat_of
 from peerd.waiting import wait_set
@@ -221,7 +222,8 @@ class SentChunks:
             job = self._late[0]
             try:
                 await self._cut_and_send(job)
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, PeerdError) as exc:
+                # The queue goes on: a send waiting for this one must not wait for nothing.
                 log.warning("the recipe of %s does not follow it: %s", job.name, exc)
             finally:
                 if self._late and self._late[0] is job:

@@ -4,7 +4,9 @@ Every peerd number is timed in-process with the Python client (`Client.send(...,
 from the send request to the sender learning that every receiver has the file verified (hash
 and signature), fsynced and renamed into place. Daemons run on a private Mosquitto configured as
 shipped (its ACL, limits and queue bounds), each authenticated as its peer id. Received files
-are deleted between runs; the source files stay in the page cache for every contender alike.
+are deleted between runs. Before each peerd run the file is rewritten with new random bytes (a
+model the receiver never had, as a first send is; the contenders that follow in that round send
+the same bytes); the source files stay in the page cache for every contender alike.
 
 1. Throughput of one file against, in the same run, (a) aiomqtt publishing it in 256 KiB chunks
    with 16 QoS 1 publishes in flight to a subscriber process that writes and fsyncs it
@@ -110,8 +112,16 @@ def peerd_send(
     check: bool = True,
     broker_pid: int | None = None,
 ) -> dict[str, Any]:
-    """One timed transfer; the received copies are checked and deleted. CPU seconds of each
-    daemon (and of the broker, if its pid is given) during the transfer under "cpu"."""
+    """One timed transfer of new content; the received copies are checked and deleted. CPU
+    seconds of each daemon (and of the broker, if its pid is given) during the transfer under
+    "cpu".
+
+    The file is rewritten with new random bytes first (same path and size, so the contenders
+    that follow send the same bytes): a model a receiver has not had. Sent unchanged run after
+    run, from the second run on it would be a file sent before, which goes with its recipe
+    beside it (protocol/SPEC.md 7.11) to a receiver that deleted its copy. After the transfer
+    this waits for the recipe that follows a new file, so its CPU lands in no other run."""
+    refresh(path)
     _clear_inbox(receivers, sender)
     pids = {"sender": node_pid(sender), **{r.name: node_pid(r) for r in receivers}}
     if broker_pid is not None:
@@ -121,6 +131,7 @@ def peerd_send(
     seconds, result = asyncio.run(_send(sender, path, receivers))
     cpu = {k: cpu_seconds(p) - cpu0[k] for k, p in pids.items()}
     published = sender.status()["broker"]["stats"]["published_bytes"] - published0
+    _late_recipes_sent(sender)
     if check:
         want = _digest(path)
         for r in receivers:
@@ -136,6 +147,24 @@ def peerd_send(
         "resent_frames": result["resent_frames"],
         "cpu": cpu,
     }
+
+
+def refresh(path: Path) -> None:
+    """New random content for `path`, in place, written back before anything is timed."""
+    size = path.stat().st_size
+    with path.open("r+b") as f:
+        for off in range(0, size, 8 << 20):
+            f.write(os.urandom(min(8 << 20, size - off)))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _late_recipes_sent(sender: Node) -> None:
+    deadline = time.monotonic() + 120
+    while sender.status()["transfers"].get("late-recipes-waiting", 0):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the recipe that follows the transfer did not go within 120 s")
+        time.sleep(0.05)
 
 
 # -- scp to a private sshd -----------------------------------------------------------------------

@@ -70,12 +70,16 @@ async def host(tmp_path: Path) -> AsyncIterator[Host]:
         await s.close()
 
 
-def _parts(path: Path) -> list[bytes]:
+def _chunks(path: Path) -> list[tuple[int, bytes]]:
     fd = os.open(path, os.O_RDONLY)
     try:
-        chunks = file_chunks(fd, path.stat().st_size, path.name)
+        return file_chunks(fd, path.stat().st_size, path.name)
     finally:
         os.close(fd)
+
+
+def _parts(path: Path) -> list[bytes]:
+    chunks = _chunks(path)
     return [pack_digests(chunks[k : k + 200]) for k in range(0, len(chunks), 200)]
 
 
@@ -217,11 +221,7 @@ def _unpack(packed: bytes) -> list[tuple[int, bytes]]:
 
 
 def _parts_as_streamed(path: Path) -> list[bytes]:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        chunks = file_chunks(fd, path.stat().st_size, path.name)
-    finally:
-        os.close(fd)
+    chunks = _chunks(path)
     out: list[bytes] = []
     pos = 0
     while pos < len(chunks):

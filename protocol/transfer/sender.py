@@ -449,6 +449,10 @@ class SenderTransfer:
         i = self._early_next
         if i >= self._early_end:
             return None
+        if any(r.state == ACTIVE for r in self._receivers.values()):
+            # Once one accepted, early chunks to the others would be chunks it must get again
+            # on the transfer topic: the rest goes there once, when every receiver answered.
+            return None
         peers = tuple(
             r.peer for r in self._receivers.values() if r.state == OFFERED and r.incarnation == 0
         )

@@ -194,7 +194,9 @@ async def test_garbage_and_messages_about_others_transfers_are_counted(
     alice, bob, carol = nodes
     await pair(alice, bob)
     await pair(carol, bob)
-    source = _file(tmp_path, "slow.bin", 40 * CONFIG.chunk_size)
+    # Long enough (1000 chunks, a window of 8) to be under way when bob is first looked at: 40
+    # could start and end within one poll on a loaded machine.
+    source = _file(tmp_path, "slow.bin", 1000 * CONFIG.chunk_size)
     started = await _transfers(alice).send(source, [bob.peer_id])
     tid = bytes.fromhex(started["id"])
     await _receiving(bob, tid)

@@ -542,6 +542,52 @@ def test_early_chunks_are_one_copy_per_receiver_within_a_shared_budget() -> None
     assert sorted(sim.published) == sorted([*range(4), *range(20)])
 
 
+def test_early_chunks_stop_once_a_receiver_accepts() -> None:
+    """SPEC 7.7: early chunks go until the first receiver accepts. One sent after that to the
+    others only would be one the first must get again on the transfer topic (the fan-out test
+    on a loaded CI machine published 9 of 25 chunks twice): the rest goes there once."""
+    key = nacl.signing.SigningKey(bytes(32))
+    cfg = small_config(early_window=16, window=16)
+    data = payload(40 * CHUNK)
+    now = 1_700_000_000.0
+    s = SenderTransfer(
+        name="model.safetensors",
+        size=len(data),
+        receivers=["bob", "carol"],
+        sender=SENDER,
+        signing_key=key,
+        now=now,
+        config=cfg,
+    )
+    offers = {a.peer: a.message for a in s.take_actions() if isinstance(a, SendControl)}
+    out = frame_buffer(cfg.chunk_size)
+    first = s.next_read(now)
+    assert first is not None
+    assert first.early == ("bob", "carol")
+    s.on_chunk_read(first, data[: first.length], out)
+    offer = offers["bob"]
+    assert isinstance(offer, Offer)
+    bob = ReceiverTransfer(
+        offer, sender=SENDER, sender_key=bytes(key.verify_key), now=now, config=cfg
+    )
+    (accept,) = [a.message for a in bob.take_actions() if isinstance(a, SendControl)]
+    s.receive("bob", accept, now)
+    # No more early chunks for carol, and nothing on the transfer topic until she answers
+    # (or start_wait passes).
+    assert s.next_read(now) is None
+    offer = offers["carol"]
+    assert isinstance(offer, Offer)
+    carol = ReceiverTransfer(
+        offer, sender=SENDER, sender_key=bytes(key.verify_key), now=now, config=cfg
+    )
+    (accept,) = [a.message for a in carol.take_actions() if isinstance(a, SendControl)]
+    s.receive("carol", accept, now)
+    second = s.next_read(now)
+    assert second is not None
+    assert (second.index, second.early) == (1, ())  # once, to both
+    assert s.resent_frames == 0
+
+
 def test_early_chunks_a_receiver_could_not_keep_are_repaired() -> None:
     # A receiver that keeps no early chunk (its buffer full, or it took long to accept):
     # the later chunks show the gap and it asks for them again.

@@ -565,23 +565,21 @@ def test_early_chunks_stop_once_a_receiver_accepts() -> None:
     assert first is not None
     assert first.early == ("bob", "carol")
     s.on_chunk_read(first, data[: first.length], out)
-    offer = offers["bob"]
-    assert isinstance(offer, Offer)
-    bob = ReceiverTransfer(
-        offer, sender=SENDER, sender_key=bytes(key.verify_key), now=now, config=cfg
-    )
-    (accept,) = [a.message for a in bob.take_actions() if isinstance(a, SendControl)]
-    s.receive("bob", accept, now)
+
+    def accept(peer: str) -> None:
+        offer = offers[peer]
+        assert isinstance(offer, Offer)
+        rt = ReceiverTransfer(
+            offer, sender=SENDER, sender_key=bytes(key.verify_key), now=now, config=cfg
+        )
+        (message,) = [a.message for a in rt.take_actions() if isinstance(a, SendControl)]
+        s.receive(peer, message, now)
+
+    accept("bob")
     # No more early chunks for carol, and nothing on the transfer topic until she answers
     # (or start_wait passes).
     assert s.next_read(now) is None
-    offer = offers["carol"]
-    assert isinstance(offer, Offer)
-    carol = ReceiverTransfer(
-        offer, sender=SENDER, sender_key=bytes(key.verify_key), now=now, config=cfg
-    )
-    (accept,) = [a.message for a in carol.take_actions() if isinstance(a, SendControl)]
-    s.receive("carol", accept, now)
+    accept("carol")
     second = s.next_read(now)
     assert second is not None
     assert (second.index, second.early) == (1, ())  # once, to both

@@ -33,7 +33,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from peerd.errors import PeerdError
-from peerd.transfers.chunkindex import FileChunker, keyed_entries, pack_digests, sample_digests
+from peerd.transfers.chunkindex import (
+    LOOKUP_BATCH,
+    FileChunker,
+    keyed_entries,
+    pack_digests,
+    sample_digests,
+)
 from peerd.transfers.files import StatKey, stat_of
 from peerd.waiting import wait_set
 from protocol.transfer import delta
@@ -52,7 +58,6 @@ MAX_ROWS = 1 << 21  # ~128 GiB of sent files at 64 KiB a chunk
 MAX_LATE = 8
 LATE_WAIT = 30.0  # seconds a send waits for the late recipes of its receivers to go first
 LATE_NICE = 10  # the late cut's thread yields to the transfers under way
-_QUERY_BATCH = 500  # ids per query (SQLite's bound on parameters is 32766)
 
 
 def _lower_priority() -> None:
@@ -125,8 +130,8 @@ class SentChunks:
 
     async def any_sent(self, receiver: str, ids: Sequence[bytes]) -> bool:
         store = self.host.store
-        for k in range(0, len(ids), _QUERY_BATCH):
-            batch = list(ids[k : k + _QUERY_BATCH])
+        for k in range(0, len(ids), LOOKUP_BATCH):
+            batch = list(ids[k : k + LOOKUP_BATCH])
             marks = ",".join("?" * len(batch))
             row = await store.fetchone(
                 f"SELECT 1 FROM sent_chunks WHERE receiver = ? AND chunk IN ({marks}) LIMIT 1",  # noqa: S608 - only "?" placeholders

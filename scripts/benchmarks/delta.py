@@ -35,6 +35,7 @@ from peerd.client import Client
 from peerd.transfers.chunkindex import file_chunks
 from scripts.benchmarks._cluster import load_average, scratch_dir, shipped_cluster
 from scripts.benchmarks.common import median, table, verdict
+from scripts.benchmarks.transfer import late_recipes_sent
 from scripts.evaluation.lab import cpu_seconds, node_pid
 from tests.support.broker import Broker
 from tests.support.cluster import Node, pair
@@ -69,9 +70,7 @@ def send(sender: Node, path: Path, receiver: Node) -> dict[str, Any]:
     seconds, result = asyncio.run(_send(sender, path, receiver))
     transfer_cpu = cpu_seconds(node_pid(sender)) - cpu
     # A file sent without a recipe has it follow (SPEC 7.11): charged to this file, not the next.
-    deadline = time.monotonic() + 60
-    while _late_waiting(sender) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    late_recipes_sent(sender)
     cpu = cpu_seconds(node_pid(sender)) - cpu
     wire = _published(sender) - before
     inbox = receiver.dir / "inbox" / sender.peer_id
@@ -87,10 +86,6 @@ def send(sender: Node, path: Path, receiver: Node) -> dict[str, Any]:
         "sender_cpu": cpu,
         "transfer_cpu": transfer_cpu,
     }
-
-
-def _late_waiting(node: Node) -> int:
-    return int(node.status()["transfers"].get("late-recipes-waiting", 0))
 
 
 @contextlib.contextmanager

@@ -131,7 +131,7 @@ def peerd_send(
     seconds, result = asyncio.run(_send(sender, path, receivers))
     cpu = {k: cpu_seconds(p) - cpu0[k] for k, p in pids.items()}
     published = sender.status()["broker"]["stats"]["published_bytes"] - published0
-    _late_recipes_sent(sender)
+    late_recipes_sent(sender)
     if check:
         want = _digest(path)
         for r in receivers:
@@ -159,7 +159,8 @@ def refresh(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _late_recipes_sent(sender: Node) -> None:
+def late_recipes_sent(sender: Node) -> None:
+    """Until no recipe that follows a transfer waits at `sender` (at most 120 s)."""
     deadline = time.monotonic() + 120
     while sender.status()["transfers"].get("late-recipes-waiting", 0):
         if time.monotonic() > deadline:

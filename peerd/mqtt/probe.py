@@ -10,9 +10,17 @@ So after connecting, the link publishes probes on a topic of its own that it sub
 payload of each size a transfer's chunk frames could have, smallest first, each followed by a
 small marker. One publisher's messages on one topic arrive in order, so the marker coming back
 before the probe means the probe was dropped, at once, without waiting out a deadline; a
-connection lost in between means the broker refused the probe by closing. The first size that
-does not come back ends the probe: the largest that did is the limit in force for that broker
-URL (cached for the life of the link), and transfers choose their chunk size to fit it.
+connection lost in between means the broker refused the probe by closing. The first size the
+broker refused either way ends the probe: the largest that came back is the limit in force for
+that broker URL (cached for the life of the link), and transfers choose their chunk size to fit
+it.
+
+A size for which neither the probe nor its marker came back within `PROBE_TIMEOUT`, with the
+connection up, is no evidence of a limit: the broker is slow, not refusing (Mosquitto 2.0.11's
+websockets listener reads a client 4 KiB per pass, ~40 KB/s, and took a 256 KiB probe for a
+limit of 128 KiB). The probe then ends with no limit found, and a transfer whose chunks a broker
+really drops still fails within seconds naming its chunk size (the sender's stall check,
+peerd/transfers/sending.py).
 
 Cost, bounded: one subscription and at most `len(payloads)` probes (the sum of the chunk frame
 sizes, ~0.5 MiB with 256 KiB chunks) and as many markers per broker URL, QoS 0 (a QoS 1 probe
@@ -105,7 +113,10 @@ async def probe_packet_limit(link: Probed, plan: ProbePlan) -> int | None:
         for size in plan.payloads:
             if size + overhead > link.limits.max_packet_size:
                 break  # the limit in force (configured, or the broker's) is already below it
-            if not await _one(link, sub, plan.topic, size):
+            came_back = await _one(link, sub, plan.topic, size)
+            if came_back is None:
+                return None  # no evidence either way: see the module docstring
+            if not came_back:
                 return passed + overhead if passed else plan.payloads[0] - 1 + overhead
             passed = size
         return None
@@ -114,8 +125,9 @@ async def probe_packet_limit(link: Probed, plan: ProbePlan) -> int | None:
             await sub.close()
 
 
-async def _one(link: Probed, sub: Subscription, topic: str, size: int) -> bool:
-    """Whether a `size`-byte payload on `topic` came back (see the module docstring)."""
+async def _one(link: Probed, sub: Subscription, topic: str, size: int) -> bool | None:
+    """Whether a `size`-byte payload on `topic` came back: True, False (the broker dropped it
+    or closed the connection over it), None (nothing came back in time: no evidence)."""
     while sub.get_nowait() is not None:
         pass  # late echoes of an earlier size
     nonce = os.urandom(15)
@@ -127,7 +139,9 @@ async def _one(link: Probed, sub: Subscription, topic: str, size: int) -> bool:
         await link.publish(topic, payload, qos=0, timeout=PROBE_TIMEOUT)
         await link.publish(topic, nonce + _MARK, qos=0, timeout=PROBE_TIMEOUT)
     except BrokerError:
-        return False
+        # Refused by closing, or not even written in time (a slow listener): only the first is
+        # evidence of a limit.
+        return False if link.stats.disconnects != drops else None
     while (left := PROBE_TIMEOUT - (time.monotonic() - started)) > 0:
         try:
             async with asyncio.timeout(min(left, 0.25)):
@@ -148,6 +162,10 @@ async def _one(link: Probed, sub: Subscription, topic: str, size: int) -> bool:
             log.info("broker %s: dropped a %d-byte probe", link.settings.url, size)
             return False
     log.info(
-        "broker %s: no answer to a %d-byte probe in %gs", link.settings.url, size, PROBE_TIMEOUT
+        "broker %s: no answer to a %d-byte probe in %gs; assuming no packet limit below what"
+        " is configured or stated",
+        link.settings.url,
+        size,
+        PROBE_TIMEOUT,
     )
-    return False
+    return None

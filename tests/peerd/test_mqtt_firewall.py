@@ -23,7 +23,7 @@ from peerd.mqtt import (
     MqttLink,
     open_link,
 )
-from tests.peerd.test_mqtt import next_msg
+from tests.peerd.test_mqtt import eventually, next_msg
 from tests.support.broker import Broker, free_port, wait_for_port
 from tests.support.tls import TestCA
 
@@ -144,6 +144,27 @@ async def test_round_trip_through_each_listener(
         assert got == [b"small", big, b"qos0"]
         assert link.stats.connects == 1
     assert link.settings.url == listeners.urls[kind]
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_a_slow_websocket_listener_is_no_packet_limit(
+    listeners: Listeners, client: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mosquitto 2.0.11's websockets listener reads ~40 KB/s, so a large probe comes back after
+    the probe's deadline, or is not even written by then. That is a slow broker, not a limit:
+    the probe must not lower the limit in force (it took a 256 KiB probe for a 128 KiB limit)."""
+    from peerd.mqtt import probe  # noqa: PLC0415
+
+    monkeypatch.setattr(probe, "PROBE_TIMEOUT", 1.0)  # 256 KiB at ~40 KB/s takes ~6 s
+    link = open_for(listeners.settings(listeners.urls["ws"]), client)
+    topic = f"peerd/v1/t/x/{link.settings.client_id}/{'0' * 32}"
+    link.probe_plan = probe.ProbePlan(topic, (16384, 262144))
+    async with link:
+        await link.wait_connected(10)
+        await eventually(lambda: link._probing is None, "the probe ran", limit=20)  # type: ignore[attr-defined]
+        limits = await link.settled(10)
+        assert limits.source != "probe"
+        assert limits.max_payload(topic) >= 262144
 
 
 async def test_builtin_websocket_sets_nodelay_and_closes_cleanly(listeners: Listeners) -> None:

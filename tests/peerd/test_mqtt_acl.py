@@ -180,3 +180,19 @@ def test_the_shipped_conf_sets_the_documented_limits(shipped: Broker) -> None:
         "persistence true",
     ):
         assert line in conf
+
+
+def test_the_shipped_broker_runs_with_the_shipped_drop_in(shipped: Broker) -> None:
+    """Tests and benchmarks run Mosquitto as installed: with the environment of
+    systemd/mosquitto-peerd-malloc.conf (glibc keeps the heap that chunks pass through, instead
+    of trimming it after every chunk), read off the running process."""
+    assert shipped.proc is not None
+    raw = Path(f"/proc/{shipped.proc.pid}/environ").read_bytes()
+    env = dict(item.partition(b"=")[::2] for item in raw.split(b"\0") if item)
+    drop_in = Path(__file__).resolve().parents[2] / "systemd" / "mosquitto-peerd-malloc.conf"
+    lines = [x for x in drop_in.read_text().splitlines() if x.startswith("Environment=")]
+    assert lines, "the drop-in sets no environment"
+    for item in lines[0].removeprefix("Environment=").split():
+        key, _, value = item.partition("=")
+        assert env.get(key.encode()) == value.encode(), key
+    assert env[b"MALLOC_TRIM_THRESHOLD_"] == b"67108864"

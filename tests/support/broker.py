@@ -27,6 +27,7 @@ from pathlib import Path
 from types import TracebackType
 
 SHIPPED_CONF = Path(__file__).resolve().parents[2] / "systemd" / "mosquitto-peerd.conf"
+SHIPPED_DROP_IN = SHIPPED_CONF.with_name("mosquitto-peerd-malloc.conf")
 # Directives of the shipped file that name paths or addresses of an installed system; a private
 # broker replaces them with its own.
 _LOCAL_DIRECTIVES = {
@@ -100,11 +101,24 @@ def write_password_file(path: Path, users: Mapping[str, str]) -> None:
     path.chmod(0o600)
 
 
+def shipped_environment() -> dict[str, str]:
+    """The environment the shipped systemd drop-in gives Mosquitto (its `Environment=` lines),
+    so a broker run "as shipped" runs as installed."""
+    env: dict[str, str] = {}
+    for line in SHIPPED_DROP_IN.read_text().splitlines():
+        if line.startswith("Environment="):
+            for item in line.removeprefix("Environment=").split():
+                key, _, value = item.partition("=")
+                env[key] = value
+    return env
+
+
 class Broker:
     """One private Mosquitto process. Use as a context manager or call start()/stop().
 
     shipped: run systemd/mosquitto-peerd.conf (authentication with `users`, its ACL, its limits)
-    instead of the permissive test configuration; `extra_acl` is appended to its ACL (an
+    with the environment of systemd/mosquitto-peerd-malloc.conf, as installed, instead of the
+    permissive test configuration; `extra_acl` is appended to its ACL (an
     operator's additions, e.g. a bridge's account).
     """
 
@@ -196,6 +210,7 @@ class Broker:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            env={**os.environ, **shipped_environment()} if self.shipped else None,
         )
         try:
             wait_for_port(self.port)

@@ -147,6 +147,21 @@ class _Receiver:
         self.seal_at = -1e18  # when a Seal was last sent to it on its own report
 
 
+EARLY_DUPLICATES = 64  # a fan-out's early copies beyond one: at most 1/64 of the file
+
+
+def early_chunks(config: TransferConfig, receivers: int, count: int) -> int:
+    """How many chunks go early to each receiver (SPEC 7.7): the initial window shared among
+    the receivers and, since each receiver gets its own copy, for a fan-out also at most
+    `count / (64 x (receivers - 1))`, so that the copies beyond one stay within 1/64 of the file
+    (a fan-out of 256 MiB to 8 published 56 chunks twice: 1.055x the file); but one at least,
+    so that the first byte still travels right behind the Offer."""
+    e = min(config.early_window, config.window) // receivers
+    if receivers > 1 and e > 0:
+        e = min(e, max(1, count // (EARLY_DUPLICATES * (receivers - 1))))
+    return e
+
+
 class SenderTransfer:
     """One file sent to up to MAX_RECEIVERS receivers. See the module docstring."""
 
@@ -201,7 +216,7 @@ class SenderTransfer:
         # Early chunks (SPEC 7.7): the first chunks go out right after the Offers, to each
         # receiver's early topic, instead of a round trip later; the budget is shared among the
         # receivers since each gets its own copy.
-        self._early_end = min(self._count, min(config.early_window, config.window) // len(peers))
+        self._early_end = min(self._count, early_chunks(config, len(peers), self._count))
         self._persist()
         for r in self._receivers.values():
             self._send_offer(r, now)

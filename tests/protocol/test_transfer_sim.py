@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import heapq
 import random
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,7 @@ from protocol.transfer import (
     frame_buffer,
 )
 from protocol.transfer.messages import Offer
+from protocol.transfer.sender import early_chunks
 
 CHUNK = 1024
 # One part of a streamed recipe: (seconds after the Offer, chunks copied, reach after it).
@@ -535,11 +537,31 @@ def test_early_chunks_travel_with_the_offer(size: int) -> None:
 
 
 def test_early_chunks_are_one_copy_per_receiver_within_a_shared_budget() -> None:
-    sim = Sim(payload(20 * CHUNK), ["bob", "carol"], config=small_config(early_window=8, window=8))
+    sim = Sim(payload(300 * CHUNK), ["bob", "carol"], config=small_config(early_window=8, window=8))
     sim.run()
     assert_outcome(sim, all_succeed=True)
-    # 8 early chunks shared by two receivers: chunks 0..3, each published once to each.
-    assert sorted(sim.published) == sorted([*range(4), *range(20)])
+    # 8 early chunks shared by two receivers: chunks 0..3, each published once to each (and
+    # beyond that only what a receiver asked for again).
+    assert sim.sender is not None
+    extra = Counter(sim.published) - Counter(range(300))
+    assert {i: n for i, n in extra.items() if i < 4} == dict.fromkeys(range(4), 1)
+    assert sum(extra.values()) == 4 + sim.sender.resent_frames
+
+
+@pytest.mark.parametrize(("receivers", "count"), [(2, 100), (8, 10), (8, 1024), (8, 4096)])
+def test_a_fan_outs_early_copies_stay_within_a_64th_of_the_file(receivers: int, count: int) -> None:
+    """Each receiver gets its own copy of the early chunks (SPEC 7.7): for a fan-out the copies
+    beyond one are at most 1/64 of the file, or one chunk each where that is less than one."""
+    names = [f"r{i}" for i in range(receivers)]
+    sim = Sim(payload(count * CHUNK), names, config=small_config(early_window=64, window=64))
+    sim.run()
+    assert_outcome(sim, all_succeed=True)
+    assert sim.sender is not None
+    extra = len(sim.published) - count - sim.sender.resent_frames
+    early = early_chunks(sim.sender.config, receivers, count)
+    assert early >= 1
+    assert extra == early * (receivers - 1)
+    assert extra <= max(receivers - 1, count // 64)
 
 
 def test_early_chunks_stop_once_a_receiver_accepts() -> None:
@@ -548,7 +570,7 @@ def test_early_chunks_stop_once_a_receiver_accepts() -> None:
     on a loaded CI machine published 9 of 25 chunks twice): the rest goes there once."""
     key = nacl.signing.SigningKey(bytes(32))
     cfg = small_config(early_window=16, window=16)
-    data = payload(40 * CHUNK)
+    data = payload(1024 * CHUNK)  # so that the fan-out's share of early copies is the window's
     now = 1_700_000_000.0
     s = SenderTransfer(
         name="model.safetensors",

@@ -398,8 +398,8 @@ class Daemon:
     def count_rejection(self, reason: str, message: str | None = None, *args: object) -> None:
         self.sessions.rejections[reason] += 1
         if message is not None:
-            self._logs.event(
-                logging.INFO, reason, "input.rejected", reason=reason, detail=message % args
+            self._logs.event_detail(
+                logging.INFO, reason, "input.rejected", message, args, reason=reason
             )
 
     def has_session(self, peer: str) -> bool:

@@ -228,6 +228,22 @@ class LogBudget:
         log_event(self.logger, event, level, **fields)
         return True
 
+    def event_detail(
+        self, level: int, key: str, event: str, detail: str, args: tuple[object, ...], **fields: Any
+    ) -> bool:
+        """`event` with the field `detail=detail % args`, formatted only if the line is logged
+        (under a flood nearly none is, and formatting each cost the read path ~1 us)."""
+        if not self.logger.isEnabledFor(level):
+            return False
+        held = self._take(key)
+        if held is None:
+            return False
+        out = {**fields, "detail": detail % args}
+        if held:
+            out["suppressed"] = held
+        log_event(self.logger, event, level, **out)
+        return True
+
     def _take(self, key: str) -> int | None:
         """None: over budget (counted); else how many lines of `key` were held back before."""
         now = self._clock()

@@ -8,11 +8,18 @@ and then read back through fresh subscriptions to its exact topic (a retained de
 RabbitMQ makes to exact topics too); one not read back is logged, counted and published again,
 a few times a round.
 
-The cheap checks run in the link's read path, before anything is queued: the topic's shape, the
-statement id against the payload's hash, decoding, and that an owner's statement is the
-publisher's own, an authority's, or a known peer's it relays (protocol/SPEC.md 2). The
-signature is checked in the event task, within the publisher's lane and rate
-(`peerd.events.EventLanes.statement`), when the store records it.
+The link's read path only files each statement under its publisher (the `rev/<publisher>/`
+level, which the shipped ACL confines to that account): a small FIFO per publisher, bounded,
+taken round-robin by a task of its own. Decoding a statement cost ~25 us in the read path, so a
+flood of junk from one broker account filled the node's one connection to the broker, and its
+handshake frames waited behind the junk, or the broker dropped them (docs/SECURITY.md 3.5.1).
+Filed, a statement costs the read path a topic split and an append; beyond its publisher's
+bound it is dropped and counted (`revocation-backlog-full`), and only that publisher's. The
+task runs the cheap checks a few milliseconds at a time, yielding to the read path between
+slices: the topic's shape, the statement id against the payload's hash, decoding, and that an
+owner's statement is the publisher's own, an authority's, or a known peer's it relays
+(protocol/SPEC.md 2). The signature is checked in the event task, within the publisher's lane
+and rate (`peerd.events.EventLanes.statement`), when the store records it.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +36,7 @@ from peerd.errors import PeerdError
 from peerd.host import Extension
 from peerd.logs import log_event
 from peerd.mqtt import BrokerError, LinkClosed, statement_id, subscribe_steadily
+from peerd.mqtt.topics import INDEX_LEVEL
 from peerd.waiting import wait_set
 from protocol.errors import RemoteProtocolError
 from protocol.identity import Revocation, decode_statement
@@ -49,6 +58,12 @@ READBACK_PAUSE = 2.0  # between them (a cluster electing a leader takes about th
 # How long `peerd revoke` waits for the broker to show it keeps the statement: up to 3 tries
 # of publish, read back and pause, about 12 s each.
 STORED_WAIT = 40.0
+# Statements from the broker waiting for their cheap checks: per publisher, and publishers at
+# once (each holds a statement or more); beyond either, dropped and counted.
+BACKLOG_PER_PUBLISHER = 256
+BACKLOG_PUBLISHERS = 4096
+BACKLOG_BYTES = 8 << 20  # in all (a statement is a few hundred bytes)
+CHECK_SLICE = 0.005  # s of checks before the read path gets the loop back
 
 
 class Revocations(Extension):
@@ -66,8 +81,20 @@ class Revocations(Extension):
         self.not_kept = 0
         # Per kept statement: set once a fresh subscription read it back from the broker.
         self._stored: dict[str, asyncio.Event] = {}
+        # Statements from the broker waiting for the cheap checks, per publisher ("" for a
+        # topic of no publisher, refused when its turn comes).
+        self._backlog: OrderedDict[str, deque[Message]] = OrderedDict()
+        self._backlog_ready = asyncio.Event()
+        self._backlog_bytes = 0
+        self._backlog_count = 0
+        self.backlog_peak = 0
 
     async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._check_backlog(), name="revocation checks")
+            await self._keep_published()
+
+    async def _keep_published(self) -> None:
         await self._subscribe()
         while True:
             with contextlib.suppress(TimeoutError):
@@ -209,7 +236,8 @@ class Revocations(Extension):
 
     def status(self) -> dict[str, Any]:
         kept = {"kept": len(self._kept), "not_kept": self.not_kept, **self.counts}
-        return {"revocations": {"applied": self.applied, **kept}}
+        backlog = {"backlog": self.backlog(), "backlog_peak": self.backlog_peak}
+        return {"revocations": {"applied": self.applied, **kept, **backlog}}
 
     def on_app(self, peer: str, app: AppMessage) -> None:
         if isinstance(app, RevocationPush):
@@ -218,7 +246,64 @@ class Revocations(Extension):
             self.admit(peer, app.statement, source=peer)
 
     def on_broker_message(self, msg: Message) -> None:
-        """A statement from `rev/<publisher>/<statement id>` (in the link's read path)."""
+        """A statement from `rev/<publisher>/<statement id>`, in the link's read path: filed in
+        its publisher's backlog, nothing more (see the module docstring)."""
+        parts = msg.topic.split("/")
+        if parts[-1] == INDEX_LEVEL:
+            return  # an issuer's index: peerd/revocation_index.py reads those it watches
+        publisher = parts[-2] if len(parts) >= 2 else ""
+        backlog = self._backlog.get(publisher)
+        if self._backlog_bytes + len(msg.payload) > BACKLOG_BYTES:
+            self.host.count_rejection(
+                "revocation-backlog-full", "revocations faster than they can be checked"
+            )
+            return
+        if backlog is None:
+            if len(self._backlog) >= BACKLOG_PUBLISHERS:
+                self.host.count_rejection(
+                    "revocation-backlog-full", "revocations from too many publishers at once"
+                )
+                return
+            backlog = self._backlog[publisher] = deque()
+        elif len(backlog) >= BACKLOG_PER_PUBLISHER:
+            self.host.count_rejection(
+                "revocation-backlog-full",
+                "revocations from %s faster than they can be checked",
+                publisher[:80],
+            )
+            return
+        backlog.append(msg)
+        self._backlog_bytes += len(msg.payload)
+        self._backlog_count += 1
+        self.backlog_peak = max(self.backlog_peak, self._backlog_count)
+        self._backlog_ready.set()
+
+    def backlog(self) -> int:
+        """Statements from the broker waiting for their cheap checks."""
+        return self._backlog_count
+
+    async def _check_backlog(self) -> None:
+        """The cheap checks of the filed statements, one publisher's after another's, in slices
+        of `CHECK_SLICE` between which the read path runs."""
+        while True:
+            await self._backlog_ready.wait()
+            self._backlog_ready.clear()
+            started = time.monotonic()
+            while self._backlog:
+                publisher, backlog = next(iter(self._backlog.items()))
+                msg = backlog.popleft()
+                self._backlog_bytes -= len(msg.payload)
+                self._backlog_count -= 1
+                if backlog:
+                    self._backlog.move_to_end(publisher)
+                else:
+                    del self._backlog[publisher]
+                self._check(msg)
+                if time.monotonic() - started > CHECK_SLICE:
+                    await asyncio.sleep(0)
+                    started = time.monotonic()
+
+    def _check(self, msg: Message) -> None:
         refuse = self.host.count_rejection
         statement = msg.payload
         where = self.host.topics.parse(msg.topic)

@@ -38,6 +38,7 @@ from peerd.mqtt import (
     statement_id,
     topic_matches,
 )
+from peerd.mqtt.subscription import LinkStats, Routes, Subscription
 from tests.support.broker import Broker, free_port, write_password_file
 from tests.support.hostile import TO_BROKER, Hold, HostileProxy, Record, read_packet
 from tests.support.tls import issue, make_ca
@@ -176,6 +177,64 @@ def test_backoff_never_exceeds_its_bounds(
 )
 def test_topic_matches(topic_filter: str, topic: str, expected: bool) -> None:
     assert topic_matches(topic_filter, topic) is expected
+
+
+_LEVELS = st.sampled_from(["a", "b", "", "$SYS"])
+_TOPICS = st.lists(_LEVELS, min_size=1, max_size=4).map("/".join)
+_FILTERS = st.builds(
+    lambda levels, tail: "/".join([*levels, *tail]),
+    st.lists(st.one_of(_LEVELS, st.just("+")), min_size=0, max_size=3),
+    st.sampled_from([[], ["#"], ["+"]]),
+).filter(bool)
+
+
+class _Owner:
+    stats = LinkStats()
+
+    def _handler_failed(self, sub: Subscription) -> None:
+        raise AssertionError("a handler failed")
+
+    async def _unsubscribe(self, sub: Subscription) -> None:
+        raise AssertionError("not here")
+
+
+@settings(max_examples=300, deadline=None)
+@given(filters=st.lists(_FILTERS, min_size=1, max_size=6), topics=st.lists(_TOPICS, max_size=8))
+def test_routes_reach_exactly_the_subscriptions_whose_filter_matches(
+    filters: list[str], topics: list[str]
+) -> None:
+    """The link's routing (an exact lookup, a prefix test for `.../#`, `topic_matches` for the
+    rest) delivers a topic to the subscriptions `topic_matches` says, in subscription order,
+    also after one is dropped."""
+
+    async def check() -> None:
+        routes = Routes()
+        hits: list[int] = []
+        subs = [
+            Subscription(
+                _Owner(),
+                f,
+                qos=0,
+                handler=lambda m, i=i: hits.append(i),
+                max_messages=1,
+                max_bytes=1,
+            )
+            for i, f in enumerate(filters)
+        ]
+        for sub in subs:
+            routes.add(sub)
+        live = dict(enumerate(filters))
+        for round_ in range(2):
+            for topic in topics:
+                hits.clear()
+                routes.deliver(Message(topic, b"", 0, False, False), LinkStats())
+                want = [i for i, f in live.items() if topic_matches(f, topic)]
+                assert hits == want, (topic, live)
+            if round_ == 0:
+                routes.drop(subs[0])
+                del live[0]
+
+    asyncio.run(check())
 
 
 def test_topic_layout_of_a_network() -> None:

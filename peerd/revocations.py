@@ -298,7 +298,12 @@ class Revocations(Extension):
                     self._backlog.move_to_end(publisher)
                 else:
                     del self._backlog[publisher]
-                self._check(msg)
+                try:
+                    self._check(msg)
+                except Exception:  # noqa: BLE001 - as a handler's in the read path: counted, and the checks go on
+                    self.host.count_rejection(
+                        "revocation-check-failed", "checking a revocation on %s failed", msg.topic
+                    )
                 if time.monotonic() - started > CHECK_SLICE:
                     await asyncio.sleep(0)
                     started = time.monotonic()

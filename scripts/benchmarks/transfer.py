@@ -525,7 +525,7 @@ def resume(sender: Node, receiver: Node, proxy: HostileProxy, path: Path) -> tup
             ],
         ],
     )
-    return ok, f"{resent} frames re-sent after SIGKILL (goal <= {WINDOW}): {verdict(ok)}"
+    return ok, f"{resent} frames re-sent after SIGKILL (goal <= {2 * WINDOW}): {verdict(ok)}"
 
 
 def run(quick: bool = False) -> bool:

@@ -218,30 +218,33 @@ class LogBudget:
     def event(self, level: int, key: str, event: str, **fields: Any) -> bool:
         """The event `event` (`peerd.logs.log_event`) at `level` if the budget allows; a line
         after suppressed ones says how many with `suppressed=N`. True if it was logged."""
-        if not self.logger.isEnabledFor(level):
-            return False
-        held = self._take(key)
-        if held is None:
-            return False
-        if held:
-            fields["suppressed"] = held
-        log_event(self.logger, event, level, **fields)
-        return True
+        return self._event(level, key, event, fields, None)
 
     def event_detail(
         self, level: int, key: str, event: str, detail: str, args: tuple[object, ...], **fields: Any
     ) -> bool:
         """`event` with the field `detail=detail % args`, formatted only if the line is logged
         (under a flood nearly none is, and formatting each cost the read path ~1 us)."""
+        return self._event(level, key, event, fields, (detail, args))
+
+    def _event(
+        self,
+        level: int,
+        key: str,
+        event: str,
+        fields: dict[str, Any],
+        detail: tuple[str, tuple[object, ...]] | None,
+    ) -> bool:
         if not self.logger.isEnabledFor(level):
             return False
         held = self._take(key)
         if held is None:
             return False
-        out = {**fields, "detail": detail % args}
+        if detail is not None:
+            fields["detail"] = detail[0] % detail[1]
         if held:
-            out["suppressed"] = held
-        log_event(self.logger, event, level, **out)
+            fields["suppressed"] = held
+        log_event(self.logger, event, level, **fields)
         return True
 
     def _take(self, key: str) -> int | None:

@@ -253,25 +253,19 @@ class Revocations(Extension):
             return  # an issuer's index: peerd/revocation_index.py reads those it watches
         publisher = parts[-2] if len(parts) >= 2 else ""
         backlog = self._backlog.get(publisher)
-        if self._backlog_bytes + len(msg.payload) > BACKLOG_BYTES:
-            self.host.count_rejection(
-                "revocation-backlog-full", "revocations faster than they can be checked"
-            )
-            return
-        if backlog is None:
-            if len(self._backlog) >= BACKLOG_PUBLISHERS:
-                self.host.count_rejection(
-                    "revocation-backlog-full", "revocations from too many publishers at once"
-                )
-                return
-            backlog = self._backlog[publisher] = deque()
-        elif len(backlog) >= BACKLOG_PER_PUBLISHER:
+        if (
+            self._backlog_bytes + len(msg.payload) > BACKLOG_BYTES
+            or (backlog is None and len(self._backlog) >= BACKLOG_PUBLISHERS)
+            or (backlog is not None and len(backlog) >= BACKLOG_PER_PUBLISHER)
+        ):
             self.host.count_rejection(
                 "revocation-backlog-full",
-                "revocations from %s faster than they can be checked",
+                "revocations (the last from %s) faster than they can be checked",
                 publisher[:80],
             )
             return
+        if backlog is None:
+            backlog = self._backlog[publisher] = deque()
         backlog.append(msg)
         self._backlog_bytes += len(msg.payload)
         self._backlog_count += 1
@@ -311,9 +305,7 @@ class Revocations(Extension):
     def _check(self, msg: Message) -> None:
         refuse = self.host.count_rejection
         statement = msg.payload
-        where = self.host.topics.parse(msg.topic)
-        if where is not None and where[0] == "rev-index":
-            return  # an issuer's index: peerd/revocation_index.py reads those it watches
+        where = self.host.topics.parse(msg.topic)  # an index never gets here: see above
         if not statement:
             # Someone cleared a retained statement: it un-revokes nothing (the store keeps
             # what it learned), but an operator should see the attempt.

@@ -190,14 +190,10 @@ class Routes:
         # followed by `/#` (no +): then a topic matches if it starts with the prefix and `/`,
         # or is the prefix itself, a string test instead of splitting both.
         self._wild: list[tuple[Subscription, str | None]] = []
-        self._order: dict[int, int] = {}  # id(sub) -> when it was added: delivery order
-        self._added = 0
 
     def add(self, sub: Subscription) -> int:
         """Register `sub`; the QoS its filter must now be subscribed at."""
         self.subs.append(sub)
-        self._added += 1
-        self._order[id(sub)] = self._added
         f = sub.filter
         if "+" in f or "#" in f:
             plain = f.endswith("/#") and "+" not in f and "#" not in f[:-2]
@@ -213,7 +209,6 @@ class Routes:
         with contextlib.suppress(ValueError):
             self.subs.remove(sub)
         self._wild = [w for w in self._wild if w[0] is not sub]
-        self._order.pop(id(sub), None)
         sub._end(None)
         subs = self.by_filter.get(sub.filter)
         if subs is None:
@@ -232,7 +227,6 @@ class Routes:
         self.by_filter.clear()
         self._cache.clear()
         self._wild.clear()
-        self._order.clear()
 
     def deliver(self, msg: Message, stats: LinkStats) -> None:
         stats.received += 1
@@ -251,9 +245,9 @@ class Routes:
                     else topic.startswith(prefix) and topic[len(prefix) : len(prefix) + 1] in "/"
                 )
             ]
-            if exact and wild:
-                order = self._order
-                subs = tuple(sorted((*exact, *wild), key=lambda s: order[id(s)]))
+            if exact and wild:  # both: in subscription order
+                hit = {id(s) for s in (*exact, *wild)}
+                subs = tuple(s for s in self.subs if id(s) in hit)
             else:
                 subs = tuple(exact or wild)
             if len(self._cache) >= 4096:  # topics come from outside: bound the cache

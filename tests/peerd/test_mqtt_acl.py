@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from peerd.mqtt import Backoff, BrokerRefused, BrokerSettings, Message, MqttLink, Subscription
-from tests.support.broker import Broker
+from tests.support.broker import Broker, shipped_environment
 
 NET = "peerd/v1/acltest"
 NODES = ("alice", "bob", "carol")
@@ -189,10 +189,8 @@ def test_the_shipped_broker_runs_with_the_shipped_drop_in(shipped: Broker) -> No
     assert shipped.proc is not None
     raw = Path(f"/proc/{shipped.proc.pid}/environ").read_bytes()
     env = dict(item.partition(b"=")[::2] for item in raw.split(b"\0") if item)
-    drop_in = Path(__file__).resolve().parents[2] / "systemd" / "mosquitto-peerd-malloc.conf"
-    lines = [x for x in drop_in.read_text().splitlines() if x.startswith("Environment=")]
-    assert lines, "the drop-in sets no environment"
-    for item in lines[0].removeprefix("Environment=").split():
-        key, _, value = item.partition("=")
+    wanted = shipped_environment()
+    assert wanted, "the drop-in sets no environment"
+    for key, value in wanted.items():
         assert env.get(key.encode()) == value.encode(), key
     assert env[b"MALLOC_TRIM_THRESHOLD_"] == b"67108864"

@@ -77,13 +77,12 @@ class AiomqttLink(LinkCommon):
         self._version = self.settings.mqtt_version or _V5
         self._client: aiomqtt.Client | None = None
         self._down: asyncio.Future[None] | None = None  # done when the current connection drops
-        self._stop: asyncio.Future[None] | None = None
         self._runner: asyncio.Task[Any] | None = None  # the task in run(), awaited by close()
         self._outbox: deque[tuple[str, bytes, int, bool, Handed | None]] = deque()
         self._queued_bytes = 0
         self._sent: deque[paho.MQTTMessageInfo] = deque()  # for drain(): written yet?
         self._socket_error = ""  # paho's last socket error, for _translate
-        self._alert: asyncio.Future[BrokerError] | None = None  # see _enter
+        self._alert: asyncio.Future[BrokerError | aiomqtt.MqttError] | None = None  # see _enter
         self._retries: set[asyncio.Task[None]] = set()  # subscriptions asked for again
 
     # -- the port's properties --
@@ -102,10 +101,10 @@ class AiomqttLink(LinkCommon):
         try:
             while not self._closing:
                 try:
-                    client = await self._open()
+                    client = await self._until_stopped(self._open())
                     try:
                         self.stats.connects += 1
-                        await self._restore(client)
+                        await self._until_stopped(self._restore(client))
                         self._set_up(client)
                         self._connected()
                         reader = asyncio.ensure_future(self._read(client))
@@ -123,6 +122,8 @@ class AiomqttLink(LinkCommon):
                             await client.__aexit__(None, None, None)
                 except aiomqtt.MqttError as exc:
                     self._failed(self._translate(exc))
+                except LinkClosed:
+                    pass
                 except BrokerError as exc:
                     self._failed(exc)
                 if self._stopping():
@@ -154,9 +155,13 @@ class AiomqttLink(LinkCommon):
         return client
 
     async def _enter(self, client: aiomqtt.Client) -> None:
-        """aiomqtt's connect, cut short by a TLS alert refusing our client certificate (which
-        aiomqtt would only report as a timeout, `connect_timeout` later)."""
-        alert: asyncio.Future[BrokerError] = asyncio.get_running_loop().create_future()
+        """aiomqtt's connect, cut short when the connection ends before the CONNACK: by a TLS
+        alert refusing our client certificate, or by any close (a TLS 1.3 broker that refuses a
+        certificate after the handshake can reset the connection before its alert is read).
+        aiomqtt ignores a disconnect before the CONNACK, and would report either only as a
+        timeout, `connect_timeout` later."""
+        alert: asyncio.Future[BrokerError | aiomqtt.MqttError]
+        alert = asyncio.get_running_loop().create_future()
         self._alert = alert
         enter = asyncio.ensure_future(client.__aenter__())
         try:
@@ -202,6 +207,21 @@ class AiomqttLink(LinkCommon):
             on_connect(*args)
 
         paho_client.on_connect = keep_properties
+        on_disconnect: Any = paho_client.on_disconnect
+
+        def end_attempt(*args: Any) -> None:
+            # After a CONNACK (props holds its properties) aiomqtt has the outcome, a refusal
+            # with its reason included.
+            if not props and self._alert is not None and not self._alert.done():
+                why = f": {self._socket_error}" if self._socket_error else ""
+                self._socket_error = ""
+                # An MqttError, as aiomqtt's timeout was: _open falls back to 3.1.1 on it.
+                self._alert.set_result(
+                    aiomqtt.MqttError(f"closed the connection before accepting it{why}")
+                )
+            on_disconnect(*args)
+
+        paho_client.on_disconnect = end_attempt
 
         def keep_socket_error(_c: Any, _u: Any, level: int, text: str) -> None:
             # A TLS alert read after the handshake (a client certificate missing or refused)
@@ -226,6 +246,8 @@ class AiomqttLink(LinkCommon):
             code = _code(exc.rc)
             reason = CONNACK_REASONS.get(code, f"return code {code}")
             return BrokerRefused(f"the broker at {url} refused the connection: {reason}", code=code)
+        if str(exc).startswith("closed the connection"):  # from _enter, as MqttLink says it
+            return BrokerUnreachable(f"the broker at {url} {exc}")
         if "timed out" in str(exc):
             return BrokerTimeout(f"the broker at {url} did not answer in time: {exc}")
         return BrokerUnreachable(f"the connection to the broker at {url} failed: {exc}")

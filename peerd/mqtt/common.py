@@ -8,9 +8,9 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from types import TracebackType
-from typing import Self, cast
+from typing import Any, Self, TypeVar, cast
 
 from peerd.mqtt.errors import BrokerError, BrokerLimitError, BrokerTimeout, LinkClosed
 from peerd.mqtt.limits import LinkLimits
@@ -23,6 +23,7 @@ from peerd.mqtt.urls import BrokerSet
 __all__ = ["LinkCommon"]
 
 log = logging.getLogger("peerd.mqtt")
+T = TypeVar("T")
 
 # Connections lost with the same publish in flight before it is failed as too large (_blame).
 DROPS_TO_BLAME = 3
@@ -62,6 +63,7 @@ class LinkCommon:
         self._closing = False
         self._closed = False
         self._task: asyncio.Task[None] | None = None
+        self._stop: asyncio.Future[None] | None = None  # set by close(): ends every wait in run()
         self._state_waiters: list[asyncio.Future[None]] = []
         self._handler_errors_logged = 0
         # The largest payload the broker in use acknowledged at QoS 1: a publish no larger
@@ -85,6 +87,22 @@ class LinkCommon:
 
     def _stopping(self) -> bool:  # a call, so mypy does not narrow it across awaits
         return self._closing
+
+    async def _until_stopped(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Await `coro`, unless close() comes first: then cancel it and raise LinkClosed."""
+        assert self._stop is not None
+        task = asyncio.ensure_future(coro)
+        try:
+            await asyncio.wait((task, self._stop), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, BrokerError):
+                await task
+            raise LinkClosed("the broker link was closed")
+        return task.result()
 
     async def _pause_before_reconnect(self, stop: asyncio.Future[None] | None) -> None:
         """Wait the backoff's next delay, or until `stop` (set by `close()`). Each successful

@@ -40,8 +40,7 @@ import logging
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Callable
 
 from peerd.mqtt.conn import Conn
 from peerd.mqtt.errors import (
@@ -74,7 +73,6 @@ from protocol.mqtt import (
 __all__ = ["MqttLink"]
 
 log = logging.getLogger("peerd.mqtt")
-T = TypeVar("T")
 
 
 class MqttLink(Subscribing):
@@ -115,7 +113,6 @@ class MqttLink(Subscribing):
         self._pending: dict[int, Pending] = {}
         self._next_mid = 0
         self._idle_waiters: list[asyncio.Future[None]] = []
-        self._stop: asyncio.Future[None] | None = None  # set by close(): ends every wait in run()
         self._running = False
         self._version = self.settings.mqtt_version or V5
         self._keepalive = self.settings.keepalive  # the broker's Server Keep Alive overrides it
@@ -165,22 +162,6 @@ class MqttLink(Subscribing):
                 await self._pause_before_reconnect(self._stop)
         finally:
             self._shutdown()
-
-    async def _until_stopped(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Await `coro`, unless close() comes first: then cancel it and raise LinkClosed."""
-        assert self._stop is not None
-        task = asyncio.ensure_future(coro)
-        try:
-            await asyncio.wait((task, self._stop), return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            task.cancel()
-            raise
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, BrokerError):
-                await task
-            raise LinkClosed("the broker link was closed")
-        return task.result()
 
     async def close(self) -> None:
         """Stop: say DISCONNECT, fail what still waits with `LinkClosed`, end subscriptions.

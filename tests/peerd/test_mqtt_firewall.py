@@ -220,3 +220,71 @@ async def test_a_refused_websocket_upgrade_is_one_clear_line() -> None:
                 await link.wait_connected(10)
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_a_close_before_the_connack_ends_the_attempt_at_once(client: str) -> None:
+    """A broker that closes after reading CONNECT (as a TLS 1.3 broker refusing a certificate
+    may, with its alert lost to the reset) fails the attempt now, and the link retries: not a
+    silent wait for `connect_timeout` (aiomqtt on its own ignores a close before CONNACK)."""
+    attempts = 0
+
+    async def close_after_connect(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        nonlocal attempts
+        attempts += 1
+        await reader.read(1)
+        writer.close()
+
+    server = await asyncio.start_server(close_after_connect, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        # A connect timeout far beyond the wait: only an attempt that ends early is counted.
+        settings = BrokerSettings.from_url(
+            f"mqtt://127.0.0.1:{port}", client_id=cid(), connect_timeout=600
+        )
+        async with open_for(settings, client) as link:
+            await eventually(lambda: link.stats.connect_failures >= 3, "three failed attempts", 20)
+            assert not link.connected
+            err = link.last_error
+            assert isinstance(err, BrokerError)
+            assert not err.permanent
+            assert f"the broker at {settings.url} closed the connection before accepting it" in str(
+                err
+            )
+        assert attempts >= 3
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_close_ends_an_attempt_the_broker_leaves_unanswered(client: str) -> None:
+    """close() does not wait out `connect_timeout` behind a broker that never answers CONNECT
+    (the aiomqtt link once did)."""
+    seen = asyncio.Event()
+    held: list[asyncio.StreamWriter] = []
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        await reader.read(1)
+        seen.set()
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        settings = BrokerSettings.from_url(
+            f"mqtt://127.0.0.1:{port}", client_id=cid(), connect_timeout=600
+        )
+        link = open_for(settings, client)
+        await link.__aenter__()
+        async with asyncio.timeout(10):
+            await seen.wait()
+        async with asyncio.timeout(30):  # far below connect_timeout: the attempt was cut short
+            await link.close()
+        assert not link.connected
+        assert link.last_error is None  # closing is no failure of the broker
+    finally:
+        for w in held:
+            w.close()
+        server.close()

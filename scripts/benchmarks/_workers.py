@@ -119,6 +119,9 @@ class _AcceptAnyone:
     def invite_psk(self, invite_id: bytes, now: float) -> bytes | None:
         return None
 
+    def closed_invite(self, invite_id: bytes) -> str | None:
+        return None
+
 
 async def _loadgen(args: dict[str, Any]) -> None:
     from peerd.keystore import Keystore  # noqa: PLC0415

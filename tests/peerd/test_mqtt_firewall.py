@@ -5,9 +5,10 @@ test, its certificates from a throwaway CA)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -222,6 +223,22 @@ async def test_a_refused_websocket_upgrade_is_one_clear_line() -> None:
         server.close()
 
 
+@contextlib.asynccontextmanager
+async def not_a_broker(
+    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[BrokerSettings]:
+    """Settings for a TCP server on loopback that runs `handler` per connection, with a connect
+    timeout far beyond any wait of a test: only an attempt that ends early ends in time."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield BrokerSettings.from_url(
+            f"mqtt://127.0.0.1:{port}", client_id=cid(), connect_timeout=600
+        )
+    finally:
+        server.close()
+
+
 @pytest.mark.parametrize("client", CLIENTS)
 async def test_a_close_before_the_connack_ends_the_attempt_at_once(client: str) -> None:
     """A broker that closes after reading CONNECT (as a TLS 1.3 broker refusing a certificate
@@ -237,25 +254,14 @@ async def test_a_close_before_the_connack_ends_the_attempt_at_once(client: str) 
         await reader.read(1)
         writer.close()
 
-    server = await asyncio.start_server(close_after_connect, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        # A connect timeout far beyond the wait: only an attempt that ends early is counted.
-        settings = BrokerSettings.from_url(
-            f"mqtt://127.0.0.1:{port}", client_id=cid(), connect_timeout=600
-        )
-        async with open_for(settings, client) as link:
-            await eventually(lambda: link.stats.connect_failures >= 3, "three failed attempts", 20)
-            assert not link.connected
-            err = link.last_error
-            assert isinstance(err, BrokerError)
-            assert not err.permanent
-            assert f"the broker at {settings.url} closed the connection before accepting it" in str(
-                err
-            )
-        assert attempts >= 3
-    finally:
-        server.close()
+    async with not_a_broker(close_after_connect) as settings, open_for(settings, client) as link:
+        await eventually(lambda: link.stats.connect_failures >= 3, "three failed attempts", 20)
+        assert not link.connected
+        err = link.last_error
+        assert isinstance(err, BrokerError)
+        assert not err.permanent
+        assert f"the broker at {settings.url} closed the connection before accepting it" in str(err)
+    assert attempts >= 3
 
 
 @pytest.mark.parametrize("client", CLIENTS)
@@ -270,21 +276,16 @@ async def test_close_ends_an_attempt_the_broker_leaves_unanswered(client: str) -
         await reader.read(1)
         seen.set()
 
-    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
     try:
-        settings = BrokerSettings.from_url(
-            f"mqtt://127.0.0.1:{port}", client_id=cid(), connect_timeout=600
-        )
-        link = open_for(settings, client)
-        await link.__aenter__()
-        async with asyncio.timeout(10):
-            await seen.wait()
-        async with asyncio.timeout(30):  # far below connect_timeout: the attempt was cut short
-            await link.close()
-        assert not link.connected
-        assert link.last_error is None  # closing is no failure of the broker
+        async with not_a_broker(never_answer) as settings:
+            link = open_for(settings, client)
+            await link.__aenter__()
+            async with asyncio.timeout(10):
+                await seen.wait()
+            async with asyncio.timeout(30):  # far below connect_timeout: the attempt was cut short
+                await link.close()
+            assert not link.connected
+            assert link.last_error is None  # closing is no failure of the broker
     finally:
         for w in held:
             w.close()
-        server.close()

@@ -772,11 +772,17 @@ class HostileProxy:
         )
 
     def swap_across(
-        self, direction: Direction, topic: str, *, pairs: int | None = None, timeout: float = 1.0
+        self,
+        direction: Direction,
+        topic: str,
+        *,
+        pairs: int | None = None,
+        timeout: float = 1.0,
+        where: Callable[[Packet], bool] | None = None,
     ) -> Rule:
-        """Swap the payloads of packets on different topics matching `topic`, pairwise (the
-        chunks of two concurrent transfers, say); at most `pairs` pairs."""
-        return self.add_rule(direction, topic, SwapAcrossTopics(timeout, pairs))
+        """Swap the payloads of packets on different topics matching `topic` (and `where`),
+        pairwise (the chunks of two concurrent transfers, say); at most `pairs` pairs."""
+        return self.add_rule(direction, topic, SwapAcrossTopics(timeout, pairs), where=where)
 
     def remove_rule(self, rule: Rule) -> None:
         self._call(lambda: self.rules.remove(rule) if rule in self.rules else None)

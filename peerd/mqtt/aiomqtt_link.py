@@ -128,7 +128,7 @@ class AiomqttLink(LinkCommon):
                     self._failed(exc)
                 if self._stopping():
                     break
-                await self._pause_before_reconnect(self._stop)
+                await self._pause_before_reconnect()
         finally:
             self._shutdown()
 
@@ -147,6 +147,9 @@ class AiomqttLink(LinkCommon):
                 raise
             log.info("broker %s: no MQTT 5 (%s); trying MQTT 3.1.1", self.settings.url, exc)
             version = self._version = _V311
+            # A list of its own: the v5 refusal's CONNACK must not count as this attempt's,
+            # or a close before this attempt's CONNACK would not cut it short.
+            props = []
             client = self._connect(version, props)
             await self._enter(client)
         self._limits = self._with_found(

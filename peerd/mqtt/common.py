@@ -104,9 +104,10 @@ class LinkCommon:
             raise LinkClosed("the broker link was closed")
         return task.result()
 
-    async def _pause_before_reconnect(self, stop: asyncio.Future[None] | None) -> None:
-        """Wait the backoff's next delay, or until `stop` (set by `close()`). Each successful
-        connect resets the backoff, so the delay grows only over attempts that failed in a row."""
+    async def _pause_before_reconnect(self) -> None:
+        """Wait the backoff's next delay, or until `close()`. Each successful connect resets
+        the backoff, so the delay grows only over attempts that failed in a row."""
+        stop = self._stop
         assert stop is not None  # run() made it before its first attempt
         left = self.settings.url
         why = str(self.last_error) if self.last_error is not None else "the connection was lost"

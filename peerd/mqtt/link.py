@@ -159,7 +159,7 @@ class MqttLink(Subscribing):
                         self.on_conn_lost(conn)
                 if self._stopping():
                     break
-                await self._pause_before_reconnect(self._stop)
+                await self._pause_before_reconnect()
         finally:
             self._shutdown()
 

@@ -226,6 +226,7 @@ async def test_a_refused_websocket_upgrade_is_one_clear_line() -> None:
 @contextlib.asynccontextmanager
 async def not_a_broker(
     handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    mqtt_version: int = 4,
 ) -> AsyncIterator[BrokerSettings]:
     """Settings for a TCP server on loopback that runs `handler` per connection, with a connect
     timeout far beyond any wait of a test: only an attempt that ends early ends in time."""
@@ -233,7 +234,10 @@ async def not_a_broker(
     port = server.sockets[0].getsockname()[1]
     try:
         yield BrokerSettings.from_url(
-            f"mqtt://127.0.0.1:{port}", client_id=cid(), connect_timeout=600
+            f"mqtt://127.0.0.1:{port}",
+            client_id=cid(),
+            connect_timeout=600,
+            mqtt_version=mqtt_version,
         )
     finally:
         server.close()
@@ -262,6 +266,35 @@ async def test_a_close_before_the_connack_ends_the_attempt_at_once(client: str) 
         assert not err.permanent
         assert f"the broker at {settings.url} closed the connection before accepting it" in str(err)
     assert attempts >= 3
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_a_close_before_the_connack_ends_the_fallback_attempt_too(client: str) -> None:
+    """A broker that refuses MQTT 5 with a CONNACK and then closes the 3.1.1 attempt before its
+    CONNACK: the fallback attempt ends at once as well (the aiomqtt link once took the v5
+    refusal's CONNACK for the 3.1.1 attempt's and waited out `connect_timeout`)."""
+    levels: list[int] = []
+
+    async def refuse_v5_then_close(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        head = await reader.read(64)
+        at = head.find(b"MQTT")
+        levels.append(head[at + 4] if at >= 0 and len(head) > at + 4 else 0)
+        if levels[-1] == 5:
+            writer.write(b"\x20\x03\x00\x84\x00")  # CONNACK: unsupported protocol version
+            await writer.drain()
+        writer.close()
+
+    async with (
+        not_a_broker(refuse_v5_then_close, mqtt_version=0) as settings,
+        open_for(settings, client) as link,
+    ):
+        await eventually(lambda: 4 in levels and link.stats.connect_failures >= 2, "fallbacks", 20)
+        err = link.last_error
+        assert isinstance(err, BrokerError)
+        assert "closed the connection before accepting it" in str(err)
+    assert 5 in levels
 
 
 @pytest.mark.parametrize("client", CLIENTS)

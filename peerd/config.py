@@ -367,6 +367,11 @@ class ReceiveConfig:
         doc="deltas (both directions): send a peer only what it lacks of files it received from"
         " this node, and reuse chunks of files received from the same sender",
     )
+    direct_writes: bool = key(
+        True,
+        doc="write received chunks past the page cache (O_DIRECT), each held in memory until"
+        " the next fdatasync; off, or where the file system refuses it: through the page cache",
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -236,6 +236,7 @@ def families(snap: dict[str, Any]) -> Iterator[Metric]:
         ("bytes_resent", "file bytes published again (repair)"),
         ("chunks_received", "chunks received and written"),
         ("bytes_received", "file bytes received and written"),
+        ("chunks_direct", "chunks received and written past the page cache (O_DIRECT)"),
         ("bytes_reused", "file bytes a delta copied from local files instead of receiving"),
     ):
         yield counter(f"transfer_{name}", doc, totals.get(name, 0))

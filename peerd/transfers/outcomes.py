@@ -32,6 +32,7 @@ class TransferStats:
     bytes_resent: int = 0
     chunks_received: int = 0
     bytes_received: int = 0
+    chunks_direct: int = 0  # of those, written past the page cache (O_DIRECT)
     bytes_reused: int = 0  # copied from local files by a delta instead of received
     started: Counter[str] = field(default_factory=Counter)  # by direction
     finished: Counter[str] = field(default_factory=Counter)  # "<direction> <state>"
@@ -51,6 +52,7 @@ class TransferStats:
             "bytes_resent": self.bytes_resent,
             "chunks_received": self.chunks_received,
             "bytes_received": self.bytes_received,
+            "chunks_direct": self.chunks_direct,
             "bytes_reused": self.bytes_reused,
             "started": dict(self.started),
             "finished": dict(self.finished),

@@ -35,6 +35,7 @@ from peerd.transfers.chunkindex import (
     Recipe,
     Recipes,
 )
+from peerd.transfers.direct import DirectWrites, write_and_sync
 from peerd.transfers.files import (
     PART_SUFFIX,
     TransferError,
@@ -116,6 +117,7 @@ class Incoming:
     final: Path | None = None
     recipe: Recipe | None = None  # the file's chunk list (deltas): indexed once committed
     reused: int = 0  # bytes copied from local files instead of received
+    direct: DirectWrites | None = None  # chunks held for O_DIRECT writes (None: pwrite)
 
 
 ACCEPT_REACH_WAIT = 0.1  # seconds an Accept may wait for recipe parts to reach one window
@@ -281,6 +283,7 @@ class Receiving(Side):
                 peer, Abort(tid, "no-space", f"cannot reserve the space: {exc.strerror}").encode()
             )
             return
+        direct = self._direct(dirfd, part, fd, offer.chunk_size)
         stream = None
         if host.config.receive.deltas:
             await self.late.settled(peer)  # the last file's chunks, if they just came
@@ -344,6 +347,7 @@ class Receiving(Side):
             buf=bytearray(offer.chunk_size),
             started_at=now,
             reused=0 if follower is None else follower.held_bytes,
+            direct=direct,
         )
         taken.append(i)
         i.done = asyncio.get_running_loop().create_future()
@@ -443,12 +447,18 @@ class Receiving(Side):
             topic=self.host.topics.transfer(sender, row.tid),
             buf=bytearray(machine.offer.chunk_size),
             started_at=row.created,
+            direct=self._direct(dirfd, temp.name, fd, machine.offer.chunk_size),
         )
         i.recipe = await self.index.load_recipe(row.tid)
         i.done = asyncio.get_running_loop().create_future()
         self.inc[row.tid] = i
         await self._start(i)
         log_event(log, "transfer.resume", id=row.tid.hex(), direction="receive", peer=sender)
+
+    def _direct(self, dirfd: int, name: str, fd: int, chunk_size: int) -> DirectWrites | None:
+        if not self.host.config.receive.direct_writes:
+            return None
+        return DirectWrites.open(dirfd, name, fd, chunk_size)
 
     async def _start(self, i: Incoming) -> None:
         # The SUBSCRIBE goes out before the Accept, on the same connection, and a broker handles
@@ -505,6 +515,8 @@ class Receiving(Side):
         for i in self.inc.values():
             os.close(i.fd)
             os.close(i.dirfd)
+            if i.direct is not None:
+                i.direct.close()
 
     # -- chunks and the machine's actions ----------------------------------------------------
 
@@ -569,15 +581,19 @@ class Receiving(Side):
 
     def _on_payload(self, i: Incoming, payload: bytes | bytearray | memoryview) -> None:
         m = i.machine
+        d = i.direct
+        slot = None if d is None else d.buffer()
         try:
-            w = m.on_frame(payload, i.buf, time.time())
+            w = m.on_frame(payload, i.buf if slot is None else slot, time.time())
         except RemoteProtocolError as exc:
             self.frames_rejected += 1
             self.host.count_rejection(f"chunk-{exc.reason}")
             return
         if w is not None:
             try:
-                os.pwrite(i.fd, w.data, w.offset)
+                # Held for the next Sync's O_DIRECT write, or written through the page cache.
+                if d is None or not d.keep(w.index, w.offset, w.data):
+                    os.pwrite(i.fd, w.data, w.offset)
             except OSError as exc:
                 m.abort("receiver-error", f"writing failed: {exc.strerror}")
             i.received += 1
@@ -616,7 +632,8 @@ class Receiving(Side):
             elif isinstance(a, Sync):
                 self._spawn_sync(i, a)
             elif isinstance(a, ReadChunk):
-                data = os.pread(i.fd, a.length, a.offset)
+                held = None if i.direct is None else i.direct.read(a.index)
+                data = os.pread(i.fd, a.length, a.offset) if held is None else held
                 m.on_read(a, data, time.time())
                 i.wake.set()
             elif isinstance(a, Progress):
@@ -627,12 +644,17 @@ class Receiving(Side):
                 await self._fail(i, a)
 
     def _spawn_sync(self, i: Incoming, sync: Sync) -> None:
+        # The chunks held so far are this sync's to write: every write handed out before it,
+        # and perhaps a few since, which is no harm (SPEC 7.10).
+        batch = None if i.direct is None else i.direct.take()
+
         async def do() -> None:
             try:
-                await asyncio.to_thread(os.fdatasync, i.fd)
+                direct = await write_and_sync(i.fd, i.direct, batch)
             except OSError as exc:
-                i.machine.abort("receiver-error", f"fdatasync failed: {exc.strerror}")
+                i.machine.abort("receiver-error", f"writing or fdatasync failed: {exc.strerror}")
             else:
+                self.outcomes.stats.chunks_direct += direct
                 i.machine.on_synced(sync, time.time())
             i.wake.set()
 
@@ -736,6 +758,8 @@ class Receiving(Side):
             os.close(i.fd)
         with contextlib.suppress(OSError):
             os.close(i.dirfd)
+        if i.direct is not None:
+            i.direct.close()
         if i.sub is not None:
             with contextlib.suppress(BrokerError):
                 await i.sub.close()

@@ -33,15 +33,24 @@ def broker() -> FakeBroker:
     return FakeBroker()
 
 
-async def _node(tmp_path: Path, broker: FakeBroker, name: str) -> FakeHost:
-    host = await FakeHost.create(tmp_path / name, broker, name)
+async def _node(
+    tmp_path: Path, broker: FakeBroker, name: str, *, direct_writes: bool = True
+) -> FakeHost:
+    host = await FakeHost.create(tmp_path / name, broker, name, direct_writes=direct_writes)
     host.extensions.append(Transfers(host, CONFIG))
     return host
 
 
 @pytest.fixture
-async def nodes(tmp_path: Path, broker: FakeBroker) -> AsyncIterator[tuple[FakeHost, ...]]:
-    made = [await _node(tmp_path, broker, n) for n in ("alice", "bob", "carol")]
+async def nodes(
+    request: pytest.FixtureRequest, tmp_path: Path, broker: FakeBroker
+) -> AsyncIterator[tuple[FakeHost, ...]]:
+    """alice, bob and carol; received chunks are written O_DIRECT from held slots unless the
+    test passes False as the fixture's parameter ([receive] direct_writes)."""
+    direct = getattr(request, "param", True)
+    made = [
+        await _node(tmp_path, broker, n, direct_writes=direct) for n in ("alice", "bob", "carol")
+    ]
     for host in made:
         host.spawn(host.extensions[0].run(), name="transfers")
     try:
@@ -86,6 +95,7 @@ async def _send(sender: FakeHost, path: Path, *to: FakeHost) -> dict[str, Any]:
     return await _transfers(sender).wait(bytes.fromhex(started["id"]), 30.0)
 
 
+@pytest.mark.parametrize("nodes", [True, False], ids=["direct", "page-cache"], indirect=True)
 async def test_a_file_arrives_verified_and_nothing_is_left_behind(
     nodes: tuple[FakeHost, ...], tmp_path: Path
 ) -> None:
@@ -111,6 +121,10 @@ async def test_a_file_arrives_verified_and_nothing_is_left_behind(
         # The content key lives only in the snapshot: gone once the transfer ended.
         assert _rows(receiver) == [("receive", "verified", None, None)]
     assert _rows(alice) == [("send", "verified", None, None)]
+    # The five whole chunks went past the page cache when [receive] direct_writes is on (the
+    # short last one through it); none when it is off.
+    direct = [_transfers(r).outcomes.stats.chunks_direct for r in (bob, carol)]
+    assert direct == ([5, 5] if bob.config.receive.direct_writes else [0, 0])
     # Encrypt once, publish once: each chunk went to the broker once for both receivers (and
     # again only when a receiver asked for it, which a loaded machine's timers may do), but the
     # early chunks sent with the Offer, one copy to each receiver's early topic (SPEC 7.7):
@@ -118,6 +132,7 @@ async def test_a_file_arrives_verified_and_nothing_is_left_behind(
     assert alice.link.broker.published == 6 + 1 + result["resent_frames"]
 
 
+@pytest.mark.parametrize("nodes", [True, False], ids=["direct", "page-cache"], indirect=True)
 async def test_lost_chunks_are_asked_for_again(
     nodes: tuple[FakeHost, ...], broker: FakeBroker, tmp_path: Path
 ) -> None:

@@ -120,8 +120,13 @@ class FakeHost:
         self._worker = self.spawn(self._work(), name="deferred")
 
     @classmethod
-    async def create(cls, directory: Path, broker: FakeBroker, name: str) -> FakeHost:
-        config = default_config(directory, {"node": {"name": name, "network": "lab"}})
+    async def create(
+        cls, directory: Path, broker: FakeBroker, name: str, *, direct_writes: bool = True
+    ) -> FakeHost:
+        config = default_config(
+            directory,
+            {"node": {"name": name, "network": "lab"}, "receive": {"direct_writes": direct_writes}},
+        )
         config.node.inbox_dir.mkdir(parents=True, exist_ok=True)
         now = time.time()
         keys = Keystore.create(config.keys.dir, now=now, certificate_days=30)

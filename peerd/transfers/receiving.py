@@ -283,7 +283,6 @@ class Receiving(Side):
                 peer, Abort(tid, "no-space", f"cannot reserve the space: {exc.strerror}").encode()
             )
             return
-        direct = self._direct(dirfd, part, fd, offer.chunk_size)
         stream = None
         if host.config.receive.deltas:
             await self.late.settled(peer)  # the last file's chunks, if they just came
@@ -347,7 +346,7 @@ class Receiving(Side):
             buf=bytearray(offer.chunk_size),
             started_at=now,
             reused=0 if follower is None else follower.held_bytes,
-            direct=direct,
+            direct=self._direct(dirfd, part, fd, offer.chunk_size),  # no await until it is kept
         )
         taken.append(i)
         i.done = asyncio.get_running_loop().create_future()

@@ -411,6 +411,12 @@ class LimitsConfig:
         doc="transfers being received at once (more are refused: 'busy')",
         check=_between(1, 10_000),
     )
+    held_chunks_memory: int = key(
+        64 * 1024**2,
+        doc="memory that received chunks held for O_DIRECT writes may take, all transfers"
+        " together (up to 32 chunks each; beyond, chunks are written through the page cache)",
+        kind="size",
+    )
 
 
 def _listen(value: str) -> str:

@@ -12,7 +12,8 @@ slot when the daemon stops was never acknowledged and is asked for again.
 Everything falls back to the buffered pwrite, chunk by chunk: no slot free (a sync slower than
 the chunks arriving), a chunk whose length or offset is not block-aligned (a file's last chunk),
 a file system that refuses O_DIRECT at open or at write (EINVAL), a second descriptor that
-cannot be had.
+cannot be had, and the daemon's budget for held chunks spent (`HeldMemory`: trusted senders
+could otherwise make each of their transfers keep 32 chunks of up to 512 KiB resident).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import errno
 import logging
 import mmap
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 log = logging.getLogger("peerd.transfers")
@@ -54,6 +56,25 @@ def open_direct(dirfd: int, name: str, fd: int) -> int | None:
     return direct
 
 
+class HeldMemory:
+    """The bytes all transfers' slots may keep resident together (`[limits]
+    held_chunks_memory`, read at each request, so a reload applies). A slot is charged the first
+    time it is used and stays charged until its transfer ends: its pages stay resident."""
+
+    def __init__(self, limit: Callable[[], int]) -> None:
+        self._limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self._limit():
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
 @dataclass(frozen=True, slots=True)
 class Batch:
     """The chunks one Sync writes: (offset, slot, view of its bytes), in offset order."""
@@ -77,14 +98,19 @@ class DirectWrites:
     """One transfer's slots: a chunk decrypted into one is held (readable from it) until a Sync
     takes it; its slot is free again once that sync's thread is done."""
 
-    def __init__(self, direct_fd: int, chunk_size: int, slots: int = SLOTS) -> None:
+    def __init__(
+        self, direct_fd: int, chunk_size: int, budget: HeldMemory, slots: int = SLOTS
+    ) -> None:
         if chunk_size % ALIGN:
             raise ValueError(f"chunk size {chunk_size} is not a multiple of {ALIGN}")
         self.direct_fd = direct_fd
         self.chunk_size = chunk_size
-        self._map = mmap.mmap(-1, slots * chunk_size)
+        self._budget = budget
+        self._slots = slots
+        self._used = 0  # slots [0, used) were handed out once: resident, charged to the budget
+        self._map = mmap.mmap(-1, slots * chunk_size)  # address space only, until used
         self._view = memoryview(self._map)
-        self._free = list(range(slots - 1, -1, -1))
+        self._free: list[int] = []  # used slots free again
         self._next: int | None = None  # the slot the last buffer() handed out
         self._held: dict[int, tuple[int, int, int]] = {}  # index -> (offset, slot, length)
         self._writing: dict[int, tuple[int, int, int]] = {}  # taken by a running sync
@@ -92,11 +118,13 @@ class DirectWrites:
         self.fallbacks = 0  # chunks written through the page cache for want of a slot
 
     @classmethod
-    def open(cls, dirfd: int, name: str, fd: int, chunk_size: int) -> DirectWrites | None:
+    def open(
+        cls, dirfd: int, name: str, fd: int, chunk_size: int, budget: HeldMemory
+    ) -> DirectWrites | None:
         if chunk_size % ALIGN:
             return None
         direct = open_direct(dirfd, name, fd)
-        return None if direct is None else cls(direct, chunk_size)
+        return None if direct is None else cls(direct, chunk_size, budget)
 
     def buffer(self) -> memoryview | None:
         """Where to decrypt the next chunk: a free slot, or None (then the caller's own buffer,
@@ -104,10 +132,14 @@ class DirectWrites:
         if self.refused:
             return None
         if self._next is None:
-            if not self._free:
+            if self._free:
+                self._next = self._free.pop()
+            elif self._used < self._slots and self._budget.take(self.chunk_size):
+                self._next = self._used
+                self._used += 1
+            else:
                 self.fallbacks += 1
                 return None
-            self._next = self._free.pop()
         at = self._next * self.chunk_size
         return self._view[at : at + self.chunk_size]
 
@@ -176,6 +208,11 @@ class DirectWrites:
     def close(self) -> None:
         """The transfer is over. A sync thread still writing keeps the mapping alive through
         its views; the mapping is unmapped once the last is gone."""
+        self._budget.give(self._used * self.chunk_size)
+        self._used = 0
+        self._slots = 0  # no slot more (and nothing given back twice)
+        self._free.clear()
+        self._next = None
         with contextlib.suppress(OSError):
             os.close(self.direct_fd)
         with contextlib.suppress(BufferError):

@@ -35,7 +35,7 @@ from peerd.transfers.chunkindex import (
     Recipe,
     Recipes,
 )
-from peerd.transfers.direct import DirectWrites, write_and_sync
+from peerd.transfers.direct import DirectWrites, HeldMemory, write_and_sync
 from peerd.transfers.files import (
     PART_SUFFIX,
     TransferError,
@@ -139,6 +139,7 @@ class Receiving(Side):
         self.frames_rejected = 0
         self._header_checks = asyncio.Semaphore(1)
         self.index = ChunkIndex(host.store)
+        self.held = HeldMemory(lambda: host.config.limits.held_chunks_memory)
         self.recipes = Recipes()
         self.late = LateRecipes(self.index, self.recipes, lambda w, n: host.spawn(w, name=n))
         self._windows: dict[str, int] = {}  # sender -> the window its last transfer reached
@@ -457,7 +458,7 @@ class Receiving(Side):
     def _direct(self, dirfd: int, name: str, fd: int, chunk_size: int) -> DirectWrites | None:
         if not self.host.config.receive.direct_writes:
             return None
-        return DirectWrites.open(dirfd, name, fd, chunk_size)
+        return DirectWrites.open(dirfd, name, fd, chunk_size, self.held)
 
     async def _start(self, i: Incoming) -> None:
         # The SUBSCRIBE goes out before the Accept, on the same connection, and a broker handles

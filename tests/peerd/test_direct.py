@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from peerd.transfers.direct import ALIGN, Batch, DirectWrites, open_direct, write_and_sync
+from peerd.transfers.direct import (
+    ALIGN,
+    Batch,
+    DirectWrites,
+    HeldMemory,
+    open_direct,
+    write_and_sync,
+)
 
 CHUNK = 64 * 1024
 
@@ -31,12 +38,14 @@ def part(tmp_path: Path) -> Iterator[tuple[int, int, str]]:
         os.close(dirfd)
 
 
-def writes(part: tuple[int, int, str], slots: int = 4) -> DirectWrites:
+def writes(
+    part: tuple[int, int, str], slots: int = 4, budget: HeldMemory | None = None
+) -> DirectWrites:
     dirfd, fd, name = part
     direct = open_direct(dirfd, name, fd)
     if direct is None:
         pytest.skip("this file system has no O_DIRECT")
-    return DirectWrites(direct, CHUNK, slots)
+    return DirectWrites(direct, CHUNK, budget or HeldMemory(lambda: 1 << 30), slots)
 
 
 def receive(d: DirectWrites, fd: int, index: int, fill: int, length: int = CHUNK) -> bytes:
@@ -157,6 +166,38 @@ async def test_a_write_error_that_is_no_refusal_is_raised(
     d.close()
 
 
+async def test_held_chunks_of_all_transfers_stay_within_the_budget(
+    part: tuple[int, int, str],
+) -> None:
+    """Slots are charged to the daemon's budget when first used and given back when their
+    transfer ends: past it, chunks go through the page cache, and a reload applies."""
+    _, fd, _ = part
+    limit = 3 * CHUNK
+    budget = HeldMemory(lambda: limit)
+    one, two = writes(part, budget=budget), writes(part, budget=budget)
+    receive(one, fd, 0, 0x01)
+    receive(one, fd, 1, 0x02)
+    receive(two, fd, 2, 0x03)
+    assert budget.used == 3 * CHUNK
+    d = receive(two, fd, 3, 0x04)  # over the budget: written at once
+    assert two.fallbacks == 1
+    assert os.pread(fd, CHUNK, 3 * CHUNK) == d
+    await write_and_sync(fd, one, one.take())
+    assert budget.used == 3 * CHUNK  # a used slot stays resident, and charged, until the end
+    receive(one, fd, 4, 0x05)  # its own slot again: no new charge
+    assert budget.used == 3 * CHUNK
+    await write_and_sync(fd, one, one.take())
+    one.close()
+    one.close()
+    assert budget.used == CHUNK
+    limit = CHUNK  # a reload lowers it: two keeps what it has, gets no more
+    receive(two, fd, 5, 0x06)
+    assert two.fallbacks == 2
+    await write_and_sync(fd, two, two.take())
+    two.close()
+    assert budget.used == 0
+
+
 def test_open_direct_refuses_a_name_that_is_another_file(part: tuple[int, int, str]) -> None:
     dirfd, fd, name = part
     os.rename(name, ".moved", src_dir_fd=dirfd, dst_dir_fd=dirfd)
@@ -167,6 +208,7 @@ def test_open_direct_refuses_a_name_that_is_another_file(part: tuple[int, int, s
 
 def test_a_chunk_size_not_block_aligned_gets_no_slots(part: tuple[int, int, str]) -> None:
     dirfd, fd, name = part
-    assert DirectWrites.open(dirfd, name, fd, ALIGN * 4 + 512) is None
+    budget = HeldMemory(lambda: 1 << 30)
+    assert DirectWrites.open(dirfd, name, fd, ALIGN * 4 + 512, budget) is None
     with pytest.raises(ValueError, match="not a multiple of 4096"):
-        DirectWrites(-1, ALIGN + 1)
+        DirectWrites(-1, ALIGN + 1, budget)

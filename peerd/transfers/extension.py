@@ -112,6 +112,7 @@ class Transfers(TransferMethods, Extension):
             "late-recipes-sent": self.sending.sent.late_sent,
             "late-recipes-dropped": self.sending.sent.late_dropped,
             "late-recipes-indexed": self.receiving.late.indexed,
+            "held-chunk-bytes": self.receiving.held.used,  # of [limits] held_chunks_memory
         }
         return {
             "transfers": {

@@ -125,6 +125,8 @@ async def test_a_file_arrives_verified_and_nothing_is_left_behind(
     # short last one through it); none when it is off.
     direct = [_transfers(r).outcomes.stats.chunks_direct for r in (bob, carol)]
     assert direct == ([5, 5] if bob.config.receive.direct_writes else [0, 0])
+    # The slots' memory went back to the daemon's budget when each transfer ended.
+    assert [_transfers(r).receiving.held.used for r in (bob, carol)] == [0, 0]
     # Encrypt once, publish once: each chunk went to the broker once for both receivers (and
     # again only when a receiver asked for it, which a loaded machine's timers may do), but the
     # early chunks sent with the Offer, one copy to each receiver's early topic (SPEC 7.7):

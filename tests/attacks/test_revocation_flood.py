@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from peerd.revocations import BACKLOG_PER_PUBLISHER
 from tests.attacks.helpers import SOON, Api, RevocationJunk, Wire, counted, made_up_peer_id
 from tests.support.broker import Broker
 from tests.support.cluster import Node, log_in, make_nodes, pair, wait_until
@@ -41,6 +42,9 @@ LOG_BUDGET = 256 << 10
 # "invite used". Paced at 20 000 a second, with margin.
 FLOOD_RATE: float | None = 20_000.0
 FLOOD_AHEAD = 40_000
+# Publishers other than mallory whose statements alice's backlog may hold at once (bob's, and
+# the relays of it), each a statement or two.
+OTHER_PUBLISHERS = 8
 
 
 def _store(node: Node) -> Path:
@@ -141,9 +145,16 @@ def test_security_work_survives_a_revocation_flood(
             "revocation-wrong-issuer",  # made-up identities' statements under mallory's name
             "revocation-rate-limited",  # mallory's own (unverifiable) statements beyond her rate
             "revocation-unknown-signer",  # ... those within it, refused at verification
-            "revocation-backlog-full",  # faster than the cheap checks: dropped in the read path
         ):
             assert new.get(label, 0) > 0, (label, new)
+        # Junk faster than the cheap checks is dropped in the read path, at mallory's bound;
+        # whether this flood outran the checks depends on the machine (CI once kept up with
+        # it), so the bound is what is checked here, and the drop itself in
+        # tests/peerd/test_revocation_backlog.py.
+        peak = a.status()["revocations"]["backlog_peak"]
+        assert peak <= BACKLOG_PER_PUBLISHER + OTHER_PUBLISHERS, (peak, new)
+        if new.get("revocation-backlog-full", 0):
+            assert peak >= BACKLOG_PER_PUBLISHER, (peak, new)
         assert "events-dropped" not in new, new
         verified = new["revocation-unknown-signer"]
         assert verified <= len(junk.own), (verified, new)

@@ -169,7 +169,7 @@ class FakeHost:
     def publish_revocation(self, statement: bytes) -> None:
         self.revocations.append(statement)
 
-    def count_rejection(self, reason: str) -> None:
+    def count_rejection(self, reason: str, message: str | None = None, *args: object) -> None:
         self.rejections[reason] += 1
 
     def spawn(self, work: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]:

@@ -324,6 +324,18 @@ class ChunkIndex:
             await tx.execute("DELETE FROM chunk_recipes WHERE transfer_id = ?", (tid,))
 
 
+def _prefill_closing(
+    part_fd: int,
+    key: bytes,
+    located: Iterable[tuple[int, int, bytes]],
+    found: dict[bytes, tuple[int, str, int, int, int, int, int]],
+) -> Prefill:
+    try:
+        return prefill(part_fd, key, located, found)
+    finally:
+        os.close(part_fd)
+
+
 def prefill(
     part_fd: int,
     key: bytes,
@@ -506,6 +518,26 @@ class Follower:
                 return False
         return True
 
+    async def apply_until(self, chunks: int, within: float, name: str) -> list[tuple[int, int]]:
+        """Before the Accept: apply the parts there now, and those that come within `within`
+        seconds while they reach fewer than `chunks` chunks; the transfer chunks now held. Then
+        the cap does not hold the start back, and fan-out receivers start with the same credit
+        (a receiver capped below another dropped chunks published for the other and needed
+        them again). A failed copy marks the recipe broken: the rest is fetched."""
+        held: list[tuple[int, int]] = []
+        try:
+            held = await self.apply()
+            until = time.monotonic() + within
+            while not self.broken and self.reach < chunks:
+                left = until - time.monotonic()
+                if left <= 0 or not await self.wait(left):
+                    break
+                held = await self.apply()
+        except OSError as exc:
+            log.warning("copying local chunks for %s failed: %s", name, exc)
+            self.broken = True
+        return held
+
     async def apply(self) -> list[tuple[int, int]]:
         """Look up and copy the parts that are there, in order; the transfer chunks now held
         (every one so far: the transfer skips those it knew)."""
@@ -525,7 +557,11 @@ class Follower:
                 return []
         found = await self.index.lookup(self.stream.sender, {cid for _, _, cid in located})
         if found:
-            done = await asyncio.to_thread(prefill, self.part_fd, self.stream.key, located, found)
+            # Through a duplicate the thread closes: whoever holds part_fd may close it while
+            # the copy runs (a cancelled accept), and a thread must never write through a
+            # number the kernel has given out again.
+            own = os.dup(self.part_fd)
+            done = await asyncio.to_thread(_prefill_closing, own, self.stream.key, located, found)
             if done.corrupt:
                 log.warning(
                     "%d local chunks from %s no longer match; fetching them",

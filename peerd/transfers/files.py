@@ -115,6 +115,23 @@ def open_inbox(root: Path, peer: str) -> int:
     return fd
 
 
+def create_part(directory: Path, dirfd: int, name: str) -> int:
+    """A new temporary file `name` in the inbox `directory` (open at `dirfd`). O_EXCL |
+    O_NOFOLLOW: a name planted in the inbox (a symlink, a file) is refused, never written
+    through; the transfer id in the name is fresh, so a clean inbox has no such name."""
+    try:
+        return os.open(
+            name,
+            os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o640,
+            dir_fd=dirfd,
+        )
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ELOOP):
+            raise UnsafeInbox(f"{directory / name} exists already (planted?)") from exc
+        raise
+
+
 def safetensors_problem(fd: int, size: int) -> str | None:
     """Why the safetensors file open at `fd` is malformed, or None. Runs in a worker thread
     and closes `fd` (its own duplicate)."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import time
@@ -24,6 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from peerd.errors import PeerdError
 from peerd.events import LogBudget
 from peerd.logs import log_event
 from peerd.mqtt import BrokerError, Message
@@ -36,11 +36,13 @@ from peerd.transfers.chunkindex import (
     Recipes,
 )
 from peerd.transfers.direct import DirectWrites, HeldMemory, write_and_sync
+from peerd.transfers.early import EarlyChunks
 from peerd.transfers.files import (
     PART_SUFFIX,
     TransferError,
     UnsafeInbox,
     commit_file,
+    create_part,
     open_inbox,
     reserve,
     safetensors_problem,
@@ -83,12 +85,6 @@ CONTENT_REJECTIONS = frozenset(
 # Reasons for which a receiver ends a transfer because of what its sender did (or did not do):
 # counted as rejections, so an operator sees forged content and senders that go quiet.
 COUNTED_FAILURES = CONTENT_REJECTIONS | {"timeout"}
-# Early chunks (SPEC 7.6, 7.7) that arrive before their Offer is accepted are kept, copied, up
-# to these bounds (per transfer, and in all), for at most EARLY_KEEP seconds; beyond, they are
-# dropped and the receiver asks for them again like any lost chunk.
-EARLY_FRAMES = 64
-EARLY_BYTES = 32 << 20
-EARLY_KEEP = 30.0
 # Senders whose path's window is remembered (the window a transfer from each reached), so that
 # the next transfer starts there instead of probing the path again from the initial window.
 REMEMBERED_PATHS = 1024
@@ -119,6 +115,13 @@ class Incoming:
     reused: int = 0  # bytes copied from local files instead of received
     direct: DirectWrites | None = None  # chunks held for O_DIRECT writes (None: pwrite)
 
+    def close_files(self) -> None:
+        for fd in (self.fd, self.dirfd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if self.direct is not None:
+            self.direct.close()
+
 
 ACCEPT_REACH_WAIT = 0.1  # seconds an Accept may wait for recipe parts to reach one window
 
@@ -143,10 +146,10 @@ class Receiving(Side):
         self.recipes = Recipes()
         self.late = LateRecipes(self.index, self.recipes, lambda w, n: host.spawn(w, name=n))
         self._windows: dict[str, int] = {}  # sender -> the window its last transfer reached
-        # transfer id -> (sender, when the first came, the frames): early chunks kept until
-        # their Offer is accepted.
-        self._early: dict[bytes, tuple[str, float, list[bytes]]] = {}
-        self._early_bytes = 0
+        self.early = EarlyChunks(
+            lambda: host.config.limits.active_receives,
+            lambda peer: host.store.view().is_trusted(peer),  # the trust of the moment
+        )
         # Lines a peer's offers can cause (a trusted sender may repeat an offer every probe).
         self._logs = LogBudget(log)
 
@@ -190,7 +193,7 @@ class Receiving(Side):
             )
         finally:
             self.accepting.discard(offer.transfer_id)
-            self._drop_early(offer.transfer_id)  # refused: its early chunks are of no use
+            self.early.take(offer.transfer_id)  # refused: its early chunks are of no use
             if not taken:
                 os.close(dirfd)
 
@@ -259,20 +262,10 @@ class Receiving(Side):
             return
         tid = offer.transfer_id
         part = f".{tid.hex()}{PART_SUFFIX}"
-        temp = directory / part
         try:
-            # O_EXCL | O_NOFOLLOW: a name planted in the inbox (a symlink, a file) is refused,
-            # never written through; the transfer id is fresh, so a clean inbox has no such name.
-            fd = os.open(
-                part,
-                os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                0o640,
-                dir_fd=dirfd,
-            )
-        except OSError as exc:
-            planted = exc.errno in (errno.EEXIST, errno.ELOOP)
-            problem = UnsafeInbox(f"{temp} exists already (planted?)") if planted else exc
-            self._inbox_refused(peer, tid, directory, problem)
+            fd = create_part(directory, dirfd, part)
+        except (UnsafeInbox, OSError) as exc:
+            self._inbox_refused(peer, tid, directory, exc)
             return
         try:
             reserve(fd, offer.size)
@@ -284,6 +277,75 @@ class Receiving(Side):
                 peer, Abort(tid, "no-space", f"cannot reserve the space: {exc.strerror}").encode()
             )
             return
+        try:
+            i, follower = await self._prepare(
+                peer=peer,
+                offer=offer,
+                identity=identity,
+                directory=directory,
+                dirfd=dirfd,
+                fd=fd,
+                now=now,
+            )
+        except (PeerdError, OSError) as exc:
+            # The record could not be written, or a local step failed: the sender learns it now
+            # rather than at its answer deadline, and the part goes (no record names it).
+            self._drop_unkept(tid, fd)
+            with contextlib.suppress(OSError):
+                os.unlink(part, dir_fd=dirfd)
+            host.transmit(peer, Abort(tid, "receiver-error", "cannot start receiving").encode())
+            self._logs.log(
+                logging.ERROR, "accept-error", "cannot accept %s from %s: %s", offer.name, peer, exc
+            )
+            return
+        except BaseException:
+            # Cancelled (shutdown): its part is left to resume (if its record was written) or
+            # to the orphan sweep.
+            self._drop_unkept(tid, fd)
+            raise
+        i.direct = self._direct(dirfd, part, fd, offer.chunk_size)  # no await until it is kept
+        self.inc[tid] = i  # from here the transfer's end closes its descriptors
+        taken.append(i)
+        self.outcomes.stats.started["receive"] += 1
+        self.outcomes.stats.bytes_reused += i.reused
+        await self._start(i)
+        for frame in self.early.take(tid):
+            self._on_payload(i, frame)
+        if follower is not None:
+            host.spawn(self._follow(i, follower), name=f"recipe {tid.hex()[:8]}")
+        log_event(
+            log,
+            "transfer.start",
+            id=tid.hex(),
+            direction="receive",
+            name=offer.name,
+            bytes=offer.size,
+            peer=peer,
+        )
+
+    def _drop_unkept(self, tid: bytes, fd: int) -> None:
+        """What an accept that did not keep its transfer opened: nothing else closes it."""
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        self.recipes.discard(tid)
+
+    async def _prepare(
+        self,
+        *,
+        peer: str,
+        offer: Offer,
+        identity: bytes,
+        directory: Path,
+        dirfd: int,
+        fd: int,
+        now: float,
+    ) -> tuple[Incoming, Follower | None]:
+        """From a reserved part to a recorded transfer, not yet kept: the caller owns `fd`
+        until it keeps the transfer."""
+        host = self.host
+        tid = offer.transfer_id
+        part = f".{tid.hex()}{PART_SUFFIX}"
+        temp = directory / part
         stream = None
         if host.config.receive.deltas:
             await self.late.settled(peer)  # the last file's chunks, if they just came
@@ -301,23 +363,10 @@ class Receiving(Side):
                 size=offer.size,
                 chunk_size=offer.chunk_size,
             )
-            try:
-                held = await follower.apply()
-                # Accept once the parts reach a window (or the whole file), bounded: then the
-                # cap does not hold the start back, and fan-out receivers start with the same
-                # credit (a receiver capped below another dropped chunks published for the
-                # other and needed them again).
-                until = time.monotonic() + ACCEPT_REACH_WAIT
-                while not follower.broken and follower.reach < min(
-                    self.config.window, offer.chunk_count
-                ):
-                    left = until - time.monotonic()
-                    if left <= 0 or not await follower.wait(left):
-                        break
-                    held = await follower.apply()
-            except OSError as exc:
-                log.warning("copying local chunks for %s failed: %s", offer.name, exc)
-                follower.broken = True
+            # Accept once the parts reach a window (or the whole file), bounded.
+            held = await follower.apply_until(
+                min(self.config.window, offer.chunk_count), ACCEPT_REACH_WAIT, offer.name
+            )
         else:
             self.recipes.discard(tid)
         machine = ReceiverTransfer(
@@ -347,9 +396,7 @@ class Receiving(Side):
             buf=bytearray(offer.chunk_size),
             started_at=now,
             reused=0 if follower is None else follower.held_bytes,
-            direct=self._direct(dirfd, part, fd, offer.chunk_size),  # no await until it is kept
         )
-        taken.append(i)
         i.done = asyncio.get_running_loop().create_future()
         await self.records.add_receive(
             tid,
@@ -360,23 +407,7 @@ class Receiving(Side):
             temp=str(temp),
             now=now,
         )
-        self.inc[tid] = i
-        self.outcomes.stats.started["receive"] += 1
-        self.outcomes.stats.bytes_reused += i.reused
-        await self._start(i)
-        for frame in self._drop_early(tid):
-            self._on_payload(i, frame)
-        if follower is not None:
-            host.spawn(self._follow(i, follower), name=f"recipe {tid.hex()[:8]}")
-        log_event(
-            log,
-            "transfer.start",
-            id=tid.hex(),
-            direction="receive",
-            name=offer.name,
-            bytes=offer.size,
-            peer=peer,
-        )
+        return i, follower
 
     async def _follow(self, i: Incoming, f: Follower) -> None:
         """The rest of a streamed recipe (SPEC 7.11): each part looked up and copied, then the
@@ -449,7 +480,11 @@ class Receiving(Side):
             started_at=row.created,
             direct=self._direct(dirfd, temp.name, fd, machine.offer.chunk_size),
         )
-        i.recipe = await self.index.load_recipe(row.tid)
+        try:
+            i.recipe = await self.index.load_recipe(row.tid)
+        except BaseException:
+            i.close_files()  # not kept: the caller records the transfer failed
+            raise
         i.done = asyncio.get_running_loop().create_future()
         self.inc[row.tid] = i
         await self._start(i)
@@ -513,10 +548,7 @@ class Receiving(Side):
 
     def close_files(self) -> None:
         for i in self.inc.values():
-            os.close(i.fd)
-            os.close(i.dirfd)
-            if i.direct is not None:
-                i.direct.close()
+            i.close_files()
 
     # -- chunks and the machine's actions ----------------------------------------------------
 
@@ -548,33 +580,9 @@ class Receiving(Side):
                 self.frames_rejected += 1
                 self.host.count_rejection("chunk-wrong-sender")
             return
-        # Not accepted yet (the Offer may still be on its way through the session): keep it,
-        # within bounds, for a trusted sender only.
-        now = time.monotonic()
-        for old in [t for t, (_, since, _) in self._early.items() if now - since > EARLY_KEEP]:
-            self._drop_early(old)
-        entry = self._early.get(tid)
-        if (
-            entry is None
-            and len(self._early) < self.host.config.limits.active_receives
-            and self.host.store.view().is_trusted(sender)
-        ):
-            entry = self._early[tid] = (sender, now, [])
-        if (
-            entry is None
-            or entry[0] != sender
-            or len(entry[2]) >= EARLY_FRAMES
-            or self._early_bytes + len(msg.payload) > EARLY_BYTES
-        ):
+        # Not accepted yet (the Offer may still be on its way through the session).
+        if not self.early.keep(sender, tid, msg.payload, time.monotonic()):
             self.host.count_rejection("chunk-early-dropped")
-            return
-        entry[2].append(bytes(msg.payload))
-        self._early_bytes += len(msg.payload)
-
-    def _drop_early(self, tid: bytes) -> list[bytes]:
-        _, _, frames = self._early.pop(tid, ("", 0.0, []))
-        self._early_bytes -= sum(len(f) for f in frames)
-        return frames
 
     def _on_frame(self, i: Incoming, msg: Message) -> None:
         self._on_payload(i, msg.payload)
@@ -754,12 +762,7 @@ class Receiving(Side):
         )
         if len(self._windows) > REMEMBERED_PATHS:
             del self._windows[next(iter(self._windows))]
-        with contextlib.suppress(OSError):
-            os.close(i.fd)
-        with contextlib.suppress(OSError):
-            os.close(i.dirfd)
-        if i.direct is not None:
-            i.direct.close()
+        i.close_files()
         if i.sub is not None:
             with contextlib.suppress(BrokerError):
                 await i.sub.close()

@@ -44,7 +44,7 @@ def _junk(host: FakeHost, publisher: str) -> Message:
 async def test_a_flooding_publisher_is_dropped_at_its_bound_and_another_is_still_checked(
     host: FakeHost,
 ) -> None:
-    revocations = Revocations(host, EventLanes())  # type: ignore[arg-type]  # a Host in memory
+    revocations = Revocations(host, EventLanes())
     mallory, bob = made_up_peer_id(), made_up_peer_id()
 
     # Filed in one turn of the loop: the checks cannot run in between.

@@ -17,10 +17,11 @@ from typing import Any
 import pytest
 
 from peerd.transfers import Transfers
+from peerd.transfers.chunkindex import Recipe
 from peerd.transfers.files import TransferError
 from protocol.identity import TrustError
 from protocol.messaging import TransferPayload, decode_app
-from protocol.transfer import Abort, TransferConfig
+from protocol.transfer import Abort, MalformedTransferObject, TransferConfig
 from protocol.transfer.chunks import parse_chunk_header
 from tests.support.fakehost import FakeBroker, FakeHost, pair
 
@@ -232,6 +233,83 @@ async def test_garbage_and_messages_about_others_transfers_are_counted(
     assert result["state"] == "verified"
 
 
+def _open_under(directory: Path) -> list[str]:
+    """What this process holds open under `directory` (a deleted file counts too)."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the listing's own descriptor, closed by now
+            continue
+        if target.startswith(str(directory)):
+            out.append(target)
+    return sorted(out)
+
+
+async def test_a_receive_that_cannot_be_recorded_is_refused_and_leaves_nothing_open(
+    nodes: tuple[FakeHost, ...], tmp_path: Path
+) -> None:
+    """bob's store refuses the transfer's record (a real sqlite error, as from a full disk)
+    after the part was reserved: alice learns at once that bob cannot receive, and bob keeps
+    neither a descriptor nor a part. Before, the accept raised with the part, its descriptors
+    and the inbox directory left open, and alice waited out her deadline."""
+    alice, bob, _ = nodes
+    await pair(alice, bob)
+    async with bob.store.transaction(time.time()) as tx:
+        await tx.execute(
+            "CREATE TRIGGER disk_full BEFORE INSERT ON transfers WHEN NEW.role = 'receive'"
+            " BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+        )
+    source = _file(tmp_path, "unrecorded.bin", 5 * CONFIG.chunk_size)
+
+    result = await _send(alice, source, bob)
+
+    assert result["state"] == "failed"
+    assert "receiver-error" in str(result["receivers"][bob.peer_id])
+    inbox = bob.config.node.inbox_dir
+    assert list((inbox / alice.peer_id).iterdir()) == []
+    assert _open_under(inbox) == []
+    assert _transfers(bob).receiving.held.used == 0
+    assert _transfers(bob).receiving.inc == {}
+
+
+async def test_a_resume_that_fails_closes_what_it_opened(
+    nodes: tuple[FakeHost, ...], broker: FakeBroker, tmp_path: Path
+) -> None:
+    """A receive recorded with a recipe that no longer decodes cannot be resumed: the resume
+    raises (the daemon then records it failed) and closes the part, its O_DIRECT descriptor
+    and the inbox directory it opened, which before stayed open for the daemon's life."""
+    alice, bob, _ = nodes
+    await pair(alice, bob)
+    broker.drop = lambda topic, frame: parse_chunk_header(frame).index >= 6
+    source = _file(tmp_path, "stalled.bin", 12 * CONFIG.chunk_size)
+    started = await _transfers(alice).send(source, [bob.peer_id])
+    tid = bytes.fromhex(started["id"])
+    await _receiving(bob, tid)
+    for _ in range(1000):  # the first Sync (after sync_batch chunks) records a snapshot
+        if any(role == "receive" and snap for role, _, snap, _ in _rows(bob)):
+            break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("bob recorded no snapshot")
+    # Through bob's own connection: his transfer writes its snapshots meanwhile.
+    await _transfers(bob).receiving.index.save_recipe(tid, Recipe(bytes(32), b"not a recipe"))
+    inbox = bob.config.node.inbox_dir
+    before = _open_under(inbox)  # the running transfer's own
+    assert before
+    # A second instance, as a restarted daemon would resume it (the first keeps its own).
+    again = Transfers(bob, CONFIG)
+    (row,) = await again.records.active()
+    assert row.snapshot is not None
+
+    with pytest.raises(MalformedTransferObject):
+        await again.receiving.resume(row, row.snapshot, time.time())
+
+    assert _open_under(inbox) == before
+    assert again.receiving.inc == {}
+    assert again.receiving.held.used == 0
+
+
 async def test_the_receiver_cancels(nodes: tuple[FakeHost, ...], tmp_path: Path) -> None:
     alice, bob, _ = nodes
     await pair(alice, bob)
@@ -276,4 +354,4 @@ async def test_early_chunks_travel_with_the_offer_and_are_kept_until_it_is_accep
     frame = b"\x01\x01\x00\x00" + bytes(4) + os.urandom(16) + bytes(8) + bytes(32)
     await carol.link.publish(carol.topics.early(carol.peer_id, bob.peer_id), frame)
     assert bob.rejections["chunk-early-dropped"] == 1
-    assert not _transfers(bob).receiving._early
+    assert _transfers(bob).receiving.early.bytes == 0

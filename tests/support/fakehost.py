@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from peerd.config import Config, default_config
+from peerd.errors import PeerdError
 from peerd.host import Extension
 from peerd.keystore import Keystore
 from peerd.mqtt import LinkLimits, Message, Topics
@@ -115,6 +116,7 @@ class FakeHost:
         self.connects: list[str] = []
         self.revocations: list[bytes] = []
         self.stopped = False
+        self.stopped_with: PeerdError | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._deferred: asyncio.Queue[Callable[[], Awaitable[None]]] = asyncio.Queue()
         self._worker = self.spawn(self._work(), name="deferred")
@@ -160,6 +162,9 @@ class FakeHost:
     def connected_peers(self) -> list[str]:
         return list(self.sessions)
 
+    def has_trusted_session(self, peer: str) -> bool:
+        return peer in self.sessions and self.store.view().is_trusted(peer)
+
     def identity_changed(self, *, rehandshake: bool) -> None:
         return None
 
@@ -182,8 +187,9 @@ class FakeHost:
         self._deferred.put_nowait(work)
         return True
 
-    def stop(self) -> None:
+    def stop(self, error: PeerdError | None = None) -> None:
         self.stopped = True
+        self.stopped_with = error
 
     # -- the test's side ---------------------------------------------------------------------
 

@@ -324,18 +324,6 @@ class ChunkIndex:
             await tx.execute("DELETE FROM chunk_recipes WHERE transfer_id = ?", (tid,))
 
 
-def _prefill_closing(
-    part_fd: int,
-    key: bytes,
-    located: Iterable[tuple[int, int, bytes]],
-    found: dict[bytes, tuple[int, str, int, int, int, int, int]],
-) -> Prefill:
-    try:
-        return prefill(part_fd, key, located, found)
-    finally:
-        os.close(part_fd)
-
-
 def prefill(
     part_fd: int,
     key: bytes,
@@ -343,8 +331,10 @@ def prefill(
     found: dict[bytes, tuple[int, str, int, int, int, int, int]],
 ) -> Prefill:
     """Copy every chunk of `located` (offset, length, id) found in the index into the
-    temporary file, each checked against its id as read; then fdatasync. Blocking I/O: run it
-    in a worker thread."""
+    temporary file open at `part_fd`, each checked against its id as read; then fdatasync.
+    Blocking I/O: run it in a worker thread. Closes `part_fd` (its own duplicate): whoever
+    holds the transfer's descriptor may close it while the copy runs (a cancelled accept), and
+    a thread must never write through a number the kernel has given out again."""
     out = Prefill()
     sources: dict[int, int | None] = {}
     try:
@@ -372,6 +362,7 @@ def prefill(
         if out.covered:
             os.fdatasync(part_fd)
     finally:
+        os.close(part_fd)
         for src in sources.values():
             if src is not None:
                 os.close(src)
@@ -557,11 +548,9 @@ class Follower:
                 return []
         found = await self.index.lookup(self.stream.sender, {cid for _, _, cid in located})
         if found:
-            # Through a duplicate the thread closes: whoever holds part_fd may close it while
-            # the copy runs (a cancelled accept), and a thread must never write through a
-            # number the kernel has given out again.
-            own = os.dup(self.part_fd)
-            done = await asyncio.to_thread(_prefill_closing, own, self.stream.key, located, found)
+            # Shielded, as write_and_sync: a job given a descriptor is never abandoned unrun.
+            copy = asyncio.to_thread(prefill, os.dup(self.part_fd), self.stream.key, located, found)
+            done = await asyncio.shield(copy)
             if done.corrupt:
                 log.warning(
                     "%d local chunks from %s no longer match; fetching them",

@@ -414,8 +414,8 @@ class Receiving(Side):
         credit extended to it, until the last part (the recipe is then kept, to index the
         file once committed) or until the machine lifts its cap (no part for recipe_wait)."""
         m, tid = i.machine, i.tid
-        # Its own descriptor: a copy still running in a worker thread when the transfer ends
-        # (and closes i.fd) must never write through a number the kernel has given out again.
+        # Its own descriptor: each copy duplicates it after awaits, when the transfer may have
+        # ended (and closed i.fd) and the kernel given that number out again.
         try:
             f.part_fd = os.dup(i.fd)
         except OSError:  # the transfer ended already (its fd closed)
@@ -459,6 +459,7 @@ class Receiving(Side):
         )
         assert row.temp is not None
         temp, directory = Path(row.temp), Path(row.path)
+        recipe = await self.index.load_recipe(row.tid)  # before anything is opened
         dirfd = open_inbox(directory.parent, directory.name)
         try:
             fd = os.open(temp.name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
@@ -479,12 +480,8 @@ class Receiving(Side):
             buf=bytearray(machine.offer.chunk_size),
             started_at=row.created,
             direct=self._direct(dirfd, temp.name, fd, machine.offer.chunk_size),
+            recipe=recipe,
         )
-        try:
-            i.recipe = await self.index.load_recipe(row.tid)
-        except BaseException:
-            i.close_files()  # not kept: the caller records the transfer failed
-            raise
         i.done = asyncio.get_running_loop().create_future()
         self.inc[row.tid] = i
         await self._start(i)

@@ -45,10 +45,7 @@ async def received(index: ChunkIndex, path: Path, sender: str, seed: bytes) -> N
 def copy_into(tmp_path: Path, recipe: chunkindex.Recipe, found: dict) -> chunkindex.Prefill:
     part = tmp_path / "new.part"
     fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        return prefill(fd, recipe.key, recipe.located(), found)
-    finally:
-        os.close(fd)
+    return prefill(fd, recipe.key, recipe.located(), found)  # which closes fd
 
 
 async def test_lookups_only_see_the_senders_own_rows(store: Store, tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ def test_only_a_trusted_sender_and_only_the_first_sender_of_a_transfer() -> None
     assert early.take(T1) == [b"a"]
 
 
-def test_per_transfer_transfers_and_total_bounds() -> None:
+def test_the_per_transfer_count_and_total_bounds() -> None:
     early = _early(max_transfers=2)
     for n in range(EARLY_FRAMES):
         assert early.keep("alice", T1, bytes([n]), now=0.0)

@@ -277,8 +277,8 @@ async def test_a_resume_that_fails_closes_what_it_opened(
     nodes: tuple[FakeHost, ...], broker: FakeBroker, tmp_path: Path
 ) -> None:
     """A receive recorded with a recipe that no longer decodes cannot be resumed: the resume
-    raises (the daemon then records it failed) and closes the part, its O_DIRECT descriptor
-    and the inbox directory it opened, which before stayed open for the daemon's life."""
+    raises (the daemon then records it failed) and leaves nothing open. Before, the part, its
+    O_DIRECT descriptor and the inbox directory stayed open for the daemon's life."""
     alice, bob, _ = nodes
     await pair(alice, bob)
     broker.drop = lambda topic, frame: parse_chunk_header(frame).index >= 6
